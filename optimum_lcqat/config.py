@@ -1,0 +1,149 @@
+"""`LCQATConfig`: the quantization config of method ``lcqat`` (a transformers QuantizationConfigMixin)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+logger = logging.getLogger(__name__)
+
+QUANT_METHOD = "lcqat"
+FORMAT_VERSION = 1  # version of the packed checkpoint layout this package writes and reads
+
+_ALLOWED_BITS = (2,)
+_ALLOWED_VECTOR_DIMS = (1, 2, 4)
+_ALLOWED_CODEBOOKS = ("affine", "scalar")
+_ALLOWED_INITS = ("auto", "data_free", "ptq")
+
+
+def _check(cond: bool, field: str, value: Any, allowed: str) -> None:
+    if not cond:
+        raise ValueError(f"LCQATConfig: invalid {field}={value!r}; allowed: {allowed}.")
+
+
+class LCQATConfig(QuantizationConfigMixin):
+    """Configuration of LC-QAT 2-bit linear-constrained vector quantization.
+
+    Args:
+        bits: bits per weight of the codes; only 2 is implemented.
+        vector_dim: ``d``, weights per code vector (4: 256 codewords, one byte per vector).
+        codebook: ``"affine"`` (learned ``A``, ``beta`` per layer; default) or ``"scalar"``
+            (``A = a I``, ``beta = b 1`` frozen at the unit-variance 4-level grid).
+        hadamard_block_size: block of the block-diagonal Hadamard rotations (a power of two,
+            default 128) or ``"full"`` for full-dimension rotations. A dimension the block does
+            not divide uses the largest power-of-two block that does (logged once per size);
+            ``"full"`` falls back the same way where no construction is known.
+        modules_to_not_convert: module names (or name suffixes) kept in full precision. ``None``
+            keeps transformers' default skips (output embedding, tied weights); embeddings
+            are never converted.
+        dataset: calibration data for the Hessian-aware PTQ initialisation: a list of texts,
+            a path to a local ``.txt``/``.jsonl`` file, or a ``datasets`` name. ``None`` selects
+            the data-free initialisation.
+        tokenizer: tokenizer (or its name/path) used to tokenize ``dataset``.
+        num_samples / model_seqlen: number and length (tokens) of calibration samples.
+        init: ``"auto"`` (PTQ when ``dataset`` is given, else data-free), ``"data_free"`` or
+            ``"ptq"``.
+        init_iters: alternations of codeword assignment and least-squares fit of ``(A, beta)``.
+        seed: seed of the random sign vectors and of the calibration sampling.
+        format_version: packed-format version; set by the package, checked on load.
+    """
+
+    def __init__(
+        self,
+        bits: int = 2,
+        vector_dim: int = 4,
+        codebook: str = "affine",
+        hadamard_block_size: int | str = 128,
+        modules_to_not_convert: list[str] | None = None,
+        dataset: Any = None,
+        tokenizer: Any = None,
+        num_samples: int = 128,
+        model_seqlen: int = 512,
+        init: str = "auto",
+        init_iters: int = 4,
+        seed: int = 0,
+        format_version: int = FORMAT_VERSION,
+        **kwargs,
+    ):
+        self.quant_method = QUANT_METHOD
+        kwargs.pop("quant_method", None)
+        self.bits = bits
+        self.vector_dim = vector_dim
+        self.codebook = codebook
+        self.hadamard_block_size = hadamard_block_size
+        self.modules_to_not_convert = modules_to_not_convert
+        self.dataset = dataset
+        self.tokenizer = tokenizer
+        self.num_samples = num_samples
+        self.model_seqlen = model_seqlen
+        self.init = init
+        self.init_iters = init_iters
+        self.seed = seed
+        self.format_version = format_version
+        # PTQ knobs (used by optimum_lcqat.init.ptq); kept in kwargs-free form for old checkpoints.
+        self.ptq_options = dict(kwargs.pop("ptq_options", None) or {})
+        if kwargs:
+            logger.warning(
+                "LCQATConfig: ignoring unknown keys %s (written by a newer optimum-lcqat?).",
+                sorted(kwargs),
+            )
+        self.post_init()
+
+    def post_init(self) -> None:
+        _check(self.bits in _ALLOWED_BITS, "bits", self.bits, "2")
+        _check(
+            isinstance(self.vector_dim, int) and self.vector_dim in _ALLOWED_VECTOR_DIMS,
+            "vector_dim", self.vector_dim, "1, 2 or 4",
+        )
+        _check(self.codebook in _ALLOWED_CODEBOOKS, "codebook", self.codebook, "'affine' or 'scalar'")
+        hb = self.hadamard_block_size
+        _check(
+            hb == "full" or (isinstance(hb, int) and not isinstance(hb, bool) and hb >= 1 and hb & (hb - 1) == 0),
+            "hadamard_block_size", hb, "a power of two (e.g. 64, 128, 256) or 'full'",
+        )
+        mnc = self.modules_to_not_convert
+        _check(
+            mnc is None or (isinstance(mnc, (list, tuple)) and all(isinstance(m, str) for m in mnc)),
+            "modules_to_not_convert", mnc, "None or a list of module names",
+        )
+        if mnc is not None:
+            self.modules_to_not_convert = list(mnc)
+        ds = self.dataset
+        _check(
+            ds is None or isinstance(ds, str) or (isinstance(ds, (list, tuple)) and all(isinstance(t, str) for t in ds)),
+            "dataset", type(ds).__name__ if ds is not None else ds,
+            "None, a list of texts, a local .txt/.jsonl path or a datasets name",
+        )
+        for name in ("num_samples", "model_seqlen", "init_iters"):
+            v = getattr(self, name)
+            minimum = 0 if name == "init_iters" else 1
+            _check(isinstance(v, int) and not isinstance(v, bool) and v >= minimum, name, v, f"an integer >= {minimum}")
+        _check(self.init in _ALLOWED_INITS, "init", self.init, "'auto', 'data_free' or 'ptq'")
+        if self.init == "ptq" and self.dataset is None:
+            raise ValueError("LCQATConfig: init='ptq' needs calibration data; pass dataset=[texts] (and tokenizer).")
+        _check(isinstance(self.seed, int) and not isinstance(self.seed, bool), "seed", self.seed, "an integer")
+        _check(
+            isinstance(self.format_version, int) and 1 <= self.format_version <= FORMAT_VERSION,
+            "format_version", self.format_version,
+            f"1..{FORMAT_VERSION} (a newer checkpoint needs a newer optimum-lcqat: pip install -U optimum-lcqat)",
+        )
+        _check(isinstance(self.ptq_options, dict), "ptq_options", self.ptq_options, "a dict")
+
+    @property
+    def uses_calibration(self) -> bool:
+        return self.init == "ptq" or (self.init == "auto" and self.dataset is not None)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+        # Calibration inputs are not part of the checkpoint: a list of texts could be huge and a
+        # tokenizer object is not JSON. Names/paths are kept as a record of what was used.
+        if not isinstance(out.get("dataset"), (str, type(None))):
+            out["dataset"] = None
+        if not isinstance(out.get("tokenizer"), (str, type(None))):
+            out["tokenizer"] = getattr(out["tokenizer"], "name_or_path", None) or None
+        return out
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        return self.to_dict()

@@ -1,0 +1,6 @@
+"""nn modules: the LC linear layer and its gradient estimator."""
+
+from .dge import dge_round
+from .lc_linear import LCLinear
+
+__all__ = ["LCLinear", "dge_round"]

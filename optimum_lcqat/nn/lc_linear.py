@@ -1,0 +1,185 @@
+"""`LCLinear`: a linear layer whose weight is linear-constrained vector quantized.
+
+Weight (out m, in n): ``W = diag(s_v) H_m^T What H_n diag(s_u)`` with
+``What[j, d*g : d*g+d] = A q_{j,g} + beta`` and 2-bit codes ``q``.
+
+State:
+* ``codes``: uint8 ``[m, n/4]``, the packed codes; the saved truth of the layer.
+* ``A`` ``[d, d]``, ``beta`` ``[d]``, ``s_u`` ``[n]``, ``s_v`` ``[m]``, ``bias``: parameters.
+* ``latent`` (only while training, see :meth:`enable_training`): real latent codes, stored as
+  ``latent = (U - 1.5) / alpha`` with ``alpha = sqrt(m + n) / 2`` so that an optimizer step of
+  size ``lr`` moves ``U`` by about ``alpha * lr`` whatever the layer's shape; the codes are
+  ``Q = clamp(round(U), 0, 3)`` with the DGE gradient.
+
+Two forwards compute the same function:
+* training: ``xt = H_n(x * s_u)``; ``z_g = A^T xt_g``; ``yt = Q z + sum_g <beta, xt_g>``; no
+  codebook lookup, differentiable in everything;
+* inference: from the packed codes through :mod:`optimum_lcqat.kernels`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .. import kernels
+from ..tensor.codebook import scalar_codebook
+from ..tensor.hadamard import plan_rotation, rotate
+from ..tensor.packing import CODES_PER_BYTE, pack_codes, unpack_codes
+from .dge import dge_round
+
+# Dtype in which A, beta, s_u, s_v are stored in checkpoints.
+STORAGE_DTYPE = torch.float16
+
+
+class LCLinear(nn.Module):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        vector_dim: int = 4,
+        hadamard_block_size: int | str = 128,
+        codebook: str = "affine",
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if in_features % vector_dim or in_features % CODES_PER_BYTE:
+            raise ValueError(
+                f"LCLinear: in_features={in_features} must be a multiple of vector_dim={vector_dim} "
+                f"and of {CODES_PER_BYTE} (codes are packed 4 per byte)"
+            )
+        self.in_features = in_features
+        self.out_features = out_features
+        self.vector_dim = vector_dim
+        self.hadamard_block_size = hadamard_block_size
+        self.codebook = codebook
+        self.plan_in = plan_rotation(in_features, hadamard_block_size)
+        self.plan_out = plan_rotation(out_features, hadamard_block_size)
+        fk = {"device": device, "dtype": dtype}
+        self.register_buffer(
+            "codes", torch.zeros(out_features, in_features // CODES_PER_BYTE, dtype=torch.uint8, device=device)
+        )
+        A0, b0 = scalar_codebook(vector_dim)
+        self.A = nn.Parameter(A0.to(**fk), requires_grad=codebook == "affine")
+        self.beta = nn.Parameter(b0.to(**fk), requires_grad=codebook == "affine")
+        self.s_u = nn.Parameter(torch.ones(in_features, **fk))
+        self.s_v = nn.Parameter(torch.ones(out_features, **fk))
+        self.bias = nn.Parameter(torch.zeros(out_features, **fk)) if bias else None
+        self.latent: nn.Parameter | None = None
+        self.register_state_dict_pre_hook(_sync_before_state_dict)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_quantized(cls, linear_like, packed, A, beta, s_u, s_v, bias, **kw) -> "LCLinear":
+        layer = cls(s_u.numel(), s_v.numel(), bias=bias is not None, device=s_u.device, dtype=s_u.dtype, **kw)
+        with torch.no_grad():
+            layer.codes.copy_(packed)
+            layer.A.copy_(A)
+            layer.beta.copy_(beta)
+            layer.s_u.copy_(s_u)
+            layer.s_v.copy_(s_v)
+            if bias is not None:
+                layer.bias.copy_(bias)
+        return layer
+
+    @property
+    def alpha(self) -> float:
+        return math.sqrt(self.in_features + self.out_features) / 2.0
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"d={self.vector_dim}, codebook={self.codebook}, rot_in={self.plan_in.description}, "
+            f"rot_out={self.plan_out.description}, training_codes={self.latent is not None}"
+        )
+
+    # ------------------------------------------------------------------ storage
+    def snap_to_storage(self) -> None:
+        """Round A, beta, s_u, s_v to their 16-bit storage values, in place.
+
+        After this the in-memory layer computes exactly what a saved-and-reloaded copy computes.
+        """
+        with torch.no_grad():
+            for p in (self.A, self.beta, self.s_u, self.s_v):
+                p.copy_(p.to(STORAGE_DTYPE).to(p.dtype))
+
+    def bits_per_weight(self) -> float:
+        m, n, d = self.out_features, self.in_features, self.vector_dim
+        bits = 2 * m * n + 16 * (d * d + d + m + n)
+        return bits / (m * n)
+
+    # ------------------------------------------------------------------ training mode
+    def enable_training(self) -> None:
+        """Create the latent codes at the centres of the current codes' bins."""
+        if self.latent is not None:
+            return
+        q = unpack_codes(self.codes).to(self.s_u.dtype)
+        self.latent = nn.Parameter((q - 1.5) / self.alpha)
+
+    def disable_training(self) -> None:
+        """Pack the latent's codes and drop the latent."""
+        if self.latent is None:
+            return
+        self.sync_codes()
+        self.latent = None
+
+    def hard_codes(self) -> torch.Tensor:
+        """Current integer codes [m, n] (uint8) from the latent if training, else unpacked."""
+        if self.latent is None:
+            return unpack_codes(self.codes)
+        with torch.no_grad():
+            return torch.clamp(torch.round(self.latent.float() * self.alpha + 1.5), 0, 3).to(torch.uint8)
+
+    def sync_codes(self) -> int:
+        """Write the latent's current codes into ``codes``; return how many codes changed."""
+        if self.latent is None:
+            return 0
+        q = self.hard_codes()
+        packed = pack_codes(q)
+        changed = int((unpack_codes(self.codes) != q).sum())
+        self.codes.copy_(packed)
+        return changed
+
+    # ------------------------------------------------------------------ dense views
+    def rotated_weight(self) -> torch.Tensor:
+        return kernels.dequantize_rotated(self.codes, self.A, self.beta)
+
+    @torch.no_grad()
+    def dequantize_weight(self) -> torch.Tensor:
+        """The effective dense weight W [m, n]."""
+        if self.latent is not None:
+            self.sync_codes()
+        what = self.rotated_weight()
+        w = rotate(what, self.plan_in, transpose=True)  # What @ H_n
+        w = rotate(w.T, self.plan_out, transpose=True).T  # H_m^T @ (.)
+        return w * self.s_v[:, None] * self.s_u[None, :]
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.latent is not None:
+            return self._forward_latent(x)
+        return kernels.lc_linear(
+            x, self.codes, self.A, self.beta, self.s_u, self.s_v, self.bias, self.plan_in, self.plan_out
+        )
+
+    def _forward_latent(self, x: torch.Tensor) -> torch.Tensor:
+        d = self.vector_dim
+        q = dge_round(self.latent * self.alpha + 1.5)  # [m, n], integer-valued, DGE gradient
+        xt = rotate(x * self.s_u, self.plan_in)
+        xg = xt.unflatten(-1, (self.in_features // d, d))
+        z = (xg @ self.A).flatten(-2)  # z_g = A^T xt_g
+        yt = torch.nn.functional.linear(z, q.to(z.dtype)) + (xg @ self.beta).sum(-1, keepdim=True)
+        y = rotate(yt, self.plan_out, transpose=True) * self.s_v
+        return y if self.bias is None else y + self.bias
+
+
+def _sync_before_state_dict(module: LCLinear, prefix, keep_vars) -> None:
+    # Anything that reads the state dict (save_pretrained, Trainer checkpoints) sees the codes
+    # the latent currently rounds to.
+    if module.latent is not None:
+        with torch.no_grad():
+            module.sync_codes()

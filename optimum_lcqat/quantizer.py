@@ -1,0 +1,122 @@
+"""`LCQATHfQuantizer`: the lcqat method on transformers' v5 loading path.
+
+* In-flight quantization (a full-precision checkpoint plus ``LCQATConfig``): the float weights
+  load normally; ``_process_model_after_weight_loading`` swaps the convertible linears for LC
+  layers, initialised data-free or, with calibration data, by the Hessian-aware PTQ.
+* Pre-quantized checkpoints: before loading, the safetensors headers are read and every module
+  that has ``<name>.codes`` becomes an LC layer skeleton whose parameter names match the saved
+  keys, so transformers assigns the tensors directly (no re-quantization).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from transformers.quantizers.base import HfQuantizer
+
+from . import checkpoint as ckpt
+from .config import LCQATConfig
+from .convert import (
+    NoConvertibleLayerError,
+    build_lc_skeleton,
+    convertible_linears,
+    dequantize_model,
+    lc_layers,
+    quantize_linears_data_free,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class LCQATHfQuantizer(HfQuantizer):
+    requires_calibration = False
+    quantization_config: LCQATConfig
+
+    def __init__(self, quantization_config: LCQATConfig, **kwargs):
+        super().__init__(quantization_config, **kwargs)
+        self.modules_to_not_convert: list[str] = []
+
+    # ---------------------------------------------------------------- environment
+    def validate_environment(self, *args, device_map=None, **kwargs):
+        if isinstance(device_map, dict) and "disk" in set(device_map.values()):
+            raise ValueError("lcqat: disk offload is not supported; load on CPU or GPU devices.")
+
+    def update_dtype(self, dtype):
+        if dtype is None:
+            return torch.float32
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"lcqat: dtype {dtype} is not supported; use float32, bfloat16 or float16")
+        return dtype
+
+    # ---------------------------------------------------------------- loading
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, keep_in_fp32_modules=None, **kwargs):
+        cfg = self.quantization_config
+        self.modules_to_not_convert = self.get_modules_to_not_convert(
+            model, cfg.modules_to_not_convert, keep_in_fp32_modules, add_default_skips=True
+        )
+        if not self.pre_quantized:
+            return model
+        layout = ckpt.read_layout(checkpoint_files)
+        names = ckpt.lc_module_names(layout)
+        if not names:
+            raise ckpt.CheckpointError(
+                "lcqat checkpoint: the config says quant_method='lcqat' but the weights hold no packed "
+                "codes (no '*.codes' tensor); the checkpoint is not an lcqat checkpoint or is corrupted."
+            )
+        for name in names:
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                raise ckpt.CheckpointError(f"lcqat checkpoint: {name}.codes names no module of this model") from None
+            if not isinstance(module, torch.nn.Linear):
+                raise ckpt.CheckpointError(f"lcqat checkpoint: {name} is a {type(module).__name__}, not a Linear")
+            ckpt.validate_layer_layout(name, module, layout, cfg.vector_dim)
+            w = module.weight
+            model.set_submodule(name, build_lc_skeleton(module, cfg, device=w.device, dtype=w.dtype))
+        self._loaded_lc_names = names
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        cfg = self.quantization_config
+        if self.pre_quantized:
+            ckpt.check_loaded_layers(model)
+            return model
+        names = convertible_linears(model, cfg, self.modules_to_not_convert)
+        if not names:
+            raise NoConvertibleLayerError(
+                "lcqat: this model has no linear layer to convert (all are skipped by "
+                f"modules_to_not_convert={self.modules_to_not_convert} or have in_features not a multiple of 4)."
+            )
+        if cfg.uses_calibration:
+            from .init.ptq import quantize_model_ptq
+
+            quantize_model_ptq(model, names, cfg)
+        else:
+            quantize_linears_data_free(model, names, cfg)
+        return model
+
+    # ---------------------------------------------------------------- saving
+    def is_serializable(self, *args, **kwargs):
+        return True
+
+    def get_state_dict_and_metadata(self, model):
+        return ckpt.packed_state_dict(model), {ckpt.METADATA_KEY: str(self.quantization_config.format_version)}
+
+    # ---------------------------------------------------------------- capabilities
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        return True
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+    def _dequantize(self, model, dtype=None):
+        if not lc_layers(model):
+            raise ValueError("lcqat: the model holds no LC layer to dequantize")
+        return dequantize_model(model, dtype)

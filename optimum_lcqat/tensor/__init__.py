@@ -1,0 +1,1 @@
+"""Tensor-level building blocks: Hadamard rotations, the lattice codebook, 2-bit packing."""

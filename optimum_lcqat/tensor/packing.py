@@ -1,0 +1,41 @@
+"""2-bit code packing: four codes in {0..3} per byte along the input dimension.
+
+Byte ``k`` of row ``j`` holds codes ``4k .. 4k+3`` of that row, the first in the two low bits:
+``byte = q0 | q1 << 2 | q2 << 4 | q3 << 6``. With ``vector_dim == 4`` a byte is therefore
+exactly one vector's codeword index in ``0..255``, which the native kernels use as a table
+index.
+"""
+
+from __future__ import annotations
+
+import torch
+
+CODES_PER_BYTE = 4
+_SHIFTS = (0, 2, 4, 6)
+
+
+def pack_codes(codes: torch.Tensor) -> torch.Tensor:
+    """Pack integer codes ``[m, n]`` in 0..3 into uint8 ``[m, n // 4]``."""
+    if codes.dim() != 2:
+        raise ValueError(f"pack_codes expects a 2-D [out, in] tensor, got shape {tuple(codes.shape)}")
+    m, n = codes.shape
+    if n % CODES_PER_BYTE:
+        raise ValueError(f"pack_codes: input dimension {n} is not a multiple of {CODES_PER_BYTE}")
+    c = codes.to(torch.int32)
+    if c.numel() and (int(c.min()) < 0 or int(c.max()) > 3):
+        raise ValueError("pack_codes: codes must lie in 0..3")
+    c = c.view(m, n // CODES_PER_BYTE, CODES_PER_BYTE)
+    packed = c[..., 0] | (c[..., 1] << 2) | (c[..., 2] << 4) | (c[..., 3] << 6)
+    return packed.to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
+    """Unpack uint8 ``[m, n // 4]`` into uint8 codes ``[m, n]`` in 0..3."""
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"packed codes must be uint8, got {packed.dtype}")
+    if packed.dim() != 2:
+        raise ValueError(f"packed codes must be 2-D [out, in/4], got shape {tuple(packed.shape)}")
+    p = packed.to(torch.int32).unsqueeze(-1)
+    shifts = torch.tensor(_SHIFTS, dtype=torch.int32, device=packed.device)
+    codes = (p >> shifts) & 3
+    return codes.reshape(packed.shape[0], packed.shape[1] * CODES_PER_BYTE).to(torch.uint8)

@@ -1,0 +1,74 @@
+"""Build of optimum-lcqat.
+
+* Pure-Python package ``optimum_lcqat``.
+* ``optimum_lcqat-autoload.pth`` is installed into site-packages so that transformers knows
+  quant_method ``lcqat`` in every interpreter (see optimum_lcqat/_autoload.py).
+* The native extension ``optimum_lcqat._C`` (csrc/) is built when torch's C++ toolchain is
+  usable; without a compiler the package still installs and runs the PyTorch reference
+  kernels. setup.py imports torch: install with ``pip install --no-build-isolation .`` after
+  torch (the README's set-up does this).
+"""
+
+import os
+import shutil
+
+from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+PTH = "optimum_lcqat-autoload.pth"
+
+
+class build_py_with_pth(build_py):
+    def run(self):
+        super().run()
+        # The .pth must sit at the top of site-packages, next to the package, not inside it.
+        shutil.copyfile(PTH, os.path.join(self.build_lib, PTH))
+
+    def get_outputs(self, include_bytecode=1):
+        return super().get_outputs(include_bytecode) + [os.path.join(self.build_lib, PTH)]
+
+
+def native_extensions():
+    """The C++/CUDA extension, or [] (with a message) when it cannot be built here."""
+    if os.environ.get("OPTIMUM_LCQAT_NO_EXT"):
+        print("optimum-lcqat: OPTIMUM_LCQAT_NO_EXT set; not building the native extension")
+        return [], {}
+    try:
+        from build_ext_config import extensions  # csrc/ build description, next to this file
+    except ImportError as exc:
+        print(f"optimum-lcqat: not building the native extension ({exc})")
+        return [], {}
+    return extensions()
+
+
+ext_modules, ext_cmdclass = native_extensions()
+
+setup(
+    name="optimum-lcqat",
+    version="0.1.0",
+    description="2-bit LC-QAT (linear-constrained vector quantization QAT) for Hugging Face transformers",
+    long_description=open("README.md", encoding="utf-8").read() if os.path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["optimum_lcqat", "optimum_lcqat.*"]),
+    package_data={"optimum_lcqat": ["tasks/*.yaml", "tasks/*.py"]},
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=5.0,<6",
+        "accelerate>=1.0",
+        "safetensors>=0.4",
+        "huggingface_hub>=0.30",
+        "tqdm",
+    ],
+    extras_require={
+        "eval": ["lm-eval[hf]>=0.4.13,<0.5"],
+        "peft": ["peft>=0.21"],
+        "bench": ["hqq", "optimum-quanto", "matplotlib"],
+        "gguf": ["gguf"],
+    },
+    entry_points={"console_scripts": ["optimum-lcqat=optimum_lcqat.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass={"build_py": build_py_with_pth, **ext_cmdclass},
+    zip_safe=False,
+)
