@@ -5,6 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 quiet() { "$@" > /tmp/optimum-lcqat-setup.log 2>&1 || { cat /tmp/optimum-lcqat-setup.log; exit 1; }; }
+if [ ! -d /usr/share/doc/python3.11/html/_sources ]; then
+  echo "== installing Debian's python3.11-doc (local real text for calibration, training, held-out eval)"
+  quiet apt-get update -qq
+  quiet apt-get install -y -qq python3.11-doc
+fi
 echo "== installing pinned dependencies (requirements.txt)"
 quiet "$PY" -m pip install --disable-pip-version-check torch==2.13.0
 quiet "$PY" -m pip install --disable-pip-version-check -r requirements.txt
