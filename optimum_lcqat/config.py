@@ -47,6 +47,11 @@ class LCQATConfig(QuantizationConfigMixin):
             ``"ptq"``.
         init_iters: alternations of codeword assignment and least-squares fit of ``(A, beta)``.
         seed: seed of the random sign vectors and of the calibration sampling.
+        ptq_damp: PTQ Hessian damping, added to the diagonal after normalising by its mean.
+        ptq_refine_passes: PTQ coordinate-descent re-assignment passes after each (A, beta) fit.
+        ptq_finetune_steps: PTQ block-wise fine-tuning Adam steps per decoder block (0: none).
+        ptq_finetune_lr: PTQ fine-tuning learning rate, relative to each tensor's RMS.
+        ptq_batch_size: calibration samples per forward batch during PTQ.
         format_version: packed-format version; set by the package, checked on load.
     """
 
@@ -64,6 +69,11 @@ class LCQATConfig(QuantizationConfigMixin):
         init: str = "auto",
         init_iters: int = 4,
         seed: int = 0,
+        ptq_damp: float = 0.01,
+        ptq_refine_passes: int = 1,
+        ptq_finetune_steps: int = 48,
+        ptq_finetune_lr: float = 1e-3,
+        ptq_batch_size: int = 8,
         format_version: int = FORMAT_VERSION,
         **kwargs,
     ):
@@ -81,6 +91,11 @@ class LCQATConfig(QuantizationConfigMixin):
         self.init = init
         self.init_iters = init_iters
         self.seed = seed
+        self.ptq_damp = ptq_damp
+        self.ptq_refine_passes = ptq_refine_passes
+        self.ptq_finetune_steps = ptq_finetune_steps
+        self.ptq_finetune_lr = ptq_finetune_lr
+        self.ptq_batch_size = ptq_batch_size
         self.format_version = format_version
         # PTQ knobs (used by optimum_lcqat.init.ptq); kept in kwargs-free form for old checkpoints.
         self.ptq_options = dict(kwargs.pop("ptq_options", None) or {})
@@ -129,6 +144,15 @@ class LCQATConfig(QuantizationConfigMixin):
             "format_version", self.format_version,
             f"1..{FORMAT_VERSION} (a newer checkpoint needs a newer optimum-lcqat: pip install -U optimum-lcqat)",
         )
+        for name, minimum in (("ptq_refine_passes", 0), ("ptq_finetune_steps", 0), ("ptq_batch_size", 1)):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and not isinstance(v, bool) and v >= minimum, name, v, f"an integer >= {minimum}")
+        for name in ("ptq_damp", "ptq_finetune_lr"):
+            v = getattr(self, name)
+            _check(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf"),
+                name, v, "a positive finite number",
+            )
         _check(isinstance(self.ptq_options, dict), "ptq_options", self.ptq_options, "a dict")
 
     @property

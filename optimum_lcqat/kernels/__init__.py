@@ -51,7 +51,7 @@ def backend_name() -> str:
 
 def lc_linear(x, packed, A, beta, s_u, s_v, bias, plan_in, plan_out):
     nat = native_backend()
-    if nat is not None and nat.supports(x, packed, A, plan_in, plan_out):
+    if nat is not None and nat.supports(x, packed, A, plan_in, plan_out, beta, s_u, s_v, bias):
         return nat.lc_linear(x, packed, A, beta, s_u, s_v, bias, plan_in, plan_out)
     return reference.lc_linear(x, packed, A, beta, s_u, s_v, bias, plan_in, plan_out)
 

@@ -1,19 +1,140 @@
-"""The native backend: ops registered by the ``optimum_lcqat._C`` extension under ``torch.ops.lcqat``."""
+"""The native backend: ops registered by the ``optimum_lcqat._C`` extension under ``torch.ops.lcqat``.
+
+Ops (schemas in csrc/lcqat_ops.cpp; CPU kernels in csrc/cpu, CUDA kernels in csrc/cuda):
+
+* ``lcqat.hadamard(x, block, left=None, scale_in=None, scale_out=None, transpose=False)``:
+  ``H(x * scale_in) * scale_out`` along the last dimension, ``H = left (x) H_block``.
+* ``lcqat.lc_matmul(xt, packed, A, beta)``: the rotated-domain product ``xt @ What^T`` from the
+  packed 2-bit codes and the affine codebook (decode GEMV for at most 8 rows, tiled GEMM above).
+* ``lcqat.lc_linear(x, packed, A, beta, s_u, s_v, bias, block_in, left_in, block_out, left_out)``:
+  the whole LC layer in one call (what :func:`lc_linear` below uses).
+* ``lcqat.cpu_isa()``: the CPU kernel variant in use (``avx512``, ``avx2`` or ``scalar``).
+
+Each tensor op has a fake implementation here (``torch.library.register_fake``) so that
+torch.compile traces through them with ``fullgraph=True``. The ops are inference-only (no
+autograd formula): :func:`supports` declines whenever gradients would be needed, and the
+dispatcher then uses the reference, which is differentiable.
+"""
 
 from __future__ import annotations
 
+import logging
+
+import torch
+
+from ..tensor.hadamard import RotationPlan, hadamard_matrix
+
+logger = logging.getLogger(__name__)
+
+_loaded: bool | None = None
+_ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
 
 def available() -> bool:
-    try:
-        from .. import _C  # noqa: F401
-    except ImportError:
+    """Whether ``optimum_lcqat._C`` is built and loads; logs once when it is missing."""
+    global _loaded
+    if _loaded is None:
+        try:
+            from .. import _C  # noqa: F401  (loading the library registers torch.ops.lcqat)
+
+            _loaded = True
+            _register_fakes()
+        except ImportError as exc:
+            logger.warning("optimum-lcqat: native extension optimum_lcqat._C not found (%s).", exc)
+            _loaded = False
+    return _loaded
+
+
+def cuda_built() -> bool:
+    """Whether the extension has CUDA kernels (it was built as a CUDAExtension)."""
+    if not available():
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key("lcqat::lc_linear", "CUDA")
+
+
+def _register_fakes() -> None:
+    if getattr(_register_fakes, "done", False):
+        return
+    _register_fakes.done = True
+
+    @torch.library.register_fake("lcqat::hadamard")
+    def _hadamard_fake(x, block, left=None, scale_in=None, scale_out=None, transpose=False):
+        torch._check(x.dtype in _ACT_DTYPES, lambda: f"lcqat.hadamard: unsupported dtype {x.dtype}")
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("lcqat::lc_matmul")
+    def _lc_matmul_fake(xt, packed, A, beta):
+        torch._check(packed.dim() == 2 and packed.dtype == torch.uint8, lambda: "lcqat.lc_matmul: bad packed codes")
+        torch._check(packed.shape[1] * 4 == xt.shape[-1], lambda: "lcqat.lc_matmul: shape mismatch")
+        return xt.new_empty((*xt.shape[:-1], packed.shape[0]))
+
+    @torch.library.register_fake("lcqat::lc_linear")
+    def _lc_linear_fake(x, packed, A, beta, s_u, s_v, bias, block_in, left_in, block_out, left_out):
+        torch._check(packed.dim() == 2 and packed.dtype == torch.uint8, lambda: "lcqat.lc_linear: bad packed codes")
+        torch._check(packed.shape[1] * 4 == x.shape[-1], lambda: "lcqat.lc_linear: shape mismatch")
+        return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
+# Left Kronecker factors (Paley orders) as float32 tensors, per (K, device).
+_LEFT: dict = {}
+
+
+def left_factor(plan: RotationPlan, device) -> torch.Tensor | None:
+    if plan.left == 1:
+        return None
+    key = (plan.left, str(device))
+    t = _LEFT.get(key)
+    if t is None:
+        t = hadamard_matrix(plan.left).to(device=device, dtype=torch.float32).contiguous()
+        _LEFT[key] = t
+    return t
+
+
+def _device_ok(device: torch.device) -> bool:
+    if device.type == "cpu":
+        return True
+    return device.type == "cuda" and cuda_built()
+
+
+def supports(x, packed, A, plan_in: RotationPlan, plan_out: RotationPlan, *params) -> bool:
+    """True when the native op computes this call (else the dispatcher uses the reference).
+
+    Requirements: vector_dim 4 (A is 4x4), uint8 codes ``[m, n/4]``, fp32/bf16/fp16
+    activations, a device the extension was built for, and no gradient needed (the ops are
+    inference-only).
+    """
+    if not available():
+        return False
+    if A.dim() != 2 or A.shape[0] != 4 or A.shape[1] != 4:
+        return False
+    if x.dtype not in _ACT_DTYPES or packed.dtype != torch.uint8 or packed.dim() != 2:
+        return False
+    if packed.shape[1] * 4 != x.shape[-1] or plan_in.n != x.shape[-1] or plan_out.n != packed.shape[0]:
+        return False
+    if not _device_ok(x.device) or packed.device != x.device:
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or any(
+        p is not None and p.requires_grad for p in params
+    )):
         return False
     return True
 
 
-def supports(*args) -> bool:
-    return False
+def lc_linear(x, packed, A, beta, s_u, s_v, bias, plan_in: RotationPlan, plan_out: RotationPlan):
+    return torch.ops.lcqat.lc_linear(
+        x, packed, A, beta, s_u, s_v, bias,
+        plan_in.right, left_factor(plan_in, x.device), plan_out.right, left_factor(plan_out, x.device),
+    )
 
 
-def lc_linear(*args):  # pragma: no cover - replaced when the extension lands
-    raise NotImplementedError
+def hadamard(x, plan: RotationPlan, scale_in=None, scale_out=None, transpose: bool = False):
+    """``H(x * scale_in) * scale_out`` (``H^T`` with ``transpose``) for a rotation plan."""
+    return torch.ops.lcqat.hadamard(x, plan.right, left_factor(plan, x.device), scale_in, scale_out, transpose)
+
+
+def lc_matmul(xt, packed, A, beta):
+    return torch.ops.lcqat.lc_matmul(xt, packed, A, beta)
+
+
+def cpu_isa() -> str:
+    return torch.ops.lcqat.cpu_isa() if available() else "none"

@@ -1,0 +1,82 @@
+"""Shared helpers of the benchmark scripts: machine description, git commit, result writing."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+
+
+def cpu_info() -> dict:
+    info = {"model": platform.processor() or platform.machine(), "logical_cpus": os.cpu_count(), "flags": []}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and info["model"] in ("", platform.machine(), platform.processor()):
+                    info["model"] = line.split(":", 1)[1].strip()
+                if line.startswith("flags"):
+                    flags = line.split(":", 1)[1].split()
+                    info["flags"] = sorted(f for f in flags if f.startswith(("avx", "fma", "f16c", "amx")))
+                    break
+    except OSError:
+        pass
+    try:
+        info["affinity_cpus"] = len(os.sched_getaffinity(0))
+    except AttributeError:
+        pass
+    return info
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=ROOT).returncode != 0
+        return sha + ("+dirty" if dirty else "")
+    except Exception:
+        return "unknown"
+
+
+def environment() -> dict:
+    from optimum_lcqat.kernels import backend_name, native
+
+    return {
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "cpu": cpu_info(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "git_commit": git_commit(),
+        "lcqat_backend": backend_name(),
+        "lcqat_cpu_isa": native.cpu_isa(),
+        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+
+
+def write(name: str, payload: dict, markdown: str) -> tuple[str, str]:
+    os.makedirs(RESULTS, exist_ok=True)
+    jpath = os.path.join(RESULTS, name + ".json")
+    mpath = os.path.join(RESULTS, name + ".md")
+    with open(jpath, "w") as f:
+        json.dump(payload, f, indent=1)
+    with open(mpath, "w") as f:
+        f.write(markdown)
+    return jpath, mpath
+
+
+def md_env(env: dict) -> str:
+    cpu = env["cpu"]
+    return (
+        f"- command: `{env['command']}`\n- time: {env['time_utc']}, git {env['git_commit']}\n"
+        f"- CPU: {cpu['model']}, {cpu.get('affinity_cpus', cpu['logical_cpus'])} CPUs, flags: {' '.join(cpu['flags'])}\n"
+        f"- torch {env['torch']}, {env['torch_threads']} threads; lcqat backend {env['lcqat_backend']} "
+        f"(CPU kernels: {env['lcqat_cpu_isa']})\n"
+    )

@@ -1,0 +1,40 @@
+// CPU kernels of the LC layer (fp32 compute). Pure C++ over raw pointers; the torch glue lives
+// in csrc/lcqat_ops.cpp. The ISA (AVX-512 / AVX2 / scalar) is chosen at run time.
+#pragma once
+#include <cstdint>
+
+namespace lcqat {
+namespace cpu {
+
+enum class Isa { Scalar = 0, Avx2 = 1, Avx512 = 2 };
+
+// Best ISA this CPU supports (cached), capped by the env var LCQAT_CPU_ISA=scalar|avx2|avx512.
+Isa detect_isa();
+const char* isa_name(Isa isa);
+
+// In place on one row of length n = K * r: x <- (L (x) H_r) x, with H_r the orthonormal
+// (natural-order Sylvester) Hadamard of size r applied to each of the K chunks and, when
+// `left` is not null, the K x K matrix L (row-major; transposed if `transpose_left`) mixing the
+// chunks. `work` must hold n floats when left is not null.
+void hadamard_row(float* x, int64_t n, int64_t r, const float* left, int64_t K, bool transpose_left, float* work);
+
+// Decode GEMV for B <= kMaxGemvBatch rows of activations, rotated domain:
+//   y[b, j] = sum_g <A q_{j,g} + beta, x[b, 4g:4g+4]>  for rows j in [j0, j1),
+// computed as y[b, j] = sum_i q_{j,i} z[b, i] + c[b] with z_g = A^T x_g, c = sum_g <beta, x_g>.
+// `zp` is the output of prepare_activations (layout depends on the ISA). packed is [m, n/4].
+constexpr int kMaxGemvBatch = 8;
+int64_t prepared_size(int64_t n, Isa isa);  // floats per activation row in zp
+void prepare_activations(const float* x, int64_t B, int64_t n, const float* A, const float* beta, Isa isa,
+                         float* zp /* [B, prepared_size] */, float* c /* [B] */);
+void lc_gemv_rows(const float* zp, const float* c, int64_t B, int64_t n, const uint8_t* packed, int64_t j0,
+                  int64_t j1, Isa isa, float* y /* [B, m] */, int64_t ldy);
+
+// Rows [j0, j1) of the rotated-domain weight, What[j, 4g:4g+4] = table[packed[j, g]], written
+// to out (row stride n) as float. table is [256][4].
+void dequant_rows_f32(const uint8_t* packed, int64_t n, int64_t j0, int64_t j1, const float* table, float* out);
+
+// table[k] = A q(k) + beta with q_i(k) = (k >> 2i) & 3 (the byte layout of tensor/packing.py).
+void make_table(const float* A, const float* beta, float* table /* [256][4] */);
+
+}  // namespace cpu
+}  // namespace lcqat

@@ -1,0 +1,258 @@
+// torch.library registration of the lcqat ops and their CPU implementations.
+//
+// Ops (namespace lcqat, see optimum_lcqat/kernels/native.py for the Python side and the fake
+// implementations used by torch.compile):
+//   hadamard(x, block, left?, scale_in?, scale_out?, transpose)   y = H(x * scale_in) * scale_out
+//   lc_matmul(xt, packed, A, beta)                                yt = xt @ What^T (rotated domain)
+//   lc_linear(x, packed, A, beta, s_u, s_v, bias?, block_in, left_in?, block_out, left_out?)
+//       y = s_v * H_out^T(What @ H_in(x * s_u)) + bias, the whole LC layer in one call
+//   cpu_isa() -> str                                              the CPU kernel variant in use
+// H = L (x) H_block (L = identity when `left` is None; else the K x K matrix `left`, n = K*block).
+// Compute is fp32 whatever the activation dtype (fp32, bf16, fp16 accepted); outputs have the
+// activation's dtype (on CPU the GEMM runs in fp32 too: without AMX, bf16 at::mm is not faster
+// here). Batches of at most 64 rows use the decode GEMV in slices of 8 rows (no dense weight is
+// ever built); larger batches (prefill) dequantize the weight tile by tile into an L2-sized buffer and call
+// at::mm on it.
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <string>
+#include <vector>
+
+#include "cpu/kernels.h"
+
+extern "C" {
+// `import optimum_lcqat._C` loads this library, which runs the TORCH_LIBRARY registrations below.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "optimum-lcqat native ops (torch.ops.lcqat)",
+                                          -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace lcqat {
+
+using at::Tensor;
+namespace K = cpu;
+
+// ------------------------------------------------------------------ argument checks
+static void check_act_dtype(const Tensor& x, const char* op, const char* name) {
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, "lcqat.", op, ": ", name,
+              " must be float32, bfloat16 or float16, got ", dt);
+}
+
+static bool is_pow2(int64_t v) { return v >= 1 && (v & (v - 1)) == 0; }
+
+static int64_t check_rotation(int64_t n, int64_t block, const c10::optional<Tensor>& left, const char* op,
+                              const char* which) {
+  TORCH_CHECK(is_pow2(block), "lcqat.", op, ": ", which, " Hadamard block must be a power of two, got ", block);
+  if (left.has_value()) {
+    const auto& L = *left;
+    TORCH_CHECK(L.dim() == 2 && L.size(0) == L.size(1), "lcqat.", op, ": ", which,
+                " left factor must be a square matrix, got shape ", L.sizes());
+    TORCH_CHECK(L.size(0) * block == n, "lcqat.", op, ": ", which, " rotation ", L.size(0), " x ", block,
+                " does not match the dimension ", n);
+    return L.size(0);
+  }
+  TORCH_CHECK(n % block == 0, "lcqat.", op, ": ", which, " Hadamard block ", block,
+              " does not divide the dimension ", n);
+  return 1;
+}
+
+static void check_codes(const Tensor& packed, const Tensor& A, const Tensor& beta, int64_t n, const char* op) {
+  TORCH_CHECK(packed.scalar_type() == at::kByte, "lcqat.", op, ": packed codes must be uint8, got ",
+              packed.scalar_type());
+  TORCH_CHECK(packed.dim() == 2, "lcqat.", op, ": packed codes must be 2-D [out, in/4], got shape ", packed.sizes());
+  TORCH_CHECK(n % 4 == 0, "lcqat.", op, ": input dimension ", n, " must be a multiple of 4");
+  TORCH_CHECK(packed.size(1) * 4 == n, "lcqat.", op, ": packed codes ", packed.sizes(),
+              " do not match the input dimension ", n, " (expected [out, ", n / 4, "])");
+  TORCH_CHECK(A.dim() == 2 && A.size(0) == 4 && A.size(1) == 4, "lcqat.", op,
+              ": only vector_dim 4 is supported (A must be 4x4), got A of shape ", A.sizes());
+  TORCH_CHECK(beta.numel() == 4, "lcqat.", op, ": beta must have 4 entries, got ", beta.numel());
+  TORCH_CHECK(A.is_floating_point() && beta.is_floating_point(), "lcqat.", op, ": A and beta must be floating point");
+}
+
+static Tensor f32(const Tensor& t) { return t.to(at::kFloat).contiguous(); }
+
+static Tensor opt_f32(const c10::optional<Tensor>& t) { return t.has_value() ? f32(*t) : Tensor(); }
+
+static void check_vec(const c10::optional<Tensor>& t, int64_t n, const char* op, const char* name) {
+  if (t.has_value())
+    TORCH_CHECK(t->numel() == n && t->is_floating_point(), "lcqat.", op, ": ", name, " must be a float vector of ", n,
+                " entries, got shape ", t->sizes());
+}
+
+// ------------------------------------------------------------------ shared CPU helpers
+// rows [B, n] fp32, in place: x <- (H(x * scale_in)) * scale_out (+ add), H = left (x) H_block.
+static void rotate_rows_f32(float* rows, int64_t B, int64_t n, int64_t block, const float* left, int64_t Kl,
+                            bool transpose, const float* scale_in, const float* scale_out, const float* add) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1));
+  at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
+    std::vector<float> work(left ? n : 0);
+    for (int64_t b = b0; b < b1; ++b) {
+      float* x = rows + b * n;
+      if (scale_in)
+        for (int64_t i = 0; i < n; ++i) x[i] *= scale_in[i];
+      K::hadamard_row(x, n, block, left, Kl, transpose, work.data());
+      if (scale_out)
+        for (int64_t i = 0; i < n; ++i) x[i] *= scale_out[i];
+      if (add)
+        for (int64_t i = 0; i < n; ++i) x[i] += add[i];
+    }
+  });
+}
+
+// x2 [B, n] fp32 contiguous (B <= 8) -> y [B, m] fp32 (decode GEMV, codes read directly).
+static void gemv_f32(const Tensor& x2, const Tensor& packed, const Tensor& A32, const Tensor& b32, float* yp) {
+  const int64_t B = x2.size(0), n = x2.size(1), m = packed.size(0);
+  const auto isa = K::detect_isa();
+  auto zp = at::empty({B, K::prepared_size(n, isa)}, x2.options());
+  auto c = at::empty({B}, x2.options());
+  K::prepare_activations(x2.data_ptr<float>(), B, n, A32.data_ptr<float>(), b32.data_ptr<float>(), isa,
+                         zp.data_ptr<float>(), c.data_ptr<float>());
+  const float* zpp = zp.data_ptr<float>();
+  const float* cp = c.data_ptr<float>();
+  const uint8_t* pk = packed.data_ptr<uint8_t>();
+  const int64_t grain = std::max<int64_t>(8, (1 << 16) / std::max<int64_t>(n * B, 1));
+  at::parallel_for(0, m, grain, [&](int64_t j0, int64_t j1) {
+    K::lc_gemv_rows(zpp, cp, B, n, pk, j0, j1, isa, yp, m);
+  });
+}
+
+// x2 [B, n] (fp32 or bf16) contiguous -> [B, m] same dtype: dequantize tiles of rows, at::mm.
+static Tensor gemm_tiled(const Tensor& x2, const Tensor& packed, const Tensor& A32, const Tensor& b32) {
+  const int64_t B = x2.size(0), n = x2.size(1), m = packed.size(0);
+  float table[256 * 4];
+  K::make_table(A32.data_ptr<float>(), b32.data_ptr<float>(), table);
+  const bool to_bf16 = x2.scalar_type() == at::kBFloat16;
+  // ~1 MiB of fp32 weights per tile (a multiple of 16 rows), so the tile stays in L2.
+  int64_t tr = std::max<int64_t>(256, ((1 << 18) / std::max<int64_t>(n, 1)) / 16 * 16);
+  tr = std::min(tr, m);
+  auto wt = at::empty({tr, n}, x2.options().dtype(at::kFloat));
+  Tensor wt16 = to_bf16 ? at::empty({tr, n}, x2.options()) : Tensor();
+  auto y = at::empty({B, m}, x2.options());
+  const uint8_t* pk = packed.data_ptr<uint8_t>();
+  for (int64_t j0 = 0; j0 < m; j0 += tr) {
+    const int64_t rows = std::min(tr, m - j0);
+    float* wp = wt.data_ptr<float>();
+    at::parallel_for(0, rows, 4, [&](int64_t r0, int64_t r1) {
+      K::dequant_rows_f32(pk, n, j0 + r0, j0 + r1, table, wp + r0 * n);
+    });
+    Tensor w = wt.narrow(0, 0, rows);
+    if (to_bf16) {
+      wt16.narrow(0, 0, rows).copy_(w);
+      w = wt16.narrow(0, 0, rows);
+    }
+    y.narrow(1, j0, rows).copy_(at::mm(x2, w.t()));
+  }
+  return y;
+}
+
+// Rotated-domain matmul on fp32 rows [B, n] -> fp32 [B, m], GEMV or tiled GEMM by batch size.
+// Up to kGemvMaxRows rows: the GEMV in slices of 8 rows (measured faster here than dequantize +
+// at::mm up to 64 rows on the SmolLM2 and Llama shapes); above: the tiled GEMM (prefill).
+constexpr int64_t kGemvMaxRows = 64;
+
+static Tensor matmul_rows_f32(const Tensor& x2, const Tensor& packed, const Tensor& A32, const Tensor& b32) {
+  const int64_t B = x2.size(0), m = packed.size(0);
+  if (B > kGemvMaxRows) return gemm_tiled(x2, packed, A32, b32);
+  auto y = at::empty({B, m}, x2.options());
+  for (int64_t b0 = 0; b0 < B; b0 += K::kMaxGemvBatch) {
+    const int64_t bs = std::min<int64_t>(K::kMaxGemvBatch, B - b0);
+    gemv_f32(x2.narrow(0, b0, bs), packed, A32, b32, y.data_ptr<float>() + b0 * m);
+  }
+  return y;
+}
+
+static Tensor rows_f32(const Tensor& x, int64_t n) {
+  // a fresh fp32 [B, n] buffer we may modify in place
+  auto x2 = x.reshape({-1, n});
+  return x2.scalar_type() == at::kFloat ? x2.clone(at::MemoryFormat::Contiguous) : x2.to(at::kFloat).contiguous();
+}
+
+static std::vector<int64_t> out_shape(const Tensor& x, int64_t last) {
+  auto s = x.sizes().vec();
+  s.back() = last;
+  return s;
+}
+
+// ------------------------------------------------------------------ op implementations (CPU)
+Tensor hadamard_cpu(const Tensor& x, int64_t block, const c10::optional<Tensor>& left,
+                    const c10::optional<Tensor>& scale_in, const c10::optional<Tensor>& scale_out, bool transpose) {
+  check_act_dtype(x, "hadamard", "x");
+  TORCH_CHECK(x.dim() >= 1, "lcqat.hadamard: x must have at least one dimension");
+  const int64_t n = x.size(-1);
+  const int64_t Kl = check_rotation(n, block, left, "hadamard", "the");
+  check_vec(scale_in, n, "hadamard", "scale_in");
+  check_vec(scale_out, n, "hadamard", "scale_out");
+  auto rows = rows_f32(x, n);
+  auto L = opt_f32(left), si = opt_f32(scale_in), so = opt_f32(scale_out);
+  rotate_rows_f32(rows.data_ptr<float>(), rows.size(0), n, block, L.defined() ? L.data_ptr<float>() : nullptr, Kl,
+                  transpose, si.defined() ? si.data_ptr<float>() : nullptr,
+                  so.defined() ? so.data_ptr<float>() : nullptr, nullptr);
+  return rows.to(x.scalar_type()).view(x.sizes());
+}
+
+Tensor lc_matmul_cpu(const Tensor& xt, const Tensor& packed, const Tensor& A, const Tensor& beta) {
+  check_act_dtype(xt, "lc_matmul", "xt");
+  TORCH_CHECK(xt.dim() >= 1, "lcqat.lc_matmul: xt must have at least one dimension");
+  const int64_t n = xt.size(-1);
+  check_codes(packed, A, beta, n, "lc_matmul");
+  auto pk = packed.contiguous();
+  auto A32 = f32(A), b32 = f32(beta.reshape({-1}));
+  const int64_t m = pk.size(0);
+  auto x2 = xt.reshape({-1, n});
+  Tensor y = matmul_rows_f32(x2.to(at::kFloat).contiguous(), pk, A32, b32);
+  return y.to(xt.scalar_type()).view(out_shape(xt, m));
+}
+
+Tensor lc_linear_cpu(const Tensor& x, const Tensor& packed, const Tensor& A, const Tensor& beta, const Tensor& s_u,
+                     const Tensor& s_v, const c10::optional<Tensor>& bias, int64_t block_in,
+                     const c10::optional<Tensor>& left_in, int64_t block_out, const c10::optional<Tensor>& left_out) {
+  check_act_dtype(x, "lc_linear", "x");
+  TORCH_CHECK(x.dim() >= 1, "lcqat.lc_linear: x must have at least one dimension");
+  const int64_t n = x.size(-1);
+  check_codes(packed, A, beta, n, "lc_linear");
+  const int64_t m = packed.size(0);
+  check_vec(s_u, n, "lc_linear", "s_u");
+  check_vec(s_v, m, "lc_linear", "s_v");
+  check_vec(bias, m, "lc_linear", "bias");
+  const int64_t Kin = check_rotation(n, block_in, left_in, "lc_linear", "input");
+  const int64_t Kout = check_rotation(m, block_out, left_out, "lc_linear", "output");
+  auto pk = packed.contiguous();
+  auto A32 = f32(A), b32 = f32(beta.reshape({-1}));
+  auto su = f32(s_u), sv = f32(s_v), bs = opt_f32(bias);
+  auto Li = opt_f32(left_in), Lo = opt_f32(left_out);
+
+  auto xt = rows_f32(x, n);
+  const int64_t B = xt.size(0);
+  rotate_rows_f32(xt.data_ptr<float>(), B, n, block_in, Li.defined() ? Li.data_ptr<float>() : nullptr, Kin, false,
+                  su.data_ptr<float>(), nullptr, nullptr);
+  Tensor yt = matmul_rows_f32(xt, pk, A32, b32);
+  rotate_rows_f32(yt.data_ptr<float>(), B, m, block_out, Lo.defined() ? Lo.data_ptr<float>() : nullptr, Kout, true,
+                  nullptr, sv.data_ptr<float>(), bs.defined() ? bs.data_ptr<float>() : nullptr);
+  return yt.to(x.scalar_type()).view(out_shape(x, m));
+}
+
+std::string cpu_isa() { return K::isa_name(K::detect_isa()); }
+
+TORCH_LIBRARY(lcqat, m) {
+  m.def("hadamard(Tensor x, int block, Tensor? left=None, Tensor? scale_in=None, Tensor? scale_out=None, "
+        "bool transpose=False) -> Tensor");
+  m.def("lc_matmul(Tensor xt, Tensor packed, Tensor A, Tensor beta) -> Tensor");
+  m.def("lc_linear(Tensor x, Tensor packed, Tensor A, Tensor beta, Tensor s_u, Tensor s_v, Tensor? bias, "
+        "int block_in, Tensor? left_in, int block_out, Tensor? left_out) -> Tensor");
+  m.def("cpu_isa() -> str", &cpu_isa);
+}
+
+TORCH_LIBRARY_IMPL(lcqat, CPU, m) {
+  m.impl("hadamard", &hadamard_cpu);
+  m.impl("lc_matmul", &lc_matmul_cpu);
+  m.impl("lc_linear", &lc_linear_cpu);
+}
+
+}  // namespace lcqat

@@ -1,0 +1,121 @@
+"""LC-QAT training script: the same file runs on one process or under `accelerate launch`.
+
+    # single process
+    python examples/train_lcqat.py --model LCQAT_DIR --output OUT --tokens 50000
+    # DDP, 2 CPU processes over gloo
+    accelerate launch --cpu --num_processes 2 examples/train_lcqat.py --model LCQAT_DIR --output OUT --tokens 50000
+    # FSDP: see examples/README.md (not supported for LC-QAT yet; the reason is stated there)
+
+--model is an lcqat checkpoint, or a full-precision one with --quantize (data-free LCQATConfig()).
+Data: --tiny-random-data (a seeded random walk over the vocabulary, for tests) or the project's
+train split (optimum_lcqat.data.split_texts("train")) packed into --seq-len windows.
+The global batch (--global-batch) is split over the processes, so 1 and N processes see the
+same sequences per optimizer step. Writes OUT/final (packed lcqat) and OUT/run_info.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+
+class RandomWalkDataset(torch.utils.data.Dataset):
+    def __init__(self, n, seq_len, vocab, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        steps = torch.randint(-3, 4, (n, seq_len), generator=g)
+        start = torch.randint(0, vocab, (n, 1), generator=g)
+        self.ids = (start + steps.cumsum(1)) % vocab
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+class WindowDataset(torch.utils.data.Dataset):
+    def __init__(self, tokens, seq_len):
+        n = tokens.numel() // seq_len
+        self.ids = tokens[: n * seq_len].view(n, seq_len)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--quantize", action="store_true", help="--model is full precision: quantize in flight (data-free)")
+    p.add_argument("--output", required=True)
+    p.add_argument("--tiny-random-data", action="store_true")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--global-batch", type=int, default=4)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--tokens", type=int, default=None, help="token budget (sets the number of steps)")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kd-teacher", default=None, help="full-precision model dir: distil from it")
+    p.add_argument("--kd-alpha", type=float, default=1.0)
+    p.add_argument("--save-steps", type=int, default=0)
+    a = p.parse_args(argv)
+
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    import optimum_lcqat  # noqa: F401  (registers lcqat)
+    from optimum_lcqat import LCQATConfig
+    from optimum_lcqat.training import LCQATTrainer, steps_for_token_budget
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if a.global_batch % world:
+        raise SystemExit(f"--global-batch {a.global_batch} is not divisible by {world} processes")
+    per_device = a.global_batch // world
+    kw = {"quantization_config": LCQATConfig()} if a.quantize else {}
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32, **kw)
+    if a.tiny_random_data:
+        ds = RandomWalkDataset(256, a.seq_len, model.config.vocab_size, seed=a.seed)
+    else:
+        from transformers import AutoTokenizer
+
+        from optimum_lcqat.data import split_texts, token_stream
+
+        tok = AutoTokenizer.from_pretrained(a.model)
+        need = (a.tokens or a.global_batch * a.seq_len * (a.max_steps or 1)) + a.seq_len
+        ds = WindowDataset(token_stream(split_texts("train"), tok, max_tokens=need), a.seq_len)
+    steps = a.max_steps or steps_for_token_budget(a.tokens or a.seq_len * a.global_batch, a.seq_len, per_device, 1, world)
+    args = TrainingArguments(
+        output_dir=a.output, per_device_train_batch_size=per_device, max_steps=steps, learning_rate=a.lr,
+        lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, report_to=[], seed=a.seed, data_seed=a.seed,
+        save_strategy="steps" if a.save_steps else "no", save_steps=a.save_steps or 500, disable_tqdm=True,
+        use_cpu=True, dataloader_num_workers=0, include_num_input_tokens_seen="all", ddp_backend="gloo" if world > 1 else None,
+    )
+    teacher = AutoModelForCausalLM.from_pretrained(a.kd_teacher, dtype=torch.float32) if a.kd_teacher else None
+    trainer = LCQATTrainer(model=model, args=args, train_dataset=ds, teacher_model=teacher, kd_alpha=a.kd_alpha)
+    t0 = time.time()
+    trainer.train()
+    elapsed = time.time() - t0
+    trainer.save_model(os.path.join(a.output, "final"))
+    backend, pids = None, [os.getpid()]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        backend = torch.distributed.get_backend()
+        pids = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(pids, os.getpid())
+    if trainer.is_world_process_zero():
+        info = {
+            "world_size": world, "backend": backend, "pids": pids, "steps": trainer.state.global_step,
+            "tokens": trainer.state.num_input_tokens_seen, "seconds": elapsed,
+            "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+        }
+        with open(os.path.join(a.output, "run_info.json"), "w") as f:
+            json.dump(info, f, indent=1)
+        print(json.dumps(info))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,320 @@
+"""The ``optimum-lcqat`` command: quantize, eval, info, push, lm-eval, demo.
+
+Exit codes: 0 success; 2 bad usage or bad input (a message names the problem and the fix);
+1 an unexpected failure (traceback). Outputs are written to a temporary directory beside the
+target and renamed into place, so an existing result is never half-overwritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+logger = logging.getLogger("optimum_lcqat.cli")
+
+
+class UsageError(Exception):
+    """Bad input from the user: reported without a traceback, exit code 2."""
+
+
+# ---------------------------------------------------------------------------- shared helpers
+def _resolve_model(name: str) -> str:
+    if name == "smollm2":
+        from .assets import smollm2_path
+
+        return str(smollm2_path())
+    return name
+
+
+def _load_texts(args) -> list[str]:
+    """Texts from --text files, --split NAME, or --dataset NAME (Hugging Face datasets)."""
+    from .data import SPLITS, read_text_files, split_texts
+
+    chosen = [bool(getattr(args, "text", None)), bool(getattr(args, "split", None)), bool(getattr(args, "dataset", None))]
+    if sum(chosen) != 1:
+        raise UsageError("give exactly one of --text FILE..., --split {heldout,calibration,train} or --dataset NAME")
+    if args.text:
+        try:
+            return read_text_files(args.text)
+        except (FileNotFoundError, ValueError) as exc:
+            raise UsageError(str(exc)) from None
+    if args.split:
+        if args.split not in SPLITS:
+            raise UsageError(f"--split must be one of {SPLITS}")
+        return split_texts(args.split)
+    import datasets
+
+    ds = datasets.load_dataset(args.dataset, args.dataset_config, split=args.dataset_split)
+    if args.text_field not in ds.column_names:
+        raise UsageError(f"dataset {args.dataset} has no column {args.text_field!r}; columns: {ds.column_names}")
+    return [t for t in ds[args.text_field] if t]
+
+
+def _add_text_source(p: argparse.ArgumentParser, what: str) -> None:
+    g = p.add_argument_group(f"{what} text (exactly one)")
+    g.add_argument("--text", nargs="+", metavar="FILE", help="local .txt/.md/.rst files (one text each) or .jsonl files (field 'text')")
+    g.add_argument("--split", help="a bundled split: heldout (Python tutorial), calibration (pydoc topics), train (rest of the Python docs)")
+    g.add_argument("--dataset", help="a Hugging Face datasets name (needs network or a local datasets cache)")
+    g.add_argument("--dataset-config", default=None, help="datasets config name")
+    g.add_argument("--dataset-split", default="test", help="datasets split (default: test)")
+    g.add_argument("--text-field", default="text", help="datasets column holding the text (default: text)")
+
+
+def _dtype(name: str):
+    import torch
+
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in table:
+        raise UsageError(f"--dtype must be one of {sorted(table)}")
+    return table[name]
+
+
+def _load_model(path: str, dtype="float32", quantization_config=None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import optimum_lcqat  # noqa: F401  (registers lcqat)
+
+    path = _resolve_model(path)
+    if not (Path(path).is_dir() or "/" in path):
+        raise UsageError(f"model {path!r} is neither a local directory nor a Hub id (org/name)")
+    kw = {"dtype": _dtype(dtype)}
+    if quantization_config is not None:
+        kw["quantization_config"] = quantization_config
+    model = AutoModelForCausalLM.from_pretrained(path, **kw)
+    tok = AutoTokenizer.from_pretrained(path)
+    return model, tok, path
+
+
+def _print_json(obj, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(obj, indent=2, default=str))
+    else:
+        width = max(len(k) for k in obj) if obj else 0
+        for k, v in obj.items():
+            if isinstance(v, float):
+                v = f"{v:.4g}"
+            print(f"{k:<{width}}  {v}")
+
+
+# ---------------------------------------------------------------------------- subcommands
+def cmd_quantize(args) -> int:
+    from .config import LCQATConfig
+    from .hub import prepare_output_dir, save_atomically, write_model_card
+
+    prepare_output_dir(args.output, args.overwrite)  # refuse before the long work
+    calib = None
+    if args.text or args.split or args.dataset:
+        calib = _load_texts(args)
+    try:
+        cfg = LCQATConfig(
+            codebook=args.codebook, vector_dim=args.vector_dim,
+            hadamard_block_size=args.hadamard_block_size if args.hadamard_block_size == "full" else int(args.hadamard_block_size),
+            dataset=calib, num_samples=args.num_samples, model_seqlen=args.seqlen, seed=args.seed,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    model, tok, path = _load_model(args.model, args.dtype, cfg if calib is None else None)
+    if calib is not None:
+        # PTQ needs the tokenizer object: reload with it set (the float load above validated the path)
+        cfg.tokenizer = tok
+        from transformers import AutoModelForCausalLM
+
+        del model
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(args.dtype), quantization_config=cfg)
+    if args.qat_tokens:
+        from .training.recipes import run_qat  # noqa: PLC0415
+
+        qat_texts = _load_texts(argparse.Namespace(text=args.qat_text, split=None if args.qat_text else "train", dataset=None))
+        run_qat(model, tok, qat_texts, tokens=args.qat_tokens, seqlen=args.seqlen, seed=args.seed)
+
+    def write(tmp):
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        write_model_card(tmp, base_model=getattr(model.config, "_name_or_path", None) or args.model)
+
+    out = save_atomically(args.output, write, overwrite=args.overwrite)
+    print(f"saved 2-bit lcqat checkpoint to {out}")
+    return EXIT_OK
+
+
+def cmd_eval(args) -> int:
+    from .data import token_stream
+    from .evaluation import perplexity
+
+    texts = _load_texts(args)
+    model, tok, path = _load_model(args.model, args.dtype)
+    tokens = token_stream(texts, tok, max_tokens=args.max_tokens)
+    if tokens.numel() < args.ctx:
+        raise UsageError(f"the text has {tokens.numel()} tokens, fewer than --ctx {args.ctx}")
+    res = perplexity(model, tokens, ctx=args.ctx, batch_size=args.batch_size, progress=True)
+    res["model"] = path
+    _print_json(res, args.json)
+    if args.output:
+        _write_json_atomic(args.output, res)
+    return EXIT_OK
+
+
+def _write_json_atomic(path: str, obj) -> None:
+    tmp = f"{path}.tmp"
+    Path(tmp).write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def cmd_info(args) -> int:
+    from .hub import checkpoint_info
+
+    try:
+        info = checkpoint_info(args.checkpoint)
+    except FileNotFoundError as exc:
+        raise UsageError(str(exc)) from None
+    if info["quant_method"] != "lcqat":
+        raise UsageError(f"{args.checkpoint} is not an lcqat checkpoint (quant_method={info['quant_method']!r})")
+    if not args.json:
+        info = {k: v for k, v in info.items() if k != "config"}
+    _print_json(info, args.json)
+    return EXIT_OK
+
+
+def cmd_push(args) -> int:
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    from .hub import CARD_NAME, checkpoint_info, model_card
+
+    ckpt = Path(args.checkpoint)
+    try:
+        info = checkpoint_info(ckpt)
+    except FileNotFoundError as exc:
+        raise UsageError(str(exc)) from None
+    if info["quant_method"] != "lcqat":
+        raise UsageError(f"{ckpt} is not an lcqat checkpoint; quantize it first (optimum-lcqat quantize)")
+    ops = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p)) for p in sorted(ckpt.iterdir()) if p.is_file()]
+    if not (ckpt / CARD_NAME).exists() or args.regenerate_card:
+        # The card is generated in memory: the user's folder is never modified by a push.
+        card = model_card(info, base_model=args.base_model).encode("utf-8")
+        ops = [o for o in ops if o.path_in_repo != CARD_NAME] + [CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=card)]
+    api = HfApi(library_name="optimum-lcqat")
+    repo = api.create_repo(args.repo_id, private=args.private, exist_ok=True)
+    commit = api.create_commit(repo_id=repo.repo_id, operations=ops, commit_message=args.commit_message)
+    print(f"pushed {len(ops)} files to {repo.repo_id}: {getattr(commit, 'commit_url', commit)}")
+    return EXIT_OK
+
+
+def cmd_lm_eval(args, rest: list[str]) -> int:
+    import optimum_lcqat  # noqa: F401  (registers lcqat before lm-eval builds the model)
+    from .tasks import TASKS_DIR
+
+    if "--include_path" not in rest:
+        rest = rest + ["--include_path", TASKS_DIR]
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    from lm_eval.__main__ import cli_evaluate
+
+    sys.argv = ["lm-eval"] + rest
+    cli_evaluate()
+    return EXIT_OK
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args)
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="optimum-lcqat",
+        description="2-bit LC-QAT quantization for Hugging Face transformers models.",
+        epilog="Exit codes: 0 ok, 2 bad usage or input, 1 unexpected failure.",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="log per-layer details")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model to 2 bits (PTQ, optional QAT) and save it",
+                       description="Quantize MODEL (a local checkpoint, a Hub id, or 'smollm2' for the bundled model) and save a packed lcqat checkpoint to OUTPUT. Calibration text (--text/--split/--dataset) selects the Hessian-aware PTQ; without it the data-free initialisation is used.")
+    q.add_argument("model", help="full-precision model: directory, Hub id, or 'smollm2'")
+    q.add_argument("output", help="output directory (must not exist unless --overwrite)")
+    _add_text_source(q, "calibration")
+    q.add_argument("--num-samples", type=int, default=128, help="calibration samples (default 128)")
+    q.add_argument("--seqlen", type=int, default=512, help="tokens per calibration/QAT sample (default 512)")
+    q.add_argument("--codebook", default="affine", choices=["affine", "scalar"], help="codebook (default affine)")
+    q.add_argument("--vector-dim", type=int, default=4, help="weights per code vector (default 4)")
+    q.add_argument("--hadamard-block-size", default="128", help="power of two or 'full' (default 128)")
+    q.add_argument("--qat-tokens", type=int, default=0, help="QAT for this many tokens after PTQ (default 0: none)")
+    q.add_argument("--qat-text", nargs="+", metavar="FILE", help="QAT text files (default: the bundled train split)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default float32)")
+    q.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (only after the new one is complete)")
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="perplexity of a model on text",
+                       description="Perplexity over non-overlapping windows of --ctx tokens.")
+    e.add_argument("model", help="checkpoint directory (lcqat or float), Hub id, or 'smollm2'")
+    _add_text_source(e, "evaluation")
+    e.add_argument("--ctx", type=int, default=512, help="window length in tokens (default 512)")
+    e.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens")
+    e.add_argument("--batch-size", type=int, default=4)
+    e.add_argument("--dtype", default="float32")
+    e.add_argument("--json", action="store_true", help="print JSON")
+    e.add_argument("--output", help="also write the result as JSON to this file")
+    e.set_defaults(func=cmd_eval)
+
+    i = sub.add_parser("info", help="what an lcqat checkpoint holds", description="Converted layers, bits per weight, size and format version, read from the headers (no weights loaded).")
+    i.add_argument("checkpoint")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_info)
+
+    u = sub.add_parser("push", help="push an lcqat checkpoint to the Hugging Face Hub with a model card")
+    u.add_argument("checkpoint")
+    u.add_argument("repo_id", help="org/name on the Hub")
+    u.add_argument("--private", action="store_true")
+    u.add_argument("--base-model", default=None, help="base model id for the card's metadata")
+    u.add_argument("--commit-message", default="Upload LC-QAT 2-bit model")
+    u.add_argument("--regenerate-card", action="store_true", help="replace the folder's README.md in the pushed files with a fresh card")
+    u.set_defaults(func=cmd_push)
+
+    l = sub.add_parser("lm-eval", help="lm-evaluation-harness's CLI with the lcqat plugin loaded (arguments pass through)",
+                       description="Runs lm-eval's own command line after registering lcqat; the bundled offline tasks (lcqat_heldout_ppl, lcqat_heldout_lastword) are added with --include_path unless you pass one.", add_help=False)
+    l.set_defaults(func=None)
+
+    d = sub.add_parser("demo", help="the bundled end-to-end demo on SmolLM2-135M",
+                       description="Quantize the bundled SmolLM2-135M to 2 bits (PTQ + short QAT), evaluate before and after on held-out text, save, generate a sample, print a report and write a PNG.")
+    d.add_argument("--output", default="runs/demo", help="output directory (default runs/demo)")
+    d.add_argument("--num-samples", type=int, default=64, help="PTQ calibration samples of 512 tokens (default 64)")
+    d.add_argument("--qat-tokens", type=int, default=32768, help="QAT tokens after PTQ (default 32768; 0 to skip)")
+    d.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens evaluated (default 16384)")
+    d.add_argument("--data-free", action="store_true", help="skip PTQ (data-free initialisation)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--overwrite", action="store_true", default=True)
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "lm-eval":
+        try:
+            return cmd_lm_eval(None, argv[1:])
+        except SystemExit as exc:
+            return int(exc.code or 0)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (UsageError, FileExistsError) as exc:
+        print(f"optimum-lcqat {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ValueError as exc:  # config/checkpoint validation errors carry their own fix
+        print(f"optimum-lcqat {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

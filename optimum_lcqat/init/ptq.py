@@ -1,0 +1,545 @@
+"""Hessian-aware PTQ initialisation (METHOD.md, "PTQ initialisation").
+
+``quantize_model_ptq(model, names, config)`` replaces every named ``nn.Linear`` of ``model`` by an
+:class:`~optimum_lcqat.nn.lc_linear.LCLinear` whose codes and parameters come from calibration
+data. One decoder block at a time:
+
+1. **Hessians.** The block's current input ``X`` (the output of the already *quantized* blocks
+   before it; for block 0, the embeddings captured with a pre-hook that stops the forward) is run
+   through the full-precision block. Forward hooks accumulate ``H = sum x x^T`` for each group
+   of linears that share an input (q/k/v, gate/up, ...): per-batch products in float32 summed
+   into a float64 accumulator. The same pass stores the full-precision block output ``Y``, the
+   fine-tuning target.
+2. **Rotation.** ``s_u`` = random signs, ``s_v`` = random signs x row RMS / 0.83 (as the
+   data-free init); the weight goes to the rotated domain ``What`` and ``H`` to
+   ``H_n diag(s_u) H diag(s_u) H_n^T``, normalised by its mean diagonal and damped
+   (``+ ptq_damp I``).
+3. **BlockLDLQ.** GPTQ-style error feedback over blocks of ``d`` columns with ``Hinv = R^T R``
+   (``R`` upper): each row's d-vector goes to the codeword of the 256 ``A q + beta`` nearest in
+   the metric ``(R_bb^T R_bb)^-1`` of the remaining-column OBS problem; the error
+   ``(w - c) R_bb^-1`` is fed forward through ``R``. The first pass uses the scalar grid.
+4. **Affine codebook.** ``init_iters`` alternations of the closed-form Hessian-weighted least
+   squares fit of ``(A, beta)`` (minimising ``tr((What - C) H (What - C)^T)``; a 20 x 20 system)
+   and ``ptq_refine_passes`` coordinate-descent passes that re-assign each d-vector to its best
+   codeword given all the others (exact minimisation of the same proxy, so every step is
+   monotone). The ``scalar`` codebook keeps the frozen grid and only refines the assignment.
+5. **Block fine-tuning.** Codes fixed; ``s_u``, ``s_v``, ``A``, ``beta`` (affine only) of the
+   block's linears and the block's own 1-D parameters (its norms) are tuned with Adam for
+   ``ptq_finetune_steps`` steps on the MSE between the quantized block's output and ``Y``
+   (learning rate ``ptq_finetune_lr`` times each tensor's RMS, cosine decay). An eighth of the
+   samples is held out; the tuned values are kept only if they lower the held-out MSE.
+6. The LC layers are built (``lc_layer_from_params`` rounds to 16-bit storage), swapped in, and
+   ``X`` is propagated through the *final* quantized block: what the next block sees is what the
+   saved model computes.
+
+Linears outside the decoder blocks (rare: ``lm_head`` is skipped by default) get the data-free
+initialisation. Peak memory (process RSS high-water mark, ``resource.getrusage``) is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..calibration import CalibrationDataError, calibration_samples, load_calibration_texts, resolve_tokenizer
+from ..config import LCQATConfig
+from ..tensor.codebook import codewords, fit_affine, index_to_codes, lattice, nearest_codeword, scalar_codebook
+from ..tensor.hadamard import RotationPlan, plan_rotation, rotate
+from ..tensor.packing import pack_codes
+from . import register_initializer
+from .common import LCParams, initial_scales, rotate_weight
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["quantize_model_ptq", "quantize_weight_ptq", "PTQReport", "peak_rss_bytes"]
+
+
+class _StopForward(Exception):
+    pass
+
+
+def peak_rss_bytes() -> int:
+    """Process RSS high-water mark (``getrusage``; kilobytes on Linux, bytes on macOS)."""
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(r if sys.platform == "darwin" else r * 1024)
+
+
+@dataclass
+class PTQReport:
+    errors: dict  # layer name -> relative proxy error tr(E H E^T) / tr(W H W^T) after the codebook fit
+    block_mse: dict  # block index -> (relative output MSE before fine-tune, after)
+    seconds: float
+    peak_rss_bytes: int
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-layer quantization in the rotated domain
+# ---------------------------------------------------------------------------------------------
+def _prepare_hessian(H: torch.Tensor, damp: float) -> torch.Tensor:
+    H = H.to(torch.float64).clone()
+    n = H.shape[0]
+    dead = H.diagonal() <= 0
+    mean_diag = H.diagonal().mean().clamp_min(1e-30)
+    H /= mean_diag
+    H.diagonal()[dead] = 1.0
+    H.diagonal().add_(damp)
+    return H
+
+
+def _rotate_hessian(H: torch.Tensor, s_u: torch.Tensor, plan: RotationPlan) -> torch.Tensor:
+    Hs = H * s_u[:, None] * s_u[None, :]
+    A1 = rotate(Hs, plan)  # Hs R^T
+    out = rotate(A1.T.contiguous(), plan)  # R Hs R^T
+    return 0.5 * (out + out.T)
+
+
+def _nearest_in_metric(w: torch.Tensor, table: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """argmin_k ||(w - table_k) M||^2 for the rows of w [N, d]; table [K, d]."""
+    wt = (w @ M).float()
+    tt = (table @ M).float()
+    dist = torch.addmm((tt * tt).sum(1), wt, tt.T, alpha=-2.0)
+    return dist.argmin(1)
+
+
+def _block_ldlq(W: torch.Tensor, H: torch.Tensor, table: torch.Tensor, d: int, lazy: int = 128) -> torch.Tensor:
+    """Codeword index [m, n/d] by BlockLDLQ (OBS error feedback over d-column blocks)."""
+    m, n = W.shape
+    L = torch.linalg.cholesky(H)
+    Hinv = torch.cholesky_inverse(L)
+    R = torch.linalg.cholesky(Hinv, upper=True)  # Hinv = R^T R
+    W = W.clone()
+    idx = torch.empty(m, n // d, dtype=torch.long)
+    eye = torch.eye(d, dtype=W.dtype)
+    for i1 in range(0, n, lazy):
+        i2 = min(i1 + lazy, n)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        R1 = R[i1:i2, i1:i2]
+        for j in range(0, i2 - i1, d):
+            Rb = R1[j : j + d, j : j + d]
+            Minv = torch.linalg.solve_triangular(Rb, eye, upper=True)  # Rb^-1
+            w = W1[:, j : j + d]
+            k = _nearest_in_metric(w, table, Minv)
+            idx[:, (i1 + j) // d] = k
+            E = (w - table[k]) @ Minv
+            Err1[:, j : j + d] = E
+            if j + d < i2 - i1:
+                W1[:, j + d :] -= E @ R1[j : j + d, j + d :]
+        if i2 < n:
+            W[:, i2:] -= Err1 @ R[i1:i2, i2:]
+    return idx
+
+
+def _refine(W: torch.Tensor, H: torch.Tensor, idx: torch.Tensor, table: torch.Tensor, d: int, passes: int) -> torch.Tensor:
+    """Coordinate descent on tr((W - C) H (W - C)^T): each d-vector to its best codeword given the rest."""
+    if passes <= 0:
+        return idx
+    m, n = W.shape
+    nb = n // d
+    idx = idx.clone()
+    C = table[idx].reshape(m, n)
+    E = W - C
+    G = E @ H  # [m, n]
+    Hb = H.view(nb, d, nb, d).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # [nb, d, d] diagonal blocks
+    Hb_inv = torch.linalg.inv(Hb)
+    Lb = torch.linalg.cholesky(Hb)  # Hb = Lb Lb^T: metric ||v Lb||^2 = v Hb v^T
+    for _ in range(passes):
+        for b in range(nb):
+            sl = slice(b * d, b * d + d)
+            c_old = C[:, sl]
+            target = c_old + G[:, sl] @ Hb_inv[b]
+            k = _nearest_in_metric(target, table, Lb[b])
+            c_new = table[k]
+            delta = c_old - c_new  # change of E[:, sl]
+            changed = (k != idx[:, b]).any()
+            idx[:, b] = k
+            if changed:
+                C[:, sl] = c_new
+                G += delta @ H[sl, :]
+    return idx
+
+
+def _fit_affine_hessian(W: torch.Tensor, H: torch.Tensor, idx: torch.Tensor, d: int, WH: torch.Tensor):
+    """Closed-form (A, beta) minimising tr((W - C) H (W - C)^T) for fixed codes."""
+    m, n = W.shape
+    nb = n // d
+    q = index_to_codes(idx.reshape(-1), d).to(torch.float64).view(m, nb, d)
+    Qt = torch.cat([q, torch.ones(m, nb, 1, dtype=torch.float64)], 2)  # [m, nb, d+1]
+    Qf = Qt.reshape(m, nb * (d + 1)).float()
+    K = (Qf.T @ Qf).to(torch.float64).view(nb, d + 1, nb, d + 1)  # K[g, s, h, t]
+    Hr = H.view(nb, d, nb, d)  # Hr[g, r, h, r']
+    # G[(r,s),(r',t)] = sum_{g,h} K[g,s,h,t] Hr[g,r,h,r']
+    Gm = torch.einsum("gsht,grhu->rsut", K, Hr).reshape(d * (d + 1), d * (d + 1))
+    rhs = torch.einsum("jgs,jgr->rs", Qt, WH.view(m, nb, d)).reshape(-1)
+    Gm = Gm + 1e-9 * Gm.diagonal().mean() * torch.eye(Gm.shape[0], dtype=torch.float64)
+    theta = torch.linalg.solve(Gm, rhs).view(d, d + 1)
+    return theta[:, :d].contiguous(), theta[:, d].contiguous()
+
+
+def _proxy(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor) -> float:
+    E = W - C
+    num = float(((E @ H) * E).sum())
+    den = float(((W @ H) * W).sum())
+    return num / max(den, 1e-30)
+
+
+def quantize_weight_ptq(
+    weight: torch.Tensor,
+    H: torch.Tensor,
+    *,
+    vector_dim: int,
+    codebook: str,
+    plan_in: RotationPlan,
+    plan_out: RotationPlan,
+    seed: int,
+    name: str,
+    iters: int = 4,
+    refine_passes: int = 1,
+    damp: float = 0.01,
+) -> LCParams:
+    """Hessian-aware codes and parameters of one layer. ``H``: ``sum x x^T`` of its input [n, n]."""
+    m, n = weight.shape
+    d = vector_dim
+    s_u, s_v = initial_scales(weight, seed, name)
+    W = rotate_weight(weight, s_u, s_v, plan_in, plan_out)  # float64 [m, n]
+    Hr = _prepare_hessian(_rotate_hessian(_prepare_hessian(H, 0.0), s_u, plan_in), damp)
+    A, beta = scalar_codebook(d, dtype=torch.float64)
+    idx = _block_ldlq(W, Hr, codewords(A, beta), d)
+    WH = W @ Hr
+    rounds = iters if codebook == "affine" else 1
+    for _ in range(rounds):
+        if codebook == "affine":
+            A, beta = _fit_affine_hessian(W, Hr, idx, d, WH)
+        idx = _refine(W, Hr, idx, codewords(A, beta), d, refine_passes)
+    if codebook == "affine":
+        A, beta = _fit_affine_hessian(W, Hr, idx, d, WH)
+    C = codewords(A, beta)[idx].reshape(m, n)
+    err = _proxy(W, Hr, C)
+    codes = index_to_codes(idx.reshape(-1), d).view(m, n)
+    return LCParams(pack_codes(codes), A, beta, s_u, s_v, err)
+
+
+@register_initializer("ptq")
+def init_ptq(weight, *, hessian, **kw) -> LCParams:
+    return quantize_weight_ptq(weight, hessian, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Differentiable stand-in used during block fine-tuning (codes fixed)
+# ---------------------------------------------------------------------------------------------
+class _TunableLC(nn.Module):
+    def __init__(self, params: LCParams, bias, d: int, plan_in, plan_out, train_codebook: bool, dtype):
+        super().__init__()
+        from ..tensor.packing import unpack_codes
+
+        q = unpack_codes(params.packed).to(dtype)
+        m, n = q.shape
+        self.register_buffer("q", q.view(m, n // d, d))
+        self.A = nn.Parameter(params.A.to(dtype).clone(), requires_grad=train_codebook)
+        self.beta = nn.Parameter(params.beta.to(dtype).clone(), requires_grad=train_codebook)
+        self.s_u = nn.Parameter(params.s_u.to(dtype).clone())
+        self.s_v = nn.Parameter(params.s_v.to(dtype).clone())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype).clone(), requires_grad=False)
+        self.plan_in, self.plan_out = plan_in, plan_out
+        self.m, self.n = m, n
+
+    def weight(self) -> torch.Tensor:
+        what = (self.q @ self.A.T + self.beta).reshape(self.m, self.n)
+        w = rotate(what, self.plan_in, transpose=True)
+        w = rotate(w.T, self.plan_out, transpose=True).T
+        return w * self.s_v[:, None] * self.s_u[None, :]
+
+    def forward(self, x):
+        w = self.weight()
+        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def to_params(self, like: LCParams) -> LCParams:
+        return LCParams(
+            like.packed, self.A.detach().double(), self.beta.detach().double(),
+            self.s_u.detach().double(), self.s_v.detach().double(), like.error,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Model-level driver
+# ---------------------------------------------------------------------------------------------
+def _find_blocks(model: nn.Module, names: list[str]) -> tuple[str, nn.ModuleList]:
+    best, best_count = None, 0
+    for mname, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
+            count = sum(1 for n in names if n.startswith(mname + "."))
+            if count > best_count:
+                best, best_count = (mname, mod), count
+    if best is None:
+        raise ValueError("lcqat PTQ: could not find the decoder blocks (an nn.ModuleList holding the linears)")
+    return best
+
+
+def _first_tensor(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _slice_batch(obj, sl: slice, full: int):
+    """Slice tensors (and tuples of tensors) whose first dimension is the batch size ``full``."""
+    if torch.is_tensor(obj):
+        return obj[sl] if obj.dim() > 0 and obj.shape[0] == full and full > 1 else obj
+    if isinstance(obj, tuple):
+        return tuple(_slice_batch(o, sl, full) for o in obj)
+    if isinstance(obj, list):
+        return [_slice_batch(o, sl, full) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _slice_batch(v, sl, full) for k, v in obj.items()}
+    return obj
+
+
+def _capture_block_inputs(model, first_block, samples: torch.Tensor, batch_size: int, device):
+    """Inputs (hidden states and keyword arguments) of the first decoder block for every batch."""
+    X = []
+    kwargs_per_batch = []
+    cap = {}
+
+    def pre_hook(module, args, kwargs):
+        hs = args[0] if args else kwargs["hidden_states"]
+        cap["hs"] = hs
+        cap["kw"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        if len(args) > 1:
+            cap["args"] = args[1:]
+        raise _StopForward
+
+    handle = first_block.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        for start in tqdm(range(0, samples.shape[0], batch_size), desc="lcqat PTQ: capture inputs", leave=False):
+            batch = samples[start : start + batch_size].to(device)
+            try:
+                model(input_ids=batch, use_cache=False)
+            except _StopForward:
+                pass
+            else:  # pragma: no cover
+                raise RuntimeError("lcqat PTQ: the first decoder block was never called")
+            X.append(cap["hs"].detach())
+            kw = dict(cap["kw"])
+            kw["use_cache"] = False
+            kw.pop("past_key_values", None)
+            kw.pop("past_key_value", None)
+            if "args" in cap:
+                raise RuntimeError("lcqat PTQ: decoder blocks called with extra positional arguments are not supported")
+            kwargs_per_batch.append(kw)
+    finally:
+        handle.remove()
+    return torch.cat(X, 0), kwargs_per_batch
+
+
+def _block_forward(block, X, kwargs_per_batch, batch_size, out, desc, leave=False):
+    for bi, start in enumerate(tqdm(range(0, X.shape[0], batch_size), desc=desc, leave=leave)):
+        xb = X[start : start + batch_size]
+        out[start : start + batch_size] = _first_tensor(block(xb, **kwargs_per_batch[bi])).to(out.dtype)
+
+
+def _collect_hessians(block, linears: dict, X, kwargs_per_batch, batch_size, Y):
+    """Run the full-precision block on X (writing Y) and return (groups, Hessians per group leader)."""
+    state = {"seen": {}}
+    groups: dict[str, str] = {}  # linear name -> group leader
+    H: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def make_hook(lname):
+        def hook(module, inp, out):
+            x = inp[0]
+            key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
+            leader = state["seen"].get(key)
+            if leader is None:
+                state["seen"][key] = lname
+                leader = lname
+            if lname not in groups:
+                groups[lname] = leader
+            if groups[lname] != lname:
+                return
+            x2 = x.detach().reshape(-1, x.shape[-1]).float()
+            acc = H.get(lname)
+            prod = (x2.T @ x2).to(torch.float64)
+            H[lname] = prod if acc is None else acc.add_(prod)
+            counts[lname] = counts.get(lname, 0) + x2.shape[0]
+
+        return hook
+
+    handles = [mod.register_forward_hook(make_hook(ln)) for ln, mod in linears.items()]
+    try:
+        for bi, start in enumerate(tqdm(range(0, X.shape[0], batch_size), desc="lcqat PTQ: hessians", leave=False)):
+            state["seen"] = {}
+            xb = X[start : start + batch_size]
+            Y[start : start + batch_size] = _first_tensor(block(xb, **kwargs_per_batch[bi])).to(Y.dtype)
+    finally:
+        for h in handles:
+            h.remove()
+    for ln in H:
+        H[ln] /= counts[ln]
+    return groups, H
+
+
+def _block_mse(block, X, Y, kwargs_per_batch, batch_size, idx) -> float:
+    num, den = 0.0, 0.0
+    for i in idx:
+        bi, off = divmod(int(i), batch_size)
+        kw = _slice_batch(kwargs_per_batch[bi], slice(off, off + 1), min(batch_size, X.shape[0] - bi * batch_size))
+        y = _first_tensor(block(X[i : i + 1], **kw))
+        num += float((y.float() - Y[i : i + 1].float()).pow(2).sum())
+        den += float(Y[i : i + 1].float().pow(2).sum())
+    return num / max(den, 1e-30)
+
+
+def _finetune_block(block, tunables: dict, X, Y, kwargs_per_batch, batch_size, cfg: LCQATConfig, seed: int):
+    """Adam on s_u, s_v, (A, beta) and the block's own 1-D parameters against the fp output."""
+    N = X.shape[0]
+    n_val = max(1, N // 8) if N > 1 else 0
+    train_idx = list(range(N - n_val)) if n_val else [0]
+    val_idx = list(range(N - n_val, N)) if n_val else [0]
+    tunable_ids = {id(p) for t in tunables.values() for p in t.parameters()}
+    own = [p for p in block.parameters() if p.dim() == 1 and id(p) not in tunable_ids and p.is_floating_point()]
+    params = [p for t in tunables.values() for p in t.parameters() if p.requires_grad] + own
+    saved_own = [p.detach().clone() for p in own]
+    saved_tun = {k: {n: p.detach().clone() for n, p in t.named_parameters()} for k, t in tunables.items()}
+    req = [p.requires_grad for p in own]
+    for p in own:
+        p.requires_grad_(True)
+    groups = [{"params": [p], "lr": cfg.ptq_finetune_lr * float(p.detach().float().pow(2).mean().sqrt().clamp_min(1e-6))} for p in params]
+    opt = torch.optim.Adam(groups, betas=(0.9, 0.99))
+    base = [g["lr"] for g in groups]
+    steps = cfg.ptq_finetune_steps
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        before = _block_mse(block, X, Y, kwargs_per_batch, batch_size, val_idx)
+    y_scale = float(Y[train_idx].float().pow(2).mean())
+    for step in tqdm(range(steps), desc="lcqat PTQ: fine-tune", leave=False):
+        i = train_idx[int(torch.randint(len(train_idx), (1,), generator=gen))]
+        bi, off = divmod(i, batch_size)
+        kw = _slice_batch(kwargs_per_batch[bi], slice(off, off + 1), min(batch_size, N - bi * batch_size))
+        for g, b in zip(groups, base):
+            g["lr"] = b * 0.5 * (1 + math.cos(math.pi * step / steps))
+        y = _first_tensor(block(X[i : i + 1], **kw))
+        loss = (y.float() - Y[i : i + 1].float()).pow(2).mean() / y_scale
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        after = _block_mse(block, X, Y, kwargs_per_batch, batch_size, val_idx)
+        if not after < before:  # keep the PTQ values when tuning does not help on held-out samples
+            for p, s in zip(own, saved_own):
+                p.copy_(s)
+            for k, t in tunables.items():
+                for n, p in t.named_parameters():
+                    p.copy_(saved_tun[k][n])
+    for p, r in zip(own, req):
+        p.requires_grad_(r)
+    return before, min(before, after) if steps else before
+
+
+@torch.no_grad()
+def quantize_model_ptq(model: nn.Module, names: list[str], config: LCQATConfig) -> PTQReport:
+    """Replace the named linears of ``model`` by LC layers initialised by the Hessian-aware PTQ."""
+    from ..convert import build_lc_skeleton, lc_layer_from_params, quantize_linears_data_free
+
+    t0 = time.perf_counter()
+    cfg = config
+    texts = load_calibration_texts(cfg.dataset)
+    tokenizer = resolve_tokenizer(cfg.tokenizer, model)
+    samples = calibration_samples(texts, tokenizer, cfg.num_samples, cfg.model_seqlen, cfg.seed)
+    logger.info(
+        "lcqat PTQ: %d calibration samples x %d tokens, codebook=%s, %d layers",
+        samples.shape[0], samples.shape[1], cfg.codebook, len(names),
+    )
+    blocks_name, blocks = _find_blocks(model, names)
+    inside = [n for n in names if n.startswith(blocks_name + ".")]
+    outside = [n for n in names if n not in set(inside)]
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
+    was_training = model.training
+    model.eval()
+    bs = cfg.ptq_batch_size
+    X, kwargs_per_batch = _capture_block_inputs(model, blocks[0], samples, bs, device)
+    X = X.to(dtype)
+    Y = torch.empty_like(X)
+    errors: dict[str, float] = {}
+    block_mse: dict[int, tuple[float, float]] = {}
+    for bidx in tqdm(range(len(blocks)), desc="lcqat PTQ: blocks"):
+        block = blocks[bidx]
+        prefix = f"{blocks_name}.{bidx}."
+        lnames = [n for n in inside if n.startswith(prefix)]
+        if not lnames:
+            _block_forward(block, X, kwargs_per_batch, bs, X, "lcqat PTQ: propagate")
+            continue
+        tb = time.perf_counter()
+        linears = {n: model.get_submodule(n) for n in lnames}
+        groups, H = _collect_hessians(block, linears, X, kwargs_per_batch, bs, Y)
+        params: dict[str, LCParams] = {}
+        for n in tqdm(lnames, desc="lcqat PTQ: quantize", leave=False):
+            lin = linears[n]
+            probe = build_lc_skeleton(lin, cfg, device="meta")
+            params[n] = quantize_weight_ptq(
+                lin.weight.detach().cpu(), H[groups[n]].cpu(), vector_dim=cfg.vector_dim, codebook=cfg.codebook,
+                plan_in=probe.plan_in, plan_out=probe.plan_out, seed=cfg.seed, name=n,
+                iters=cfg.init_iters, refine_passes=cfg.ptq_refine_passes, damp=cfg.ptq_damp,
+            )
+            errors[n] = params[n].error
+        del H
+        tq = time.perf_counter()
+        # Block fine-tuning with differentiable stand-ins (float32), then the real LC layers.
+        tunables = {}
+        for n in lnames:
+            lin = linears[n]
+            probe = build_lc_skeleton(lin, cfg, device="meta")
+            t = _TunableLC(params[n], lin.bias, cfg.vector_dim, probe.plan_in, probe.plan_out,
+                           cfg.codebook == "affine", torch.float32).to(device)
+            tunables[n] = t
+            model.set_submodule(n, t)
+        orig_dtype = dtype
+        if cfg.ptq_finetune_steps > 0:
+            if orig_dtype != torch.float32:
+                block.float()
+            with torch.enable_grad():
+                mse = _finetune_block(
+                    block, tunables, X.float() if orig_dtype != torch.float32 else X,
+                    Y.float() if orig_dtype != torch.float32 else Y, kwargs_per_batch, bs, cfg,
+                    seed=cfg.seed * 1_000_003 + bidx,
+                )
+            if orig_dtype != torch.float32:
+                block.to(orig_dtype)
+        else:
+            mse = (float("nan"), float("nan"))
+        for n in lnames:
+            tuned = tunables[n].to_params(params[n])
+            model.set_submodule(n, lc_layer_from_params(linears[n], tuned, cfg))
+        del tunables
+        tf = time.perf_counter()
+        _block_forward(block, X, kwargs_per_batch, bs, X, "lcqat PTQ: propagate")
+        block_mse[bidx] = mse
+        for n in lnames:
+            logger.info("lcqat PTQ: %s proxy rel. error %.4f", n, errors[n])
+        logger.info(
+            "lcqat PTQ: block %d: layer errors %s; block output rel. MSE %.4g -> %.4g after fine-tune; "
+            "%.1fs (quantize %.1fs, fine-tune %.1fs); peak RSS %.2f GiB",
+            bidx, ", ".join(f"{n.rsplit('.', 1)[-1]}={errors[n]:.3f}" for n in lnames), mse[0], mse[1],
+            time.perf_counter() - tb, tq - tb, tf - tq, peak_rss_bytes() / 2**30,
+        )
+    del X, Y
+    if outside:
+        logger.warning("lcqat PTQ: %d linear(s) outside the decoder blocks use the data-free init: %s", len(outside), outside)
+        errors.update(quantize_linears_data_free(model, outside, cfg))
+    if was_training:
+        model.train()
+    secs = time.perf_counter() - t0
+    peak = peak_rss_bytes()
+    if device.type == "cuda":  # pragma: no cover
+        logger.info("lcqat PTQ: peak CUDA memory %.2f GiB", torch.cuda.max_memory_allocated(device) / 2**30)
+    logger.info("lcqat PTQ: done in %.1fs; peak RSS (process high-water mark) %.2f GiB", secs, peak / 2**30)
+    report = PTQReport(errors, block_mse, secs, peak)
+    model._lcqat_ptq_report = report
+    return report

@@ -1,0 +1,279 @@
+"""`LCQATCallback`: quantization-aware training of an LC-QAT model with the plain HF Trainer.
+
+    trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[LCQATCallback()])
+    trainer.train()
+    model.save_pretrained(out)   # packed 2-bit; loads like any lcqat checkpoint
+
+What it does, event by event:
+
+* ``on_init_end`` (end of ``Trainer.__init__``, before the optimizer exists): every LC layer
+  gets its latent codes (:meth:`LCLinear.enable_training`, at the centres of the current
+  codes' bins) and ``requires_grad`` is set on every parameter from its category
+  (:mod:`.params`), deterministically, so the optimizer (and a resumed optimizer) sees the same
+  parameters in the same order.
+* ``on_train_begin``: when the Trainer resumes (``global_step > 0``), the latents and the
+  full-precision LC parameters are restored from ``lcqat_training_state.safetensors`` in the
+  checkpoint folder; the Trainer has already loaded the packed weights (a load_state_dict
+  pre-hook re-centres the latents on the loaded codes, so that even without the file the
+  model is consistent; with it, the resumed run is exact).
+* ``on_pre_optimizer_step``: every trainable gradient must be finite; otherwise
+  :class:`NonFiniteTrainingError` stops the run before the optimizer touches the weights,
+  so the last checkpoint written stays the last good one.
+* ``on_step_end``: the codes are re-derived from the latents (``sync_codes``); the number of
+  codes that flipped this step is recorded; the token budget is checked.
+* ``on_log``: adds ``lcqat/flip_share`` (codes flipped per step, averaged since the last log,
+  as a share of all codes), ``lcqat/changed_share`` (share of codes that differ from the start
+  of this ``train()`` call), ``lcqat/bits_per_weight`` (of the LC layers) and
+  ``lcqat/tokens`` to the logs and to ``state.log_history``.
+* ``on_save``: the Trainer's checkpoint is already a packed lcqat checkpoint (``save_pretrained``
+  goes through the quantizer, which drops latents after syncing codes); the callback adds the
+  training-state file next to it (process 0 only).
+* ``on_train_end``: the latents are folded back into the packed codes and dropped, and the LC
+  parameters are rounded to their 16-bit storage values: the in-memory model is then exactly
+  what ``save_pretrained`` writes and what ``from_pretrained`` reads back.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from ..nn.lc_linear import LCLinear
+from ..tensor.packing import unpack_codes
+from .params import resolve_trainable, select_trainable
+from .state import load_training_state, save_training_state
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """The loss or a gradient became NaN/inf: the run stops before the weights are updated."""
+
+
+def _unwrap(model):
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
+def _lc_layers(model) -> list[tuple[str, LCLinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LCLinear)]
+
+
+def _latent_from_loaded_codes(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+    # Trainer resume loads a packed checkpoint with model.load_state_dict: it has codes but no
+    # latent. Put the latent at the centres of the loaded codes' bins (instead of leaving a stale
+    # latent that disagrees with the codes); the training-state file then restores it exactly.
+    if module.latent is not None and prefix + "codes" in state_dict and prefix + "latent" not in state_dict:
+        q = unpack_codes(state_dict[prefix + "codes"]).to(module.latent.dtype)
+        state_dict[prefix + "latent"] = (q - 1.5) / module.alpha
+
+
+def last_checkpoint(output_dir) -> str | None:
+    """The newest ``checkpoint-*`` folder in ``output_dir``, or None."""
+    if not output_dir or not os.path.isdir(output_dir):
+        return None
+    return get_last_checkpoint(output_dir)
+
+
+class LCQATCallback(TrainerCallback):
+    """Quantization-aware training of LC layers under the HF Trainer (see the module docstring).
+
+    Args:
+        train: parameter categories to train (see :mod:`optimum_lcqat.training.params`);
+            default: latent, scales, codebook, bias, plus norms/embeddings per the flags below.
+        train_norms: also train normalisation weights (default True, as the release does).
+        train_embeddings: also train input/output embeddings (default False: large, and with
+            little data they overfit; the LC-QAT release trains them).
+        lr_scale: per-category multipliers of the learning rate, e.g. ``{"latent": 2.0}``; used
+            by :class:`LCQATTrainer` and by :meth:`optimizer_cls_and_kwargs` (a plain Trainer's
+            own optimizer puts all parameters at one learning rate).
+        max_tokens: token budget: stop once the Trainer has seen this many input tokens
+            (counted by the Trainer across processes; turns ``include_num_input_tokens_seen`` on).
+        check_finite: stop on a NaN/inf gradient (:class:`NonFiniteTrainingError`).
+        finalize_on_train_end: fold latents into codes and drop them when training ends.
+        resume_from_checkpoint: folder to restore the training state from on resume; by default
+            ``<output_dir>/checkpoint-<global_step>`` (:class:`LCQATTrainer` sets it exactly).
+    """
+
+    def __init__(
+        self,
+        train=None,
+        train_norms: bool = True,
+        train_embeddings: bool = False,
+        lr_scale: dict[str, float] | None = None,
+        max_tokens: int | None = None,
+        check_finite: bool = True,
+        finalize_on_train_end: bool = True,
+        resume_from_checkpoint: str | None = None,
+    ):
+        self.trainable = resolve_trainable(train, train_norms, train_embeddings)
+        self.lr_scale = dict(lr_scale or {})
+        if max_tokens is not None and max_tokens <= 0:
+            raise ValueError(f"LCQATCallback: max_tokens must be positive, got {max_tokens}")
+        self.max_tokens = max_tokens
+        self.check_finite = check_finite
+        self.finalize_on_train_end = finalize_on_train_end
+        self.resume_from_checkpoint = resume_from_checkpoint
+        self.selected: dict[str, list[str]] = {}
+        self.history: list[dict] = []  # one record per optimizer step
+        self.tokens_trained = 0
+        self.resumed_exactly: bool | None = None
+        self._model = None
+        self._start_codes: dict[str, torch.Tensor] = {}
+        self._pending: list[dict] = []
+        self._n_codes = 0
+        self._bpw = float("nan")
+
+    # ------------------------------------------------------------------ set-up
+    def prepare(self, model) -> dict[str, list[str]]:
+        """Put the LC layers into training and select the trainable parameters (idempotent)."""
+        model = _unwrap(model)
+        layers = _lc_layers(model)
+        if not layers:
+            raise ValueError(
+                "LCQATCallback: the model has no LC layer. Load it with quantization_config=LCQATConfig(...) "
+                "or from an lcqat checkpoint before creating the Trainer."
+            )
+        for _, layer in layers:
+            layer.enable_training()
+            if not getattr(layer, "_lcqat_load_hook", False):
+                layer.register_load_state_dict_pre_hook(_latent_from_loaded_codes)
+                layer._lcqat_load_hook = True
+        self.selected = select_trainable(model, self.trainable)
+        m_total = sum(l.in_features * l.out_features for _, l in layers)
+        self._n_codes = m_total
+        self._bpw = sum(l.bits_per_weight() * l.in_features * l.out_features for _, l in layers) / m_total
+        self._model = model
+        return self.selected
+
+    def optimizer_cls_and_kwargs(self, args):
+        """For a plain ``Trainer``: ``Trainer(..., optimizer_cls_and_kwargs=cb.optimizer_cls_and_kwargs(args))``
+        gives AdamW with one group per parameter category and ``lr_scale`` applied."""
+        from .params import LCQATOptimizerFactory
+
+        return LCQATOptimizerFactory(args, self.lr_scale), {}
+
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            raise ValueError("LCQATCallback: the Trainer passed no model")
+        self.prepare(model)
+        if self.max_tokens is not None and args.include_num_input_tokens_seen in ("no", False):
+            args.include_num_input_tokens_seen = "all"
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        model = _unwrap(model if model is not None else self._model)
+        layers = _lc_layers(model)
+        if any(l.latent is None for _, l in layers):
+            raise RuntimeError(
+                "LCQATCallback: the LC layers are not in training mode (a previous train() finished and folded "
+                "the latents into the codes). Create a new Trainer for another training run."
+            )
+        if self.max_tokens is not None and args.include_num_input_tokens_seen in ("no", False):
+            raise ValueError("LCQATCallback(max_tokens=...) needs TrainingArguments(include_num_input_tokens_seen='all')")
+        if state.global_step > 0:
+            folder = self.resume_from_checkpoint
+            if folder is None:
+                folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+                if not os.path.isdir(folder):
+                    folder = last_checkpoint(args.output_dir)
+            self.resumed_exactly = bool(folder) and load_training_state(model, folder)
+            if not self.resumed_exactly:
+                logger.warning(
+                    "lcqat: resumed at step %d without %s; latents restart at the centres of the checkpoint's "
+                    "codes, so the run continues but is not bit-identical to an uninterrupted one.",
+                    state.global_step, folder,
+                )
+        self._start_codes = {n: l.codes.detach().clone() for n, l in layers}
+        self._pending = []
+        self.tokens_trained = int(getattr(state, "num_input_tokens_seen", 0) or 0)
+
+    # ------------------------------------------------------------------ every step
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if not self.check_finite:
+            return
+        model = _unwrap(model if model is not None else self._model)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and p.grad is not None]
+        if not named:
+            return
+        norms = torch._foreach_norm([p.grad for _, p in named])
+        if bool(torch.isfinite(torch.stack([n.float() for n in norms]).sum())):
+            return
+        bad = [n for (n, _), g in zip(named, norms) if not torch.isfinite(g)]
+        last = last_checkpoint(args.output_dir)
+        raise NonFiniteTrainingError(
+            f"lcqat: non-finite gradient at step {state.global_step + 1} in {len(bad)} parameter(s) "
+            f"(e.g. {', '.join(bad[:3])}); the loss was probably NaN/inf (bad input, too high a learning "
+            f"rate, or fp16 overflow). The weights were not updated. Last good checkpoint: {last or 'none saved yet'}."
+        )
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        model = _unwrap(model if model is not None else self._model)
+        flipped = 0
+        with torch.no_grad():
+            for _, layer in _lc_layers(model):
+                flipped += layer.sync_codes()
+        self.tokens_trained = int(getattr(state, "num_input_tokens_seen", 0) or 0)
+        rec = {
+            "step": state.global_step,
+            "flipped": flipped,
+            "flip_share": flipped / max(self._n_codes, 1),
+            "tokens": self.tokens_trained,
+        }
+        self.history.append(rec)
+        self._pending.append(rec)
+        if self.max_tokens is not None and self.tokens_trained >= self.max_tokens:
+            control.should_training_stop = True
+
+    def code_change_share(self, model=None) -> float:
+        """Share of codes that differ from the codes at the start of this ``train()`` call."""
+        model = _unwrap(model if model is not None else self._model)
+        changed = 0
+        for name, layer in _lc_layers(model):
+            start = self._start_codes.get(name)
+            if start is not None:
+                changed += int((unpack_codes(start) != layer.hard_codes()).sum())
+        return changed / max(self._n_codes, 1)
+
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        if logs is None or "loss" not in logs:
+            return
+        extra = {
+            "lcqat/bits_per_weight": round(self._bpw, 4),
+            "lcqat/tokens": self.tokens_trained,
+        }
+        if self._pending:
+            extra["lcqat/flip_share"] = sum(r["flip_share"] for r in self._pending) / len(self._pending)
+            self._pending = []
+        if self._model is not None and self._start_codes:
+            extra["lcqat/changed_share"] = self.code_change_share()
+        logs.update(extra)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(extra)
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save(self, args, state, control, model=None, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if os.path.isdir(folder):
+            save_training_state(_unwrap(model if model is not None else self._model), folder)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if not self.finalize_on_train_end:
+            return
+        model = _unwrap(model if model is not None else self._model)
+        for _, layer in _lc_layers(model):
+            layer.disable_training()
+            layer.snap_to_storage()
+
+
+def steps_for_token_budget(tokens: int, seq_len: int, per_device_batch_size: int, grad_accum: int = 1, world_size: int = 1) -> int:
+    """Optimizer steps that consume at least ``tokens`` tokens of fixed-length sequences."""
+    per_step = seq_len * per_device_batch_size * grad_accum * world_size
+    return max(1, math.ceil(tokens / per_step))

@@ -1,0 +1,77 @@
+"""The training state that a packed checkpoint does not hold, saved next to it for exact resume.
+
+A Trainer checkpoint folder (``checkpoint-<step>``) holds a valid packed lcqat checkpoint
+(codes 2-bit, ``A``/``beta``/``s_u``/``s_v`` rounded to 16 bits, latents dropped). To continue a
+run exactly, :data:`TRAINING_STATE_NAME` stores, per LC layer, the real latent codes and the
+full-precision ``A``, ``beta``, ``s_u``, ``s_v`` in their training dtype. ``from_pretrained``
+ignores the file; the callback restores it when training resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..nn.lc_linear import LCLinear
+
+logger = logging.getLogger(__name__)
+
+TRAINING_STATE_NAME = "lcqat_training_state.safetensors"
+_SAVED = ("latent", "A", "beta", "s_u", "s_v")
+
+
+def _lc_layers(model) -> dict[str, LCLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LCLinear)}
+
+
+def training_state_dict(model) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, layer in _lc_layers(model).items():
+        if layer.latent is None:
+            continue
+        for leaf in _SAVED:
+            out[f"{name}.{leaf}"] = getattr(layer, leaf).detach().to("cpu").contiguous().clone()
+    return out
+
+
+def save_training_state(model, folder: str) -> str | None:
+    """Write the latents and full-precision LC parameters to ``folder``; atomic (tmp + rename)."""
+    sd = training_state_dict(model)
+    if not sd:
+        return None
+    path = os.path.join(folder, TRAINING_STATE_NAME)
+    tmp = path + ".tmp"
+    save_file(sd, tmp, metadata={"format": "pt", "lcqat": "training_state"})
+    os.replace(tmp, path)
+    return path
+
+
+@torch.no_grad()
+def load_training_state(model, folder: str) -> bool:
+    """Restore latents and LC parameters saved by :func:`save_training_state`, in place (the
+    optimizer keeps referring to the same tensors). Returns False when the folder has no file."""
+    path = os.path.join(folder, TRAINING_STATE_NAME)
+    if not os.path.isfile(path):
+        return False
+    sd = load_file(path)
+    layers = _lc_layers(model)
+    expected = {f"{n}.{leaf}" for n, l in layers.items() if l.latent is not None for leaf in _SAVED}
+    missing, unexpected = expected - set(sd), set(sd) - expected
+    if missing or unexpected:
+        raise ValueError(
+            f"{path} does not match the model: {len(missing)} missing tensors (e.g. {sorted(missing)[:3]}), "
+            f"{len(unexpected)} unexpected (e.g. {sorted(unexpected)[:3]}); was it written for another model "
+            "or another set of converted layers?"
+        )
+    for key, value in sd.items():
+        name, _, leaf = key.rpartition(".")
+        target = getattr(layers[name], leaf)
+        if target.shape != value.shape:
+            raise ValueError(f"{path}: {key} has shape {list(value.shape)}, the model has {list(target.shape)}")
+        target.copy_(value.to(target.device, target.dtype))
+    for layer in layers.values():
+        layer.sync_codes()
+    return True

@@ -1,0 +1,118 @@
+"""`LCQATTrainer`: the HF Trainer with the LC-QAT callback, per-group learning rates and
+optional knowledge distillation from the full-precision model.
+
+Knowledge distillation (``teacher_model=...``): the loss is
+``kd_alpha * T^2 * KL(p_teacher^T || p_student^T) + (1 - kd_alpha) * CE`` over every position
+with a valid next-token label (``T`` = ``kd_temperature``; logit KL as in BitDistiller/ParetoQ's
+forward-KL variant). Cost: the teacher's weights in memory (a second copy of the
+full-precision model, frozen, no optimizer state), one extra no-grad forward per step (about
+a third of a training step's compute), and two more ``batch x seq x vocab`` float32 tensors
+(teacher log-probabilities and the student's log-softmax), e.g. 4 x 512 x 49152 x 4 B = 400 MB
+each for SmolLM2. benchmarks/qat.py measures the time cost.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer
+from transformers.trainer_utils import get_last_checkpoint
+
+from .callback import LCQATCallback, NonFiniteTrainingError, last_checkpoint
+from .params import LCQATOptimizerFactory
+
+logger = logging.getLogger(__name__)
+
+
+def distillation_loss(student_logits, teacher_logits, labels=None, temperature: float = 1.0) -> torch.Tensor:
+    """Mean over valid positions of ``T^2 * KL(softmax(t/T) || softmax(s/T))`` (next-token positions:
+    position i is scored when ``labels[:, i+1] != -100``; all positions when ``labels`` is None)."""
+    s = student_logits[:, :-1].float() / temperature
+    t = teacher_logits[:, :-1].float() / temperature
+    logp_s = F.log_softmax(s, dim=-1)
+    logp_t = F.log_softmax(t, dim=-1)
+    kl = (logp_t.exp() * (logp_t - logp_s)).sum(-1)  # [B, T-1]
+    if labels is not None:
+        mask = (labels[:, 1:] != -100).to(kl.dtype)
+        kl = (kl * mask).sum() / mask.sum().clamp_min(1)
+    else:
+        kl = kl.mean()
+    return kl * temperature**2
+
+
+class LCQATTrainer(Trainer):
+    """``Trainer`` for LC-QAT. Adds an :class:`LCQATCallback` when none is passed, builds AdamW
+    with one parameter group per category (``lr_scale`` multipliers), resumes exactly, stops on a
+    non-finite loss, and distils from ``teacher_model`` when given.
+
+    Args (besides the Trainer's):
+        teacher_model: the full-precision model (frozen) for knowledge distillation, or None.
+        kd_alpha: weight of the KL term (1.0: pure distillation; 0.0: plain cross-entropy).
+        kd_temperature: softmax temperature of the KL term.
+        lr_scale: per-category learning-rate multipliers (ignored if a callback is passed).
+    """
+
+    def __init__(self, *args, teacher_model=None, kd_alpha: float = 1.0, kd_temperature: float = 1.0,
+                 lr_scale: dict[str, float] | None = None, **kwargs):
+        callbacks = list(kwargs.pop("callbacks", None) or [])
+        cb = next((c for c in callbacks if isinstance(c, LCQATCallback)), None)
+        if cb is None:
+            cb = LCQATCallback(lr_scale=lr_scale)
+            callbacks.append(cb)
+        super().__init__(*args, callbacks=callbacks, **kwargs)
+        self.lcqat = cb
+        if not 0.0 <= kd_alpha <= 1.0:
+            raise ValueError(f"kd_alpha must be in [0, 1], got {kd_alpha}")
+        if kd_temperature <= 0:
+            raise ValueError(f"kd_temperature must be positive, got {kd_temperature}")
+        self.teacher_model = teacher_model
+        self.kd_alpha, self.kd_temperature = kd_alpha, kd_temperature
+        if teacher_model is not None:
+            teacher_model.eval()
+            teacher_model.requires_grad_(False)
+            teacher_model.to(self.args.device)
+            # our KD loss is a per-micro-batch mean: let the Trainer divide it by the GA steps
+            self.loss_is_scaled_for_ga = False
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None and self.optimizer_cls_and_kwargs is None:
+            opt_model = self.model if model is None else model
+            self.optimizer = LCQATOptimizerFactory(self.args, self.lcqat.lr_scale)()(opt_model)
+        return super().create_optimizer(model)
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+        if isinstance(resume_from_checkpoint, str):
+            self.lcqat.resume_from_checkpoint = resume_from_checkpoint
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.teacher_model is None:
+            out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            loss = out[0] if return_outputs else out
+        else:
+            labels = inputs.get("labels")
+            outputs = model(**inputs)
+            with torch.no_grad():
+                t_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+                teacher_logits = self.teacher_model(**t_inputs).logits
+            kd = distillation_loss(outputs.logits, teacher_logits, labels, self.kd_temperature)
+            loss = self.kd_alpha * kd
+            if self.kd_alpha < 1.0:
+                if outputs.loss is None:
+                    raise ValueError("kd_alpha < 1 mixes in cross-entropy: the batch needs 'labels'")
+                loss = loss + (1.0 - self.kd_alpha) * outputs.loss
+            out = (loss, outputs) if return_outputs else loss
+        if model.training and not bool(torch.isfinite(loss.detach()).all()):
+            last = last_checkpoint(self.args.output_dir)
+            raise NonFiniteTrainingError(
+                f"lcqat: the loss is {float(loss.detach())} at step {self.state.global_step + 1}; stopping before "
+                f"any update (bad input, too high a learning rate, or fp16 overflow). Last good checkpoint: "
+                f"{last or 'none saved yet'}."
+            )
+        return out

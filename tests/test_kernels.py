@@ -1,0 +1,292 @@
+"""Native kernels (torch.ops.lcqat, optimum_lcqat._C) against the pure-PyTorch reference.
+
+The native tests are skipped, with the reason, when the extension is not built
+(``python setup.py build_ext --inplace`` or a pip install with a compiler builds it).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from optimum_lcqat import kernels
+from optimum_lcqat.kernels import native, reference
+from optimum_lcqat.tensor.hadamard import plan_rotation, rotate
+
+ROOT = Path(__file__).resolve().parents[1]
+HAVE_NATIVE = native.available()
+needs_native = pytest.mark.skipif(not HAVE_NATIVE, reason="optimum_lcqat._C is not built (python setup.py build_ext --inplace)")
+
+
+def make_layer(m, n, seed=0, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    packed = torch.randint(0, 256, (m, n // 4), dtype=torch.uint8, generator=g)
+    A = torch.eye(4) + 0.3 * torch.randn(4, 4, generator=g)
+    beta = 0.2 * torch.randn(4, generator=g)
+    s_u = torch.randn(n, generator=g)
+    s_v = torch.randn(m, generator=g)
+    b = torch.randn(m, generator=g) if bias else None
+    return packed, A, beta, s_u, s_v, b
+
+
+def oracle(x, packed, A, beta, s_u, s_v, bias, pi, po):
+    d = lambda t: None if t is None else t.double()  # noqa: E731
+    return reference.lc_linear(x.double(), packed, A.double(), beta.double(), s_u.double(), s_v.double(), d(bias), pi, po)
+
+
+def assert_close_rel(out, ref, tol):
+    err = float((out.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+    assert err < tol, f"relative max error {err:.3g} >= {tol}"
+
+
+# (out m, in n, hadamard_block_size): odd m, n a multiple of 4 only, fallback blocks (4 and 1),
+# full rotations with a Paley left factor (576 = 36 x 16, 200 = 200 x 1) and block fallbacks.
+SHAPES = [
+    (576, 576, 128),
+    (1536, 576, 128),
+    (37, 44, 128),
+    (13, 4, 128),
+    (100, 200, "full"),
+    (576, 576, "full"),
+    (192, 1540, 64),
+]
+BATCHES = [1, 3, 8, 64, 80]
+
+
+@needs_native
+@pytest.mark.parametrize("m,n,block", SHAPES)
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lc_linear_matches_reference(m, n, block, batch, dtype):
+    pi, po = plan_rotation(n, block), plan_rotation(m, block)
+    packed, A, beta, s_u, s_v, bias = make_layer(m, n, seed=m + n + batch)
+    x = torch.randn(batch, n, generator=torch.Generator().manual_seed(batch)).to(dtype)
+    ref = oracle(x, packed, A, beta, s_u, s_v, bias, pi, po)  # from the same (rounded) input
+    out = native.lc_linear(x, packed, A, beta, s_u, s_v, bias, pi, po)
+    assert out.dtype == dtype and out.shape == (batch, m)
+    assert_close_rel(out, ref, 1e-4 if dtype == torch.float32 else 1e-2)
+
+
+@needs_native
+def test_lc_linear_leading_dims_fp16_and_params_in_bf16():
+    m, n = 96, 160
+    pi, po = plan_rotation(n, 128), plan_rotation(m, 128)
+    packed, A, beta, s_u, s_v, bias = make_layer(m, n)
+    x = torch.randn(2, 5, n)
+    params = [t.bfloat16() for t in (A, beta, s_u, s_v, bias)]
+    ref = oracle(x, packed, *params, pi, po)
+    out = native.lc_linear(x, packed, *params, pi, po)
+    assert out.shape == (2, 5, m)
+    assert_close_rel(out, ref, 1e-4)
+    out16 = native.lc_linear(x.half(), packed, *params, pi, po)
+    assert out16.dtype == torch.float16
+    assert_close_rel(out16, oracle(x.half(), packed, *params, pi, po), 2e-3)
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ["avx2", "scalar"])
+def test_other_isa_variants_match_reference(isa):
+    # The ISA is fixed per process (LCQAT_CPU_ISA caps it), so each variant runs in a fresh one.
+    code = f"""
+import torch
+from optimum_lcqat.kernels import native, reference
+from optimum_lcqat.tensor.hadamard import plan_rotation
+assert native.available()
+assert native.cpu_isa() == {isa!r}, native.cpu_isa()
+torch.manual_seed(0)
+for m, n, b in [(37, 200, 1), (64, 300, 3), (16, 1540, 8), (5, 12, 2)]:
+    pi, po = plan_rotation(n, 128), plan_rotation(m, 128)
+    p = torch.randint(0, 256, (m, n // 4), dtype=torch.uint8)
+    A = torch.eye(4) + 0.3 * torch.randn(4, 4); be = torch.randn(4); su = torch.randn(n); sv = torch.randn(m)
+    x = torch.randn(b, n)
+    ref = reference.lc_linear(x.double(), p, A.double(), be.double(), su.double(), sv.double(), None, pi, po)
+    out = native.lc_linear(x, p, A, be, su, sv, None, pi, po)
+    err = float((out.double() - ref).abs().max() / ref.abs().max())
+    assert err < 1e-4, (m, n, b, err)
+print("ok")
+"""
+    env = dict(os.environ, LCQAT_CPU_ISA=isa, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+@needs_native
+@pytest.mark.parametrize("n,block", [(576, 64), (576, "full"), (200, "full"), (44, 128), (1536, 128)])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_hadamard_op_matches_rotate(n, block, transpose):
+    plan = plan_rotation(n, block)
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(3, 2, n, generator=g)
+    si, so = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    ref = rotate(x.double() * si.double(), plan, transpose=transpose) * so.double()
+    out = native.hadamard(x, plan, si, so, transpose)
+    assert out.shape == x.shape
+    assert_close_rel(out, ref, 1e-5)
+    out_plain = native.hadamard(x.bfloat16(), plan, transpose=transpose)
+    assert out_plain.dtype == torch.bfloat16
+    assert_close_rel(out_plain, rotate(x.bfloat16().double(), plan, transpose=transpose), 1e-2)
+
+
+@needs_native
+@pytest.mark.parametrize("batch", [1, 5, 8, 64, 70])
+def test_lc_matmul_matches_dequantized_product(batch):
+    m, n = 77, 132
+    packed, A, beta, *_ = make_layer(m, n)
+    xt = torch.randn(batch, n)
+    ref = torch.nn.functional.linear(xt.double(), reference.dequantize_rotated(packed, A.double(), beta.double()))
+    assert_close_rel(native.lc_matmul(xt, packed, A, beta), ref, 1e-5)
+
+
+@needs_native
+def test_clear_errors_for_unsupported_inputs():
+    m, n = 32, 64
+    packed, A, beta, s_u, s_v, bias = make_layer(m, n)
+    args = (packed, A, beta, s_u, s_v, bias, 64, None, 32, None)
+    x = torch.randn(2, n)
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
+        torch.ops.lcqat.lc_linear(x.double(), *args)
+    with pytest.raises(RuntimeError, match="only vector_dim 4"):
+        torch.ops.lcqat.lc_linear(x, packed, torch.eye(2), beta[:2], s_u, s_v, bias, 64, None, 32, None)
+    with pytest.raises(RuntimeError, match="must be uint8"):
+        torch.ops.lcqat.lc_linear(x, packed.int(), *args[1:])
+    with pytest.raises(RuntimeError, match="do not match the input dimension"):
+        torch.ops.lcqat.lc_linear(torch.randn(2, n + 4), *args)
+    with pytest.raises(RuntimeError, match="power of two"):
+        torch.ops.lcqat.lc_linear(x, packed, A, beta, s_u, s_v, bias, 48, None, 32, None)
+    with pytest.raises(RuntimeError, match="does not divide"):
+        torch.ops.lcqat.lc_linear(x, packed, A, beta, s_u, s_v, bias, 128, None, 32, None)
+    with pytest.raises(RuntimeError, match="s_v must be a float vector"):
+        torch.ops.lcqat.lc_linear(x, packed, A, beta, s_u, s_v[:-1], bias, 64, None, 32, None)
+    with pytest.raises(RuntimeError, match="left factor"):
+        torch.ops.lcqat.hadamard(x, 64, torch.randn(3), None, None, False)
+    with pytest.raises(RuntimeError, match="does not match the dimension"):
+        torch.ops.lcqat.hadamard(x, 16, torch.eye(3), None, None, False)
+    # The dispatcher declines what the native op does not do (the reference computes it).
+    pi, po = plan_rotation(n, 64), plan_rotation(m, 64)
+    assert native.supports(x, packed, A, pi, po)
+    assert not native.supports(x.double(), packed, A, pi, po)
+    assert not native.supports(x, packed, torch.eye(2), pi, po)
+
+
+@needs_native
+def test_dispatch_uses_native_without_grad_and_reference_with_grad(monkeypatch):
+    m, n = 48, 64
+    pi, po = plan_rotation(n, 64), plan_rotation(m, 64)
+    packed, A, beta, s_u, s_v, bias = make_layer(m, n)
+    s_u.requires_grad_(True)
+    x = torch.randn(3, n)
+    calls = []
+    real = native.lc_linear
+    monkeypatch.setattr(native, "lc_linear", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        y0 = kernels.lc_linear(x, packed, A, beta, s_u, s_v, bias, pi, po)
+    assert calls == [1]
+    y1 = kernels.lc_linear(x, packed, A, beta, s_u, s_v, bias, pi, po)  # s_u needs a gradient
+    assert calls == [1] and y1.requires_grad
+    y1.sum().backward()
+    assert s_u.grad is not None and torch.isfinite(s_u.grad).all()
+    assert_close_rel(y0, y1.detach().double(), 1e-5)
+
+
+@needs_native
+def test_lclinear_module_uses_native_and_matches_reference_backend():
+    from optimum_lcqat.nn.lc_linear import LCLinear
+
+    layer = LCLinear(576, 192, bias=True)
+    packed, A, beta, s_u, s_v, bias = make_layer(192, 576)
+    layer = LCLinear.from_quantized(None, packed, A, beta, s_u, s_v, bias)
+    x = torch.randn(2, 4, 576)
+    with torch.inference_mode():
+        out = layer(x)
+        ref = reference.lc_linear(x, layer.codes, layer.A, layer.beta, layer.s_u, layer.s_v, layer.bias, layer.plan_in, layer.plan_out)
+    assert kernels.backend_name() == "native"
+    assert_close_rel(out, ref.double(), 1e-4)
+
+
+@needs_native
+def test_torch_compile_fullgraph():
+    m, n = 96, 128
+    pi, po = plan_rotation(n, 64), plan_rotation(m, 64)
+    packed, A, beta, s_u, s_v, bias = make_layer(m, n)
+
+    def f(x):
+        h = torch.relu(x) + 1.0
+        return kernels.lc_linear(h, packed, A, beta, s_u, s_v, bias, pi, po) * 2.0
+
+    compiled = torch.compile(f, fullgraph=True, dynamic=False)
+    x = torch.randn(2, n)
+    with torch.no_grad():
+        out = compiled(x)
+        ref = oracle(torch.relu(x) + 1.0, packed, A, beta, s_u, s_v, bias, pi, po) * 2.0
+    assert_close_rel(out, ref, 1e-4)
+
+
+@needs_native
+def test_opcheck():
+    from torch.library import opcheck
+
+    m, n = 40, 64
+    packed, A, beta, s_u, s_v, bias = make_layer(m, n)
+    x = torch.randn(3, n)
+    opcheck(torch.ops.lcqat.lc_linear.default, (x, packed, A, beta, s_u, s_v, bias, 64, None, 8, None))
+    opcheck(torch.ops.lcqat.lc_linear.default, (x.bfloat16(), packed, A, beta, s_u, s_v, None, 16, None, 8, None))
+    opcheck(torch.ops.lcqat.lc_matmul.default, (x, packed, A, beta))
+    opcheck(torch.ops.lcqat.hadamard.default, (x, 32, None, s_u, None, True))
+    opcheck(torch.ops.lcqat.hadamard.default, (torch.randn(2, 24), 2, torch.tensor(plan_left(12)), None, None, False))
+
+
+def plan_left(k):
+    from optimum_lcqat.tensor.hadamard import hadamard_matrix
+
+    return hadamard_matrix(k).float().tolist()
+
+
+def test_build_config_describes_the_extension():
+    sys.path.insert(0, str(ROOT))
+    try:
+        cfg = importlib.import_module("build_ext_config")
+    finally:
+        sys.path.remove(str(ROOT))
+    exts, cmd = cfg.extensions()
+    if not exts:  # no compiler here: the package must still install
+        assert cmd == {}
+        return
+    (ext,) = exts
+    assert ext.name == "optimum_lcqat._C"
+    assert any(s.endswith("lcqat_ops.cpp") for s in ext.sources) and "build_ext" in cmd
+
+
+CUDA_DIR = ROOT / "csrc" / "cuda"
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
+def test_cuda_kernels_compile_with_nvcc(tmp_path):
+    # The kernels themselves (no torch headers), for a spread of architectures.
+    src = CUDA_DIR / "lc_kernels.cu"
+    cmd = ["nvcc", "-std=c++17", "-O3", "-c", str(src), "-o", str(tmp_path / "k.o"),
+           "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
+def test_cuda_torch_binding_compiles_with_nvcc(tmp_path):
+    # The torch glue (TORCH_LIBRARY_IMPL for CUDA) against torch's headers, syntax and types
+    # only (-fsyntax-only through the host compiler): linking needs a CUDA build of torch.
+    from torch.utils.cpp_extension import include_paths
+
+    inc = sum((["-I", p] for p in include_paths()), [])
+    import sysconfig
+
+    inc += ["-I", sysconfig.get_paths()["include"]]
+    cmd = ["nvcc", "-std=c++20", "-O0", "-c", str(CUDA_DIR / "lcqat_cuda.cu"), "-o", str(tmp_path / "b.o"),
+           "-gencode=arch=compute_90,code=sm_90", "-DLCQAT_WITH_CUDA", "--expt-relaxed-constexpr", *inc]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]

@@ -1,0 +1,108 @@
+"""LCLinear: training forward == packed inference forward, DGE gradient, dense view, bit budget."""
+
+import math
+
+import pytest
+import torch
+
+from optimum_lcqat.init import get_initializer
+from optimum_lcqat.nn import LCLinear, dge_round
+from optimum_lcqat.tensor.packing import unpack_codes
+
+
+def make_layer(n, m, block=128, codebook="affine", d=4, bias=True, seed=0):
+    torch.manual_seed(seed)
+    w = torch.randn(m, n) * 0.05
+    layer = LCLinear(n, m, bias=bias, vector_dim=d, hadamard_block_size=block, codebook=codebook)
+    p = get_initializer("data_free")(
+        w, vector_dim=d, codebook=codebook, plan_in=layer.plan_in, plan_out=layer.plan_out, seed=seed, name="t"
+    )
+    with torch.no_grad():
+        layer.codes.copy_(p.packed)
+        layer.A.copy_(p.A)
+        layer.beta.copy_(p.beta)
+        layer.s_u.copy_(p.s_u)
+        layer.s_v.copy_(p.s_v)
+        if bias:
+            layer.bias.normal_()
+    return layer, w
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize(
+    "n,m,block,d",
+    [(256, 128, 128, 4), (576, 192, 128, 4), (96, 40, 128, 4), (192, 576, "full", 4), (64, 32, 16, 2), (32, 24, 8, 1)],
+)
+def test_training_and_inference_forward_agree(n, m, block, d):
+    layer, _ = make_layer(n, m, block=block, d=d)
+    x = torch.randn(2, 5, n)
+    y_inf = layer(x)
+    layer.enable_training()
+    y_train = layer(x)
+    assert rel(y_train, y_inf) < 1e-5
+    # and both equal the dense effective weight
+    y_dense = x @ layer.dequantize_weight().T + layer.bias
+    assert rel(y_dense, y_inf) < 1e-5
+
+
+def test_latent_starts_at_bin_centres_and_roundtrips_codes():
+    layer, _ = make_layer(128, 64)
+    codes = unpack_codes(layer.codes).clone()
+    layer.enable_training()
+    u = layer.latent * layer.alpha + 1.5
+    assert torch.allclose(u, codes.float(), atol=1e-5)
+    assert layer.sync_codes() == 0
+    with torch.no_grad():
+        layer.latent[0, 0] = (codes[0, 0].float() + (1.0 if codes[0, 0] < 3 else -1.0) - 1.5) / layer.alpha
+    assert layer.sync_codes() == 1
+    layer.disable_training()
+    assert layer.latent is None
+
+
+def test_gradients_reach_every_trainable_part():
+    layer, _ = make_layer(128, 64)
+    layer.enable_training()
+    x = torch.randn(4, 128)
+    layer(x).pow(2).sum().backward()
+    for name in ("latent", "A", "beta", "s_u", "s_v", "bias"):
+        g = getattr(layer, name).grad
+        assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0, name
+
+
+def test_scalar_codebook_is_frozen():
+    layer, _ = make_layer(64, 32, codebook="scalar")
+    assert not layer.A.requires_grad and not layer.beta.requires_grad
+
+
+def test_dge_derivative_follows_the_formula():
+    u = torch.tensor([0.1, 0.45, 0.5, 0.9, 1.0, 2.3, 3.7], requires_grad=True)
+    q = dge_round(u)
+    assert torch.equal(q, torch.clamp(torch.round(u.detach()), 0, 3))
+    q.sum().backward()
+    r = u.detach() - torch.floor(u.detach())
+    k, c = 5.0, 3.0
+    expect = torch.clamp((2 * r - 1).abs().clamp_min(1e-12).pow(1 / k - 1) / k, max=c)
+    assert torch.allclose(u.grad, expect)
+    assert u.grad[2] == pytest.approx(3.0)  # capped at the bin edge
+    assert u.grad[4] == pytest.approx(0.2)  # 1/k at the bin centre
+
+
+def test_bits_per_weight_bound():
+    for n, m in [(576, 576), (576, 1536), (1536, 576), (576, 192)]:
+        layer = LCLinear(n, m, bias=False)
+        assert layer.bits_per_weight() <= 2 + 16 * (m + n) / (m * n) + 0.01
+
+
+def test_rejects_input_dim_not_multiple_of_4():
+    with pytest.raises(ValueError, match="multiple"):
+        LCLinear(30, 8)
+
+
+def test_snap_to_storage_is_idempotent_and_fp16_exact():
+    layer, _ = make_layer(128, 64)
+    layer.snap_to_storage()
+    for p in (layer.A, layer.beta, layer.s_u, layer.s_v):
+        assert torch.equal(p.data, p.data.half().float())

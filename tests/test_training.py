@@ -1,0 +1,295 @@
+"""LC-QAT training with the real HF Trainer on a tiny Llama: codes flip, checkpoints are packed
+lcqat checkpoints, resume is exact, NaN stops the run, distillation, LoRA, torch.compile,
+and a real 2-process `accelerate launch` (DDP over gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import lc_names, make_tiny_model
+from safetensors import safe_open
+
+from optimum_lcqat import LCLinear, LCQATConfig
+
+transformers = pytest.importorskip("transformers")
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments  # noqa: E402
+
+from optimum_lcqat.training import (  # noqa: E402
+    TRAINING_STATE_NAME,
+    LCQATCallback,
+    LCQATTrainer,
+    NonFiniteTrainingError,
+)
+
+SEQ = 32
+VOCAB = 256
+REPO = Path(__file__).resolve().parents[1]
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """Fixed-length sequences from a seeded random walk over the vocabulary (learnable structure)."""
+
+    def __init__(self, n: int = 64, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        steps = torch.randint(-3, 4, (n, SEQ), generator=g)
+        start = torch.randint(0, VOCAB, (n, 1), generator=g)
+        self.ids = (start + steps.cumsum(1)) % VOCAB
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+@pytest.fixture(scope="module")
+def fp_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fp_llama")
+    make_tiny_model("llama").save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def lc_dir(tmp_path_factory, fp_dir):
+    d = tmp_path_factory.mktemp("lc_llama")
+    m = AutoModelForCausalLM.from_pretrained(fp_dir, quantization_config=LCQATConfig(), dtype=torch.float32)
+    m.save_pretrained(d)
+    return d
+
+
+def load_lc(lc_dir):
+    return AutoModelForCausalLM.from_pretrained(lc_dir, dtype=torch.float32)
+
+
+def targs(out, **kw):
+    base = dict(
+        output_dir=str(out), per_device_train_batch_size=4, learning_rate=3e-2, max_steps=6,
+        lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, save_strategy="no", report_to=[],
+        seed=0, data_seed=0, disable_tqdm=True, use_cpu=True, dataloader_num_workers=0, max_grad_norm=1.0,
+    )
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+def codes_of(model):
+    return {n: m.codes.clone() for n, m in model.named_modules() if isinstance(m, LCLinear)}
+
+
+def test_plain_trainer_callback_trains_flips_and_saves_packed(lc_dir, tmp_path):
+    model = load_lc(lc_dir)
+    start = codes_of(model)
+    cb = LCQATCallback(max_tokens=5 * 4 * SEQ)
+    trainer = Trainer(model=model, args=targs(tmp_path / "run", save_strategy="steps", save_steps=2),
+                      train_dataset=TokenDataset(), callbacks=[cb])
+    # deterministic selection: LC params and norms train, embeddings do not
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(n.endswith(".latent") for n in names) and any("norm" in n for n in names)
+    assert not any("embed_tokens" in n for n in names)
+    result = trainer.train()
+    # token budget: 5 steps of 4 x 32 tokens, then stop
+    assert trainer.state.global_step == 5 and cb.tokens_trained == 5 * 4 * SEQ
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses[-1] < losses[0]
+    logged = [h for h in trainer.state.log_history if "lcqat/flip_share" in h]
+    assert len(logged) == 5 and all(h["lcqat/bits_per_weight"] > 2.0 for h in logged)
+    assert sum(r["flipped"] for r in cb.history) > 0, "no code flipped"
+    # back to inference mode, codes changed, latents gone
+    assert all(m.latent is None for m in model.modules() if isinstance(m, LCLinear))
+    end = codes_of(model)
+    assert any(not torch.equal(start[k], end[k]) for k in start)
+    assert result.global_step == 5
+    # every checkpoint is a packed lcqat checkpoint (+ the training-state file)
+    ck = tmp_path / "run" / "checkpoint-4"
+    assert (ck / TRAINING_STATE_NAME).is_file()
+    with safe_open(str(ck / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        assert not any(k.endswith(".latent") for k in keys)
+        code_keys = [k for k in keys if k.endswith(".codes")]
+        assert code_keys and all(f.get_tensor(k).dtype == torch.uint8 for k in code_keys)
+        assert f.get_tensor(code_keys[0].replace(".codes", ".A")).dtype == torch.float16
+    assert json.loads((ck / "config.json").read_text())["quantization_config"]["quant_method"] == "lcqat"
+    reloaded = AutoModelForCausalLM.from_pretrained(ck, dtype=torch.float32)
+    assert lc_names(reloaded) == lc_names(model)
+    # final save: packed, and reloads to the same function as the in-memory model
+    out = tmp_path / "final"
+    model.save_pretrained(out)
+    again = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    x = TokenDataset(2, seed=5).ids
+    with torch.no_grad():
+        torch.testing.assert_close(again(x).logits, model(x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_resume_is_exact(lc_dir, tmp_path):
+    def run(out, resume=None):
+        model = load_lc(lc_dir)
+        tr = LCQATTrainer(model=model, args=targs(out, save_strategy="steps", save_steps=3),
+                          train_dataset=TokenDataset())
+        tr.train(resume_from_checkpoint=resume)
+        return model, tr
+
+    full, _ = run(tmp_path / "a")
+    # the interrupted run: same script, stopped after the step-3 checkpoint, resumed in a new trainer
+    _, tr_b = run(tmp_path / "b")  # writes checkpoint-3 (and -6, which we delete)
+    import shutil
+
+    shutil.rmtree(tmp_path / "b" / "checkpoint-6")
+    resumed, tr_c = run(tmp_path / "b", resume=str(tmp_path / "b" / "checkpoint-3"))
+    assert tr_c.lcqat.resumed_exactly is True
+    ca, cc = codes_of(full), codes_of(resumed)
+    assert all(torch.equal(ca[k], cc[k]) for k in ca), "resumed run reached different codes"
+    sa, sc = full.state_dict(), resumed.state_dict()
+    for k in sa:
+        torch.testing.assert_close(sa[k], sc[k], rtol=0, atol=0)
+    # without the training-state file the resume still works, but is flagged as not exact
+    os.remove(tmp_path / "b" / "checkpoint-3" / TRAINING_STATE_NAME)
+    shutil.rmtree(tmp_path / "b" / "checkpoint-6")
+    _, tr_d = run(tmp_path / "b", resume=str(tmp_path / "b" / "checkpoint-3"))
+    assert tr_d.lcqat.resumed_exactly is False
+
+
+def test_nan_stops_run_and_keeps_last_good_checkpoint(lc_dir, tmp_path):
+    model = load_lc(lc_dir)
+    out = tmp_path / "nan"
+    trainer = Trainer(model=model, args=targs(out, save_strategy="steps", save_steps=2, max_steps=8),
+                      train_dataset=TokenDataset(), callbacks=[LCQATCallback()])
+    state = {"calls": 0}
+
+    def poison(module, args, output):  # from the 4th forward on, the hidden states turn NaN
+        state["calls"] += 1
+        if state["calls"] >= 4:
+            return output * float("nan")
+        return output
+
+    model.model.layers[0].mlp.register_forward_hook(poison)
+    with pytest.raises(NonFiniteTrainingError, match="non-finite gradient at step 4"):
+        trainer.train()
+    ck = out / "checkpoint-2"
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2"]
+    good = AutoModelForCausalLM.from_pretrained(ck, dtype=torch.float32)
+    assert all(torch.isfinite(p).all() for p in good.parameters())
+    # LCQATTrainer checks the loss itself, before backward
+    model2 = load_lc(lc_dir)
+    model2.model.layers[0].mlp.register_forward_hook(lambda m, a, o: o * float("inf"))
+    tr2 = LCQATTrainer(model=model2, args=targs(tmp_path / "nan2"), train_dataset=TokenDataset())
+    with pytest.raises(NonFiniteTrainingError, match="the loss is nan"):
+        tr2.train()
+
+
+def test_distillation_and_param_groups(lc_dir, fp_dir, tmp_path):
+    teacher = AutoModelForCausalLM.from_pretrained(fp_dir, dtype=torch.float32)
+    model = load_lc(lc_dir)
+    ds = TokenDataset()
+    x = ds.ids[:8]
+
+    def kl_to_teacher():
+        from optimum_lcqat.training import distillation_loss
+
+        with torch.no_grad():
+            return float(distillation_loss(model(x).logits, teacher(x).logits))
+
+    model.eval()
+    before = kl_to_teacher()
+    tr = LCQATTrainer(model=model, args=targs(tmp_path / "kd", max_steps=8, learning_rate=1e-2),
+                      train_dataset=ds, teacher_model=teacher, kd_alpha=0.9, kd_temperature=1.0,
+                      lr_scale={"norm": 0.5})
+    tr.train()
+    groups = {g["name"]: g for g in tr.optimizer.param_groups}
+    assert set(groups) == {"latent", "scales", "codebook", "norm"}
+    assert groups["norm"]["initial_lr"] == pytest.approx(0.5 * groups["latent"]["initial_lr"])
+    assert all(g["weight_decay"] == 0.0 for g in groups.values())
+    model.eval()
+    after = kl_to_teacher()
+    assert after < before, (before, after)
+    assert all(not p.requires_grad for p in teacher.parameters())
+
+
+def test_peft_lora_on_frozen_lcqat_model(lc_dir, tmp_path):
+    from optimum_lcqat.training.peft import LCLoraLinear, get_lcqat_lora_model, load_lcqat_lora
+
+    model = load_lc(lc_dir)
+    codes = codes_of(model)
+    peft_model = get_lcqat_lora_model(model, r=4, lora_alpha=8)
+    wrapped = [m for m in peft_model.modules() if isinstance(m, LCLoraLinear)]
+    assert len(wrapped) == len(codes)
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    tr = Trainer(model=peft_model, args=targs(tmp_path / "lora", learning_rate=1e-2), train_dataset=TokenDataset())
+    tr.train()
+    losses = [h["loss"] for h in tr.state.log_history if "loss" in h]
+    assert losses[-1] < losses[0]
+    assert all(torch.equal(codes[k], v) for k, v in codes_of(model).items()), "LoRA changed the frozen codes"
+    adir = tmp_path / "adapter"
+    peft_model.save_pretrained(adir)
+    assert (adir / "adapter_model.safetensors").is_file()
+    x = TokenDataset(2, seed=7).ids
+    peft_model.eval()
+    with torch.no_grad():
+        ref = peft_model(x).logits
+    loaded = load_lcqat_lora(load_lc(lc_dir), adir)
+    with torch.no_grad():
+        got = loaded(x).logits
+        base = load_lc(lc_dir)(x).logits
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, base, atol=1e-4), "the adapters have no effect"
+
+
+def test_torch_compile_training_step(lc_dir, tmp_path):
+    # The Trainer compiles the model itself (torch_compile=True). aot_eager exercises dynamo's
+    # graph capture and AOT autograd through the DGE autograd.Function and the Hadamard
+    # rotations without a C++ toolchain; benchmarks/qat.py --compile times the inductor backend.
+    model = load_lc(lc_dir)
+    cb = LCQATCallback()
+    tr = Trainer(model=model, args=targs(tmp_path / "compile", max_steps=3, torch_compile=True,
+                                        torch_compile_backend="aot_eager"),
+                 train_dataset=TokenDataset(), callbacks=[cb])
+    tr.train()
+    assert hasattr(tr.model_wrapped, "_orig_mod") or hasattr(tr.accelerator.unwrap_model(tr.model_wrapped, keep_torch_compile=True), "_orig_mod")
+    assert sum(r["flipped"] for r in cb.history) > 0
+    # a model compiled *before* the Trainer is refused by transformers' own check, with its message
+    m2 = torch.compile(load_lc(lc_dir), backend="aot_eager")
+    with pytest.raises(ValueError, match="torch.compile"):
+        Trainer(model=m2, args=targs(tmp_path / "c2"), train_dataset=TokenDataset(), callbacks=[LCQATCallback()])
+
+
+def test_accelerate_two_process_ddp_matches_single_process(lc_dir, tmp_path):
+    script = REPO / "examples" / "train_lcqat.py"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    common = ["--model", str(lc_dir), "--tiny-random-data", "--seq-len", str(SEQ), "--max-steps", "4",
+              "--lr", "1e-2", "--global-batch", "4", "--seed", "0"]
+    single = subprocess.run([sys.executable, "-P", str(script), *common, "--output", str(tmp_path / "single")],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-4000:]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517"]
+    ddp = subprocess.run([*launch, str(script), *common, "--output", str(tmp_path / "ddp")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-4000:]
+    info = json.loads((tmp_path / "ddp" / "run_info.json").read_text())
+    assert info["world_size"] == 2 and info["backend"] == "gloo" and len(set(info["pids"])) == 2
+    single_info = json.loads((tmp_path / "single" / "run_info.json").read_text())
+    assert single_info["world_size"] == 1 and info["tokens"] == single_info["tokens"]
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "single" / "final", dtype=torch.float32)
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "ddp" / "final", dtype=torch.float32)
+    ca, cb = codes_of(a), codes_of(b)
+    from optimum_lcqat.tensor.packing import unpack_codes
+
+    diff = sum(int((unpack_codes(ca[k]) != unpack_codes(cb[k])).sum()) for k in ca)
+    total = sum(unpack_codes(v).numel() for v in ca.values())
+    assert diff / total < 1e-3, f"{diff}/{total} codes differ between 1 and 2 processes"
+    changed = sum(int((unpack_codes(ca[k]) != unpack_codes(v)).sum()) for k, v in codes_of(load_lc(lc_dir)).items())
+    assert changed > 10 * max(diff, 1), "training flipped too few codes for the comparison to mean anything"
+    sa, sb = a.state_dict(), b.state_dict()
+    for k in sa:
+        if sa[k].is_floating_point():
+            torch.testing.assert_close(sa[k].float(), sb[k].float(), rtol=2e-3, atol=2e-3)
+    x = TokenDataset(2, seed=9).ids
+    with torch.no_grad():
+        torch.testing.assert_close(a(x).logits, b(x).logits, rtol=1e-2, atol=1e-2)
