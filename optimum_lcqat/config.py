@@ -71,7 +71,7 @@ class LCQATConfig(QuantizationConfigMixin):
         seed: int = 0,
         ptq_damp: float = 0.01,
         ptq_refine_passes: int = 1,
-        ptq_finetune_steps: int = 48,
+        ptq_finetune_steps: int = 24,
         ptq_finetune_lr: float = 1e-3,
         ptq_batch_size: int = 8,
         format_version: int = FORMAT_VERSION,

@@ -107,16 +107,17 @@ def _nearest_in_metric(w: torch.Tensor, table: torch.Tensor, M: torch.Tensor) ->
     wt = (w @ M).float()
     tt = (table @ M).float()
     dist = torch.addmm((tt * tt).sum(1), wt, tt.T, alpha=-2.0)
-    return dist.argmin(1)
+    return dist.min(1).indices  # (min is faster than argmin on CPU)
 
 
 def _block_ldlq(W: torch.Tensor, H: torch.Tensor, table: torch.Tensor, d: int, lazy: int = 128) -> torch.Tensor:
     """Codeword index [m, n/d] by BlockLDLQ (OBS error feedback over d-column blocks)."""
     m, n = W.shape
-    L = torch.linalg.cholesky(H)
+    L = torch.linalg.cholesky(H.to(torch.float64))
     Hinv = torch.cholesky_inverse(L)
-    R = torch.linalg.cholesky(Hinv, upper=True)  # Hinv = R^T R
+    R = torch.linalg.cholesky(Hinv, upper=True).to(W.dtype)  # Hinv = R^T R
     W = W.clone()
+    table = table.to(W.dtype)
     idx = torch.empty(m, n // d, dtype=torch.long)
     eye = torch.eye(d, dtype=W.dtype)
     for i1 in range(0, n, lazy):
@@ -139,32 +140,47 @@ def _block_ldlq(W: torch.Tensor, H: torch.Tensor, table: torch.Tensor, d: int, l
     return idx
 
 
-def _refine(W: torch.Tensor, H: torch.Tensor, idx: torch.Tensor, table: torch.Tensor, d: int, passes: int) -> torch.Tensor:
-    """Coordinate descent on tr((W - C) H (W - C)^T): each d-vector to its best codeword given the rest."""
+def _refine(
+    W: torch.Tensor, H: torch.Tensor, idx: torch.Tensor, table: torch.Tensor, d: int, passes: int, lazy: int = 128
+) -> torch.Tensor:
+    """Coordinate descent on tr((W - C) H (W - C)^T): each d-vector to its best codeword given the rest.
+
+    ``G = (W - C) H`` is kept up to date lazily: inside a chunk of ``lazy`` columns only the
+    chunk's columns are updated per step; the chunk's accumulated change reaches the other
+    columns in one matrix product at the end of the chunk.
+    """
     if passes <= 0:
         return idx
     m, n = W.shape
     nb = n // d
     idx = idx.clone()
     C = table[idx].reshape(m, n)
-    E = W - C
-    G = E @ H  # [m, n]
-    Hb = H.view(nb, d, nb, d).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # [nb, d, d] diagonal blocks
-    Hb_inv = torch.linalg.inv(Hb)
-    Lb = torch.linalg.cholesky(Hb)  # Hb = Lb Lb^T: metric ||v Lb||^2 = v Hb v^T
+    G = (W - C) @ H  # [m, n]
+    Hb = H.view(nb, d, nb, d).diagonal(dim1=0, dim2=2).permute(2, 0, 1).to(torch.float64)  # [nb, d, d]
+    Hb_inv = torch.linalg.inv(Hb).to(W.dtype)
+    Lb = torch.linalg.cholesky(Hb).to(W.dtype)  # Hb = Lb Lb^T: metric ||v Lb||^2 = v Hb v^T
     for _ in range(passes):
-        for b in range(nb):
-            sl = slice(b * d, b * d + d)
-            c_old = C[:, sl]
-            target = c_old + G[:, sl] @ Hb_inv[b]
-            k = _nearest_in_metric(target, table, Lb[b])
-            c_new = table[k]
-            delta = c_old - c_new  # change of E[:, sl]
-            changed = (k != idx[:, b]).any()
-            idx[:, b] = k
-            if changed:
-                C[:, sl] = c_new
-                G += delta @ H[sl, :]
+        for i1 in range(0, n, lazy):
+            i2 = min(i1 + lazy, n)
+            D = torch.zeros(m, i2 - i1, dtype=W.dtype)  # change of E = W - C on this chunk
+            G1 = G[:, i1:i2].clone()
+            H1 = H[i1:i2, i1:i2]
+            for j in range(0, i2 - i1, d):
+                b = (i1 + j) // d
+                c_old = C[:, i1 + j : i1 + j + d]
+                target = c_old + G1[:, j : j + d] @ Hb_inv[b]
+                k = _nearest_in_metric(target, table, Lb[b])
+                c_new = table[k]
+                delta = c_old - c_new
+                idx[:, b] = k
+                C[:, i1 + j : i1 + j + d] = c_new
+                D[:, j : j + d] = delta
+                G1 += delta @ H1[j : j + d, :]
+            if i1 > 0:
+                G[:, :i1] += D @ H[i1:i2, :i1]
+            G[:, i1:i2] = G1
+            if i2 < n:
+                G[:, i2:] += D @ H[i1:i2, i2:]
     return idx
 
 
@@ -213,13 +229,15 @@ def quantize_weight_ptq(
     W = rotate_weight(weight, s_u, s_v, plan_in, plan_out)  # float64 [m, n]
     Hr = _prepare_hessian(_rotate_hessian(_prepare_hessian(H, 0.0), s_u, plan_in), damp)
     A, beta = scalar_codebook(d, dtype=torch.float64)
-    idx = _block_ldlq(W, Hr, codewords(A, beta), d)
+    # The sequential loops run in float32 (Cholesky factors and the (A, beta) fit in float64).
+    W32, H32 = W.float(), Hr.float()
+    idx = _block_ldlq(W32, Hr, codewords(A, beta), d)
     WH = W @ Hr
     rounds = iters if codebook == "affine" else 1
     for _ in range(rounds):
         if codebook == "affine":
             A, beta = _fit_affine_hessian(W, Hr, idx, d, WH)
-        idx = _refine(W, Hr, idx, codewords(A, beta), d, refine_passes)
+        idx = _refine(W32, H32, idx, codewords(A, beta).float(), d, refine_passes)
     if codebook == "affine":
         A, beta = _fit_affine_hessian(W, Hr, idx, d, WH)
     C = codewords(A, beta)[idx].reshape(m, n)
@@ -480,6 +498,10 @@ def quantize_model_ptq(model: nn.Module, names: list[str], config: LCQATConfig) 
         linears = {n: model.get_submodule(n) for n in lnames}
         groups, H = _collect_hessians(block, linears, X, kwargs_per_batch, bs, Y)
         params: dict[str, LCParams] = {}
+        # The per-layer loops and the one-sample fine-tuning steps are many small ops: one thread
+        # avoids OpenMP synchronisation costs that dominate them (~10x on a busy 2-core machine).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
         for n in tqdm(lnames, desc="lcqat PTQ: quantize", leave=False):
             lin = linears[n]
             probe = build_lc_skeleton(lin, cfg, device="meta")
@@ -518,6 +540,7 @@ def quantize_model_ptq(model: nn.Module, names: list[str], config: LCQATConfig) 
             tuned = tunables[n].to_params(params[n])
             model.set_submodule(n, lc_layer_from_params(linears[n], tuned, cfg))
         del tunables
+        torch.set_num_threads(threads)
         tf = time.perf_counter()
         _block_forward(block, X, kwargs_per_batch, bs, X, "lcqat PTQ: propagate")
         block_mse[bidx] = mse
