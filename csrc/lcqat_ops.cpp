@@ -6,6 +6,7 @@
 //   lc_matmul(xt, packed, A, beta)                                yt = xt @ What^T (rotated domain)
 //   lc_linear(x, packed, A, beta, s_u, s_v, bias?, block_in, left_in?, block_out, left_out?)
 //       y = s_v * H_out^T(What @ H_in(x * s_u)) + bias, the whole LC layer in one call
+//   int8_linear(x, weight int8 [m, n], scale [m], bias?)          weight-only int8 (compact lm_head)
 //   cpu_isa() -> str                                              the CPU kernel variant in use
 // H = L (x) H_block (L = identity when `left` is None; else the K x K matrix `left`, n = K*block).
 // Compute is fp32 whatever the activation dtype (fp32, bf16, fp16 accepted); outputs have the
@@ -186,6 +187,45 @@ Tensor lc_linear_cpu(const Tensor& x, const Tensor& packed, const Tensor& A, con
   return yt.to(x.scalar_type()).view(out_shape(x, m));
 }
 
+// ------------------------------------------------------------------ int8 weight-only linear (compact lm_head)
+Tensor int8_linear_cpu(const Tensor& x, const Tensor& w, const Tensor& scale, const c10::optional<Tensor>& bias) {
+  check_act_dtype(x, "int8_linear", "x");
+  TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 2, "lcqat.int8_linear: weight must be int8 [out, in], got ",
+              w.scalar_type(), " ", w.sizes());
+  const int64_t n = x.size(-1), m = w.size(0);
+  TORCH_CHECK(w.size(1) == n, "lcqat.int8_linear: weight ", w.sizes(), " does not match the input dimension ", n);
+  check_vec(scale, m, "int8_linear", "scale");
+  check_vec(bias, m, "int8_linear", "bias");
+  auto wc = w.contiguous();
+  auto sc = f32(scale);
+  auto x2 = x.reshape({-1, n}).to(at::kFloat).contiguous();
+  const int64_t B = x2.size(0);
+  auto y = at::empty({B, m}, x2.options());
+  const auto isa = K::detect_isa();
+  if (B <= 64) {
+    const int8_t* wp = wc.data_ptr<int8_t>();
+    const float* sp = sc.data_ptr<float>();
+    for (int64_t b0 = 0; b0 < B; b0 += K::kMaxGemvBatch) {
+      const int64_t bs = std::min<int64_t>(K::kMaxGemvBatch, B - b0);
+      const float* xp = x2.data_ptr<float>() + b0 * n;
+      float* yp = y.data_ptr<float>() + b0 * m;
+      const int64_t grain = std::max<int64_t>(16, (1 << 16) / std::max<int64_t>(n * bs, 1));
+      at::parallel_for(0, m, grain, [&](int64_t j0, int64_t j1) {
+        K::int8_gemv_rows(xp, bs, n, wp, sp, j0, j1, isa, yp, m);
+      });
+    }
+  } else {  // prefill: dequantize row tiles, at::mm
+    const int64_t tr = std::max<int64_t>(256, (1 << 18) / std::max<int64_t>(n, 1));
+    for (int64_t j0 = 0; j0 < m; j0 += tr) {
+      const int64_t rows = std::min(tr, m - j0);
+      auto wt = wc.narrow(0, j0, rows).to(at::kFloat) * sc.narrow(0, j0, rows).unsqueeze(1);
+      y.narrow(1, j0, rows).copy_(at::mm(x2, wt.t()));
+    }
+  }
+  if (bias.has_value()) y.add_(f32(*bias));
+  return y.to(x.scalar_type()).view(out_shape(x, m));
+}
+
 std::string cpu_isa() { return K::isa_name(K::detect_isa()); }
 
 TORCH_LIBRARY(lcqat, m) {
@@ -194,6 +234,7 @@ TORCH_LIBRARY(lcqat, m) {
   m.def("lc_matmul(Tensor xt, Tensor packed, Tensor A, Tensor beta) -> Tensor");
   m.def("lc_linear(Tensor x, Tensor packed, Tensor A, Tensor beta, Tensor s_u, Tensor s_v, Tensor? bias, "
         "int block_in, Tensor? left_in, int block_out, Tensor? left_out) -> Tensor");
+  m.def("int8_linear(Tensor x, Tensor weight, Tensor scale, Tensor? bias) -> Tensor");
   m.def("cpu_isa() -> str", &cpu_isa);
 }
 
@@ -201,6 +242,7 @@ TORCH_LIBRARY_IMPL(lcqat, CPU, m) {
   m.impl("hadamard", &hadamard_cpu);
   m.impl("lc_matmul", &lc_matmul_cpu);
   m.impl("lc_linear", &lc_linear_cpu);
+  m.impl("int8_linear", &int8_linear_cpu);
 }
 
 }  // namespace lcqat

@@ -331,3 +331,25 @@ def test_cuda_hadamard_and_matmul_match_reference():
     xt = torch.randn(5, 132)
     ref = torch.nn.functional.linear(xt.double(), reference.dequantize_rotated(packed, A.double(), beta.double()))
     assert_close_rel(native.lc_matmul(xt.cuda(), packed.cuda(), A.cuda(), beta.cuda()).cpu(), ref, 1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize("batch", [1, 3, 8, 20, 70])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_head_matches_dequantized_linear(batch, dtype):
+    from optimum_lcqat.kernels.compact_head import Int8Linear
+
+    lin = torch.nn.Linear(100, 333, bias=True)  # n = 100: AVX-512 main loop plus a scalar tail
+    head = Int8Linear.from_linear(lin)
+    assert (head.dequantize_weight() - lin.weight).abs().max() <= head.scale.max() / 2 + 1e-6
+    x = torch.randn(2, batch, 100).to(dtype)
+    ref = torch.nn.functional.linear(x.double(), head.dequantize_weight().double(), lin.bias.double())
+    with torch.no_grad():
+        out = head(x)
+    assert out.dtype == dtype and out.shape == (2, batch, 333)
+    assert_close_rel(out, ref, 1e-5 if dtype == torch.float32 else 1e-2)
+    from torch.library import opcheck
+
+    opcheck(torch.ops.lcqat.int8_linear.default, (x[0].float(), head.weight_int8, head.scale, lin.bias.detach()))
+    with pytest.raises(RuntimeError, match="weight must be int8"):
+        torch.ops.lcqat.int8_linear(x, head.weight_int8.float(), head.scale, None)

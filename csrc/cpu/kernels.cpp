@@ -310,5 +310,89 @@ void lc_gemv_rows(const float* zp, const float* c, int64_t B, int64_t n, const u
   gemv_scalar(zp, c, B, n, packed, j0, j1, y, ldy);
 }
 
+// ------------------------------------------------------------------ int8 weight-only GEMV
+static void int8_scalar(const float* x, int64_t B, int64_t n, const int8_t* w, const float* scale, int64_t j0,
+                        int64_t j1, float* y, int64_t ldy, int64_t i0) {
+  for (int64_t j = j0; j < j1; ++j) {
+    const int8_t* wr = w + j * n;
+    for (int64_t b = 0; b < B; ++b) {
+      float s = 0.f;
+      for (int64_t i = i0; i < n; ++i) s += static_cast<float>(wr[i]) * x[b * n + i];
+      y[b * ldy + j] += s * scale[j];
+    }
+  }
+}
+
+#if LCQAT_X86
+template <int B>
+__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl"))) static void int8_avx512(
+    const float* x, int64_t n, const int8_t* w, const float* scale, int64_t j0, int64_t j1, float* y, int64_t ldy) {
+  constexpr int NA = B == 1 ? 4 : (B <= 3 ? 2 : 1);
+  const int64_t n16 = n / 16 * 16;
+  for (int64_t j = j0; j < j1; ++j) {
+    const int8_t* wr = w + j * n;
+    __m512 acc[B][NA];
+    for (int b = 0; b < B; ++b)
+      for (int a = 0; a < NA; ++a) acc[b][a] = _mm512_setzero_ps();
+    int64_t i = 0;
+    int step = 0;
+    for (; i < n16; i += 16, ++step) {
+      const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + i))));
+      for (int b = 0; b < B; ++b) acc[b][step % NA] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + b * n + i), acc[b][step % NA]);
+    }
+    for (int b = 0; b < B; ++b) {
+      __m512 s = acc[b][0];
+      for (int a = 1; a < NA; ++a) s = _mm512_add_ps(s, acc[b][a]);
+      y[b * ldy + j] = _mm512_reduce_add_ps(s) * scale[j];
+    }
+  }
+  if (n16 < n) int8_scalar(x, B, n, w, scale, j0, j1, y, ldy, n16);
+}
+
+template <int B>
+__attribute__((target("avx2,fma"))) static void int8_avx2(const float* x, int64_t n, const int8_t* w,
+                                                         const float* scale, int64_t j0, int64_t j1, float* y,
+                                                         int64_t ldy) {
+  constexpr int NA = B == 1 ? 4 : (B <= 3 ? 2 : 1);
+  const int64_t n8 = n / 8 * 8;
+  for (int64_t j = j0; j < j1; ++j) {
+    const int8_t* wr = w + j * n;
+    __m256 acc[B][NA];
+    for (int b = 0; b < B; ++b)
+      for (int a = 0; a < NA; ++a) acc[b][a] = _mm256_setzero_ps();
+    int64_t i = 0;
+    int step = 0;
+    for (; i < n8; i += 8, ++step) {
+      const __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wr + i))));
+      for (int b = 0; b < B; ++b) acc[b][step % NA] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + b * n + i), acc[b][step % NA]);
+    }
+    for (int b = 0; b < B; ++b) {
+      __m256 s = acc[b][0];
+      for (int a = 1; a < NA; ++a) s = _mm256_add_ps(s, acc[b][a]);
+      y[b * ldy + j] = hsum256(s) * scale[j];
+    }
+  }
+  if (n8 < n) int8_scalar(x, B, n, w, scale, j0, j1, y, ldy, n8);
+}
+#endif
+
+void int8_gemv_rows(const float* x, int64_t B, int64_t n, const int8_t* w, const float* scale, int64_t j0, int64_t j1,
+                    Isa isa, float* y, int64_t ldy) {
+  if (B < 1 || B > kMaxGemvBatch) std::abort();
+#if LCQAT_X86
+  if (isa == Isa::Avx512) {
+    LCQAT_DISPATCH_B(int8_avx512, B, x, n, w, scale, j0, j1, y, ldy);
+    return;
+  }
+  if (isa == Isa::Avx2) {
+    LCQAT_DISPATCH_B(int8_avx2, B, x, n, w, scale, j0, j1, y, ldy);
+    return;
+  }
+#endif
+  for (int64_t j = j0; j < j1; ++j)
+    for (int64_t b = 0; b < B; ++b) y[b * ldy + j] = 0.f;
+  int8_scalar(x, B, n, w, scale, j0, j1, y, ldy, 0);
+}
+
 }  // namespace cpu
 }  // namespace lcqat

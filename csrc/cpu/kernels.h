@@ -36,5 +36,10 @@ void dequant_rows_f32(const uint8_t* packed, int64_t n, int64_t j0, int64_t j1, 
 // table[k] = A q(k) + beta with q_i(k) = (k >> 2i) & 3 (the byte layout of tensor/packing.py).
 void make_table(const float* A, const float* beta, float* table /* [256][4] */);
 
+// Weight-only int8 GEMV (compact lm_head): y[b, j] = scale[j] * sum_i w[j, i] x[b, i], B <= 8,
+// rows [j0, j1); w is int8 [m, n] row-major, x fp32 [B, n].
+void int8_gemv_rows(const float* x, int64_t B, int64_t n, const int8_t* w, const float* scale, int64_t j0, int64_t j1,
+                    Isa isa, float* y, int64_t ldy);
+
 }  // namespace cpu
 }  // namespace lcqat

@@ -8,6 +8,8 @@ Ops (schemas in csrc/lcqat_ops.cpp; CPU kernels in csrc/cpu, CUDA kernels in csr
   packed 2-bit codes and the affine codebook (decode GEMV for at most 8 rows, tiled GEMM above).
 * ``lcqat.lc_linear(x, packed, A, beta, s_u, s_v, bias, block_in, left_in, block_out, left_out)``:
   the whole LC layer in one call (what :func:`lc_linear` below uses).
+* ``lcqat.int8_linear(x, weight, scale, bias=None)``: weight-only int8 linear (per-row scale),
+  used by the compact lm_head of :mod:`optimum_lcqat.kernels.compact_head` (CPU only).
 * ``lcqat.cpu_isa()``: the CPU kernel variant in use (``avx512``, ``avx2`` or ``scalar``).
 
 Each tensor op has a fake implementation here (``torch.library.register_fake``) so that
@@ -67,6 +69,11 @@ def _register_fakes() -> None:
         torch._check(packed.dim() == 2 and packed.dtype == torch.uint8, lambda: "lcqat.lc_matmul: bad packed codes")
         torch._check(packed.shape[1] * 4 == xt.shape[-1], lambda: "lcqat.lc_matmul: shape mismatch")
         return xt.new_empty((*xt.shape[:-1], packed.shape[0]))
+
+    @torch.library.register_fake("lcqat::int8_linear")
+    def _int8_linear_fake(x, weight, scale, bias=None):
+        torch._check(weight.dim() == 2 and weight.shape[1] == x.shape[-1], lambda: "lcqat.int8_linear: shape mismatch")
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
     @torch.library.register_fake("lcqat::lc_linear")
     def _lc_linear_fake(x, packed, A, beta, s_u, s_v, bias, block_in, left_in, block_out, left_out):

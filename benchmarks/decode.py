@@ -1,0 +1,196 @@
+"""End-to-end greedy decode benchmark on the bundled SmolLM2-135M (batch 1).
+
+Variants (all built in one process, measured round-robin so that load from other processes on
+the machine hits them alike): fp32, bf16, LC-QAT 2-bit (quantized in flight, data-free init),
+LC-QAT 2-bit with the lm_head stored as int8 (``--int8-head``, see
+optimum_lcqat/kernels/compact_head.py), HQQ 2-bit (hqq's HQQLinear, group 64, RTN init; see build()) and quanto int2
+(optimum-quanto). Decoder linears are quantized; embeddings and lm_head stay fp32 unless said.
+
+Modes, compared like with like:
+* ``eager``: ``model.generate`` with the default dynamic cache;
+* ``compiled``: static cache + ``torch.compile`` of the decode step (transformers' auto-compile,
+  forced on CPU with ``CompileConfig(_compile_all_devices=True)``), after a warm-up generate.
+
+Decode tokens/s = (N - 1) / (t(N new tokens) - t(1 new token)): prefill is excluded.
+
+    PYTHONPATH=. python -P benchmarks/decode.py --threads 2              # everything (~10+ min)
+    PYTHONPATH=. python -P benchmarks/decode.py --variants fp32 lcqat --modes eager
+
+Writes benchmarks/results/decode_<device>.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import environment, md_env, write  # noqa: E402
+
+ALL_VARIANTS = ["fp32", "bf16", "lcqat", "lcqat_int8head", "hqq", "quanto"]
+PROMPT = "The history of the printing press begins"
+
+
+def decoder_linears(model):
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and ".layers." in name:
+            yield name, mod
+
+
+def set_module(model, name, new):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, new)
+
+
+def build(variant, path, lc_model_cache):
+    from transformers import AutoModelForCausalLM
+
+    if variant in ("fp32", "hqq", "quanto"):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    elif variant == "bf16":
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    elif variant in ("lcqat", "lcqat_int8head"):
+        from optimum_lcqat import LCQATConfig
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=LCQATConfig())
+        if variant == "lcqat_int8head":
+            from optimum_lcqat.kernels.compact_head import compact_lm_head
+
+            compact_lm_head(model)
+    else:
+        raise ValueError(variant)
+    if variant == "hqq":
+        from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+        cfg = BaseQuantizeConfig(nbits=2, group_size=64)
+        # HQQ's half-quadratic optimisation of the zero-points takes seconds per layer on these 2
+        # CPUs; it changes the values, not the format or the inference cost, so it is skipped
+        # here (round-to-nearest init in HQQ's 2-bit format) to keep the run short.
+        cfg["weight_quant_params"]["optimize"] = False
+        for name, lin in list(decoder_linears(model)):
+            set_module(model, name, HQQLinear(lin, cfg, compute_dtype=torch.float32, device="cpu"))
+    if variant == "quanto":
+        from optimum.quanto import freeze, qint2, quantize
+
+        quantize(model, weights=qint2, exclude=["lm_head"])
+        freeze(model)
+    model.eval()
+    return model
+
+
+def generate(model, ids, n, compiled):
+    from transformers import GenerationConfig
+    from transformers.generation import CompileConfig
+
+    kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=model.config.eos_token_id)
+    if compiled:
+        kw["cache_implementation"] = "static"
+        kw["compile_config"] = CompileConfig(fullgraph=False, dynamic=False, mode="default", _compile_all_devices=True)
+    else:
+        kw["disable_compile"] = True
+    gc_ = GenerationConfig(**kw)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        out = model.generate(ids, generation_config=gc_)
+        dt = time.perf_counter() - t0
+    assert out.shape[1] == ids.shape[1] + n
+    return dt, out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variants", nargs="+", default=ALL_VARIANTS, choices=ALL_VARIANTS)
+    ap.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tag", default="cpu")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from transformers import AutoTokenizer
+
+    from optimum_lcqat.assets import smollm2_path
+
+    path = smollm2_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    env = environment()
+
+    models, build_s, errors = {}, {}, {}
+    for v in args.variants:
+        t0 = time.perf_counter()
+        try:
+            models[v] = build(v, path, None)
+            build_s[v] = time.perf_counter() - t0
+            print(f"built {v} in {build_s[v]:.1f}s", flush=True)
+        except Exception as exc:  # a baseline that does not run here is reported, not fatal
+            errors[v] = f"build: {type(exc).__name__}: {exc}"
+            print(f"{v}: build failed: {exc}", flush=True)
+            traceback.print_exc()
+
+    results = {}
+    texts = {}
+    for mode in args.modes:
+        compiled = mode == "compiled"
+        live = []
+        for v, model in models.items():  # warm-up (and compilation) first, then timed rounds
+            try:
+                t0 = time.perf_counter()
+                _, out = generate(model, ids, args.new_tokens, compiled)
+                generate(model, ids, 1, compiled)
+                texts[f"{v}/{mode}"] = tok.decode(out[0, ids.shape[1]:])
+                print(f"{mode:8s} {v:15s} warm-up {time.perf_counter() - t0:.1f}s", flush=True)
+                live.append(v)
+            except Exception as exc:
+                errors[f"{v}/{mode}"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                print(f"{mode} {v}: failed: {exc}", flush=True)
+        rates = {v: [] for v in live}
+        for r in range(args.rounds):
+            for v in live:
+                t_n, _ = generate(models[v], ids, args.new_tokens, compiled)
+                t_1, _ = generate(models[v], ids, 1, compiled)
+                rates[v].append((args.new_tokens - 1) / max(t_n - t_1, 1e-9))
+            print(f"{mode} round {r}: " + ", ".join(f"{v} {rates[v][-1]:.1f}" for v in live), flush=True)
+        for v in live:
+            results[f"{v}/{mode}"] = {"variant": v, "mode": mode, "tok_s": statistics.median(rates[v]), "rounds_tok_s": rates[v]}
+
+    hdr = f"{'variant':16s} " + " ".join(f"{m + ' tok/s':>16s} {'x fp32':>7s}" for m in args.modes)
+    lines = [hdr]
+    md = ["# End-to-end greedy decode, SmolLM2-135M, batch 1\n", md_env(env),
+          f"\n{args.new_tokens} new tokens, prompt of {ids.shape[1]} tokens; decode tok/s = (N-1)/(t(N)-t(1)), "
+          f"median of {args.rounds} interleaved rounds; x fp32 = ratio to fp32 in the same mode. "
+          "The 2 CPUs are shared with other jobs: absolute figures are noisy; the rounds are in the JSON.\n\n",
+          "| variant | " + " | ".join(f"{m} tok/s | x fp32 ({m})" for m in args.modes) + " |\n",
+          "|---|" + "---:|---:|" * len(args.modes) + "\n"]
+    for v in args.variants:
+        cells, mcells = [], []
+        for m in args.modes:
+            r = results.get(f"{v}/{m}")
+            base = results.get(f"fp32/{m}")
+            if r is None:
+                cells.append(f"{'n/a':>16s} {'':>7s}")
+                mcells.append("n/a | ")
+                continue
+            ratio = r["tok_s"] / base["tok_s"] if base else float("nan")
+            r["x_fp32_same_mode"] = ratio
+            cells.append(f"{r['tok_s']:16.1f} {ratio:7.2f}")
+            mcells.append(f"{r['tok_s']:.1f} | {ratio:.2f}")
+        lines.append(f"{v:16s} " + " ".join(cells))
+        md.append(f"| {v} | " + " | ".join(mcells) + " |\n")
+    if errors:
+        md.append("\nFailures:\n\n" + "".join(f"- {k}: {e}\n" for k, e in errors.items()))
+    print("\n".join(lines))
+    paths = write(f"decode_{args.tag}", {"env": env, "args": vars(args), "build_s": build_s, "results": results,
+                                         "errors": errors, "texts": texts}, "".join(md))
+    print("wrote", *paths)
+
+
+if __name__ == "__main__":
+    main()
