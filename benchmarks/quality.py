@@ -290,6 +290,8 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval-tokens", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="methods run concurrently (each in its own process); >1 inflates every wall time")
     ap.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
@@ -322,23 +324,28 @@ def main() -> None:
     stem = "quality_quick" if args.quick else "quality"
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     load_start = os.getloadavg()
-    results = []
-    for m in methods:
+    def run_one(m: str) -> dict:
         tmp = out_dir / f".{stem}_{m}.json"
         cmd = [sys.executable, "-P", str(Path(__file__).resolve()), "--worker", m, "--worker-out", str(tmp),
                "--num-samples", str(args.num_samples), "--seqlen", str(args.seqlen),
                "--eval-tokens", str(args.eval_tokens), "--seed", str(args.seed)]
-        print(f"== {m}", flush=True)
+        print(f"== {m} started", flush=True)
         t = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=ROOT)
+        with open(out_dir / f".{stem}_{m}.log", "w") as log:
+            proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         if tmp.is_file():
             res = json.loads(tmp.read_text())
             tmp.unlink()
         else:
             res = {"method": m, "label": LABELS[m], "error": f"worker exited with {proc.returncode}"}
         res["process_wall_seconds"] = time.perf_counter() - t
-        results.append(res)
         print(json.dumps(res), flush=True)
+        return res
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        results = list(pool.map(run_one, methods))
     fp = next((r for r in results if r["method"] == "fp" and "error" not in r), None)
     fp_ppl = fp["perplexity"] if fp else None
     table = markdown_table(results, fp_ppl)
@@ -355,7 +362,9 @@ def main() -> None:
         "peak_memory_measure": "child process RSS high-water mark (getrusage ru_maxrss) after quantization, incl. the fp32 model",
         "machine": machine_info(),
         "load_average_start_end": [load_start, os.getloadavg()],
-        "note": "shared 2-core machine: other jobs ran concurrently, so wall times are upper bounds",
+        "concurrent_method_processes": args.jobs,
+        "note": "shared 2-core machine: other users' jobs (and, with --jobs > 1, this run's other methods) "
+                "ran concurrently, so wall times are upper bounds, not speed figures",
         "results": results,
     }
     (out_dir / f"{stem}.json").write_text(json.dumps(payload, indent=2))
@@ -365,7 +374,7 @@ def main() -> None:
         f"Held-out: {payload['eval']['split']}, context 512, {args.eval_tokens} tokens. "
         f"PTQ calibration: {args.num_samples} x {args.seqlen} tokens of the calibration split (seed {args.seed}).",
         f"Machine: {payload['machine']['cpu']}, {payload['machine']['cpu_count']} cores (shared with other jobs; "
-        f"load average {load_start[0]:.1f} at start); torch {payload['machine']['versions']['torch']}, "
+        f"load average {load_start[0]:.1f} at start; {args.jobs} method(s) at a time: wall times are upper bounds); torch {payload['machine']['versions']['torch']}, "
         f"transformers {payload['machine']['versions']['transformers']}; commit {payload['machine']['git_commit']}.",
         f"Peak RSS: {payload['peak_memory_measure']}. Bits/weight over the decoder linears; the tied "
         "embedding/lm_head stays full precision for every method.",

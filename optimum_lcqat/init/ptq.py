@@ -372,11 +372,15 @@ def _collect_hessians(block, linears: dict, X, kwargs_per_batch, batch_size, Y):
     def make_hook(lname):
         def hook(module, inp, out):
             x = inp[0]
+            # Linears fed the very same tensor share a Hessian. The tensor is kept referenced for
+            # the rest of the batch so that its address cannot be reused by a later input.
             key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
-            leader = state["seen"].get(key)
-            if leader is None:
-                state["seen"][key] = lname
+            hit = state["seen"].get(key)
+            if hit is None:
+                state["seen"][key] = (lname, x)
                 leader = lname
+            else:
+                leader = hit[0]
             if lname not in groups:
                 groups[lname] = leader
             if groups[lname] != lname:
