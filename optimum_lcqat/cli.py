@@ -81,13 +81,17 @@ def _load_model(path: str, dtype="float32", quantization_config=None):
     import optimum_lcqat  # noqa: F401  (registers lcqat)
 
     path = _resolve_model(path)
-    if not (Path(path).is_dir() or "/" in path):
+    looks_local = path.startswith(("/", ".", "~")) or os.sep in path and Path(path.split(os.sep)[0]).exists()
+    if not Path(path).is_dir() and (looks_local or path.count("/") != 1):
         raise UsageError(f"model {path!r} is neither a local directory nor a Hub id (org/name)")
     kw = {"dtype": _dtype(dtype)}
     if quantization_config is not None:
         kw["quantization_config"] = quantization_config
-    model = AutoModelForCausalLM.from_pretrained(path, **kw)
-    tok = AutoTokenizer.from_pretrained(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kw)
+        tok = AutoTokenizer.from_pretrained(path)
+    except OSError as exc:  # missing files, no network for a Hub id, ...
+        raise UsageError(f"cannot load {path!r}: {exc}") from None
     return model, tok, path
 
 

@@ -1,0 +1,92 @@
+"""The optimum-lcqat command: real subprocesses, exit codes and messages a script can rely on."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from helpers import lc_names
+
+
+def cli(*args, timeout=900):
+    return subprocess.run(
+        [sys.executable, "-P", "-m", "optimum_lcqat.cli", *map(str, args)], capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_with_tokenizer(tiny_fp_dirs, smollm2_dir, tmp_path_factory):
+    # A tiny llama with a real tokenizer (SmolLM2's), vocab resized to match.
+    from helpers import make_tiny_model
+
+    d = tmp_path_factory.mktemp("tiny_tok")
+    model = make_tiny_model("llama")
+    model.resize_token_embeddings(49152)
+    model.save_pretrained(d)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2_dir / f, d / f)
+    return d
+
+
+def test_help_explains_every_subcommand():
+    out = cli("--help")
+    assert out.returncode == 0
+    for sub in ("quantize", "eval", "info", "push", "lm-eval", "demo"):
+        assert sub in out.stdout
+    q = cli("quantize", "--help").stdout
+    for opt in ("--text", "--split", "--dataset", "--num-samples", "--qat-tokens", "--overwrite", "--codebook"):
+        assert opt in q
+
+
+def test_quantize_info_eval_and_refusals(tiny_with_tokenizer, tmp_path):
+    out = tmp_path / "q"
+    r = cli("quantize", tiny_with_tokenizer, out)
+    assert r.returncode == 0, r.stderr
+    assert lc_names(AutoModelForCausalLM.from_pretrained(out))
+    card = (out / "README.md").read_text()
+    assert "library_name: transformers" in card and "optimum-lcqat" in card and "pip install optimum-lcqat" in card
+
+    info = cli("info", out, "--json")
+    assert info.returncode == 0, info.stderr
+    data = json.loads(info.stdout)
+    assert data["quant_method"] == "lcqat" and data["format_version"] == 1 and data["converted_layers"] == 14
+    assert 2.0 < data["bits_per_weight_converted"] < 3.0
+
+    # an existing output is refused before any work, and left untouched
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    again = cli("quantize", tiny_with_tokenizer, out)
+    assert again.returncode == 2 and "already exists" in again.stderr and "--overwrite" in again.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    ev = cli("eval", out, "--text", text, "--ctx", "128", "--json")
+    assert ev.returncode == 0, ev.stderr
+    res = json.loads(ev.stdout)
+    assert res["ppl"] > 1 and res["tokens_scored"] > 0
+
+
+@pytest.mark.parametrize(
+    "args,code,msg",
+    [
+        (("info", "/nonexistent/dir"), 2, "no config.json"),
+        (("eval", "/nonexistent/dir", "--split", "heldout"), 2, "neither a local directory"),
+        (("eval", "smollm2", "--text", "/nonexistent.txt"), 2, "does not exist"),
+        (("eval", "smollm2"), 2, "exactly one of"),
+        (("quantize", "smollm2", "/tmp/x", "--codebook", "bad"), 2, "invalid choice"),
+        (("quantize", "smollm2", "/tmp/optimum-lcqat-never", "--hadamard-block-size", "100"), 2, "hadamard_block_size"),
+    ],
+)
+def test_bad_input_exit_codes(args, code, msg):
+    r = cli(*args)
+    assert r.returncode == code, (r.returncode, r.stderr)
+    assert msg in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_info_refuses_a_float_checkpoint(tiny_fp_dirs):
+    r = cli("info", tiny_fp_dirs["llama"])
+    assert r.returncode == 2 and "not an lcqat checkpoint" in r.stderr
