@@ -49,6 +49,23 @@ def set_module(model, name, new):
     setattr(model.get_submodule(parent), child, new)
 
 
+def load_lcqat(path, opts):
+    """The 2-bit LC-QAT SmolLM2: quantized in flight (data-free init) or, with ``--lc-dir``,
+    loaded from that directory (quantized and saved there on first use)."""
+    from transformers import AutoModelForCausalLM
+
+    from optimum_lcqat import LCQATConfig
+
+    lc_dir = opts.lc_dir
+    if lc_dir and os.path.isfile(os.path.join(lc_dir, "config.json")):
+        return AutoModelForCausalLM.from_pretrained(lc_dir, dtype=torch.float32)
+    cfg = LCQATConfig(init_iters=opts.init_iters)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=cfg)
+    if lc_dir:
+        model.save_pretrained(lc_dir)
+    return model
+
+
 def build(variant, path, lc_model_cache):
     from transformers import AutoModelForCausalLM
 
@@ -57,9 +74,7 @@ def build(variant, path, lc_model_cache):
     elif variant == "bf16":
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
     elif variant in ("lcqat", "lcqat_int8head"):
-        from optimum_lcqat import LCQATConfig
-
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=LCQATConfig())
+        model = load_lcqat(path, lc_model_cache)
         if variant == "lcqat_int8head":
             from optimum_lcqat.kernels.compact_head import compact_lm_head
 
@@ -112,6 +127,12 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tag", default="cpu")
+    ap.add_argument("--lc-dir", default=None,
+                    help="load the 2-bit model from here (quantize and save it here on first use) instead of "
+                         "quantizing in flight on every run")
+    ap.add_argument("--init-iters", type=int, default=4,
+                    help="LCQATConfig.init_iters for the in-flight quantization (decode speed does not depend on it)")
+    ap.add_argument("--only-quantize", action="store_true", help="with --lc-dir: quantize, save and exit")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer
@@ -122,12 +143,15 @@ def main():
     tok = AutoTokenizer.from_pretrained(path)
     ids = tok(PROMPT, return_tensors="pt").input_ids
     env = environment()
+    if args.only_quantize:
+        load_lcqat(path, args)
+        return
 
     models, build_s, errors = {}, {}, {}
     for v in args.variants:
         t0 = time.perf_counter()
         try:
-            models[v] = build(v, path, None)
+            models[v] = build(v, path, args)
             build_s[v] = time.perf_counter() - t0
             print(f"built {v} in {build_s[v]:.1f}s", flush=True)
         except Exception as exc:  # a baseline that does not run here is reported, not fatal

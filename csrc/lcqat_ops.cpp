@@ -20,6 +20,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -124,8 +125,20 @@ static Tensor matmul_rows_f32(const Tensor& x2, const Tensor& packed, const Tens
 
 static Tensor rows_f32(const Tensor& x, int64_t n) {
   // a fresh fp32 [B, n] buffer we may modify in place
-  auto x2 = x.reshape({-1, n});
-  return x2.scalar_type() == at::kFloat ? x2.clone(at::MemoryFormat::Contiguous) : x2.to(at::kFloat).contiguous();
+  const int64_t B = n ? x.numel() / n : 0;
+  if (x.scalar_type() == at::kFloat && x.is_contiguous()) {
+    auto out = at::empty({B, n}, x.options());
+    std::memcpy(out.data_ptr<float>(), x.data_ptr<float>(), sizeof(float) * B * n);
+    return out;
+  }
+  return x.reshape({B, n}).to(at::kFloat).contiguous();
+}
+
+// [B, m] fp32 rows -> the op's output (dtype and leading dims of x).
+static Tensor finish(const Tensor& rows, const Tensor& x, int64_t last) {
+  auto shape = out_shape(x, last);
+  if (x.scalar_type() == at::kFloat) return rows.view(shape);
+  return rows.to(x.scalar_type()).view(shape);
 }
 
 
@@ -172,8 +185,8 @@ Tensor lc_linear_cpu(const Tensor& x, const Tensor& packed, const Tensor& A, con
   check_vec(bias, m, "lc_linear", "bias");
   const int64_t Kin = check_rotation(n, block_in, left_in, "lc_linear", "input");
   const int64_t Kout = check_rotation(m, block_out, left_out, "lc_linear", "output");
-  auto pk = packed.contiguous();
-  auto A32 = f32(A), b32 = f32(beta.reshape({-1}));
+  auto pk = packed.is_contiguous() ? packed : packed.contiguous();
+  auto A32 = f32(A), b32 = f32(beta);
   auto su = f32(s_u), sv = f32(s_v), bs = opt_f32(bias);
   auto Li = opt_f32(left_in), Lo = opt_f32(left_out);
 
@@ -184,7 +197,7 @@ Tensor lc_linear_cpu(const Tensor& x, const Tensor& packed, const Tensor& A, con
   Tensor yt = matmul_rows_f32(xt, pk, A32, b32);
   rotate_rows_f32(yt.data_ptr<float>(), B, m, block_out, Lo.defined() ? Lo.data_ptr<float>() : nullptr, Kout, true,
                   nullptr, sv.data_ptr<float>(), bs.defined() ? bs.data_ptr<float>() : nullptr);
-  return yt.to(x.scalar_type()).view(out_shape(x, m));
+  return finish(yt, x, m);
 }
 
 // ------------------------------------------------------------------ int8 weight-only linear (compact lm_head)

@@ -47,7 +47,12 @@ inline void check_codes(const Tensor& packed, const Tensor& A, const Tensor& bet
   TORCH_CHECK(A.is_floating_point() && beta.is_floating_point(), "lcqat.", op, ": A and beta must be floating point");
 }
 
-inline Tensor f32(const Tensor& t) { return t.to(at::kFloat).contiguous(); }
+// fp32 contiguous view of t; no dispatcher call when it already is one (decode calls these per
+// layer and token, so the fast path matters).
+inline Tensor f32(const Tensor& t) {
+  if (t.scalar_type() == at::kFloat && t.is_contiguous()) return t;
+  return t.to(at::kFloat).contiguous();
+}
 
 inline Tensor opt_f32(const c10::optional<Tensor>& t) { return t.has_value() ? f32(*t) : Tensor(); }
 

@@ -128,7 +128,7 @@ def supports(x, packed, A, plan_in: RotationPlan, plan_out: RotationPlan, *param
 
 
 def lc_linear(x, packed, A, beta, s_u, s_v, bias, plan_in: RotationPlan, plan_out: RotationPlan):
-    return torch.ops.lcqat.lc_linear(
+    return torch.ops.lcqat.lc_linear.default(
         x, packed, A, beta, s_u, s_v, bias,
         plan_in.right, left_factor(plan_in, x.device), plan_out.right, left_factor(plan_out, x.device),
     )
