@@ -2,8 +2,10 @@
 
     # single process
     python examples/train_lcqat.py --model LCQAT_DIR --output OUT --tokens 50000
-    # DDP, 2 CPU processes over gloo
-    accelerate launch --cpu --num_processes 2 examples/train_lcqat.py --model LCQAT_DIR --output OUT --tokens 50000
+    # DDP, 2 local CPU processes over gloo (on a machine without GPUs; see examples/README.md for
+    # why not `--cpu`: in accelerate 1.15 that flag starts a single process unless mpirun is used)
+    accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \
+        --dynamo_backend no examples/train_lcqat.py --model LCQAT_DIR --output OUT --tokens 50000
     # FSDP: see examples/README.md (not supported for LC-QAT yet; the reason is stated there)
 
 --model is an lcqat checkpoint, or a full-precision one with --quantize (data-free LCQATConfig()).
@@ -60,10 +62,12 @@ def main(argv=None):
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--tokens", type=int, default=None, help="token budget (sets the number of steps)")
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr-scale", default="", help="per-category lr multipliers, e.g. scales=0.1,norm=0.1")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kd-teacher", default=None, help="full-precision model dir: distil from it")
     p.add_argument("--kd-alpha", type=float, default=1.0)
     p.add_argument("--save-steps", type=int, default=0)
+    p.add_argument("--fsdp", action="store_true", help="TrainingArguments(fsdp='full_shard', FSDP2); see README")
     a = p.parse_args(argv)
 
     from transformers import AutoModelForCausalLM, TrainingArguments
@@ -94,9 +98,13 @@ def main(argv=None):
         lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, report_to=[], seed=a.seed, data_seed=a.seed,
         save_strategy="steps" if a.save_steps else "no", save_steps=a.save_steps or 500, disable_tqdm=True,
         use_cpu=True, dataloader_num_workers=0, include_num_input_tokens_seen="all", ddp_backend="gloo" if world > 1 else None,
+        ddp_find_unused_parameters=False,
+        **({"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2}} if a.fsdp else {}),
     )
     teacher = AutoModelForCausalLM.from_pretrained(a.kd_teacher, dtype=torch.float32) if a.kd_teacher else None
-    trainer = LCQATTrainer(model=model, args=args, train_dataset=ds, teacher_model=teacher, kd_alpha=a.kd_alpha)
+    lr_scale = {k: float(v) for k, v in (kv.split("=") for kv in a.lr_scale.split(",") if kv)}
+    trainer = LCQATTrainer(model=model, args=args, train_dataset=ds, teacher_model=teacher, kd_alpha=a.kd_alpha,
+                           lr_scale=lr_scale)
     t0 = time.time()
     trainer.train()
     elapsed = time.time() - t0
@@ -108,7 +116,8 @@ def main(argv=None):
         torch.distributed.all_gather_object(pids, os.getpid())
     if trainer.is_world_process_zero():
         info = {
-            "world_size": world, "backend": backend, "pids": pids, "steps": trainer.state.global_step,
+            "world_size": world, "backend": backend, "pids": pids, "fsdp": bool(trainer.is_fsdp_enabled),
+            "distributed_type": str(trainer.accelerator.distributed_type), "steps": trainer.state.global_step,
             "tokens": trainer.state.num_input_tokens_seen, "seconds": elapsed,
             "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
         }

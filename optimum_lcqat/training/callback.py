@@ -74,6 +74,16 @@ def _latent_from_loaded_codes(module, state_dict, prefix, local_metadata, strict
         state_dict[prefix + "latent"] = (q - 1.5) / module.alpha
 
 
+FSDP_UNSUPPORTED = (
+    "LC-QAT training under FSDP is not supported yet: FSDP shards the latent codes outside the "
+    "forward pass, and the callback re-derives the packed codes from the full latents after every "
+    "step, the state-dict pre-hook packs them for every checkpoint, and the exact-resume file stores "
+    "them; all three would need the full tensors (summon_full_params / DTensor.full_tensor). Use DDP "
+    "(the model is small at 2 bits: a 7B LC-QAT model's latents are 28 GB in fp32 per replica), or "
+    "PEFT LoRA on the frozen packed model."
+)
+
+
 def last_checkpoint(output_dir) -> str | None:
     """The newest ``checkpoint-*`` folder in ``output_dir``, or None."""
     if not output_dir or not os.path.isdir(output_dir):
@@ -162,6 +172,8 @@ class LCQATCallback(TrainerCallback):
     def on_init_end(self, args, state, control, model=None, **kwargs):
         if model is None:
             raise ValueError("LCQATCallback: the Trainer passed no model")
+        if getattr(args, "fsdp", None) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
+            raise NotImplementedError(FSDP_UNSUPPORTED)
         self.prepare(model)
         if self.max_tokens is not None and args.include_num_input_tokens_seen in ("no", False):
             args.include_num_input_tokens_seen = "all"
