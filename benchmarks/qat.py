@@ -205,7 +205,7 @@ def budget_eval_callback(budgets, evaluate, record):
     return _CB()
 
 
-def run_method(method, a, init_dir, fp_path, train_ds, heldout, log, teacher=None):
+def run_method(method, a, init_dir, fp_path, train_ds, heldout, log, teacher=None, result=None, on_point=None):
     from transformers import AutoModelForCausalLM, Trainer
 
     from optimum_lcqat import LCQATConfig
@@ -225,6 +225,8 @@ def run_method(method, a, init_dir, fp_path, train_ds, heldout, log, teacher=Non
     def record(budget, tokens, ppl, train_s, loss):
         points.append({"budget": budget, "tokens": int(tokens), "ppl": ppl, "train_seconds": train_s, "train_loss": loss})
         log(f"{method}: {tokens} tokens -> held-out ppl {ppl:.3f} (train {train_s:.0f}s, loss {loss})")
+        if on_point is not None:  # partial results survive an interrupted run
+            on_point()
 
     if method == "scalar":
         model = fp_model(fp_path)
@@ -235,7 +237,9 @@ def run_method(method, a, init_dir, fp_path, train_ds, heldout, log, teacher=Non
     if 0 in a.budgets:
         record(0, 0, evaluate(model), 0.0, None)
     max_b = max(a.budgets)
-    result = {"method": method, "points": points}
+    if result is None:
+        result = {}
+    result.update(method=method, points=points)
     if max_b > 0:
         steps = math.ceil(max_b / (a.batch * a.seq_len))
         args = make_args(Path(a.workdir) / method, steps, a.lr, a.batch, a.seed, a.warmup)
@@ -448,7 +452,11 @@ def main(argv=None):
         res["throughput"] = throughput(a, init_dir, fp_path, train_ds, teacher, log)
         write_report(res, stem)
     for m in methods:
-        res["runs"].append(run_method(m, a, init_dir, fp_path, train_ds, heldout, log, teacher=teacher))
+        live = {"method": m, "points": [], "complete": False}
+        res["runs"].append(live)
+        run_method(m, a, init_dir, fp_path, train_ds, heldout, log, teacher=teacher, result=live,
+                   on_point=lambda: write_report(res, stem))
+        live["complete"] = True
         write_report(res, stem)
     res["total_seconds"] = time.time() - t_start
     write_report(res, stem)

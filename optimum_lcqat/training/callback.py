@@ -255,10 +255,9 @@ class LCQATCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if logs is None or "loss" not in logs:
             return
-        extra = {
-            "lcqat/bits_per_weight": round(self._bpw, 4),
-            "lcqat/tokens": self.tokens_trained,
-        }
+        extra = {"lcqat/bits_per_weight": round(self._bpw, 4)}
+        if args.include_num_input_tokens_seen not in ("no", False):
+            extra["lcqat/tokens"] = self.tokens_trained
         if self._pending:
             extra["lcqat/flip_share"] = sum(r["flip_share"] for r in self._pending) / len(self._pending)
             self._pending = []
