@@ -156,15 +156,24 @@ def run_method(method: str, args) -> dict:
         if method == "lcqat_data_free":
             qcfg = LCQATConfig(seed=args.seed)
         else:
+            knobs = {}
+            if args.ptq_iters is not None:
+                knobs["init_iters"] = args.ptq_iters
+            if args.ptq_finetune_steps is not None:
+                knobs["ptq_finetune_steps"] = args.ptq_finetune_steps
             qcfg = LCQATConfig(
                 dataset=split_texts("calibration"), tokenizer=tok, num_samples=args.num_samples,
-                model_seqlen=args.seqlen, codebook=method.rsplit("_", 1)[-1], seed=args.seed,
+                model_seqlen=args.seqlen, codebook=method.rsplit("_", 1)[-1], seed=args.seed, **knobs,
             )
+            extra_cfg = {k: getattr(qcfg, k) for k in ("init_iters", "ptq_refine_passes", "ptq_finetune_steps",
+                                                       "ptq_finetune_lr", "ptq_damp", "num_samples", "model_seqlen")}
         model = AutoModelForCausalLM.from_pretrained(path, quantization_config=qcfg, dtype=torch.float32)
         layers = lc_layers(model)
         n_w = sum(l.in_features * l.out_features for l in layers.values())
         bits = sum(l.bits_per_weight() * l.in_features * l.out_features for l in layers.values())
         extra = {"bits_per_weight": bits / n_w, "quantized_weights": n_w}
+        if method != "lcqat_data_free":
+            extra["ptq_config"] = extra_cfg
         report = getattr(model, "_lcqat_ptq_report", None)
         if report is not None:
             extra["ptq_internal_seconds"] = report.seconds
@@ -290,6 +299,9 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval-tokens", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ptq-iters", type=int, default=None, help="override LCQATConfig.init_iters for the PTQ runs")
+    ap.add_argument("--ptq-finetune-steps", type=int, default=None, help="override LCQATConfig.ptq_finetune_steps")
+    ap.add_argument("--stem", default=None, help="output file stem (default quality, or quality_quick with --quick)")
     ap.add_argument("--jobs", type=int, default=1,
                     help="methods run concurrently (each in its own process); >1 inflates every wall time")
     ap.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
@@ -321,7 +333,7 @@ def main() -> None:
             ap.error(f"unknown method {m!r}; choose from {METHODS}")
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = "quality_quick" if args.quick else "quality"
+    stem = args.stem or ("quality_quick" if args.quick else "quality")
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     load_start = os.getloadavg()
     def run_one(m: str) -> dict:
@@ -329,6 +341,9 @@ def main() -> None:
         cmd = [sys.executable, "-P", str(Path(__file__).resolve()), "--worker", m, "--worker-out", str(tmp),
                "--num-samples", str(args.num_samples), "--seqlen", str(args.seqlen),
                "--eval-tokens", str(args.eval_tokens), "--seed", str(args.seed)]
+        for flag, v in (("--ptq-iters", args.ptq_iters), ("--ptq-finetune-steps", args.ptq_finetune_steps)):
+            if v is not None:
+                cmd += [flag, str(v)]
         print(f"== {m} started", flush=True)
         t = time.perf_counter()
         with open(out_dir / f".{stem}_{m}.log", "w") as log:
