@@ -107,11 +107,13 @@ def generate(model, ids, n, compiled):
     kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=model.config.eos_token_id)
     if compiled:
         kw["cache_implementation"] = "static"
-        kw["compile_config"] = CompileConfig(fullgraph=False, dynamic=False, mode="default", _compile_all_devices=True)
+        cc = CompileConfig(fullgraph=False, dynamic=False, mode="default")
+        cc._compile_all_devices = True  # a class attribute in transformers 5, not an init argument
+        kw["compile_config"] = cc
     else:
         kw["disable_compile"] = True
     gc_ = GenerationConfig(**kw)
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: quanto's frozen modules reject inference tensors
         t0 = time.perf_counter()
         out = model.generate(ids, generation_config=gc_)
         dt = time.perf_counter() - t0
@@ -123,6 +125,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", nargs="+", default=ALL_VARIANTS, choices=ALL_VARIANTS)
     ap.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    ap.add_argument("--compiled-variants", nargs="+", default=["fp32", "bf16", "lcqat", "lcqat_int8head"],
+                    choices=ALL_VARIANTS, help="variants also measured in compiled mode (compilation takes minutes each)")
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
@@ -161,13 +165,52 @@ def main():
 
     results = {}
     texts = {}
+
+    def report(partial):
+        """Write the table and JSON (also after every round, so an interrupted run keeps its data)."""
+        hdr = f"{'variant':16s} " + " ".join(f"{m + ' tok/s':>16s} {'x fp32':>7s}" for m in args.modes)
+        lines = [hdr]
+        md = ["# End-to-end greedy decode, SmolLM2-135M, batch 1\n", md_env(env),
+              f"\n{args.new_tokens} new tokens, prompt of {ids.shape[1]} tokens; decode tok/s = (N-1)/(t(N)-t(1)), "
+              f"median of {args.rounds} interleaved rounds; x fp32 = ratio to fp32 in the same mode. "
+              "The 2 CPUs are shared with other jobs: absolute figures are noisy; the rounds are in the JSON.\n\n",
+              "| variant | " + " | ".join(f"{m} tok/s | x fp32 ({m})" for m in args.modes) + " |\n",
+              "|---|" + "---:|---:|" * len(args.modes) + "\n"]
+        for v in args.variants:
+            cells, mcells = [], []
+            for m in args.modes:
+                r = results.get(f"{v}/{m}")
+                base = results.get(f"fp32/{m}")
+                if r is None:
+                    cells.append(f"{'n/a':>16s} {'':>7s}")
+                    mcells.append("n/a | ")
+                    continue
+                ratio = r["tok_s"] / base["tok_s"] if base else float("nan")
+                r["x_fp32_same_mode"] = ratio
+                cells.append(f"{r['tok_s']:16.1f} {ratio:7.2f}")
+                mcells.append(f"{r['tok_s']:.1f} | {ratio:.2f}")
+            lines.append(f"{v:16s} " + " ".join(cells))
+            md.append(f"| {v} | " + " | ".join(mcells) + " |\n")
+        if errors:
+            md.append("\nFailures:\n\n" + "".join(f"- {k}: {e}\n" for k, e in errors.items()))
+        if not partial:
+            print("\n".join(lines))
+        paths = write(f"decode_{args.tag}", {"env": env, "args": vars(args), "build_s": build_s, "results": results,
+                                             "errors": errors, "texts": texts, "partial": partial}, "".join(md))
+        if not partial:
+            print("wrote", *paths)
+
     for mode in args.modes:
         compiled = mode == "compiled"
         live = []
         for v, model in models.items():  # warm-up (and compilation) first, then timed rounds
+            if compiled and v not in args.compiled_variants:
+                continue
             try:
                 t0 = time.perf_counter()
-                _, out = generate(model, ids, args.new_tokens, compiled)
+                # compiled: a full run compiles the prefill and decode graphs; eager: a short run
+                # warms the allocator and caches (the slow baselines make a full one costly here)
+                _, out = generate(model, ids, args.new_tokens if compiled else 2, compiled)
                 generate(model, ids, 1, compiled)
                 texts[f"{v}/{mode}"] = tok.decode(out[0, ids.shape[1]:])
                 print(f"{mode:8s} {v:15s} warm-up {time.perf_counter() - t0:.1f}s", flush=True)
@@ -182,38 +225,14 @@ def main():
                 t_1, _ = generate(models[v], ids, 1, compiled)
                 rates[v].append((args.new_tokens - 1) / max(t_n - t_1, 1e-9))
             print(f"{mode} round {r}: " + ", ".join(f"{v} {rates[v][-1]:.1f}" for v in live), flush=True)
+            for v in live:
+                results[f"{v}/{mode}"] = {"variant": v, "mode": mode, "tok_s": statistics.median(rates[v]),
+                                          "rounds_tok_s": list(rates[v])}
+            report(partial=True)
         for v in live:
             results[f"{v}/{mode}"] = {"variant": v, "mode": mode, "tok_s": statistics.median(rates[v]), "rounds_tok_s": rates[v]}
 
-    hdr = f"{'variant':16s} " + " ".join(f"{m + ' tok/s':>16s} {'x fp32':>7s}" for m in args.modes)
-    lines = [hdr]
-    md = ["# End-to-end greedy decode, SmolLM2-135M, batch 1\n", md_env(env),
-          f"\n{args.new_tokens} new tokens, prompt of {ids.shape[1]} tokens; decode tok/s = (N-1)/(t(N)-t(1)), "
-          f"median of {args.rounds} interleaved rounds; x fp32 = ratio to fp32 in the same mode. "
-          "The 2 CPUs are shared with other jobs: absolute figures are noisy; the rounds are in the JSON.\n\n",
-          "| variant | " + " | ".join(f"{m} tok/s | x fp32 ({m})" for m in args.modes) + " |\n",
-          "|---|" + "---:|---:|" * len(args.modes) + "\n"]
-    for v in args.variants:
-        cells, mcells = [], []
-        for m in args.modes:
-            r = results.get(f"{v}/{m}")
-            base = results.get(f"fp32/{m}")
-            if r is None:
-                cells.append(f"{'n/a':>16s} {'':>7s}")
-                mcells.append("n/a | ")
-                continue
-            ratio = r["tok_s"] / base["tok_s"] if base else float("nan")
-            r["x_fp32_same_mode"] = ratio
-            cells.append(f"{r['tok_s']:16.1f} {ratio:7.2f}")
-            mcells.append(f"{r['tok_s']:.1f} | {ratio:.2f}")
-        lines.append(f"{v:16s} " + " ".join(cells))
-        md.append(f"| {v} | " + " | ".join(mcells) + " |\n")
-    if errors:
-        md.append("\nFailures:\n\n" + "".join(f"- {k}: {e}\n" for k, e in errors.items()))
-    print("\n".join(lines))
-    paths = write(f"decode_{args.tag}", {"env": env, "args": vars(args), "build_s": build_s, "results": results,
-                                         "errors": errors, "texts": texts}, "".join(md))
-    print("wrote", *paths)
+    report(partial=False)
 
 
 if __name__ == "__main__":
