@@ -1,0 +1,90 @@
+"""A ready QAT recipe for the CLI and the demo: ``run_qat(model, tokenizer, texts, tokens)``.
+
+Packs the texts into windows of ``seqlen`` tokens, trains the LC model in place with
+:class:`LCQATTrainer` (AdamW, warmup then cosine decay, per-category learning rates) for a
+token budget, and returns what happened. Checkpoints are not kept (a temporary output dir).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+
+import torch
+
+
+class _Windows(torch.utils.data.Dataset):
+    def __init__(self, tokens: torch.Tensor, seqlen: int):
+        n = tokens.numel() // seqlen
+        if n == 0:
+            raise ValueError(f"QAT text has {tokens.numel()} tokens, fewer than one window of {seqlen}")
+        self.ids = tokens[: n * seqlen].view(n, seqlen)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def run_qat(
+    model,
+    tokenizer,
+    texts: list[str],
+    tokens: int,
+    seqlen: int = 512,
+    seed: int = 0,
+    batch_size: int = 4,
+    lr: float = 1e-4,
+    teacher_model=None,
+    kd_alpha: float = 1.0,
+) -> dict:
+    """Train ``model`` (with LC layers) for ``tokens`` tokens of ``texts``; returns a report."""
+    from transformers import TrainingArguments
+
+    from ..data import token_stream
+    from .callback import LCQATCallback, steps_for_token_budget
+    from .trainer import LCQATTrainer
+
+    if tokens <= 0:
+        raise ValueError(f"run_qat: tokens must be positive, got {tokens}")
+    steps = max(1, steps_for_token_budget(tokens, seqlen, batch_size))
+    stream = token_stream(texts, tokenizer, max_tokens=steps * batch_size * seqlen + seqlen)
+    data = _Windows(stream, seqlen)
+    cb = LCQATCallback()
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix="lcqat-qat-") as out:
+        args = TrainingArguments(
+            output_dir=out,
+            max_steps=steps,
+            per_device_train_batch_size=batch_size,
+            learning_rate=lr,
+            lr_scheduler_type="cosine",
+            warmup_steps=max(1, steps // 10),
+            weight_decay=0.0,
+            logging_steps=max(1, steps // 10),
+            save_strategy="no",
+            report_to=[],
+            seed=seed,
+            data_seed=seed,
+            use_cpu=not torch.cuda.is_available(),
+            dataloader_num_workers=0,
+            disable_tqdm=False,
+        )
+        trainer = LCQATTrainer(
+            model=model, args=args, train_dataset=data, callbacks=[cb],
+            teacher_model=teacher_model, kd_alpha=kd_alpha if teacher_model is not None else 0.0,
+        )
+        result = trainer.train()
+    model.eval()
+    seconds = time.time() - t0
+    trained = steps * batch_size * seqlen
+    return {
+        "steps": steps,
+        "tokens": trained,
+        "seconds": seconds,
+        "tokens_per_s": trained / seconds,
+        "final_loss": float(result.training_loss),
+        "flipped_codes_share": cb.code_change_share(model) if hasattr(cb, "code_change_share") else None,
+        "distillation": teacher_model is not None,
+    }
