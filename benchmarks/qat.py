@@ -339,6 +339,8 @@ def write_report(res, stem):
             p = next((p for p in r["points"] if p["budget"] == b), None)
             cells.append("not run" if p is None else f"{p['ppl']:.2f} ({p['ppl'] / fp_ppl:.2f}x fp)")
         lines.append(f"| {b:,} | " + " | ".join(cells) + " |")
+    if "lcqat" in methods and "lcqat_kd" in methods:
+        lines += ["", "At 0 tokens lcqat_kd is the same model as lcqat (the same initial checkpoint)."]
     not_run = res.get("not_run") or []
     if not_run:
         lines += ["", "Not run: " + "; ".join(not_run)]
@@ -400,14 +402,24 @@ def main(argv=None):
     p.add_argument("--stem", default=None, help="output file stem (default qat / qat_quick)")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="combine the runs of several result JSONs (same settings) into one report under --stem")
+    p.add_argument("--not-run", action="append", default=[], help="with --merge: record a point that was not run, and why")
     a = p.parse_args(argv)
     if a.merge:
         parts = [json.loads(Path(f).read_text()) for f in a.merge]
         res = dict(parts[0])
-        res["runs"] = [r for part in parts for r in part["runs"]]
+        # runs of the same method (e.g. the 0-token evaluation and the training run, done by
+        # separate processes) are combined point by point
+        by_method: dict[str, dict] = {}
+        for part in parts:
+            for r in part["runs"]:
+                tgt = by_method.setdefault(r["method"], {"method": r["method"], "points": [], "parts": []})
+                tgt["points"] = sorted(tgt["points"] + r["points"], key=lambda q: q["budget"])
+                tgt["parts"].append({k: v for k, v in r.items() if k != "points"})
+        res["runs"] = list(by_method.values())
         res["merged_from"] = [{"file": os.path.relpath(f, ROOT), "command": part["command"]} for f, part in zip(a.merge, parts)]
         res["command"] = " ; ".join(part["command"] for part in parts)
         res["throughput"] = next((part["throughput"] for part in parts if part.get("throughput")), None)
+        res["not_run"] = a.not_run
         write_report(res, a.stem or "qat")
         return
     a.budgets = [int(float(x)) for x in (a.budgets or ("0,4096,16384" if a.quick else "0,50000,200000")).split(",")]
