@@ -365,10 +365,11 @@ def write_report(res, stem):
 
         fig, ax = plt.subplots(figsize=(6, 4))
         for r in res["runs"]:
-            xs = [max(p["tokens"], 1) for p in r["points"]]
+            xs = [p["tokens"] for p in r["points"]]
             ax.plot(xs, [p["ppl"] for p in r["points"]], "o-", label=r["method"])
         ax.axhline(fp_ppl, color="k", ls="--", lw=1, label="full precision")
-        ax.set_xscale("symlog", linthresh=1e4)
+        if max((p["tokens"] for r in res["runs"] for p in r["points"]), default=0) > 1e4:
+            ax.set_xscale("symlog", linthresh=1e4)
         ax.set_yscale("log")
         ax.set_xlabel("QAT tokens")
         ax.set_ylabel("held-out perplexity (ctx 512)")
