@@ -2,7 +2,7 @@
 
 * Pure-Python package ``optimum_lcqat``.
 * ``optimum_lcqat-autoload.pth`` is installed into site-packages so that transformers knows
-  quant_method ``lcqat`` in every interpreter (see optimum_lcqat/_autoload.py).
+  quant_method ``lcqat`` in every interpreter (see optimum_lcqat_autoload.py).
 * The native extension ``optimum_lcqat._C`` (csrc/) is built when torch's C++ toolchain is
   usable; without a compiler the package still installs and runs the PyTorch reference
   kernels. setup.py imports torch: install with ``pip install --no-build-isolation .`` after
@@ -52,6 +52,9 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["optimum_lcqat", "optimum_lcqat.*"]),
+    # A top-level module, outside the package: the .pth imports it at every interpreter start,
+    # and importing anything inside optimum_lcqat would import torch and transformers there.
+    py_modules=["optimum_lcqat_autoload"],
     package_data={"optimum_lcqat": ["tasks/*.yaml", "tasks/*.py"]},
     install_requires=[
         "torch>=2.4",

@@ -49,4 +49,4 @@ def test_autoload_pth_is_installed():
     found = [p for d in site.getsitepackages() for p in __import__("pathlib").Path(d).glob("optimum_lcqat-autoload.pth")]
     if not found:
         pytest.fail("optimum_lcqat-autoload.pth is not installed in site-packages: install with `pip install .`")
-    assert found[0].read_text().strip() == "import optimum_lcqat._autoload"
+    assert found[0].read_text().strip() == "import optimum_lcqat_autoload"

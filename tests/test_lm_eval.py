@@ -2,6 +2,7 @@
 `optimum-lcqat lm-eval`, with the offline tasks shipped in optimum_lcqat/tasks."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -39,8 +40,12 @@ def test_hflm_in_memory_on_smollm2_lcqat(smollm2_lcqat, smollm2_dir, tmp_path):
     r = res["results"]
     acc = r["lcqat_heldout_lastword"]["acc,none"]
     assert 0.0 <= acc <= 1.0
-    wp = r["lcqat_heldout_ppl"]["word_perplexity,none"]
-    assert 1.0 < wp < 1e6
+    ppl = r["lcqat_heldout_ppl"]
+    wp, bp, bpb = ppl["word_perplexity,none"], ppl["byte_perplexity,none"], ppl["bits_per_byte,none"]
+    # (a data-free 2-bit model is far from full precision: the check is that lm-eval scored the
+    # text through the LC layers and that its metrics are consistent, not a quality bar)
+    assert math.isfinite(wp) and wp > bp > 1.0
+    assert bpb == pytest.approx(math.log2(bp), rel=1e-6)
 
 
 def test_cli_lm_eval_by_path(smollm2_lcqat, tmp_path):

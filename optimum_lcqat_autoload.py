@@ -5,7 +5,8 @@ interpreter that never imported this package would be built as a *dense, randoml
 model. The installed package ships ``optimum_lcqat-autoload.pth``, whose one line imports this
 module at interpreter start. It must stay cheap: it imports nothing heavy, it only installs a
 meta-path finder that waits for ``transformers.quantizers.auto`` and registers the method right
-after that module has executed.
+after that module has executed. It is a top-level module, not part of the optimum_lcqat
+package, because importing anything inside the package runs its __init__ (torch, transformers).
 """
 
 from __future__ import annotations
