@@ -27,6 +27,11 @@ class _RegisterAfterLoad(importlib.abc.Loader):
 
     def exec_module(self, module):
         self._loader.exec_module(module)
+        if "optimum_lcqat" in sys.modules:
+            # transformers' registry is being imported *by* optimum_lcqat's own import, which
+            # registers the method itself once it is complete (registering from here would
+            # re-enter the half-imported package).
+            return
         try:
             from optimum_lcqat._registration import register
 

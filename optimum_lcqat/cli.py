@@ -290,8 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the bundled end-to-end demo on SmolLM2-135M",
                        description="Quantize the bundled SmolLM2-135M to 2 bits (PTQ + short QAT), evaluate before and after on held-out text, save, generate a sample, print a report and write a PNG.")
     d.add_argument("--output", default="runs/demo", help="output directory (default runs/demo)")
-    d.add_argument("--num-samples", type=int, default=64, help="PTQ calibration samples of 512 tokens (default 64)")
-    d.add_argument("--qat-tokens", type=int, default=32768, help="QAT tokens after PTQ (default 32768; 0 to skip)")
+    d.add_argument("--num-samples", type=int, default=32, help="PTQ calibration samples of 512 tokens (default 32)")
+    d.add_argument("--qat-tokens", type=int, default=8192, help="QAT tokens after PTQ (default 8192; 0 to skip)")
     d.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens evaluated (default 16384)")
     d.add_argument("--data-free", action="store_true", help="skip PTQ (data-free initialisation)")
     d.add_argument("--seed", type=int, default=0)

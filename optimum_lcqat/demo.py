@@ -7,6 +7,7 @@ pydoc topics ("calibration"), QAT trains on the rest of the Python docs ("train"
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -33,6 +34,7 @@ def _chart(rows: list[dict], path: Path) -> None:
     vals = [r["ppl"] for r in rows]
     bars = ax.bar(names, vals, color=["#4c72b0", "#c44e52", "#dd8452", "#55a868"][: len(rows)])
     ax.set_yscale("log")
+    ax.set_ylim(bottom=1)  # bars from ppl 1 (a perfect model), so heights compare on the log scale
     ax.set_ylabel("held-out perplexity (log)")
     ax.set_title("SmolLM2-135M: full precision vs LC-QAT 2-bit (Python tutorial, ctx 512)")
     for b, v in zip(bars, vals):
@@ -42,6 +44,24 @@ def _chart(rows: list[dict], path: Path) -> None:
     fig.savefig(tmp, dpi=110)
     tmp.replace(path)
     plt.close(fig)
+
+
+def _machine() -> dict:
+    import os
+    import platform
+    import subprocess
+
+    import transformers
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+    except OSError:
+        commit = None
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor()) \
+        if os.path.exists("/proc/cpuinfo") else platform.processor()
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "git_commit": commit}
 
 
 def run_demo(args) -> dict:
@@ -109,6 +129,8 @@ def run_demo(args) -> dict:
 
     print("[5/5] report")
     report = {
+        "command": " ".join(["optimum-lcqat"] + sys.argv[1:]),
+        "machine": _machine(),
         "model": "SmolLM2-135M-Instruct",
         "heldout": f"Python tutorial, first {heldout.numel()} tokens, ctx 512",
         "rows": rows,
