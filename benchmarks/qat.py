@@ -114,18 +114,6 @@ def scalar_param_groups(model, lr):
 
 
 # ---------------------------------------------------------------------- data / models
-class WindowDataset(torch.utils.data.Dataset):
-    def __init__(self, tokens, seq_len):
-        n = tokens.numel() // seq_len
-        self.ids = tokens[: n * seq_len].view(n, seq_len)
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
-
-
 def fp_model(path):
     from transformers import AutoModelForCausalLM
 
@@ -439,13 +427,14 @@ def main(argv=None):
     from optimum_lcqat.assets import smollm2_path
     from optimum_lcqat.data import split_texts, token_stream
     from optimum_lcqat.evaluation import perplexity
+    from optimum_lcqat.training.recipes import TokenWindows
 
     fp_path = smollm2_path()
     tok = AutoTokenizer.from_pretrained(fp_path)
     heldout = token_stream(split_texts("heldout"), tok, max_tokens=a.eval_tokens)
     need = max(a.budgets) + a.batch * a.seq_len * 2
     train_tokens = token_stream(split_texts("train"), tok, max_tokens=need)
-    train_ds = WindowDataset(train_tokens, a.seq_len)
+    train_ds = TokenWindows(train_tokens, a.seq_len)
     log(f"held-out {heldout.numel()} tokens, train pool {train_tokens.numel()} tokens ({len(train_ds)} windows)")
     init_dir, init_kind = lcqat_init(fp_path, tok, a.init, log)
     teacher = fp_model(fp_path)

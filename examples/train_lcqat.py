@@ -39,18 +39,6 @@ class RandomWalkDataset(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-class WindowDataset(torch.utils.data.Dataset):
-    def __init__(self, tokens, seq_len):
-        n = tokens.numel() // seq_len
-        self.ids = tokens[: n * seq_len].view(n, seq_len)
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
@@ -88,10 +76,11 @@ def main(argv=None):
         from transformers import AutoTokenizer
 
         from optimum_lcqat.data import split_texts, token_stream
+        from optimum_lcqat.training.recipes import TokenWindows
 
         tok = AutoTokenizer.from_pretrained(a.model)
         need = (a.tokens or a.global_batch * a.seq_len * (a.max_steps or 1)) + a.seq_len
-        ds = WindowDataset(token_stream(split_texts("train"), tok, max_tokens=need), a.seq_len)
+        ds = TokenWindows(token_stream(split_texts("train"), tok, max_tokens=need), a.seq_len)
     steps = a.max_steps or steps_for_token_budget(a.tokens or a.seq_len * a.global_batch, a.seq_len, per_device, 1, world)
     args = TrainingArguments(
         output_dir=a.output, per_device_train_batch_size=per_device, max_steps=steps, learning_rate=a.lr,

@@ -13,7 +13,10 @@ import time
 import torch
 
 
-class _Windows(torch.utils.data.Dataset):
+class TokenWindows(torch.utils.data.Dataset):
+    """Consecutive non-overlapping windows of ``seqlen`` tokens of a 1-D token stream, as
+    causal-LM examples (labels = inputs; the model shifts them). A short tail is dropped."""
+
     def __init__(self, tokens: torch.Tensor, seqlen: int):
         n = tokens.numel() // seqlen
         if n == 0:
@@ -50,7 +53,7 @@ def run_qat(
         raise ValueError(f"run_qat: tokens must be positive, got {tokens}")
     steps = max(1, steps_for_token_budget(tokens, seqlen, batch_size))
     stream = token_stream(texts, tokenizer, max_tokens=steps * batch_size * seqlen + seqlen)
-    data = _Windows(stream, seqlen)
+    data = TokenWindows(stream, seqlen)
     cb = LCQATCallback()
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="lcqat-qat-") as out:
