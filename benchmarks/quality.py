@@ -388,8 +388,8 @@ def main() -> None:
         "",
         f"Held-out: {payload['eval']['split']}, context 512, {args.eval_tokens} tokens. "
         f"PTQ calibration: {args.num_samples} x {args.seqlen} tokens of the calibration split (seed {args.seed}).",
-        f"Machine: {payload['machine']['cpu']}, {payload['machine']['cpu_count']} cores (shared with other jobs; "
-        f"load average {load_start[0]:.1f} at start; {args.jobs} method(s) at a time: wall times are upper bounds); torch {payload['machine']['versions']['torch']}, "
+        f"Machine: {payload['machine']['cpu']}, {payload['machine']['cpu_count']} cores (load average "
+        f"{load_start[0]:.1f} at start; {args.jobs} method(s) at a time{': wall times are inflated' if args.jobs > 1 else ''}); torch {payload['machine']['versions']['torch']}, "
         f"transformers {payload['machine']['versions']['transformers']}; commit {payload['machine']['git_commit']}.",
         f"Peak RSS: {payload['peak_memory_measure']}. Bits/weight over the decoder linears; the tied "
         "embedding/lm_head stays full precision for every method.",
