@@ -58,6 +58,8 @@ def environment() -> dict:
         "lcqat_backend": backend_name(),
         "lcqat_cpu_isa": native.cpu_isa(),
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        # other work on the machine skews every wall-clock figure: record how busy it was
+        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
 
 
@@ -79,4 +81,6 @@ def md_env(env: dict) -> str:
         f"- CPU: {cpu['model']}, {cpu.get('affinity_cpus', cpu['logical_cpus'])} CPUs, flags: {' '.join(cpu['flags'])}\n"
         f"- torch {env['torch']}, {env['torch_threads']} threads; lcqat backend {env['lcqat_backend']} "
         f"(CPU kernels: {env['lcqat_cpu_isa']})\n"
+        + (f"- load average at start (1/5/15 min): {', '.join(f'{x:.2f}' for x in env['load_average_at_start'])}\n"
+           if env.get("load_average_at_start") else "")
     )

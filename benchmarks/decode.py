@@ -11,7 +11,9 @@ Modes, compared like with like:
 * ``compiled``: static cache + ``torch.compile`` of the decode step (transformers' auto-compile,
   forced on CPU with ``CompileConfig(_compile_all_devices=True)``), after a warm-up generate.
 
-Decode tokens/s = (N - 1) / (t(N new tokens) - t(1 new token)): prefill is excluded.
+Decode tokens/s = (N - 1) / (time from the first new token to the N-th), timed inside one
+``generate`` call by a stopping criterion that stamps every step: prefill is excluded, and the
+compiled mode sees one static-cache shape (two calls of different lengths would compile two).
 
     PYTHONPATH=. python -P benchmarks/decode.py --threads 2              # everything (~10+ min)
     PYTHONPATH=. python -P benchmarks/decode.py --variants fp32 lcqat --modes eager
@@ -100,8 +102,20 @@ def build(variant, path, lc_model_cache):
     return model
 
 
+class StepClock:
+    """A stopping criterion that never stops; it records when each new token was produced."""
+
+    def __init__(self):
+        self.stamps = []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.stamps.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 def generate(model, ids, n, compiled):
-    from transformers import GenerationConfig
+    """Greedy-generate n tokens; returns (decode tok/s over tokens 2..n, total seconds, output)."""
+    from transformers import GenerationConfig, StoppingCriteriaList
     from transformers.generation import CompileConfig
 
     kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=model.config.eos_token_id)
@@ -113,12 +127,15 @@ def generate(model, ids, n, compiled):
     else:
         kw["disable_compile"] = True
     gc_ = GenerationConfig(**kw)
+    clock = StepClock()
     with torch.no_grad():  # not inference_mode: quanto's frozen modules reject inference tensors
         t0 = time.perf_counter()
-        out = model.generate(ids, generation_config=gc_)
+        out = model.generate(ids, generation_config=gc_, stopping_criteria=StoppingCriteriaList([clock]))
         dt = time.perf_counter() - t0
     assert out.shape[1] == ids.shape[1] + n
-    return dt, out
+    assert len(clock.stamps) == n, (len(clock.stamps), n)
+    rate = (n - 1) / max(clock.stamps[-1] - clock.stamps[0], 1e-9) if n > 1 else float("nan")
+    return rate, dt, out
 
 
 def main():
@@ -171,9 +188,9 @@ def main():
         hdr = f"{'variant':16s} " + " ".join(f"{m + ' tok/s':>16s} {'x fp32':>7s}" for m in args.modes)
         lines = [hdr]
         md = ["# End-to-end greedy decode, SmolLM2-135M, batch 1\n", md_env(env),
-              f"\n{args.new_tokens} new tokens, prompt of {ids.shape[1]} tokens; decode tok/s = (N-1)/(t(N)-t(1)), "
+              f"\n{args.new_tokens} new tokens, prompt of {ids.shape[1]} tokens; decode tok/s = (N-1) / (time from new token 1 to N, one generate call), "
               f"median of {args.rounds} interleaved rounds; x fp32 = ratio to fp32 in the same mode. "
-              "The 2 CPUs are shared with other jobs: absolute figures are noisy; the rounds are in the JSON.\n\n",
+              "Variants are measured round-robin so that other load hits them alike; every round is in the JSON.\n\n",
               "| variant | " + " | ".join(f"{m} tok/s | x fp32 ({m})" for m in args.modes) + " |\n",
               "|---|" + "---:|---:|" * len(args.modes) + "\n"]
         for v in args.variants:
@@ -210,8 +227,7 @@ def main():
                 t0 = time.perf_counter()
                 # compiled: a full run compiles the prefill and decode graphs; eager: a short run
                 # warms the allocator and caches (the slow baselines make a full one costly here)
-                _, out = generate(model, ids, args.new_tokens if compiled else 2, compiled)
-                generate(model, ids, 1, compiled)
+                _, _, out = generate(model, ids, args.new_tokens if compiled else 2, compiled)
                 texts[f"{v}/{mode}"] = tok.decode(out[0, ids.shape[1]:])
                 print(f"{mode:8s} {v:15s} warm-up {time.perf_counter() - t0:.1f}s", flush=True)
                 live.append(v)
@@ -221,9 +237,8 @@ def main():
         rates = {v: [] for v in live}
         for r in range(args.rounds):
             for v in live:
-                t_n, _ = generate(models[v], ids, args.new_tokens, compiled)
-                t_1, _ = generate(models[v], ids, 1, compiled)
-                rates[v].append((args.new_tokens - 1) / max(t_n - t_1, 1e-9))
+                rate, _, _ = generate(models[v], ids, args.new_tokens, compiled)
+                rates[v].append(rate)
             print(f"{mode} round {r}: " + ", ".join(f"{v} {rates[v][-1]:.1f}" for v in live), flush=True)
             for v in live:
                 results[f"{v}/{mode}"] = {"variant": v, "mode": mode, "tok_s": statistics.median(rates[v]),
