@@ -278,7 +278,6 @@ def test_torch_compile_training_step(lc_dir, tmp_path):
 def test_accelerate_two_process_ddp_matches_single_process(lc_dir, tmp_path):
     script = REPO / "examples" / "train_lcqat.py"
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     common = ["--model", str(lc_dir), "--tiny-random-data", "--seq-len", str(SEQ), "--max-steps", "8",
               "--lr", "1e-2", "--lr-scale", "scales=0.1,codebook=0.1,norm=0.1", "--global-batch", "4", "--seed", "0"]
