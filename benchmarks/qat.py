@@ -227,7 +227,8 @@ def run_method(method, a, init_dir, fp_path, train_ds, heldout, log, teacher=Non
     max_b = max(a.budgets)
     if result is None:
         result = {}
-    result.update(method=method, points=points)
+    result.update(method=method + a.label_suffix, points=points, lr=a.lr, lr_scale=a.lr_scale,
+                  kd_alpha=a.kd_alpha if method == "lcqat_kd" else None)
     if max_b > 0:
         steps = math.ceil(max_b / (a.batch * a.seq_len))
         args = make_args(Path(a.workdir) / method, steps, a.lr, a.batch, a.seed, a.warmup)
@@ -327,6 +328,14 @@ def write_report(res, stem):
             p = next((p for p in r["points"] if p["budget"] == b), None)
             cells.append("not run" if p is None else f"{p['ppl']:.2f} ({p['ppl'] / fp_ppl:.2f}x fp)")
         lines.append(f"| {b:,} | " + " | ".join(cells) + " |")
+    per_run = []
+    for r in res["runs"]:
+        cfg = r if "lr" in r else next((p for p in r.get("parts", []) if "lr" in p), None)
+        if cfg:
+            per_run.append(f"{r['method']}: lr {cfg['lr']}, lr_scale {cfg['lr_scale'] or 'none'}"
+                           + (f", KD alpha {cfg['kd_alpha']}" if cfg.get("kd_alpha") is not None else ""))
+    if per_run:
+        lines += ["", "Per run: " + "; ".join(per_run) + "."]
     if "lcqat" in methods and "lcqat_kd" in methods:
         lines += ["", "At 0 tokens lcqat_kd is the same model as lcqat (the same initial checkpoint)."]
     not_run = res.get("not_run") or []
@@ -389,6 +398,9 @@ def main(argv=None):
     p.add_argument("--no-throughput", action="store_true")
     p.add_argument("--workdir", default="/tmp/lcqat-bench-qat")
     p.add_argument("--stem", default=None, help="output file stem (default qat / qat_quick)")
+    p.add_argument("--label-suffix", default="",
+                   help="appended to each method's name in the results (e.g. ' latent x20' for a run with "
+                        "another --lr-scale), so --merge keeps it apart from the default run")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="combine the runs of several result JSONs (same settings) into one report under --stem")
     p.add_argument("--not-run", action="append", default=[], help="with --merge: record a point that was not run, and why")
