@@ -260,7 +260,7 @@ def test_peft_lora_on_frozen_lcqat_model(lc_dir, tmp_path):
 def test_torch_compile_training_step(lc_dir, tmp_path):
     # The Trainer compiles the model itself (torch_compile=True). aot_eager exercises dynamo's
     # graph capture and AOT autograd through the DGE autograd.Function and the Hadamard
-    # rotations without a C++ toolchain; benchmarks/qat.py --compile times the inductor backend.
+    # rotations without a C++ toolchain (inductor's speed for training is not measured here).
     model = load_lc(lc_dir)
     cb = LCQATCallback()
     tr = Trainer(model=model, args=targs(tmp_path / "compile", torch_compile=True,
