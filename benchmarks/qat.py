@@ -455,7 +455,7 @@ def main(argv=None):
     log(f"full precision ppl {fp_ppl:.3f}")
     res = {
         "quick": a.quick, "command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + (argv or sys.argv[1:])),
-        "machine": f"{platform.machine()} {os.cpu_count()} cpus (shared), torch {torch.__version__}, {torch.get_num_threads()} threads",
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}, {torch.get_num_threads()} threads",
         "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
         "init": init_kind, "fp_ppl": fp_ppl, "eval_tokens": int(heldout.numel()), "ctx": a.ctx, "batch": a.batch,
         "seq_len": a.seq_len, "lr": a.lr, "lr_scale": a.lr_scale, "warmup": a.warmup, "kd_alpha": a.kd_alpha,
