@@ -244,8 +244,6 @@ def main():
                 results[f"{v}/{mode}"] = {"variant": v, "mode": mode, "tok_s": statistics.median(rates[v]),
                                           "rounds_tok_s": list(rates[v])}
             report(partial=True)
-        for v in live:
-            results[f"{v}/{mode}"] = {"variant": v, "mode": mode, "tok_s": statistics.median(rates[v]), "rounds_tok_s": rates[v]}
 
     report(partial=False)
 

@@ -88,6 +88,6 @@ def run_qat(
         "seconds": seconds,
         "tokens_per_s": trained / seconds,
         "final_loss": float(result.training_loss),
-        "flipped_codes_share": cb.code_change_share(model) if hasattr(cb, "code_change_share") else None,
+        "flipped_codes_share": cb.code_change_share(model),
         "distillation": teacher_model is not None,
     }
