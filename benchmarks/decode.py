@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import environment, md_env, write  # noqa: E402
 
-ALL_VARIANTS = ["fp32", "bf16", "lcqat", "lcqat_int8head", "hqq", "quanto"]
+ALL_VARIANTS = ["fp32", "bf16", "lcqat", "lcqat_int8head", "lcqat_int8head_a8", "hqq", "quanto"]
 PROMPT = "The history of the printing press begins"
 
 
@@ -75,12 +75,16 @@ def build(variant, path, lc_model_cache):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     elif variant == "bf16":
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
-    elif variant in ("lcqat", "lcqat_int8head"):
+    elif variant in ("lcqat", "lcqat_int8head", "lcqat_int8head_a8"):
         model = load_lcqat(path, lc_model_cache)
-        if variant == "lcqat_int8head":
+        if variant != "lcqat":
             from optimum_lcqat.kernels.compact_head import compact_lm_head
 
             compact_lm_head(model)
+        if variant == "lcqat_int8head_a8":
+            from optimum_lcqat import set_int8_activations
+
+            set_int8_activations(model, True)
     else:
         raise ValueError(variant)
     if variant == "hqq":
@@ -154,6 +158,10 @@ def main():
     ap.add_argument("--init-iters", type=int, default=4,
                     help="LCQATConfig.init_iters for the in-flight quantization (decode speed does not depend on it)")
     ap.add_argument("--only-quantize", action="store_true", help="with --lc-dir: quantize, save and exit")
+    ap.add_argument("--quality-dir", default=None,
+                    help="a saved lcqat checkpoint (e.g. the PTQ model of benchmarks/qat.py) on which to measure "
+                         "what the inference-only options (int8 lm_head, int8 activations) cost in held-out perplexity")
+    ap.add_argument("--quality-tokens", type=int, default=32768)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer
@@ -182,6 +190,7 @@ def main():
 
     results = {}
     texts = {}
+    quality = {}
 
     def report(partial):
         """Write the table and JSON (also after every round, so an interrupted run keeps its data)."""
@@ -208,12 +217,18 @@ def main():
                 mcells.append(f"{r['tok_s']:.1f} | {ratio:.2f}")
             lines.append(f"{v:16s} " + " ".join(cells))
             md.append(f"| {v} | " + " | ".join(mcells) + " |\n")
+        if quality:
+            md.append(f"\nWhat the inference options cost in quality: held-out perplexity of {quality['model']} "
+                      f"on the first {quality['tokens']} tokens of split_texts('heldout') (never calibrated or "
+                      "trained on), ctx 512, same model, one option set per row:\n\n| variant | ppl |\n|---|---:|\n")
+            md.extend(f"| {k} | {v:.3f} |\n" for k, v in quality["ppl"].items())
         if errors:
             md.append("\nFailures:\n\n" + "".join(f"- {k}: {e}\n" for k, e in errors.items()))
         if not partial:
             print("\n".join(lines))
         paths = write(f"decode_{args.tag}", {"env": env, "args": vars(args), "build_s": build_s, "results": results,
-                                             "errors": errors, "texts": texts, "partial": partial}, "".join(md))
+                                             "errors": errors, "texts": texts, "quality": quality,
+                                             "partial": partial}, "".join(md))
         if not partial:
             print("wrote", *paths)
 
@@ -245,7 +260,33 @@ def main():
                                           "rounds_tok_s": list(rates[v])}
             report(partial=True)
 
+    if args.quality_dir:
+        quality.update(measure_quality(args.quality_dir, tok, args.quality_tokens))
     report(partial=False)
+
+
+def measure_quality(lc_dir, tok, n_tokens):
+    """Held-out perplexity of one saved lcqat model: as saved, with the int8 lm_head, and with
+    the int8 lm_head and int8 activations (the speed variants' options)."""
+    from transformers import AutoModelForCausalLM
+
+    from optimum_lcqat import set_int8_activations
+    from optimum_lcqat.data import split_texts, token_stream
+    from optimum_lcqat.evaluation import perplexity
+    from optimum_lcqat.kernels.compact_head import compact_lm_head
+
+    heldout = token_stream(split_texts("heldout"), tok, max_tokens=n_tokens)
+    model = AutoModelForCausalLM.from_pretrained(lc_dir, dtype=torch.float32).eval()
+    ppl = {}
+    for name in ("lcqat", "lcqat_int8head", "lcqat_int8head_a8"):
+        if name == "lcqat_int8head":
+            compact_lm_head(model)
+        if name == "lcqat_int8head_a8":
+            set_int8_activations(model, True)
+        t0 = time.perf_counter()
+        ppl[name] = perplexity(model, heldout, ctx=512, batch_size=4)["ppl"]
+        print(f"quality {name}: held-out ppl {ppl[name]:.3f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    return {"model": lc_dir, "tokens": int(heldout.numel()), "ppl": ppl}
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@
 //   lc_matmul(xt, packed, A, beta)                                yt = xt @ What^T (rotated domain)
 //   lc_linear(x, packed, A, beta, s_u, s_v, bias?, block_in, left_in?, block_out, left_out?)
 //       y = s_v * H_out^T(What @ H_in(x * s_u)) + bias, the whole LC layer in one call
+//   lc_linear_a8(same arguments)                                  lc_linear with int8 activations (opt-in;
+//       the rotated, codebook-folded activations are rounded per row to int8, AVX-512 VNNI GEMV)
 //   int8_linear(x, weight int8 [m, n], scale [m], bias?)          weight-only int8 (compact lm_head)
 //   cpu_isa() -> str                                              the CPU kernel variant in use
 // H = L (x) H_block (L = identity when `left` is None; else the K x K matrix `left`, n = K*block).
@@ -172,33 +174,145 @@ Tensor lc_matmul_cpu(const Tensor& xt, const Tensor& packed, const Tensor& A, co
   return y.to(xt.scalar_type()).view(out_shape(xt, m));
 }
 
+// ------------------------------------------------------------------ decode path (B <= 8 rows)
+// Weights per thread below which a layer's GEMV stays on the calling thread: measured on 2 cores
+// over SmolLM2's 210 layers, 2^17 beat 2^15, 2^18.6 and 2^20 (a k/v projection, 110K weights, runs serially).
+constexpr int64_t kMinWeightsPerThread = 1 << 17;
+
+// Rotation, codebook folding, GEMV and output rotation for B <= kMaxGemvBatch fp32 rows xp [B, n]
+// -> yp [B, m]. act_int8: the int8-activation GEMV (lc_linear_a8) instead of the fp32 one.
+static void decode_rows(const float* xp, int64_t B, int64_t n, int64_t m, const uint8_t* pk, const float* A,
+                        const float* beta, const float* su, const float* sv, const float* bias, int64_t block_in,
+                        const float* Li, int64_t Kin, int64_t block_out, const float* Lo, int64_t Kout, bool act_int8,
+                        float* yp) {
+  const auto isa = K::detect_isa();
+  const int64_t zn = act_int8 ? n : K::prepared_size(n, isa);
+  const int64_t qn = act_int8 ? K::a8_row_bytes(n) : 0;
+  // [B, n] rotated activations | [B, zn] prepared activations | [B] constants | [B] int8 scales |
+  // max(n, m) work | [B, qn] int8 activations (as floats' worth of bytes)
+  thread_local std::vector<float> scratch;
+  const int64_t qfloats = (B * qn + 3) / 4;
+  const size_t need = static_cast<size_t>(B * n + B * zn + 2 * B + std::max(n, m) + qfloats);
+  if (scratch.size() < need) scratch.resize(need);
+  float* xt = scratch.data();
+  float* zp = xt + B * n;
+  float* c = zp + B * zn;
+  float* qs = c + B;
+  float* work = qs + B;
+  int8_t* zq = reinterpret_cast<int8_t*>(work + std::max(n, m));
+  for (int64_t b = 0; b < B; ++b) {
+    float* r = xt + b * n;
+    const float* xb = xp + b * n;
+    for (int64_t i = 0; i < n; ++i) r[i] = xb[i] * su[i];
+    K::hadamard_row(r, n, block_in, Li, Kin, false, work);
+  }
+  const int64_t grain = std::max<int64_t>(8, kMinWeightsPerThread / std::max<int64_t>(n * B, 1));
+  if (act_int8) {
+    K::prepare_activations(xt, B, n, A, beta, K::Isa::Scalar, zp, c);  // natural order
+    K::a8_prepare(zp, B, n, zq, qs);
+    at::parallel_for(0, m, grain, [&](int64_t j0, int64_t j1) { K::lc_gemv_a8_rows(zq, qs, c, B, n, pk, j0, j1, yp, m); });
+  } else {
+    K::prepare_activations(xt, B, n, A, beta, isa, zp, c);
+    at::parallel_for(0, m, grain, [&](int64_t j0, int64_t j1) { K::lc_gemv_rows(zp, c, B, n, pk, j0, j1, isa, yp, m); });
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    float* r = yp + b * m;
+    K::hadamard_row(r, m, block_out, Lo, Kout, true, work);
+    if (bias)
+      for (int64_t j = 0; j < m; ++j) r[j] = r[j] * sv[j] + bias[j];
+    else
+      for (int64_t j = 0; j < m; ++j) r[j] *= sv[j];
+  }
+}
+
+// Validated, fp32 views of an lc_linear call's arguments.
+struct LcArgs {
+  int64_t n, m, Kin, Kout;
+  Tensor pk, A32, b32, su, sv, bs, Li, Lo;
+  const float* bias() const { return bs.defined() ? bs.data_ptr<float>() : nullptr; }
+  const float* left_in() const { return Li.defined() ? Li.data_ptr<float>() : nullptr; }
+  const float* left_out() const { return Lo.defined() ? Lo.data_ptr<float>() : nullptr; }
+};
+
+static LcArgs check_lc_args(const char* op, const Tensor& x, const Tensor& packed, const Tensor& A, const Tensor& beta,
+                            const Tensor& s_u, const Tensor& s_v, const c10::optional<Tensor>& bias, int64_t block_in,
+                            const c10::optional<Tensor>& left_in, int64_t block_out,
+                            const c10::optional<Tensor>& left_out) {
+  check_act_dtype(x, op, "x");
+  TORCH_CHECK(x.dim() >= 1, "lcqat.", op, ": x must have at least one dimension");
+  LcArgs a;
+  a.n = x.size(-1);
+  check_codes(packed, A, beta, a.n, op);
+  a.m = packed.size(0);
+  check_vec(s_u, a.n, op, "s_u");
+  check_vec(s_v, a.m, op, "s_v");
+  check_vec(bias, a.m, op, "bias");
+  a.Kin = check_rotation(a.n, block_in, left_in, op, "input");
+  a.Kout = check_rotation(a.m, block_out, left_out, op, "output");
+  a.pk = packed.is_contiguous() ? packed : packed.contiguous();
+  a.A32 = f32(A);
+  a.b32 = f32(beta);
+  a.su = f32(s_u);
+  a.sv = f32(s_v);
+  a.bs = opt_f32(bias);
+  a.Li = opt_f32(left_in);
+  a.Lo = opt_f32(left_out);
+  return a;
+}
+
+// Decode path of lc_linear (B <= kMaxGemvBatch rows, the batch-1..8 token-by-token case).
+// At SmolLM2's sizes a layer's GEMV takes only ~5-30 us, so fixed costs matter as much as the
+// inner loop: the only allocation is the output (rotated and prepared activations live in a
+// per-thread scratch buffer), the input scaling, Hadamard and codebook folding run in one pass
+// over the rows, the GEMV writes straight into the output, the output rotation runs in place,
+// and a layer too small to pay for waking the OpenMP team runs on the calling thread.
+static Tensor decode_call(const Tensor& x, int64_t B, const LcArgs& a, int64_t block_in, int64_t block_out,
+                          bool act_int8) {
+  const bool fp32_in = x.scalar_type() == at::kFloat && x.is_contiguous();
+  Tensor xf = fp32_in ? x : x.reshape({B, a.n}).to(at::kFloat).contiguous();
+  Tensor y = at::empty(out_shape(x, a.m), x.options().dtype(at::kFloat));
+  const float* xp = xf.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for (int64_t b0 = 0; b0 < B; b0 += K::kMaxGemvBatch) {
+    const int64_t bs = std::min<int64_t>(K::kMaxGemvBatch, B - b0);
+    decode_rows(xp + b0 * a.n, bs, a.n, a.m, a.pk.data_ptr<uint8_t>(), a.A32.data_ptr<float>(),
+                a.b32.data_ptr<float>(), a.su.data_ptr<float>(), a.sv.data_ptr<float>(), a.bias(), block_in,
+                a.left_in(), a.Kin, block_out, a.left_out(), a.Kout, act_int8, yp + b0 * a.m);
+  }
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
 Tensor lc_linear_cpu(const Tensor& x, const Tensor& packed, const Tensor& A, const Tensor& beta, const Tensor& s_u,
                      const Tensor& s_v, const c10::optional<Tensor>& bias, int64_t block_in,
                      const c10::optional<Tensor>& left_in, int64_t block_out, const c10::optional<Tensor>& left_out) {
-  check_act_dtype(x, "lc_linear", "x");
-  TORCH_CHECK(x.dim() >= 1, "lcqat.lc_linear: x must have at least one dimension");
-  const int64_t n = x.size(-1);
-  check_codes(packed, A, beta, n, "lc_linear");
-  const int64_t m = packed.size(0);
-  check_vec(s_u, n, "lc_linear", "s_u");
-  check_vec(s_v, m, "lc_linear", "s_v");
-  check_vec(bias, m, "lc_linear", "bias");
-  const int64_t Kin = check_rotation(n, block_in, left_in, "lc_linear", "input");
-  const int64_t Kout = check_rotation(m, block_out, left_out, "lc_linear", "output");
-  auto pk = packed.is_contiguous() ? packed : packed.contiguous();
-  auto A32 = f32(A), b32 = f32(beta);
-  auto su = f32(s_u), sv = f32(s_v), bs = opt_f32(bias);
-  auto Li = opt_f32(left_in), Lo = opt_f32(left_out);
+  const LcArgs a = check_lc_args("lc_linear", x, packed, A, beta, s_u, s_v, bias, block_in, left_in, block_out, left_out);
+  const int64_t B = a.n ? x.numel() / a.n : 0;
+  if (B >= 1 && B <= K::kMaxGemvBatch) return decode_call(x, B, a, block_in, block_out, false);
 
-  auto xt = rows_f32(x, n);
-  const int64_t B = xt.size(0);
-  rotate_rows_f32(xt.data_ptr<float>(), B, n, block_in, Li.defined() ? Li.data_ptr<float>() : nullptr, Kin, false,
-                  su.data_ptr<float>(), nullptr, nullptr);
-  Tensor yt = matmul_rows_f32(xt, pk, A32, b32);
-  rotate_rows_f32(yt.data_ptr<float>(), B, m, block_out, Lo.defined() ? Lo.data_ptr<float>() : nullptr, Kout, true,
-                  nullptr, sv.data_ptr<float>(), bs.defined() ? bs.data_ptr<float>() : nullptr);
-  return finish(yt, x, m);
+  auto xt = rows_f32(x, a.n);
+  rotate_rows_f32(xt.data_ptr<float>(), B, a.n, block_in, a.left_in(), a.Kin, false, a.su.data_ptr<float>(), nullptr,
+                  nullptr);
+  Tensor yt = matmul_rows_f32(xt, a.pk, a.A32, a.b32);
+  rotate_rows_f32(yt.data_ptr<float>(), B, a.m, block_out, a.left_out(), a.Kout, true, nullptr,
+                  a.sv.data_ptr<float>(), a.bias());
+  return finish(yt, x, a.m);
 }
+
+// lc_linear with int8 activations (opt-in): every row, whatever the batch, goes through the
+// int8-activation GEMV in slices of kMaxGemvBatch rows, so a token's result does not depend on
+// how many rows share its call.
+Tensor lc_linear_a8_cpu(const Tensor& x, const Tensor& packed, const Tensor& A, const Tensor& beta, const Tensor& s_u,
+                        const Tensor& s_v, const c10::optional<Tensor>& bias, int64_t block_in,
+                        const c10::optional<Tensor>& left_in, int64_t block_out,
+                        const c10::optional<Tensor>& left_out) {
+  const LcArgs a =
+      check_lc_args("lc_linear_a8", x, packed, A, beta, s_u, s_v, bias, block_in, left_in, block_out, left_out);
+  const int64_t B = a.n ? x.numel() / a.n : 0;
+  if (B == 0) return at::empty(out_shape(x, a.m), x.options());
+  return decode_call(x, B, a, block_in, block_out, true);
+}
+
+bool cpu_has_vnni() { return K::has_vnni(); }
 
 // ------------------------------------------------------------------ int8 weight-only linear (compact lm_head)
 Tensor int8_linear_cpu(const Tensor& x, const Tensor& w, const Tensor& scale, const c10::optional<Tensor>& bias) {
@@ -247,7 +361,10 @@ TORCH_LIBRARY(lcqat, m) {
   m.def("lc_matmul(Tensor xt, Tensor packed, Tensor A, Tensor beta) -> Tensor");
   m.def("lc_linear(Tensor x, Tensor packed, Tensor A, Tensor beta, Tensor s_u, Tensor s_v, Tensor? bias, "
         "int block_in, Tensor? left_in, int block_out, Tensor? left_out) -> Tensor");
+  m.def("lc_linear_a8(Tensor x, Tensor packed, Tensor A, Tensor beta, Tensor s_u, Tensor s_v, Tensor? bias, "
+        "int block_in, Tensor? left_in, int block_out, Tensor? left_out) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor weight, Tensor scale, Tensor? bias) -> Tensor");
+  m.def("cpu_has_vnni() -> bool", &cpu_has_vnni);
   m.def("cpu_isa() -> str", &cpu_isa);
 }
 
@@ -255,6 +372,7 @@ TORCH_LIBRARY_IMPL(lcqat, CPU, m) {
   m.impl("hadamard", &hadamard_cpu);
   m.impl("lc_matmul", &lc_matmul_cpu);
   m.impl("lc_linear", &lc_linear_cpu);
+  m.impl("lc_linear_a8", &lc_linear_a8_cpu);
   m.impl("int8_linear", &int8_linear_cpu);
 }
 

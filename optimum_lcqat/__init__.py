@@ -5,7 +5,7 @@ Importing the package registers quantization method ``lcqat`` with transformers.
 
 from ._registration import register as _register
 from .config import FORMAT_VERSION, LCQATConfig
-from .nn import LCLinear
+from .nn import LCLinear, set_int8_activations
 from .quantizer import LCQATHfQuantizer
 
 __version__ = "0.1.0"
@@ -22,4 +22,4 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["LCQATConfig", "LCQATHfQuantizer", "LCLinear", "FORMAT_VERSION", "LCQATCallback", "__version__"]
+__all__ = ["LCQATConfig", "LCQATHfQuantizer", "LCLinear", "FORMAT_VERSION", "LCQATCallback", "set_int8_activations", "__version__"]

@@ -6,6 +6,7 @@ The native tests are skipped, with the reason, when the extension is not built
 
 from __future__ import annotations
 
+import copy
 import importlib
 import os
 import shutil
@@ -110,6 +111,12 @@ for m, n, b in [(37, 200, 1), (64, 300, 3), (16, 1540, 8), (5, 12, 2)]:
     out = native.lc_linear(x, p, A, be, su, sv, None, pi, po)
     err = float((out.double() - ref).abs().max() / ref.abs().max())
     assert err < 1e-4, (m, n, b, err)
+    # int8 activations: VNNI only at avx512, so here the scalar integer code must give the same sums
+    assert not native.cpu_has_vnni()
+    ref8 = reference.lc_linear_a8(x, p, A, be, su, sv, None, pi, po).double()
+    out8 = native.lc_linear_a8(x, p, A, be, su, sv, None, pi, po)
+    err8 = float((out8.double() - ref8).abs().max() / ref8.abs().max())
+    assert err8 < 1e-3, (m, n, b, err8)
 print("ok")
 """
     env = dict(os.environ, LCQAT_CPU_ISA=isa)  # the installed package (its built _C), as in every test
@@ -211,6 +218,86 @@ def test_lclinear_module_uses_native_and_matches_reference_backend():
 
 
 @needs_native
+def test_lclinear_inference_fast_path_matches_and_steps_aside(monkeypatch):
+    # After its first inference call an LCLinear calls the op directly (no dispatcher checks);
+    # it must give the same numbers, and still leave to the dispatcher what the op cannot take:
+    # a call that needs a gradient, or a dtype the op does not support.
+    from optimum_lcqat.nn.lc_linear import LCLinear
+
+    packed, A, beta, s_u, s_v, bias = make_layer(40, 576)
+    layer = LCLinear.from_quantized(None, packed, A, beta, s_u, s_v, bias, hadamard_block_size="full")
+    assert layer.plan_in.left > 1  # 576 = 9 x 64: a Paley left factor travels in the cached arguments
+    x = torch.randn(1, 1, 576)
+    calls = []
+    real = kernels.lc_linear
+    monkeypatch.setattr(kernels, "lc_linear", lambda *a: calls.append(1) or real(*a))
+    ref = oracle(x, layer.codes, layer.A, layer.beta, layer.s_u, layer.s_v, layer.bias, layer.plan_in, layer.plan_out)
+    with torch.no_grad():
+        first = layer(x)
+        assert calls == [1] and layer._native is not None and layer._native[0] == x.device
+        second = layer(x)
+        assert calls == [1]  # the fast path
+        wide = copy.deepcopy(layer).double()(x.double())  # float64: not native, the reference takes it
+        assert calls == [1, 1] and wide.dtype == torch.float64
+    assert torch.equal(first, second)
+    assert_close_rel(second, ref, 1e-4)
+    assert_close_rel(wide, ref, 1e-4)
+    xg = x.clone().requires_grad_(True)
+    out = layer(xg)  # grad enabled: the differentiable path, never the fast one
+    assert calls == [1, 1, 1] and out.requires_grad
+    out.sum().backward()
+    assert xg.grad is not None and torch.isfinite(xg.grad).all()
+    compiled = torch.compile(layer, fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        assert_close_rel(compiled(x), ref, 1e-4)
+
+
+@needs_native
+@pytest.mark.parametrize("m,n,block", SHAPES)
+@pytest.mark.parametrize("batch", [1, 3, 8, 13])
+def test_lc_linear_a8_matches_its_emulation_and_stays_close_to_exact(m, n, block, batch):
+    # The native int8-activation op against the reference's emulation of the same rounding (a
+    # layout or sign slip gives O(1) errors; an activation rounded the other way at a tie, ~1e-4),
+    # and against the exact layer: one absmax scale per row costs a few percent of the largest
+    # output on these random layers (what it costs a real model: benchmarks/decode.py --quality-dir).
+    pi, po = plan_rotation(n, block), plan_rotation(m, block)
+    packed, A, beta, s_u, s_v, bias = make_layer(m, n, seed=m + n + batch)
+    x = torch.randn(batch, n, generator=torch.Generator().manual_seed(batch))
+    out = native.lc_linear_a8(x, packed, A, beta, s_u, s_v, bias, pi, po)
+    emul = reference.lc_linear_a8(x, packed, A, beta, s_u, s_v, bias, pi, po)
+    assert out.shape == (batch, m) and out.dtype == torch.float32
+    assert_close_rel(out, emul.double(), 1e-3)
+    assert_close_rel(out, oracle(x, packed, A, beta, s_u, s_v, bias, pi, po), 1e-1)
+    # a row's result does not depend on how many rows share the call (slices of 8)
+    assert_close_rel(out[:1], native.lc_linear_a8(x[:1], packed, A, beta, s_u, s_v, bias, pi, po).double(), 1e-6)
+
+
+@needs_native
+def test_set_int8_activations_switches_layers_and_refuses_training():
+    from optimum_lcqat import set_int8_activations
+    from optimum_lcqat.nn.lc_linear import LCLinear
+
+    packed, A, beta, s_u, s_v, bias = make_layer(64, 576)
+    model = torch.nn.Sequential(LCLinear.from_quantized(None, packed, A, beta, s_u, s_v, bias), torch.nn.ReLU())
+    layer = model[0]
+    x = torch.randn(2, 1, 576)
+    emul = reference.lc_linear_a8(x, packed, A, beta, s_u, s_v, bias, layer.plan_in, layer.plan_out)
+    exact = oracle(x, packed, A, beta, s_u, s_v, bias, layer.plan_in, layer.plan_out)
+    assert set_int8_activations(model, True) == 1 and layer.int8_activations
+    model.eval()
+    with torch.no_grad():
+        first, second = layer(x), layer(x)  # the second call takes the cached fast path
+    assert torch.equal(first, second)
+    assert_close_rel(second, emul.double(), 1e-3)
+    model.train()
+    with pytest.raises(RuntimeError, match="inference only"):
+        layer(x.clone().requires_grad_(True))
+    assert set_int8_activations(model, False) == 1
+    with torch.no_grad():
+        assert_close_rel(layer(x), exact, 1e-4)
+
+
+@needs_native
 def test_torch_compile_fullgraph():
     m, n = 96, 128
     pi, po = plan_rotation(n, 64), plan_rotation(m, 64)
@@ -237,6 +324,7 @@ def test_opcheck():
     x = torch.randn(3, n)
     opcheck(torch.ops.lcqat.lc_linear.default, (x, packed, A, beta, s_u, s_v, bias, 64, None, 8, None))
     opcheck(torch.ops.lcqat.lc_linear.default, (x.bfloat16(), packed, A, beta, s_u, s_v, None, 16, None, 8, None))
+    opcheck(torch.ops.lcqat.lc_linear_a8.default, (x, packed, A, beta, s_u, s_v, bias, 64, None, 8, None))
     opcheck(torch.ops.lcqat.lc_matmul.default, (x, packed, A, beta))
     opcheck(torch.ops.lcqat.hadamard.default, (x, 32, None, s_u, None, True))
     opcheck(torch.ops.lcqat.hadamard.default, (torch.randn(2, 24), 2, torch.tensor(plan_left(12)), None, None, False))
@@ -336,13 +424,16 @@ def test_cuda_hadamard_and_matmul_match_reference():
 @needs_native
 @pytest.mark.parametrize("batch", [1, 3, 8, 20, 70])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_head_matches_dequantized_linear(batch, dtype):
+@pytest.mark.parametrize("n", [100, 584])
+def test_int8_head_matches_dequantized_linear(batch, dtype, n):
     from optimum_lcqat.kernels.compact_head import Int8Linear
 
-    lin = torch.nn.Linear(100, 333, bias=True)  # n = 100: AVX-512 main loop plus a scalar tail
+    # n = 100: one unrolled step of 64, one of 16 and a scalar tail of 4 (AVX-512); n = 584: nine
+    # unrolled steps and a tail of 8. 333 rows: more than the prefetch distance, none a multiple of 4.
+    lin = torch.nn.Linear(n, 333, bias=True)
     head = Int8Linear.from_linear(lin)
     assert (head.dequantize_weight() - lin.weight).abs().max() <= head.scale.max() / 2 + 1e-6
-    x = torch.randn(2, batch, 100).to(dtype)
+    x = torch.randn(2, batch, n).to(dtype)
     ref = torch.nn.functional.linear(x.double(), head.dequantize_weight().double(), lin.bias.double())
     with torch.no_grad():
         out = head(x)

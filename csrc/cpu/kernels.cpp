@@ -53,6 +53,22 @@ const char* isa_name(Isa isa) {
   }
 }
 
+// ------------------------------------------------------------------ prefetch
+// The weights of a decode step stream from DRAM once per token (a 2-bit SmolLM2 and its int8
+// lm_head do not stay in the cache between tokens), one row after another. Asking for the bytes
+// kPrefetchUnits units ahead (a unit: one row, or one group of rows) hides the DRAM latency that
+// the hardware prefetcher leaves: measured on the int8 lm_head inside the model, see
+// benchmarks/decode.py. `rest` is the number of units left, so nothing past the end is touched.
+constexpr int64_t kPrefetchUnits = 4;  // 4 beat 0, 16, 32 and 64 (SmolLM2 decode, 2 threads)
+
+static inline void prefetch_ahead(const void* unit, int64_t unit_bytes, int64_t rest, int64_t stride) {
+#if LCQAT_X86 || defined(__GNUC__)
+  if (rest <= kPrefetchUnits) return;
+  const char* p = static_cast<const char*>(unit) + kPrefetchUnits * stride;
+  for (int64_t o = 0; o < unit_bytes; o += 64) __builtin_prefetch(p + o, 0, 3);
+#endif
+}
+
 // ------------------------------------------------------------------ codebook table
 void make_table(const float* A, const float* beta, float* table) {
   for (int k = 0; k < 256; ++k) {
@@ -202,6 +218,7 @@ __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl"))) static void gemv_a
     const int64_t k1 = std::min(nblk, k0 + cb);
     for (int64_t j = j0; j < j1; ++j) {
       const uint8_t* p = packed + j * nb;
+      if (k0 == 0) prefetch_ahead(p, nb, j1 - j, nb);
       __m512 acc[B][NA];
       for (int b = 0; b < B; ++b)
         for (int a = 0; a < NA; ++a) acc[b][a] = _mm512_setzero_ps();
@@ -225,6 +242,57 @@ __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl"))) static void gemv_a
         for (int a = 1; a < NA; ++a) s = _mm512_add_ps(s, acc[b][a]);
         y[b * ldy + j] += _mm512_reduce_add_ps(s);
       }
+    }
+  }
+}
+
+// [sum r0, sum r1, sum r2, sum r3] in one transpose-and-add tree (~11 uops where four separate
+// _mm512_reduce_add_ps take ~32): the end-of-row reduction is a visible share of a 576-wide row.
+__attribute__((target("avx512f,avx512dq"))) static inline __m128 reduce4_512(__m512 r0, __m512 r1, __m512 r2,
+                                                                              __m512 r3) {
+  const __m512 a = _mm512_add_ps(_mm512_unpacklo_ps(r0, r1), _mm512_unpackhi_ps(r0, r1));
+  const __m512 b = _mm512_add_ps(_mm512_unpacklo_ps(r2, r3), _mm512_unpackhi_ps(r2, r3));
+  const __m512 q = _mm512_add_ps(_mm512_shuffle_ps(a, b, _MM_SHUFFLE(1, 0, 1, 0)),
+                                 _mm512_shuffle_ps(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m256 d = _mm256_add_ps(_mm512_castps512_ps256(q), _mm512_extractf32x8_ps(q, 1));
+  return _mm_add_ps(_mm256_castps256_ps128(d), _mm256_extractf128_ps(d, 1));
+}
+
+// Batch 1 (token-by-token decode), four weight rows per step: the 64 activations of a block are
+// loaded once for four rows and the four row sums are reduced together. Same decoding of the
+// codes as gemv_avx512; the rows left over (m mod 4) go through gemv_avx512<1>.
+__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl"))) static void gemv1_avx512_rows4(
+    const float* zp, const float* c, int64_t n, const uint8_t* packed, int64_t j0, int64_t j1, float* y) {
+  const int64_t nb = n / 4;
+  const int64_t nblk = nb / 16;
+  const __m512 lo = _mm512_setr_ps(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3);
+  const __m512 hi = _mm512_setr_ps(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  for (int64_t j = j0; j < j1; ++j) y[j] = tail_dot(packed + j * nb, nblk * 16, nb, zp) + c[0];
+  const int64_t cb = col_blocks_per_pass(1, 64);
+  for (int64_t k0 = 0; k0 < nblk; k0 += cb) {
+    const int64_t k1 = std::min(nblk, k0 + cb);
+    for (int64_t j = j0; j < j1; j += 4) {
+      if (k0 == 0) prefetch_ahead(packed + j * nb, 4 * nb, (j1 - j) / 4, 4 * nb);
+      const uint8_t* p[4];
+      for (int r = 0; r < 4; ++r) p[r] = packed + (j + r) * nb;
+      __m512 acc[4][2];
+      for (int r = 0; r < 4; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+      for (int64_t bb = k0; bb < k1; ++bb) {
+        const float* zb = zp + bb * 64;
+        const __m512 z0 = _mm512_loadu_ps(zb), z1 = _mm512_loadu_ps(zb + 16);
+        const __m512 z2 = _mm512_loadu_ps(zb + 32), z3 = _mm512_loadu_ps(zb + 48);
+        for (int r = 0; r < 4; ++r) {
+          const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p[r] + bb * 16)));
+          const __m512i v4 = _mm512_srli_epi32(v, 4);
+          acc[r][0] = _mm512_fmadd_ps(_mm512_permutexvar_ps(v, lo), z0, acc[r][0]);
+          acc[r][1] = _mm512_fmadd_ps(_mm512_permutexvar_ps(v, hi), z1, acc[r][1]);
+          acc[r][0] = _mm512_fmadd_ps(_mm512_permutexvar_ps(v4, lo), z2, acc[r][0]);
+          acc[r][1] = _mm512_fmadd_ps(_mm512_permutexvar_ps(v4, hi), z3, acc[r][1]);
+        }
+      }
+      const __m128 s = reduce4_512(_mm512_add_ps(acc[0][0], acc[0][1]), _mm512_add_ps(acc[1][0], acc[1][1]),
+                                   _mm512_add_ps(acc[2][0], acc[2][1]), _mm512_add_ps(acc[3][0], acc[3][1]));
+      _mm_storeu_ps(y + j, _mm_add_ps(_mm_loadu_ps(y + j), s));
     }
   }
 }
@@ -255,6 +323,7 @@ __attribute__((target("avx2,fma"))) static void gemv_avx2(const float* zp, const
     const int64_t k1 = std::min(nblk, k0 + cb);
     for (int64_t j = j0; j < j1; ++j) {
       const uint8_t* p = packed + j * nb;
+      if (k0 == 0) prefetch_ahead(p, nb, j1 - j, nb);
       __m256 acc[B][NA];
       for (int b = 0; b < B; ++b)
         for (int a = 0; a < NA; ++a) acc[b][a] = _mm256_setzero_ps();
@@ -299,6 +368,12 @@ void lc_gemv_rows(const float* zp, const float* c, int64_t B, int64_t n, const u
   if (B < 1 || B > kMaxGemvBatch) std::abort();  // the caller checks; never reached
 #if LCQAT_X86
   if (isa == Isa::Avx512) {
+    if (B == 1 && j1 - j0 >= 4) {
+      const int64_t j4 = j0 + (j1 - j0) / 4 * 4;
+      gemv1_avx512_rows4(zp, c, n, packed, j0, j4, y);
+      if (j4 < j1) gemv_avx512<1>(zp, c, n, packed, j4, j1, y, ldy);
+      return;
+    }
     LCQAT_DISPATCH_B(gemv_avx512, B, zp, c, n, packed, j0, j1, y, ldy);
     return;
   }
@@ -331,14 +406,23 @@ __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl"))) static void int8_a
   const int64_t n16 = n / 16 * 16;
   for (int64_t j = j0; j < j1; ++j) {
     const int8_t* wr = w + j * n;
+    prefetch_ahead(wr, n, j1 - j, n);
     __m512 acc[B][NA];
     for (int b = 0; b < B; ++b)
       for (int a = 0; a < NA; ++a) acc[b][a] = _mm512_setzero_ps();
+    // NA steps per iteration with compile-time accumulator indices: a run-time `step % NA`
+    // index kept the accumulators in memory (measured 2.3x slower).
     int64_t i = 0;
-    int step = 0;
-    for (; i < n16; i += 16, ++step) {
+    for (; i + 16 * NA <= n16; i += 16 * NA) {
+      for (int a = 0; a < NA; ++a) {
+        const __m512 wv =
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + i + 16 * a))));
+        for (int b = 0; b < B; ++b) acc[b][a] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + b * n + i + 16 * a), acc[b][a]);
+      }
+    }
+    for (; i < n16; i += 16) {
       const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + i))));
-      for (int b = 0; b < B; ++b) acc[b][step % NA] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + b * n + i), acc[b][step % NA]);
+      for (int b = 0; b < B; ++b) acc[b][0] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + b * n + i), acc[b][0]);
     }
     for (int b = 0; b < B; ++b) {
       __m512 s = acc[b][0];
@@ -357,14 +441,21 @@ __attribute__((target("avx2,fma"))) static void int8_avx2(const float* x, int64_
   const int64_t n8 = n / 8 * 8;
   for (int64_t j = j0; j < j1; ++j) {
     const int8_t* wr = w + j * n;
+    prefetch_ahead(wr, n, j1 - j, n);
     __m256 acc[B][NA];
     for (int b = 0; b < B; ++b)
       for (int a = 0; a < NA; ++a) acc[b][a] = _mm256_setzero_ps();
-    int64_t i = 0;
-    int step = 0;
-    for (; i < n8; i += 8, ++step) {
+    int64_t i = 0;  // NA steps per iteration, compile-time accumulator indices (see int8_avx512)
+    for (; i + 8 * NA <= n8; i += 8 * NA) {
+      for (int a = 0; a < NA; ++a) {
+        const __m256 wv =
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wr + i + 8 * a))));
+        for (int b = 0; b < B; ++b) acc[b][a] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + b * n + i + 8 * a), acc[b][a]);
+      }
+    }
+    for (; i < n8; i += 8) {
       const __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wr + i))));
-      for (int b = 0; b < B; ++b) acc[b][step % NA] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + b * n + i), acc[b][step % NA]);
+      for (int b = 0; b < B; ++b) acc[b][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + b * n + i), acc[b][0]);
     }
     for (int b = 0; b < B; ++b) {
       __m256 s = acc[b][0];
@@ -392,6 +483,171 @@ void int8_gemv_rows(const float* x, int64_t B, int64_t n, const int8_t* w, const
   for (int64_t j = j0; j < j1; ++j)
     for (int64_t b = 0; b < B; ++b) y[b * ldy + j] = 0.f;
   int8_scalar(x, B, n, w, scale, j0, j1, y, ldy, 0);
+}
+
+// ------------------------------------------------------------------ int8-activation GEMV
+// Layout of a prepared row: chunks of 256 weights (64 code bytes); inside chunk k,
+// zq[256k + 64s + t] = round(z[256k + 4t + s] / scale): the s-th 2-bit field of code byte t
+// meets its activation at the same byte position, so one vpdpbusd multiplies 64 codes. The
+// last chunk is zero-padded (and its code bytes are loaded masked).
+bool has_vnni() {
+#if LCQAT_X86 && defined(__GNUC__)
+  static const bool v = detect_isa() == Isa::Avx512 && __builtin_cpu_supports("avx512vnni");
+  return v;
+#else
+  return false;
+#endif
+}
+
+int64_t a8_row_bytes(int64_t n) { return (n + 255) / 256 * 256; }
+
+// Round to nearest, ties to even (as torch.round), for |v| < 2^22: adding and subtracting 1.5 * 2^23
+// leaves the rounded value in fp32 arithmetic. Inline, where std::nearbyint is a libm call
+// (~2 us per 576-vector) without -msse4.1.
+static inline float round_even(float v) {
+  volatile float big = 12582912.0f;  // volatile: no reassociation may fold the pair away
+  return (v + big) - big;
+}
+
+void a8_prepare(const float* z, int64_t B, int64_t n, int8_t* zq, float* scale) {
+  const int64_t rb = a8_row_bytes(n);
+  for (int64_t b = 0; b < B; ++b) {
+    const float* zb = z + b * n;
+    int8_t* qb = zq + b * rb;
+    float amax = 0.f;
+    for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(zb[i]));
+    const float s = amax > 0.f ? amax / 127.f : 1.f;
+    const float inv = 1.f / s;
+    std::memset(qb, 0, rb);
+    for (int64_t k = 0; k < rb / 256; ++k)
+      for (int64_t t = 0; t < 64; ++t)
+        for (int s = 0; s < 4; ++s) {
+          const int64_t i = 256 * k + 4 * t + s;
+          if (i >= n) break;
+          const float v = round_even(zb[i] * inv);
+          qb[256 * k + 64 * s + t] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, v)));
+        }
+    scale[b] = s;
+  }
+}
+
+static void gemv_a8_scalar(const int8_t* zq, const float* scale, const float* c, int64_t B, int64_t n,
+                           const uint8_t* packed, int64_t j0, int64_t j1, float* y, int64_t ldy) {
+  const int64_t nb = n / 4, rb = a8_row_bytes(n);
+  for (int64_t j = j0; j < j1; ++j) {
+    const uint8_t* p = packed + j * nb;
+    for (int64_t b = 0; b < B; ++b) {
+      const int8_t* qb = zq + b * rb;
+      int32_t acc = 0;
+      for (int64_t t = 0; t < nb; ++t) {
+        const int64_t k = t / 64, tt = t % 64;
+        const unsigned byte = p[t];
+        for (int s = 0; s < 4; ++s) acc += static_cast<int32_t>((byte >> (2 * s)) & 3) * qb[256 * k + 64 * s + tt];
+      }
+      y[b * ldy + j] = scale[b] * static_cast<float>(acc) + c[b];
+    }
+  }
+}
+
+#if LCQAT_X86
+// acc[s] holds 4^s * sum q_s z per lane (integers below 2^24: exact in fp32, and so is the
+// division by 4^s), returned as one float vector of per-lane sums.
+__attribute__((target("avx512f"))) static inline __m512 combine_fields(const __m512i* acc) {
+  __m512 f = _mm512_cvtepi32_ps(acc[0]);
+  f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[1]), _mm512_set1_ps(0.25f), f);
+  f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[2]), _mm512_set1_ps(1.0f / 16), f);
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[3]), _mm512_set1_ps(1.0f / 64), f);
+}
+
+template <int B>
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) static void gemv_a8_vnni(
+    const int8_t* zq, const float* scale, const float* c, int64_t n, const uint8_t* packed, int64_t j0, int64_t j1,
+    float* y, int64_t ldy) {
+  const int64_t nb = n / 4, rb = a8_row_bytes(n);
+  const int64_t nch = (nb + 63) / 64;
+  const __mmask64 last = (nb % 64) ? ((1ULL << (nb % 64)) - 1) : ~0ULL;
+  const __m512i f0 = _mm512_set1_epi8(0x03), f1 = _mm512_set1_epi8(0x0C);
+  const __m512i f2 = _mm512_set1_epi8(0x30), f3 = _mm512_set1_epi8(static_cast<char>(0xC0));
+  for (int64_t j = j0; j < j1; ++j) {
+    const uint8_t* p = packed + j * nb;
+    prefetch_ahead(p, nb, j1 - j, nb);
+    __m512i acc[B][4];  // one per 2-bit field
+    for (int b = 0; b < B; ++b)
+      for (int a = 0; a < 4; ++a) acc[b][a] = _mm512_setzero_si512();
+    for (int64_t k = 0; k < nch; ++k) {
+      const __m512i v = k + 1 < nch ? _mm512_loadu_si512(p + 64 * k) : _mm512_maskz_loadu_epi8(last, p + 64 * k);
+      // Field s, unshifted: v & (3 << 2s) = 4^s q_s, so accumulator s sums 4^s q_s z (no shifts).
+      const __m512i q0 = _mm512_and_si512(v, f0), q1 = _mm512_and_si512(v, f1);
+      const __m512i q2 = _mm512_and_si512(v, f2), q3 = _mm512_and_si512(v, f3);
+      for (int b = 0; b < B; ++b) {
+        const int8_t* zb = zq + b * rb + 256 * k;
+        acc[b][0] = _mm512_dpbusd_epi32(acc[b][0], q0, _mm512_loadu_si512(zb));
+        acc[b][1] = _mm512_dpbusd_epi32(acc[b][1], q1, _mm512_loadu_si512(zb + 64));
+        acc[b][2] = _mm512_dpbusd_epi32(acc[b][2], q2, _mm512_loadu_si512(zb + 128));
+        acc[b][3] = _mm512_dpbusd_epi32(acc[b][3], q3, _mm512_loadu_si512(zb + 192));
+      }
+    }
+    for (int b = 0; b < B; ++b)
+      y[b * ldy + j] = scale[b] * _mm512_reduce_add_ps(combine_fields(acc[b])) + c[b];
+  }
+}
+#endif
+
+#if LCQAT_X86
+// Batch 1, four rows per step: the int8 activations of a chunk are loaded once for four rows,
+// the four row sums are reduced together (exactly: every partial sum is an integer below 2^24
+// for n < 44000)
+// and the prefetch is issued once per group of rows. SmolLM2's rows are short (576 codes = 3
+// chunks), so this per-row work is a large share of the time.
+__attribute__((target("avx512f,avx512bw,avx512dq,avx512vnni"))) static void gemv1_a8_vnni_rows4(
+    const int8_t* zq, float scale, float c, int64_t n, const uint8_t* packed, int64_t j0, int64_t j1, float* y) {
+  const int64_t nb = n / 4;
+  const int64_t nch = (nb + 63) / 64;
+  const __mmask64 last = (nb % 64) ? ((1ULL << (nb % 64)) - 1) : ~0ULL;
+  const __m512i f0 = _mm512_set1_epi8(0x03), f1 = _mm512_set1_epi8(0x0C);
+  const __m512i f2 = _mm512_set1_epi8(0x30), f3 = _mm512_set1_epi8(static_cast<char>(0xC0));
+  const __m128 vs = _mm_set1_ps(scale), vc = _mm_set1_ps(c);
+  for (int64_t j = j0; j < j1; j += 4) {
+    prefetch_ahead(packed + j * nb, 4 * nb, (j1 - j) / 4, 4 * nb);
+    __m512i acc[4][4];  // [row][2-bit field], see gemv_a8_vnni
+    for (int r = 0; r < 4; ++r)
+      for (int a = 0; a < 4; ++a) acc[r][a] = _mm512_setzero_si512();
+    for (int64_t k = 0; k < nch; ++k) {
+      const int8_t* zb = zq + 256 * k;
+      const __m512i z0 = _mm512_loadu_si512(zb), z1 = _mm512_loadu_si512(zb + 64);
+      const __m512i z2 = _mm512_loadu_si512(zb + 128), z3 = _mm512_loadu_si512(zb + 192);
+      const __mmask64 mk = k + 1 < nch ? ~0ULL : last;
+      for (int r = 0; r < 4; ++r) {
+        const __m512i v = _mm512_maskz_loadu_epi8(mk, packed + (j + r) * nb + 64 * k);
+        acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], _mm512_and_si512(v, f0), z0);
+        acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], _mm512_and_si512(v, f1), z1);
+        acc[r][2] = _mm512_dpbusd_epi32(acc[r][2], _mm512_and_si512(v, f2), z2);
+        acc[r][3] = _mm512_dpbusd_epi32(acc[r][3], _mm512_and_si512(v, f3), z3);
+      }
+    }
+    __m512 f[4];
+    for (int r = 0; r < 4; ++r) f[r] = combine_fields(acc[r]);
+    _mm_storeu_ps(y + j, _mm_add_ps(_mm_mul_ps(reduce4_512(f[0], f[1], f[2], f[3]), vs), vc));
+  }
+}
+#endif
+
+void lc_gemv_a8_rows(const int8_t* zq, const float* scale, const float* c, int64_t B, int64_t n,
+                     const uint8_t* packed, int64_t j0, int64_t j1, float* y, int64_t ldy) {
+  if (B < 1 || B > kMaxGemvBatch) std::abort();  // the caller checks; never reached
+#if LCQAT_X86
+  if (has_vnni() && B == 1 && j1 - j0 >= 4) {
+    const int64_t j4 = j0 + (j1 - j0) / 4 * 4;
+    gemv1_a8_vnni_rows4(zq, scale[0], c[0], n, packed, j0, j4, y);
+    if (j4 < j1) gemv_a8_vnni<1>(zq, scale, c, n, packed, j4, j1, y, ldy);
+    return;
+  }
+  if (has_vnni()) {
+    LCQAT_DISPATCH_B(gemv_a8_vnni, B, zq, scale, c, n, packed, j0, j1, y, ldy);
+    return;
+  }
+#endif
+  gemv_a8_scalar(zq, scale, c, B, n, packed, j0, j1, y, ldy);
 }
 
 }  // namespace cpu

@@ -41,5 +41,18 @@ void make_table(const float* A, const float* beta, float* table /* [256][4] */);
 void int8_gemv_rows(const float* x, int64_t B, int64_t n, const int8_t* w, const float* scale, int64_t j0, int64_t j1,
                     Isa isa, float* y, int64_t ldy);
 
+// ---- int8-activation decode GEMV (opt-in: it rounds the activations, so results differ from
+// the fp32 path by the activation rounding; see optimum_lcqat.nn.lc_linear.set_int8_activations).
+// z = the codebook-folded rotated activations (natural order, fp32, from prepare_activations
+// with Isa::Scalar) is rounded per row to int8 with one absmax scale, and
+//   y[b, j] = scale[b] * sum_i q_{j,i} zq[b, i] + c[b]
+// the integer dot products on AVX-512 VNNI (vpdpbusd, 64 codes per instruction) when the CPU
+// has it, else the same integer sums in scalar code (identical results, slower).
+bool has_vnni();
+int64_t a8_row_bytes(int64_t n);  // int8 per prepared activation row (n rounded up to 256)
+void a8_prepare(const float* z, int64_t B, int64_t n, int8_t* zq /* [B, a8_row_bytes] */, float* scale /* [B] */);
+void lc_gemv_a8_rows(const int8_t* zq, const float* scale, const float* c, int64_t B, int64_t n,
+                     const uint8_t* packed, int64_t j0, int64_t j1, float* y, int64_t ldy);
+
 }  // namespace cpu
 }  // namespace lcqat

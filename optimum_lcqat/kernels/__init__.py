@@ -50,10 +50,36 @@ def backend_name() -> str:
 
 
 def lc_linear(x, packed, A, beta, s_u, s_v, bias, plan_in, plan_out):
-    nat = native_backend()
+    nat = _native if _native_checked else native_backend()
     if nat is not None and nat.supports(x, packed, A, plan_in, plan_out, beta, s_u, s_v, bias):
         return nat.lc_linear(x, packed, A, beta, s_u, s_v, bias, plan_in, plan_out)
     return reference.lc_linear(x, packed, A, beta, s_u, s_v, bias, plan_in, plan_out)
 
 
-__all__ = ["lc_linear", "dequantize_rotated", "backend_name", "native_backend"]
+def lc_linear_a8(x, packed, A, beta, s_u, s_v, bias, plan_in, plan_out):
+    """:func:`lc_linear` with int8 activations (inference only; native on CPU, else the reference
+    emulation, which computes the same rounding)."""
+    nat = _native if _native_checked else native_backend()
+    if nat is not None and x.device.type == "cpu" and nat.supports(x, packed, A, plan_in, plan_out, beta, s_u, s_v, bias):
+        return nat.lc_linear_a8(x, packed, A, beta, s_u, s_v, bias, plan_in, plan_out)
+    return reference.lc_linear_a8(x, packed, A, beta, s_u, s_v, bias, plan_in, plan_out)
+
+
+# Activation dtypes the native ops take (others use the reference).
+NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def native_rotation_args(x, packed, A, plan_in, plan_out):
+    """The trailing arguments of ``torch.ops.lcqat.lc_linear`` (block_in, left_in, block_out,
+    left_out) for a layer on ``x``'s device, or None when the native op would not take the call
+    (no extension, unsupported shape, dtype or device). LCLinear keeps them to skip
+    :func:`lc_linear`'s checks on later inference calls."""
+    nat = _native if _native_checked else native_backend()
+    if nat is None or not nat.supports(x, packed, A, plan_in, plan_out):
+        return None
+    left_in = None if plan_in.left == 1 else nat.left_factor(plan_in, x.device)
+    left_out = None if plan_out.left == 1 else nat.left_factor(plan_out, x.device)
+    return (plan_in.right, left_in, plan_out.right, left_out)
+
+
+__all__ = ["lc_linear", "lc_linear_a8", "dequantize_rotated", "backend_name", "native_backend", "native_rotation_args", "NATIVE_DTYPES"]

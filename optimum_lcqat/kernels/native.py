@@ -8,6 +8,9 @@ Ops (schemas in csrc/lcqat_ops.cpp; CPU kernels in csrc/cpu, CUDA kernels in csr
   packed 2-bit codes and the affine codebook (decode GEMV for at most 8 rows, tiled GEMM above).
 * ``lcqat.lc_linear(x, packed, A, beta, s_u, s_v, bias, block_in, left_in, block_out, left_out)``:
   the whole LC layer in one call (what :func:`lc_linear` below uses).
+* ``lcqat.lc_linear_a8(...)``: the same with int8 activations (opt-in, CPU only): the rotated,
+  codebook-folded activations are rounded per row to int8 and the products with the 2-bit codes
+  run on AVX-512 VNNI (``vpdpbusd``). Its oracle is :func:`reference.lc_linear_a8`.
 * ``lcqat.int8_linear(x, weight, scale, bias=None)``: weight-only int8 linear (per-row scale),
   used by the compact lm_head of :mod:`optimum_lcqat.kernels.compact_head` (CPU only).
 * ``lcqat.cpu_isa()``: the CPU kernel variant in use (``avx512``, ``avx2`` or ``scalar``).
@@ -75,6 +78,12 @@ def _register_fakes() -> None:
         torch._check(weight.dim() == 2 and weight.shape[1] == x.shape[-1], lambda: "lcqat.int8_linear: shape mismatch")
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
+    @torch.library.register_fake("lcqat::lc_linear_a8")
+    def _lc_linear_a8_fake(x, packed, A, beta, s_u, s_v, bias, block_in, left_in, block_out, left_out):
+        torch._check(packed.dim() == 2 and packed.dtype == torch.uint8, lambda: "lcqat.lc_linear_a8: bad packed codes")
+        torch._check(packed.shape[1] * 4 == x.shape[-1], lambda: "lcqat.lc_linear_a8: shape mismatch")
+        return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
     @torch.library.register_fake("lcqat::lc_linear")
     def _lc_linear_fake(x, packed, A, beta, s_u, s_v, bias, block_in, left_in, block_out, left_out):
         torch._check(packed.dim() == 2 and packed.dtype == torch.uint8, lambda: "lcqat.lc_linear: bad packed codes")
@@ -89,7 +98,7 @@ _LEFT: dict = {}
 def left_factor(plan: RotationPlan, device) -> torch.Tensor | None:
     if plan.left == 1:
         return None
-    key = (plan.left, str(device))
+    key = (plan.left, device)  # torch.device hashes by value; no str() per call (decode calls this ~400x a token)
     t = _LEFT.get(key)
     if t is None:
         t = hadamard_matrix(plan.left).to(device=device, dtype=torch.float32).contiguous()
@@ -108,17 +117,16 @@ def supports(x, packed, A, plan_in: RotationPlan, plan_out: RotationPlan, *param
 
     Requirements: vector_dim 4 (A is 4x4), uint8 codes ``[m, n/4]``, fp32/bf16/fp16
     activations, a device the extension was built for, and no gradient needed (the ops are
-    inference-only).
+    inference-only). Cheapest tests first: this runs once per LC layer per decoded token.
     """
-    if not available():
+    if not (_loaded or available()):
         return False
-    if A.dim() != 2 or A.shape[0] != 4 or A.shape[1] != 4:
-        return False
-    if x.dtype not in _ACT_DTYPES or packed.dtype != torch.uint8 or packed.dim() != 2:
+    if x.dtype not in _ACT_DTYPES or packed.dtype != torch.uint8 or packed.dim() != 2 or A.shape != (4, 4):
         return False
     if packed.shape[1] * 4 != x.shape[-1] or plan_in.n != x.shape[-1] or plan_out.n != packed.shape[0]:
         return False
-    if not _device_ok(x.device) or packed.device != x.device:
+    dev = x.device
+    if packed.device != dev or not (dev.type == "cpu" or _device_ok(dev)):
         return False
     if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or any(
         p is not None and p.requires_grad for p in params
@@ -128,10 +136,24 @@ def supports(x, packed, A, plan_in: RotationPlan, plan_out: RotationPlan, *param
 
 
 def lc_linear(x, packed, A, beta, s_u, s_v, bias, plan_in: RotationPlan, plan_out: RotationPlan):
+    left_in = None if plan_in.left == 1 else left_factor(plan_in, x.device)
+    left_out = None if plan_out.left == 1 else left_factor(plan_out, x.device)
     return torch.ops.lcqat.lc_linear.default(
-        x, packed, A, beta, s_u, s_v, bias,
-        plan_in.right, left_factor(plan_in, x.device), plan_out.right, left_factor(plan_out, x.device),
+        x, packed, A, beta, s_u, s_v, bias, plan_in.right, left_in, plan_out.right, left_out
     )
+
+
+def lc_linear_a8(x, packed, A, beta, s_u, s_v, bias, plan_in: RotationPlan, plan_out: RotationPlan):
+    left_in = None if plan_in.left == 1 else left_factor(plan_in, x.device)
+    left_out = None if plan_out.left == 1 else left_factor(plan_out, x.device)
+    return torch.ops.lcqat.lc_linear_a8.default(
+        x, packed, A, beta, s_u, s_v, bias, plan_in.right, left_in, plan_out.right, left_out
+    )
+
+
+def cpu_has_vnni() -> bool:
+    """Whether the int8-activation GEMV runs on AVX-512 VNNI here (else scalar code, same results)."""
+    return bool(torch.ops.lcqat.cpu_has_vnni()) if available() else False
 
 
 def hadamard(x, plan: RotationPlan, scale_in=None, scale_out=None, transpose: bool = False):

@@ -35,3 +35,39 @@ def lc_linear(
     yt = torch.nn.functional.linear(xt, dequantize_rotated(packed, A, beta))
     y = rotate(yt, plan_out, transpose=True) * s_v
     return y if bias is None else y + bias
+
+
+def quantize_activations_int8(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row absmax int8 rounding of the last dimension: ``(zq, scale)`` with ``z ~ zq * scale``
+    (``zq`` integer-valued, in [-127, 127]; ``scale = max|z| / 127``, 1 for an all-zero row)."""
+    z = z.float()
+    amax = z.abs().amax(-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    return torch.clamp(torch.round(z * (1.0 / scale)), -127, 127), scale
+
+
+def lc_linear_a8(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    A: torch.Tensor,
+    beta: torch.Tensor,
+    s_u: torch.Tensor,
+    s_v: torch.Tensor,
+    bias: torch.Tensor | None,
+    plan_in: RotationPlan,
+    plan_out: RotationPlan,
+) -> torch.Tensor:
+    """:func:`lc_linear` with int8 activations: ``z_g = A^T xt_g`` (the rotated activations
+    folded with the codebook) is rounded per row to int8 before the product with the integer
+    codes; the ``beta`` term stays exact. The oracle of ``torch.ops.lcqat.lc_linear_a8``."""
+    d = A.shape[0]
+    xt = rotate(x.float() * s_u.float(), plan_in)
+    xg = xt.unflatten(-1, (xt.shape[-1] // d, d))
+    z = (xg @ A.float()).flatten(-2)
+    c = (xg @ beta.float()).sum(-1, keepdim=True)
+    zq, scale = quantize_activations_int8(z)
+    q = unpack_codes(packed).to(torch.float32)
+    yt = torch.nn.functional.linear(zq, q) * scale + c  # integer sums: exact in fp32 below 2^24
+    y = rotate(yt, plan_out, transpose=True) * s_v.float()
+    y = y if bias is None else y + bias.float()
+    return y.to(x.dtype)

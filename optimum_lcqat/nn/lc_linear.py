@@ -70,6 +70,11 @@ class LCLinear(nn.Module):
         self.s_v = nn.Parameter(torch.ones(out_features, **fk))
         self.bias = nn.Parameter(torch.zeros(out_features, **fk)) if bias else None
         self.latent: nn.Parameter | None = None
+        # (device, rotation arguments) once the native op has taken this layer's inference call
+        # on that device: later calls go straight to the op (see forward).
+        self._native: tuple | None = None
+        # Opt-in int8 activations for inference (see set_int8_activations); not saved.
+        self.int8_activations = False
         self.register_state_dict_pre_hook(_sync_before_state_dict)
 
     # ------------------------------------------------------------------ construction
@@ -162,9 +167,31 @@ class LCLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.latent is not None:
             return self._forward_latent(x)
-        return kernels.lc_linear(
-            x, self.codes, self.A, self.beta, self.s_u, self.s_v, self.bias, self.plan_in, self.plan_out
-        )
+        nat = self._native
+        inference = not torch.is_grad_enabled()
+        a8 = self.int8_activations
+        if a8 and self.training and torch.is_grad_enabled() and x.requires_grad:
+            raise RuntimeError(
+                "LCLinear: int8 activations are for inference only (their rounding has no useful "
+                "gradient); call optimum_lcqat.set_int8_activations(model, False) before training."
+            )
+        if nat is not None and inference and x.device == nat[0] and x.dtype in kernels.NATIVE_DTYPES:
+            # Inference fast path: eager decode calls ~200 LC layers a token, and the dispatcher's
+            # checks (already passed for this layer and device) cost ~3 us a call in Python.
+            if not a8:
+                return torch.ops.lcqat.lc_linear.default(
+                    x, self.codes, self.A, self.beta, self.s_u, self.s_v, self.bias, *nat[1]
+                )
+            if nat[0].type == "cpu":
+                return torch.ops.lcqat.lc_linear_a8.default(
+                    x, self.codes, self.A, self.beta, self.s_u, self.s_v, self.bias, *nat[1]
+                )
+        if inference and (nat is None or nat[0] != x.device) and not torch.compiler.is_compiling():
+            args = kernels.native_rotation_args(x, self.codes, self.A, self.plan_in, self.plan_out)
+            if args is not None:
+                self._native = (x.device, args)
+        fn = kernels.lc_linear_a8 if a8 else kernels.lc_linear
+        return fn(x, self.codes, self.A, self.beta, self.s_u, self.s_v, self.bias, self.plan_in, self.plan_out)
 
     def _forward_latent(self, x: torch.Tensor) -> torch.Tensor:
         d = self.vector_dim
@@ -183,3 +210,36 @@ def _sync_before_state_dict(module: LCLinear, prefix, keep_vars) -> None:
     if module.latent is not None:
         with torch.no_grad():
             module.sync_codes()
+
+
+def set_int8_activations(model: nn.Module, enabled: bool = True) -> int:
+    """Switch the LC layers of ``model`` to int8 activations for inference (or back); returns
+    how many layers were switched.
+
+    With it on, each layer rounds its rotated, codebook-folded activations to int8 (one absmax
+    scale per token) and multiplies them with the 2-bit codes in integer arithmetic (AVX-512
+    VNNI on CPU): faster decoding, at the price of that rounding (held-out perplexity measured
+    in benchmarks/decode.py). Off by default; not saved with the model; inference only.
+    """
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod, LCLinear):
+            mod.int8_activations = bool(enabled)
+            n += 1
+    if enabled and n:
+        nat = kernels.native_backend()
+        if nat is None or not nat.cpu_has_vnni():
+            _log_once_no_vnni()
+    return n
+
+
+def _log_once_no_vnni() -> None:
+    if getattr(_log_once_no_vnni, "done", False):
+        return
+    _log_once_no_vnni.done = True
+    import logging
+
+    logging.getLogger(__name__).warning(
+        "optimum-lcqat: int8 activations requested, but this CPU has no AVX-512 VNNI (or the "
+        "extension is not built): the same int8 arithmetic runs in scalar code, slower than fp32."
+    )
