@@ -5,43 +5,20 @@ from __future__ import annotations
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
 import torch
 
+from optimum_lcqat._machine import cpu_info  # noqa: F401  (re-exported for the scripts)
+from optimum_lcqat._machine import git_commit as _git_commit
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 
 
-def cpu_info() -> dict:
-    info = {"model": platform.processor() or platform.machine(), "logical_cpus": os.cpu_count(), "flags": []}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and info["model"] in ("", platform.machine(), platform.processor()):
-                    info["model"] = line.split(":", 1)[1].strip()
-                if line.startswith("flags"):
-                    flags = line.split(":", 1)[1].split()
-                    info["flags"] = sorted(f for f in flags if f.startswith(("avx", "fma", "f16c", "amx")))
-                    break
-    except OSError:
-        pass
-    try:
-        info["affinity_cpus"] = len(os.sched_getaffinity(0))
-    except AttributeError:
-        pass
-    return info
-
-
 def git_commit() -> str:
-    try:
-        sha = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=ROOT).returncode != 0
-        return sha + ("+dirty" if dirty else "")
-    except Exception:
-        return "unknown"
+    return _git_commit(ROOT) or "unknown"
 
 
 def environment() -> dict:

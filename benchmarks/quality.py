@@ -218,14 +218,9 @@ def machine_info() -> dict:
     import torch
     import transformers
 
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from optimum_lcqat._machine import cpu_info, git_commit
+
+    cpu = cpu_info()["model"]
     vers = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
     for mod, dist in (("hqq", "hqq"), ("quanto", "optimum-quanto")):
         try:
@@ -234,12 +229,9 @@ def machine_info() -> dict:
             vers[mod] = version(dist)
         except Exception:  # noqa: BLE001
             vers[mod] = None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                                    capture_output=True, text=True).stdout.strip())
-    except OSError:
-        commit, dirty = None, None
+    sha = git_commit(ROOT)
+    commit = sha.removesuffix("+dirty") if sha else None
+    dirty = sha.endswith("+dirty") if sha else None
     return {
         "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),

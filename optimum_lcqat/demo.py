@@ -48,20 +48,14 @@ def _chart(rows: list[dict], path: Path) -> None:
 
 def _machine() -> dict:
     import os
-    import platform
-    import subprocess
 
     import transformers
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                                cwd=Path(__file__).parent).stdout.strip() or None
-    except OSError:
-        commit = None
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor()) \
-        if os.path.exists("/proc/cpuinfo") else platform.processor()
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "git_commit": commit}
+    from ._machine import cpu_info, git_commit
+
+    return {"cpu": cpu_info()["model"], "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "git_commit": git_commit(Path(__file__).parent)}
 
 
 def run_demo(args) -> dict:
