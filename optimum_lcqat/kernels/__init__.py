@@ -60,7 +60,8 @@ def lc_linear_a8(x, packed, A, beta, s_u, s_v, bias, plan_in, plan_out):
     """:func:`lc_linear` with int8 activations (inference only; native on CPU, else the reference
     emulation, which computes the same rounding)."""
     nat = _native if _native_checked else native_backend()
-    if nat is not None and x.device.type == "cpu" and nat.supports(x, packed, A, plan_in, plan_out, beta, s_u, s_v, bias):
+    params = (beta, s_u, s_v, bias)
+    if nat is not None and x.device.type == "cpu" and nat.supports(x, packed, A, plan_in, plan_out, *params):
         return nat.lc_linear_a8(x, packed, A, beta, s_u, s_v, bias, plan_in, plan_out)
     return reference.lc_linear_a8(x, packed, A, beta, s_u, s_v, bias, plan_in, plan_out)
 
@@ -77,9 +78,10 @@ def native_rotation_args(x, packed, A, plan_in, plan_out):
     nat = _native if _native_checked else native_backend()
     if nat is None or not nat.supports(x, packed, A, plan_in, plan_out):
         return None
-    left_in = None if plan_in.left == 1 else nat.left_factor(plan_in, x.device)
-    left_out = None if plan_out.left == 1 else nat.left_factor(plan_out, x.device)
-    return (plan_in.right, left_in, plan_out.right, left_out)
+    return nat.rotation_args(plan_in, plan_out, x.device)
 
 
-__all__ = ["lc_linear", "lc_linear_a8", "dequantize_rotated", "backend_name", "native_backend", "native_rotation_args", "NATIVE_DTYPES"]
+__all__ = [
+    "lc_linear", "lc_linear_a8", "dequantize_rotated", "backend_name", "native_backend", "native_rotation_args",
+    "NATIVE_DTYPES",
+]

@@ -135,19 +135,20 @@ def supports(x, packed, A, plan_in: RotationPlan, plan_out: RotationPlan, *param
     return True
 
 
+def rotation_args(plan_in: RotationPlan, plan_out: RotationPlan, device) -> tuple:
+    """The trailing arguments of the lc_linear ops: (block_in, left_in, block_out, left_out)."""
+    return (plan_in.right, left_factor(plan_in, device), plan_out.right, left_factor(plan_out, device))
+
+
 def lc_linear(x, packed, A, beta, s_u, s_v, bias, plan_in: RotationPlan, plan_out: RotationPlan):
-    left_in = None if plan_in.left == 1 else left_factor(plan_in, x.device)
-    left_out = None if plan_out.left == 1 else left_factor(plan_out, x.device)
     return torch.ops.lcqat.lc_linear.default(
-        x, packed, A, beta, s_u, s_v, bias, plan_in.right, left_in, plan_out.right, left_out
+        x, packed, A, beta, s_u, s_v, bias, *rotation_args(plan_in, plan_out, x.device)
     )
 
 
 def lc_linear_a8(x, packed, A, beta, s_u, s_v, bias, plan_in: RotationPlan, plan_out: RotationPlan):
-    left_in = None if plan_in.left == 1 else left_factor(plan_in, x.device)
-    left_out = None if plan_out.left == 1 else left_factor(plan_out, x.device)
     return torch.ops.lcqat.lc_linear_a8.default(
-        x, packed, A, beta, s_u, s_v, bias, plan_in.right, left_in, plan_out.right, left_out
+        x, packed, A, beta, s_u, s_v, bias, *rotation_args(plan_in, plan_out, x.device)
     )
 
 
