@@ -2,9 +2,13 @@
 
 Variants (all built in one process, measured round-robin so that load from other processes on
 the machine hits them alike): fp32, bf16, LC-QAT 2-bit (quantized in flight, data-free init),
-LC-QAT 2-bit with the lm_head stored as int8 (``--int8-head``, see
-optimum_lcqat/kernels/compact_head.py), HQQ 2-bit (hqq's HQQLinear, group 64, RTN init; see build()) and quanto int2
-(optimum-quanto). Decoder linears are quantized; embeddings and lm_head stay fp32 unless said.
+LC-QAT 2-bit with the lm_head stored as int8 (``lcqat_int8head``, see
+optimum_lcqat/kernels/compact_head.py), the same with int8 activations (``lcqat_int8head_a8``,
+``optimum_lcqat.set_int8_activations``), HQQ 2-bit (hqq's HQQLinear, group 64, RTN init; see
+build()) and quanto int2 (optimum-quanto). Decoder linears are quantized; embeddings and lm_head
+stay fp32 unless said. Speed does not depend on the code values, so the data-free model serves;
+``--quality-dir`` measures what the inference options cost in held-out perplexity on a real
+(PTQ) model.
 
 Modes, compared like with like:
 * ``eager``: ``model.generate`` with the default dynamic cache;
