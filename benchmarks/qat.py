@@ -254,6 +254,7 @@ def run_method(method, a, init_dir, fp_path, train_ds, heldout, log, teacher=Non
         if method != "scalar":
             hist = lc.history
             result["flip_share_per_step"] = [h["flip_share"] for h in hist]
+            result["earliest_code_change_step"] = lc.earliest_code_change_step(a.lr * a.lr_scale.get("latent", 1.0))
             result["codes_changed_share"] = lc.code_change_share(model) if any(
                 getattr(m, "latent", None) is not None for m in model.modules()) else None
     del model
@@ -336,6 +337,20 @@ def write_report(res, stem):
                            + (f", KD alpha {cfg['kd_alpha']}" if cfg.get("kd_alpha") is not None else ""))
     if per_run:
         lines += ["", "Per run: " + "; ".join(per_run) + "."]
+    flips = []
+    for r in res["runs"]:
+        for part in [r, *r.get("parts", [])]:
+            shares = part.get("flip_share_per_step")
+            if shares:
+                first = next((i + 1 for i, f in enumerate(shares) if f > 0), None)
+                flips.append(f"{r['method']}: " + (f"first code change at step {first} of {len(shares)}, "
+                             f"per-step flip shares summing to {sum(shares):.2%}" if first else
+                             f"no code changed in {len(shares)} steps")
+                             + (f" (earliest possible: step {part['earliest_code_change_step']})"
+                                if part.get("earliest_code_change_step") else ""))
+                break
+    if flips:
+        lines += ["", "Code flips (LCQATCallback's per-step flip share): " + "; ".join(flips) + "."]
     if "lcqat" in methods and "lcqat_kd" in methods:
         lines += ["", "At 0 tokens lcqat_kd is the same model as lcqat (the same initial checkpoint)."]
     not_run = res.get("not_run") or []

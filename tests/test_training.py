@@ -5,6 +5,7 @@ and a real 2-process `accelerate launch` (DDP over gloo)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -128,6 +129,31 @@ def test_plain_trainer_callback_trains_flips_and_saves_packed(lc_dir, tmp_path):
     x = TokenDataset(2, seed=5).ids
     with torch.no_grad():
         torch.testing.assert_close(again(x).logits, model(x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_run_too_short_to_move_any_code_says_so(lc_dir, tmp_path, caplog):
+    # Latents start half a code from the nearest bin edge and Adam moves them ~lr a step: at
+    # lr 1e-4 no code of this model can change for hundreds of steps. The run still trains (scales,
+    # codebook, norms), and the callback says up front why the flip share will stay 0.
+    model = load_lc(lc_dir)
+    cb = LCQATCallback()
+    trainer = Trainer(model=model, args=targs(tmp_path / "run", learning_rate=1e-4, max_steps=2),
+                      train_dataset=TokenDataset(), callbacks=[cb])
+    alpha = max(m.alpha for m in model.modules() if isinstance(m, LCLinear))
+    first = cb.earliest_code_change_step(1e-4)
+    assert first == math.ceil(0.5 / (alpha * 1e-4)) and first > 2
+    assert cb.earliest_code_change_step(1e-4 * 1000) <= 2  # what lr_scale={"latent": 1000} would allow
+    with caplog.at_level("WARNING", logger="optimum_lcqat.training.callback"):
+        trainer.train()
+    assert any("no code can change in this run" in r.getMessage() for r in caplog.records)
+    assert sum(r["flipped"] for r in cb.history) == 0
+    # a run that can move codes (lr 3e-2, 6 steps, as in the test above) gets no such warning
+    caplog.clear()
+    model2 = load_lc(lc_dir)
+    with caplog.at_level("WARNING", logger="optimum_lcqat.training.callback"):
+        Trainer(model=model2, args=targs(tmp_path / "run2", max_steps=6), train_dataset=TokenDataset(),
+                callbacks=[LCQATCallback()]).train()
+    assert not any("no code can change" in r.getMessage() for r in caplog.records)
 
 
 def test_resume_is_exact(lc_dir, tmp_path):

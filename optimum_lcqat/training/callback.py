@@ -201,9 +201,38 @@ class LCQATCallback(TrainerCallback):
                     "codes, so the run continues but is not bit-identical to an uninterrupted one.",
                     state.global_step, folder,
                 )
+        self._warn_if_codes_cannot_change(args, state)
         self._start_codes = {n: l.codes.detach().clone() for n, l in layers}
         self._pending = []
         self.tokens_trained = int(getattr(state, "num_input_tokens_seen", 0) or 0)
+
+    def earliest_code_change_step(self, latent_lr: float) -> int | None:
+        """How many optimizer steps must pass before any code can change, at latent learning rate
+        ``latent_lr`` (None when the latent codes do not train).
+
+        Latents start at the centres of their codes' bins, half a code unit from the nearest edge,
+        and one Adam(W) step moves a parameter by at most about ``lr``, i.e. a layer's code by
+        ``alpha * lr`` (``alpha`` = :attr:`LCLinear.alpha`, the latent-to-code scale). Measured on
+        SmolLM2-135M (largest alpha 23.0): first flips at step 22 with latent lr 1e-3, as predicted
+        (21.8); with lr 1e-4 none within 98 steps (benchmarks/results/qat.md)."""
+        if "latent" not in self.trainable or latent_lr <= 0 or self._model is None:
+            return None
+        alpha = max(l.alpha for _, l in _lc_layers(self._model))
+        return math.ceil(0.5 / (alpha * latent_lr))
+
+    def _warn_if_codes_cannot_change(self, args, state) -> None:
+        # A short run at a small learning rate trains scales, codebook and norms but can never
+        # move a code: say so up front instead of leaving a run of zero flip shares to explain.
+        latent_lr = args.learning_rate * self.lr_scale.get("latent", 1.0)
+        first = self.earliest_code_change_step(latent_lr)
+        if first is not None and state.max_steps and 0 < state.max_steps - state.global_step < first:
+            logger.warning(
+                "lcqat: no code can change in this run: at latent learning rate %.3g the first code can flip "
+                "after ~%d optimizer steps (latents start half a code from the nearest bin edge), and the run "
+                "has %d. Only scales, codebook and norms will train. For code changes, raise "
+                "LCQATCallback(lr_scale={'latent': ...}) (with LCQATTrainer or optimizer_cls_and_kwargs) or "
+                "train longer.", latent_lr, first, state.max_steps - state.global_step,
+            )
 
     # ------------------------------------------------------------------ every step
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
