@@ -326,8 +326,9 @@ def write_report(res, stem):
     for b in budgets:
         cells = []
         for r in res["runs"]:
-            p = next((p for p in r["points"] if p["budget"] == b), None)
-            cells.append("not run" if p is None else f"{p['ppl']:.2f} ({p['ppl'] / fp_ppl:.2f}x fp)")
+            # a budget measured by more than one merged run (e.g. a repeat) shows every measurement
+            ps = [p for p in r["points"] if p["budget"] == b]
+            cells.append(" / ".join(f"{p['ppl']:.2f} ({p['ppl'] / fp_ppl:.2f}x fp)" for p in ps) or "not run")
         lines.append(f"| {b:,} | " + " | ".join(cells) + " |")
     per_run = []
     for r in res["runs"]:
