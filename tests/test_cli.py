@@ -90,3 +90,15 @@ def test_bad_input_exit_codes(args, code, msg):
 def test_info_refuses_a_float_checkpoint(tiny_fp_dirs):
     r = cli("info", tiny_fp_dirs["llama"])
     assert r.returncode == 2 and "not an lcqat checkpoint" in r.stderr
+
+
+def test_machine_description_of_the_demo_and_benchmarks():
+    # The demo's JSON and every benchmark describe their machine with optimum_lcqat._machine.
+    from optimum_lcqat import demo
+    from optimum_lcqat._machine import cpu_info, git_commit
+
+    info = cpu_info()
+    assert info["model"] and info["logical_cpus"] >= 1 and isinstance(info["flags"], list)
+    m = demo._machine()
+    assert m["cpu"] == info["model"] and m["cores"] == info["logical_cpus"]
+    assert git_commit("/") is None  # not a checkout: no commit, no error
