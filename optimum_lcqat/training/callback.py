@@ -211,10 +211,11 @@ class LCQATCallback(TrainerCallback):
         ``latent_lr`` (None when the latent codes do not train).
 
         Latents start at the centres of their codes' bins, half a code unit from the nearest edge,
-        and one Adam(W) step moves a parameter by at most about ``lr``, i.e. a layer's code by
-        ``alpha * lr`` (``alpha`` = :attr:`LCLinear.alpha`, the latent-to-code scale). Measured on
-        SmolLM2-135M (largest alpha 23.0): first flips at step 22 with latent lr 1e-3, as predicted
-        (21.8); with lr 1e-4 none within 98 steps (benchmarks/results/qat.md)."""
+        and one Adam(W) step moves a parameter by about ``lr`` (a little more when a gradient grows
+        suddenly), i.e. a layer's code by ``alpha * lr`` (``alpha`` = :attr:`LCLinear.alpha`, the
+        latent-to-code scale). Measured on SmolLM2-135M (largest alpha 23.0): first flips at step 22
+        with latent lr 1e-3 (predicted 22); with lr 1e-4 at step 184 (predicted 218), about 24 of 106M
+        codes by step 196 (benchmarks/results/qat.md)."""
         if "latent" not in self.trainable or latent_lr <= 0 or self._model is None:
             return None
         alpha = max(l.alpha for _, l in _lc_layers(self._model))
@@ -227,9 +228,9 @@ class LCQATCallback(TrainerCallback):
         first = self.earliest_code_change_step(latent_lr)
         if first is not None and state.max_steps and 0 < state.max_steps - state.global_step < first:
             logger.warning(
-                "lcqat: no code can change in this run: at latent learning rate %.3g the first code can flip "
-                "after ~%d optimizer steps (latents start half a code from the nearest bin edge), and the run "
-                "has %d. Only scales, codebook and norms will train. For code changes, raise "
+                "lcqat: codes can hardly change in this run: at latent learning rate %.3g the first codes flip "
+                "after about %d optimizer steps (latents start half a code from the nearest bin edge), and the "
+                "run has %d. Scales, codebook and norms will train. For code changes, raise "
                 "LCQATCallback(lr_scale={'latent': ...}) (with LCQATTrainer or optimizer_cls_and_kwargs) or "
                 "train longer.", latent_lr, first, state.max_steps - state.global_step,
             )
