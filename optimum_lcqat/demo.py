@@ -53,9 +53,15 @@ def _machine() -> dict:
 
     from ._machine import cpu_info, git_commit
 
+    from . import __version__
+
+    # A commit only for a source checkout of this package: an installed copy may sit inside some
+    # other git repository (pyenv's own checkout, for one) whose commit says nothing about us.
+    src = Path(__file__).resolve().parent.parent
+    commit = git_commit(src) if (src / "setup.py").is_file() and (src / "csrc").is_dir() else None
     return {"cpu": cpu_info()["model"], "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "transformers": transformers.__version__,
-            "git_commit": git_commit(Path(__file__).parent)}
+            "optimum_lcqat": __version__, "git_commit": commit}
 
 
 def run_demo(args) -> dict:

@@ -102,3 +102,5 @@ def test_machine_description_of_the_demo_and_benchmarks():
     m = demo._machine()
     assert m["cpu"] == info["model"] and m["cores"] == info["logical_cpus"]
     assert git_commit("/") is None  # not a checkout: no commit, no error
+    # the installed copy the tests import is not a source checkout: no (foreign) commit is recorded
+    assert m["git_commit"] is None and m["optimum_lcqat"]
