@@ -63,21 +63,38 @@ static void rotate_rows_f32(float* rows, int64_t B, int64_t n, int64_t block, co
   });
 }
 
-// x2 [B, n] fp32 contiguous (B <= 8) -> y [B, m] fp32 (decode GEMV, codes read directly).
-static void gemv_f32(const Tensor& x2, const Tensor& packed, const Tensor& A32, const Tensor& b32, float* yp) {
-  const int64_t B = x2.size(0), n = x2.size(1), m = packed.size(0);
+// Weights per thread below which a layer's GEMV stays on the calling thread. One sweep on 2 cores
+// over SmolLM2's 210 layers: 4.33 ms a token at 2^17, ~4.5 at 2^15 and 2^18.6, 5.9 at 2^20 (a k/v
+// projection, 110K weights, then runs serially).
+constexpr int64_t kMinWeightsPerThread = 1 << 17;
+
+// Decode GEMV, codes read directly: B <= kMaxGemvBatch rotated fp32 rows xt [B, n] -> yp [B, m]
+// (rotated domain). The codebook is folded into the activations in a per-thread scratch (no
+// allocation), then the rows of the weight are split across threads. act_int8: the folded
+// activations are rounded to int8 and the int8-activation GEMV (lc_linear_a8) runs instead.
+static void gemv_rows(const float* xt, int64_t B, int64_t n, int64_t m, const uint8_t* pk, const float* A,
+                      const float* beta, bool act_int8, float* yp) {
   const auto isa = K::detect_isa();
-  auto zp = at::empty({B, K::prepared_size(n, isa)}, x2.options());
-  auto c = at::empty({B}, x2.options());
-  K::prepare_activations(x2.data_ptr<float>(), B, n, A32.data_ptr<float>(), b32.data_ptr<float>(), isa,
-                         zp.data_ptr<float>(), c.data_ptr<float>());
-  const float* zpp = zp.data_ptr<float>();
-  const float* cp = c.data_ptr<float>();
-  const uint8_t* pk = packed.data_ptr<uint8_t>();
-  const int64_t grain = std::max<int64_t>(8, (1 << 16) / std::max<int64_t>(n * B, 1));
-  at::parallel_for(0, m, grain, [&](int64_t j0, int64_t j1) {
-    K::lc_gemv_rows(zpp, cp, B, n, pk, j0, j1, isa, yp, m);
-  });
+  const int64_t zn = act_int8 ? n : K::prepared_size(n, isa);
+  const int64_t qn = act_int8 ? K::a8_row_bytes(n) : 0;
+  // [B, zn] prepared activations | [B] constants | [B] int8 scales | [B, qn] int8 activations
+  // (as floats' worth of bytes)
+  thread_local std::vector<float> scratch;
+  const size_t need = static_cast<size_t>(B * zn + 2 * B + (B * qn + 3) / 4);
+  if (scratch.size() < need) scratch.resize(need);
+  float* zp = scratch.data();
+  float* c = zp + B * zn;
+  float* qs = c + B;
+  int8_t* zq = reinterpret_cast<int8_t*>(qs + B);
+  const int64_t grain = std::max<int64_t>(8, kMinWeightsPerThread / std::max<int64_t>(n * B, 1));
+  if (act_int8) {
+    K::prepare_activations(xt, B, n, A, beta, K::Isa::Scalar, zp, c);  // natural order
+    K::a8_prepare(zp, B, n, zq, qs);
+    at::parallel_for(0, m, grain, [&](int64_t j0, int64_t j1) { K::lc_gemv_a8_rows(zq, qs, c, B, n, pk, j0, j1, yp, m); });
+  } else {
+    K::prepare_activations(xt, B, n, A, beta, isa, zp, c);
+    at::parallel_for(0, m, grain, [&](int64_t j0, int64_t j1) { K::lc_gemv_rows(zp, c, B, n, pk, j0, j1, isa, yp, m); });
+  }
 }
 
 // x2 [B, n] (fp32 or bf16) contiguous -> [B, m] same dtype: dequantize tiles of rows, at::mm.
@@ -115,12 +132,13 @@ static Tensor gemm_tiled(const Tensor& x2, const Tensor& packed, const Tensor& A
 constexpr int64_t kGemvMaxRows = 64;
 
 static Tensor matmul_rows_f32(const Tensor& x2, const Tensor& packed, const Tensor& A32, const Tensor& b32) {
-  const int64_t B = x2.size(0), m = packed.size(0);
+  const int64_t B = x2.size(0), n = x2.size(1), m = packed.size(0);
   if (B > kGemvMaxRows) return gemm_tiled(x2, packed, A32, b32);
   auto y = at::empty({B, m}, x2.options());
   for (int64_t b0 = 0; b0 < B; b0 += K::kMaxGemvBatch) {
     const int64_t bs = std::min<int64_t>(K::kMaxGemvBatch, B - b0);
-    gemv_f32(x2.narrow(0, b0, bs), packed, A32, b32, y.data_ptr<float>() + b0 * m);
+    gemv_rows(x2.data_ptr<float>() + b0 * n, bs, n, m, packed.data_ptr<uint8_t>(), A32.data_ptr<float>(),
+              b32.data_ptr<float>(), false, y.data_ptr<float>() + b0 * m);
   }
   return y;
 }
@@ -175,47 +193,25 @@ Tensor lc_matmul_cpu(const Tensor& xt, const Tensor& packed, const Tensor& A, co
 }
 
 // ------------------------------------------------------------------ decode path (B <= 8 rows)
-// Weights per thread below which a layer's GEMV stays on the calling thread. One sweep on 2 cores
-// over SmolLM2's 210 layers: 4.33 ms a token at 2^17, ~4.5 at 2^15 and 2^18.6, 5.9 at 2^20 (a k/v
-// projection, 110K weights, then runs serially).
-constexpr int64_t kMinWeightsPerThread = 1 << 17;
-
-// Rotation, codebook folding, GEMV and output rotation for B <= kMaxGemvBatch fp32 rows xp [B, n]
-// -> yp [B, m]. act_int8: the int8-activation GEMV (lc_linear_a8) instead of the fp32 one.
+// The whole layer for B <= kMaxGemvBatch fp32 rows xp [B, n] -> yp [B, m]: input scale and
+// Hadamard into a per-thread scratch, gemv_rows straight into yp, output Hadamard and scale in
+// place. act_int8: the int8-activation GEMV (lc_linear_a8).
 static void decode_rows(const float* xp, int64_t B, int64_t n, int64_t m, const uint8_t* pk, const float* A,
                         const float* beta, const float* su, const float* sv, const float* bias, int64_t block_in,
                         const float* Li, int64_t Kin, int64_t block_out, const float* Lo, int64_t Kout, bool act_int8,
                         float* yp) {
-  const auto isa = K::detect_isa();
-  const int64_t zn = act_int8 ? n : K::prepared_size(n, isa);
-  const int64_t qn = act_int8 ? K::a8_row_bytes(n) : 0;
-  // [B, n] rotated activations | [B, zn] prepared activations | [B] constants | [B] int8 scales |
-  // max(n, m) work | [B, qn] int8 activations (as floats' worth of bytes)
-  thread_local std::vector<float> scratch;
-  const int64_t qfloats = (B * qn + 3) / 4;
-  const size_t need = static_cast<size_t>(B * n + B * zn + 2 * B + std::max(n, m) + qfloats);
+  thread_local std::vector<float> scratch;  // [B, n] rotated activations | max(n, m) Hadamard work
+  const size_t need = static_cast<size_t>(B * n + std::max(n, m));
   if (scratch.size() < need) scratch.resize(need);
   float* xt = scratch.data();
-  float* zp = xt + B * n;
-  float* c = zp + B * zn;
-  float* qs = c + B;
-  float* work = qs + B;
-  int8_t* zq = reinterpret_cast<int8_t*>(work + std::max(n, m));
+  float* work = xt + B * n;
   for (int64_t b = 0; b < B; ++b) {
     float* r = xt + b * n;
     const float* xb = xp + b * n;
     for (int64_t i = 0; i < n; ++i) r[i] = xb[i] * su[i];
     K::hadamard_row(r, n, block_in, Li, Kin, false, work);
   }
-  const int64_t grain = std::max<int64_t>(8, kMinWeightsPerThread / std::max<int64_t>(n * B, 1));
-  if (act_int8) {
-    K::prepare_activations(xt, B, n, A, beta, K::Isa::Scalar, zp, c);  // natural order
-    K::a8_prepare(zp, B, n, zq, qs);
-    at::parallel_for(0, m, grain, [&](int64_t j0, int64_t j1) { K::lc_gemv_a8_rows(zq, qs, c, B, n, pk, j0, j1, yp, m); });
-  } else {
-    K::prepare_activations(xt, B, n, A, beta, isa, zp, c);
-    at::parallel_for(0, m, grain, [&](int64_t j0, int64_t j1) { K::lc_gemv_rows(zp, c, B, n, pk, j0, j1, isa, yp, m); });
-  }
+  gemv_rows(xt, B, n, m, pk, A, beta, act_int8, yp);
   for (int64_t b = 0; b < B; ++b) {
     float* r = yp + b * m;
     K::hadamard_row(r, m, block_out, Lo, Kout, true, work);

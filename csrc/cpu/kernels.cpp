@@ -246,6 +246,15 @@ __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl"))) static void gemv_a
   }
 }
 
+// Batch-1 rows [j0, j1): whole groups of four through `four`, the remaining (j1 - j0) mod 4
+// rows through `one` (the GEMVs that process four rows per step).
+template <class Four, class One>
+static inline void rows_by_four(int64_t j0, int64_t j1, Four&& four, One&& one) {
+  const int64_t j4 = j0 + (j1 - j0) / 4 * 4;
+  if (j4 > j0) four(j0, j4);
+  if (j4 < j1) one(j4, j1);
+}
+
 // [sum r0, sum r1, sum r2, sum r3] in one transpose-and-add tree (~11 uops where four separate
 // _mm512_reduce_add_ps take ~32): the end-of-row reduction is a visible share of a 576-wide row.
 __attribute__((target("avx512f,avx512dq"))) static inline __m128 reduce4_512(__m512 r0, __m512 r1, __m512 r2,
@@ -368,10 +377,9 @@ void lc_gemv_rows(const float* zp, const float* c, int64_t B, int64_t n, const u
   if (B < 1 || B > kMaxGemvBatch) std::abort();  // the caller checks; never reached
 #if LCQAT_X86
   if (isa == Isa::Avx512) {
-    if (B == 1 && j1 - j0 >= 4) {
-      const int64_t j4 = j0 + (j1 - j0) / 4 * 4;
-      gemv1_avx512_rows4(zp, c, n, packed, j0, j4, y);
-      if (j4 < j1) gemv_avx512<1>(zp, c, n, packed, j4, j1, y, ldy);
+    if (B == 1) {
+      rows_by_four(j0, j1, [&](int64_t r0, int64_t r1) { gemv1_avx512_rows4(zp, c, n, packed, r0, r1, y); },
+                   [&](int64_t r0, int64_t r1) { gemv_avx512<1>(zp, c, n, packed, r0, r1, y, ldy); });
       return;
     }
     LCQAT_DISPATCH_B(gemv_avx512, B, zp, c, n, packed, j0, j1, y, ldy);
@@ -591,13 +599,10 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void gemv_a8_vnni(
       y[b * ldy + j] = scale[b] * _mm512_reduce_add_ps(combine_fields(acc[b])) + c[b];
   }
 }
-#endif
 
-#if LCQAT_X86
 // Batch 1, four rows per step: the int8 activations of a chunk are loaded once for four rows,
 // the four row sums are reduced together (exactly: every partial sum is an integer below 2^24
-// for n < 44000)
-// and the prefetch is issued once per group of rows. SmolLM2's rows are short (576 codes = 3
+// for n < 44000) and the prefetch is issued once per group of rows. SmolLM2's rows are short (576 codes = 3
 // chunks), so this per-row work is a large share of the time.
 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vnni"))) static void gemv1_a8_vnni_rows4(
     const int8_t* zq, float scale, float c, int64_t n, const uint8_t* packed, int64_t j0, int64_t j1, float* y) {
@@ -636,10 +641,9 @@ void lc_gemv_a8_rows(const int8_t* zq, const float* scale, const float* c, int64
                      const uint8_t* packed, int64_t j0, int64_t j1, float* y, int64_t ldy) {
   if (B < 1 || B > kMaxGemvBatch) std::abort();  // the caller checks; never reached
 #if LCQAT_X86
-  if (has_vnni() && B == 1 && j1 - j0 >= 4) {
-    const int64_t j4 = j0 + (j1 - j0) / 4 * 4;
-    gemv1_a8_vnni_rows4(zq, scale[0], c[0], n, packed, j0, j4, y);
-    if (j4 < j1) gemv_a8_vnni<1>(zq, scale, c, n, packed, j4, j1, y, ldy);
+  if (has_vnni() && B == 1) {
+    rows_by_four(j0, j1, [&](int64_t r0, int64_t r1) { gemv1_a8_vnni_rows4(zq, scale[0], c[0], n, packed, r0, r1, y); },
+                 [&](int64_t r0, int64_t r1) { gemv_a8_vnni<1>(zq, scale, c, n, packed, r0, r1, y, ldy); });
     return;
   }
   if (has_vnni()) {

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from ..tensor.codebook import fold_activations
 from ..tensor.hadamard import RotationPlan, rotate
 from ..tensor.packing import unpack_codes
 
@@ -60,11 +61,8 @@ def lc_linear_a8(
     """:func:`lc_linear` with int8 activations: ``z_g = A^T xt_g`` (the rotated activations
     folded with the codebook) is rounded per row to int8 before the product with the integer
     codes; the ``beta`` term stays exact. The oracle of ``torch.ops.lcqat.lc_linear_a8``."""
-    d = A.shape[0]
     xt = rotate(x.float() * s_u.float(), plan_in)
-    xg = xt.unflatten(-1, (xt.shape[-1] // d, d))
-    z = (xg @ A.float()).flatten(-2)
-    c = (xg @ beta.float()).sum(-1, keepdim=True)
+    z, c = fold_activations(xt, A.float(), beta.float())
     zq, scale = quantize_activations_int8(z)
     q = unpack_codes(packed).to(torch.float32)
     yt = torch.nn.functional.linear(zq, q) * scale + c  # integer sums: exact in fp32 below 2^24

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .. import kernels
-from ..tensor.codebook import scalar_codebook
+from ..tensor.codebook import fold_activations, scalar_codebook
 from ..tensor.hadamard import plan_rotation, rotate
 from ..tensor.packing import CODES_PER_BYTE, pack_codes, unpack_codes
 from .dge import dge_round
@@ -170,7 +170,7 @@ class LCLinear(nn.Module):
         nat = self._native
         inference = not torch.is_grad_enabled()
         a8 = self.int8_activations
-        if a8 and self.training and torch.is_grad_enabled() and x.requires_grad:
+        if a8 and self.training and not inference and x.requires_grad:
             raise RuntimeError(
                 "LCLinear: int8 activations are for inference only (their rounding has no useful "
                 "gradient); call optimum_lcqat.set_int8_activations(model, False) before training."
@@ -194,12 +194,10 @@ class LCLinear(nn.Module):
         return fn(x, self.codes, self.A, self.beta, self.s_u, self.s_v, self.bias, self.plan_in, self.plan_out)
 
     def _forward_latent(self, x: torch.Tensor) -> torch.Tensor:
-        d = self.vector_dim
         q = dge_round(self.latent * self.alpha + 1.5)  # [m, n], integer-valued, DGE gradient
         xt = rotate(x * self.s_u, self.plan_in)
-        xg = xt.unflatten(-1, (self.in_features // d, d))
-        z = (xg @ self.A).flatten(-2)  # z_g = A^T xt_g
-        yt = torch.nn.functional.linear(z, q.to(z.dtype)) + (xg @ self.beta).sum(-1, keepdim=True)
+        z, c = fold_activations(xt, self.A, self.beta)  # z_g = A^T xt_g, c = sum_g <beta, xt_g>
+        yt = torch.nn.functional.linear(z, q.to(z.dtype)) + c
         y = rotate(yt, self.plan_out, transpose=True) * self.s_v
         return y if self.bias is None else y + self.bias
 

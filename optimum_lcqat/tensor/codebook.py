@@ -38,6 +38,16 @@ def codewords(A: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     return q @ A.T + beta
 
 
+def fold_activations(xt: torch.Tensor, A: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The codebook folded into rotated activations, so that ``xt @ What^T = z @ Q^T + c`` for
+    the integer codes ``Q``: ``z_g = A^T xt_g`` (per group of ``d`` entries) and
+    ``c = sum_g <beta, xt_g>`` (one per row). No codebook lookup: the training forward and the
+    int8-activation path multiply the codes themselves."""
+    d = A.shape[0]
+    xg = xt.unflatten(-1, (xt.shape[-1] // d, d))
+    return (xg @ A).flatten(-2), (xg @ beta).sum(-1, keepdim=True)
+
+
 def nearest_codeword(
     w: torch.Tensor, A: torch.Tensor, beta: torch.Tensor, chunk: int = 4096
 ) -> torch.Tensor:
