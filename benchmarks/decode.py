@@ -274,13 +274,16 @@ def measure_quality(lc_dir, tok, n_tokens):
     the int8 lm_head and int8 activations (the speed variants' options)."""
     from transformers import AutoModelForCausalLM
 
-    from optimum_lcqat import set_int8_activations
+    from optimum_lcqat import LCLinear, set_int8_activations
     from optimum_lcqat.data import split_texts, token_stream
     from optimum_lcqat.evaluation import perplexity
     from optimum_lcqat.kernels.compact_head import compact_lm_head
 
     heldout = token_stream(split_texts("heldout"), tok, max_tokens=n_tokens)
     model = AutoModelForCausalLM.from_pretrained(lc_dir, dtype=torch.float32).eval()
+    if not any(isinstance(m, LCLinear) for m in model.modules()):
+        raise SystemExit(f"--quality-dir {lc_dir}: not an lcqat checkpoint (no LC layer after loading); "
+                         "give a directory saved from a model quantized with LCQATConfig")
     ppl = {}
     for name in ("lcqat", "lcqat_int8head", "lcqat_int8head_a8"):
         if name == "lcqat_int8head":
