@@ -6,7 +6,8 @@
     # why not `--cpu`: in accelerate 1.15 that flag starts a single process unless mpirun is used)
     accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \
         --dynamo_backend no examples/train_lcqat.py --model LCQAT_DIR --output OUT --tokens 50000
-    # FSDP: see examples/README.md (not supported for LC-QAT yet; the reason is stated there)
+    # FSDP2 (on GPUs): add --fsdp (TrainingArguments(fsdp="full_shard", fsdp_config={"version": 2})),
+    # or `accelerate launch --use_fsdp --fsdp_version 2 ...`; see examples/README.md
 
 --model is an lcqat checkpoint, or a full-precision one with --quantize (data-free LCQATConfig()).
 Data: --tiny-random-data (a seeded random walk over the vocabulary, for tests) or the project's
@@ -39,6 +40,15 @@ class RandomWalkDataset(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
+def _sharded_parameters(model) -> int:
+    """How many parameters FSDP2 holds as sharded DTensors (0 without FSDP2)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return 0
+    return sum(isinstance(p, DTensor) for p in model.parameters())
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
@@ -56,6 +66,8 @@ def main(argv=None):
     p.add_argument("--kd-alpha", type=float, default=1.0)
     p.add_argument("--save-steps", type=int, default=0)
     p.add_argument("--fsdp", action="store_true", help="TrainingArguments(fsdp='full_shard', FSDP2); see README")
+    p.add_argument("--cpu", action="store_true", help="train on CPU even where GPUs are present")
+    p.add_argument("--resume", default=None, help="a checkpoint folder of an earlier run to resume from")
     a = p.parse_args(argv)
 
     from transformers import AutoModelForCausalLM, TrainingArguments
@@ -68,6 +80,7 @@ def main(argv=None):
     if a.global_batch % world:
         raise SystemExit(f"--global-batch {a.global_batch} is not divisible by {world} processes")
     per_device = a.global_batch // world
+    on_cpu = a.cpu or not torch.cuda.is_available()  # GPUs when there are any (NCCL), else CPU + gloo
     kw = {"quantization_config": LCQATConfig()} if a.quantize else {}
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32, **kw)
     if a.tiny_random_data:
@@ -86,7 +99,8 @@ def main(argv=None):
         output_dir=a.output, per_device_train_batch_size=per_device, max_steps=steps, learning_rate=a.lr,
         lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, report_to=[], seed=a.seed, data_seed=a.seed,
         save_strategy="steps" if a.save_steps else "no", save_steps=a.save_steps or 500, disable_tqdm=True,
-        use_cpu=True, dataloader_num_workers=0, include_num_input_tokens_seen="all", ddp_backend="gloo" if world > 1 else None,
+        use_cpu=on_cpu, dataloader_num_workers=0, include_num_input_tokens_seen="all",
+        ddp_backend="gloo" if world > 1 and on_cpu else None,
         ddp_find_unused_parameters=False,
         **({"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2}} if a.fsdp else {}),
     )
@@ -95,7 +109,7 @@ def main(argv=None):
     trainer = LCQATTrainer(model=model, args=args, train_dataset=ds, teacher_model=teacher, kd_alpha=a.kd_alpha,
                            lr_scale=lr_scale)
     t0 = time.time()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=a.resume)
     elapsed = time.time() - t0
     trainer.save_model(os.path.join(a.output, "final"))
     backend, pids = None, [os.getpid()]
@@ -103,10 +117,12 @@ def main(argv=None):
         backend = torch.distributed.get_backend()
         pids = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(pids, os.getpid())
+    sharded = _sharded_parameters(trainer.model)
     if trainer.is_world_process_zero():
         info = {
             "world_size": world, "backend": backend, "pids": pids, "fsdp": bool(trainer.is_fsdp_enabled),
-            "distributed_type": str(trainer.accelerator.distributed_type), "steps": trainer.state.global_step,
+            "distributed_type": getattr(trainer.accelerator.distributed_type, "value", str(trainer.accelerator.distributed_type)), "sharded_parameters": sharded,
+            "steps": trainer.state.global_step,
             "tokens": trainer.state.num_input_tokens_seen, "seconds": elapsed,
             "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
         }

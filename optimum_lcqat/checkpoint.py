@@ -12,6 +12,8 @@ The safetensors metadata carries ``lcqat_format_version``.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import os
 from pathlib import Path
@@ -19,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .config import FORMAT_VERSION
-from .nn.lc_linear import STORAGE_DTYPE, LCLinear
+from .nn.lc_linear import STORAGE_DTYPE, LCLinear, full_tensor
 
 LC_PARAM_SUFFIXES = ("A", "beta", "s_u", "s_v")
 METADATA_KEY = "lcqat_format_version"
@@ -100,18 +102,44 @@ def validate_layer_layout(name: str, module, layout, vector_dim: int) -> None:
         raise CheckpointError(f"lcqat checkpoint: {name} has both packed codes and a dense weight")
 
 
+# A full state dict that the caller already gathered, for the save in progress (see below).
+_gathered_state_dict: contextvars.ContextVar = contextvars.ContextVar("lcqat_gathered_state_dict", default=None)
+
+
+@contextlib.contextmanager
+def saving_gathered_state_dict(state_dict):
+    """Within this block, saving an lcqat model writes ``state_dict`` instead of reading
+    ``model.state_dict()``.
+
+    Why: transformers' ``save_pretrained`` takes the tensors to write from the quantizer and
+    ignores its own ``state_dict`` argument. Under FSDP2 the Trainer gathers the full state dict
+    on every rank and then saves on rank 0 alone, where reading the sharded model again would
+    start a collective that the other ranks never join."""
+    token = _gathered_state_dict.set(state_dict)
+    try:
+        yield
+    finally:
+        _gathered_state_dict.reset(token)
+
+
 def packed_state_dict(model) -> dict[str, torch.Tensor]:
-    """The model's state dict as saved: LC parameters in 16-bit, latents dropped."""
+    """The model's state dict as saved: LC parameters in 16-bit, latents dropped.
+
+    FSDP2-sharded tensors are gathered, so on a sharded model every rank must call this
+    (``model.save_pretrained(dir, is_main_process=rank == 0)`` on all ranks), unless the caller
+    passes a gathered state dict through :func:`saving_gathered_state_dict`."""
     lc_prefixes = {f"{n}." for n, m in model.named_modules() if isinstance(m, LCLinear)}
-    sd = model.state_dict()
+    sd = _gathered_state_dict.get()
+    if sd is None:
+        sd = model.state_dict()
     out = {}
     for key, value in sd.items():
         prefix, _, leaf = key.rpartition(".")
-        if f"{prefix}." in lc_prefixes:
-            if leaf == "latent":
-                continue
-            if leaf in LC_PARAM_SUFFIXES:
-                value = value.to(STORAGE_DTYPE)
+        if f"{prefix}." in lc_prefixes and leaf == "latent":
+            continue
+        value = full_tensor(value)
+        if f"{prefix}." in lc_prefixes and leaf in LC_PARAM_SUFFIXES:
+            value = value.to(STORAGE_DTYPE)
         out[key] = value
     return out
 

@@ -1,6 +1,6 @@
 """LC-QAT training with the real HF Trainer on a tiny Llama: codes flip, checkpoints are packed
 lcqat checkpoints, resume is exact, NaN stops the run, distillation, LoRA, torch.compile,
-and a real 2-process `accelerate launch` (DDP over gloo)."""
+and real 2-process `accelerate launch` runs (DDP, and FSDP2, over gloo)."""
 
 from __future__ import annotations
 
@@ -301,58 +301,118 @@ def test_torch_compile_training_step(lc_dir, tmp_path):
         Trainer(model=m2, args=targs(tmp_path / "c2"), train_dataset=TokenDataset(), callbacks=[LCQATCallback()])
 
 
-def test_accelerate_two_process_ddp_matches_single_process(lc_dir, tmp_path):
-    script = REPO / "examples" / "train_lcqat.py"
+TRAIN_SCRIPT = REPO / "examples" / "train_lcqat.py"
+TRAIN_ARGS = ["--tiny-random-data", "--seq-len", str(SEQ), "--max-steps", "8", "--lr", "1e-2",
+              "--lr-scale", "scales=0.1,codebook=0.1,norm=0.1", "--global-batch", "4", "--seed", "0"]
+# accelerate 1.15: `--cpu` routes to its simple launcher, which starts ONE process (multi-CPU
+# there needs mpirun and a hostfile). Two real local processes come from its torchrun path
+# (`--multi_gpu`), which on a machine without GPUs runs on CPU over gloo: the script's
+# TrainingArguments(use_cpu=True) makes Accelerate pick MULTI_CPU/gloo. run_info.json proves it.
+LAUNCH_2 = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def _train_env():
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    common = ["--model", str(lc_dir), "--tiny-random-data", "--seq-len", str(SEQ), "--max-steps", "8",
-              "--lr", "1e-2", "--lr-scale", "scales=0.1,codebook=0.1,norm=0.1", "--global-batch", "4", "--seed", "0"]
-    single = subprocess.run([sys.executable, "-P", str(script), *common, "--output", str(tmp_path / "single")],
-                            env=env, capture_output=True, text=True, timeout=300)
-    assert single.returncode == 0, single.stderr[-4000:]
-    # accelerate 1.15: `--cpu` routes to its simple launcher, which starts ONE process (multi-CPU
-    # there needs mpirun and a hostfile). Two real local processes come from its torchrun path
-    # (`--multi_gpu`), which on a machine without GPUs runs DDP on CPU over gloo: the script's
-    # TrainingArguments(use_cpu=True) makes Accelerate pick MULTI_CPU/gloo. run_info.json proves it.
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517"]
-    ddp = subprocess.run([*launch, str(script), *common, "--output", str(tmp_path / "ddp")],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert ddp.returncode == 0, ddp.stderr[-4000:]
-    info = json.loads((tmp_path / "ddp" / "run_info.json").read_text())
-    assert info["world_size"] == 2 and info["backend"] == "gloo" and len(set(info["pids"])) == 2
-    single_info = json.loads((tmp_path / "single" / "run_info.json").read_text())
-    assert single_info["world_size"] == 1 and info["tokens"] == single_info["tokens"]
-    a = AutoModelForCausalLM.from_pretrained(tmp_path / "single" / "final", dtype=torch.float32)
-    b = AutoModelForCausalLM.from_pretrained(tmp_path / "ddp" / "final", dtype=torch.float32)
-    ca, cb = codes_of(a), codes_of(b)
+    return env
+
+
+def _run(cmd):
+    res = subprocess.run(cmd, env=_train_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return res
+
+
+@pytest.fixture(scope="module")
+def single_run(lc_dir, tmp_path_factory):
+    """The reference: the training script in one process."""
+    out = tmp_path_factory.mktemp("single")
+    _run([sys.executable, "-P", str(TRAIN_SCRIPT), "--model", str(lc_dir), *TRAIN_ARGS, "--output", str(out)])
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["world_size"] == 1 and info["sharded_parameters"] == 0
+    return out
+
+
+def assert_same_training(reference, other, lc_dir, exact=False):
+    """``other`` (a run folder) trained the same model as ``reference``: codes, parameters, logits."""
     from optimum_lcqat.tensor.packing import unpack_codes
 
+    a = AutoModelForCausalLM.from_pretrained(reference / "final", dtype=torch.float32)
+    b = AutoModelForCausalLM.from_pretrained(other / "final", dtype=torch.float32)
+    ca, cb = codes_of(a), codes_of(b)
     diff = sum(int((unpack_codes(ca[k]) != unpack_codes(cb[k])).sum()) for k in ca)
     total = sum(unpack_codes(v).numel() for v in ca.values())
-    assert diff / total < 1e-3, f"{diff}/{total} codes differ between 1 and 2 processes"
+    assert diff / total < 1e-3, f"{diff}/{total} codes differ from {reference.name}"
     changed = sum(int((unpack_codes(ca[k]) != unpack_codes(v)).sum()) for k, v in codes_of(load_lc(lc_dir)).items())
     assert changed > 10 * max(diff, 1), "training flipped too few codes for the comparison to mean anything"
-    torch.testing.assert_close(torch.tensor(info["losses"]), torch.tensor(single_info["losses"]), rtol=1e-4, atol=1e-4)
+    ia = json.loads((reference / "run_info.json").read_text())
+    ib = json.loads((other / "run_info.json").read_text())
+    assert ia["tokens"] == ib["tokens"]
+    torch.testing.assert_close(torch.tensor(ib["losses"]), torch.tensor(ia["losses"]), rtol=1e-4, atol=1e-4)
     sa, sb = a.state_dict(), b.state_dict()
     for k in sa:
-        if sa[k].is_floating_point():
+        if exact:
+            assert torch.equal(sa[k], sb[k]), k
+        elif sa[k].is_floating_point():
             torch.testing.assert_close(sa[k].float(), sb[k].float(), rtol=1e-4, atol=1e-4)
     x = TokenDataset(2, seed=9).ids
     with torch.no_grad():
         torch.testing.assert_close(a(x).logits, b(x).logits, rtol=1e-4, atol=1e-4)
 
 
-def test_fsdp_is_refused_with_reason(lc_dir, tmp_path, monkeypatch):
-    # FSDP cannot be exercised on this CPU-only machine: with use_cpu Accelerate 1.15 selects
-    # MULTI_CPU and the Trainer's fsdp setting is silently not applied (tried: accelerate launch
-    # --use_fsdp --fsdp_version 2, and TrainingArguments(fsdp="full_shard") under --multi_gpu;
-    # both ran plain DDP, is_fsdp_enabled False). The callback refuses FSDP explicitly instead of
-    # training wrongly on sharded latents once it does engage (e.g. on GPUs).
-    from optimum_lcqat.training.callback import FSDP_UNSUPPORTED
+def test_accelerate_two_process_ddp_matches_single_process(lc_dir, single_run, tmp_path):
+    out = tmp_path / "ddp"
+    _run([*LAUNCH_2, "--main_process_port", "29517", str(TRAIN_SCRIPT), "--model", str(lc_dir), *TRAIN_ARGS,
+          "--output", str(out)])
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["world_size"] == 2 and info["backend"] == "gloo" and len(set(info["pids"])) == 2
+    assert info["distributed_type"] == "MULTI_CPU" and info["sharded_parameters"] == 0
+    assert_same_training(single_run, out, lc_dir)
 
+
+def test_fsdp2_two_processes_match_single_process_and_resume_exactly(lc_dir, single_run, tmp_path):
+    # Real processes and the real FSDP2 path (fully_shard, gathered state dicts, FSDP checkpoints);
+    # tests/fsdp_on_cpu.py only overrides Accelerate's device-type decision (FSDP is applied to
+    # GPU-like types only), see its docstring.
+    wrapper = str(REPO / "tests" / "fsdp_on_cpu.py")
+    out = tmp_path / "fsdp"
+    _run([*LAUNCH_2, "--main_process_port", "29518", wrapper, "--model", str(lc_dir), *TRAIN_ARGS, "--fsdp",
+          "--save-steps", "4", "--output", str(out)])
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["world_size"] == 2 and info["backend"] == "gloo" and len(set(info["pids"])) == 2
+    assert info["fsdp"] and info["distributed_type"] == "FSDP"
+    # every trainable and frozen parameter of the model is a sharded DTensor
+    assert info["sharded_parameters"] == len(list(load_lc(lc_dir).parameters()))
+    assert_same_training(single_run, out, lc_dir)
+    # the mid-run checkpoint is a valid packed lcqat checkpoint plus the exact-resume file
+    ckpt = out / "checkpoint-4"
+    assert (ckpt / TRAINING_STATE_NAME).is_file()
+    mid = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    assert len(lc_names(mid)) == len(lc_names(load_lc(lc_dir)))
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        assert not any(k.endswith(".latent") for k in f.keys())
+    # resumed from step 4 under FSDP2: the same model as the uninterrupted run, bit for bit
+    resumed = tmp_path / "fsdp_resumed"
+    _run([*LAUNCH_2, "--main_process_port", "29519", wrapper, "--model", str(lc_dir), *TRAIN_ARGS, "--fsdp",
+          "--resume", str(ckpt), "--output", str(resumed)])
+    assert_same_training(out, resumed, lc_dir, exact=True)
+
+
+def test_fsdp1_and_plain_trainer_under_fsdp2_are_refused_with_reason(lc_dir, tmp_path, monkeypatch):
+    from optimum_lcqat.training.callback import FSDP1_UNSUPPORTED, FSDP2_NEEDS_LCQAT_TRAINER
+
+    # accelerate's launcher (`--use_fsdp`) sets these; its default FSDP version is 1
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(NotImplementedError, match="FSDP") as exc:
-        Trainer(model=load_lc(lc_dir), args=targs(tmp_path / "f"), train_dataset=TokenDataset(),
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(NotImplementedError) as exc:
+        Trainer(model=load_lc(lc_dir), args=targs(tmp_path / "f1"), train_dataset=TokenDataset(),
                 callbacks=[LCQATCallback()])
-    assert str(exc.value) == FSDP_UNSUPPORTED
+    assert str(exc.value) == FSDP1_UNSUPPORTED
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    with pytest.raises(NotImplementedError) as exc:
+        Trainer(model=load_lc(lc_dir), args=targs(tmp_path / "f2"), train_dataset=TokenDataset(),
+                callbacks=[LCQATCallback()])
+    assert str(exc.value) == FSDP2_NEEDS_LCQAT_TRAINER
+    # LCQATTrainer takes FSDP2 (on this CPU machine Accelerate then runs without sharding)
+    LCQATTrainer(model=load_lc(lc_dir), args=targs(tmp_path / "f3"), train_dataset=TokenDataset())

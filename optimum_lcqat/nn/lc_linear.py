@@ -30,6 +30,11 @@ from ..tensor.hadamard import plan_rotation, rotate
 from ..tensor.packing import CODES_PER_BYTE, pack_codes, unpack_codes
 from .dge import dge_round
 
+try:  # FSDP2 shards parameters as DTensors; absent only from torch builds without distributed
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover
+    DTensor = None
+
 # Dtype in which A, beta, s_u, s_v are stored in checkpoints.
 STORAGE_DTYPE = torch.float16
 
@@ -133,11 +138,16 @@ class LCLinear(nn.Module):
         self.latent = None
 
     def hard_codes(self) -> torch.Tensor:
-        """Current integer codes [m, n] (uint8) from the latent if training, else unpacked."""
+        """Current integer codes [m, n] (uint8) from the latent if training, else unpacked.
+
+        Under FSDP2 the latent is a sharded DTensor outside the forward pass: each rank rounds its
+        own rows and the uint8 codes are gathered (a collective: every rank must call this, as
+        the callback's step end and the state-dict hook do)."""
         if self.latent is None:
             return unpack_codes(self.codes)
         with torch.no_grad():
-            return torch.clamp(torch.round(self.latent.float() * self.alpha + 1.5), 0, 3).to(torch.uint8)
+            q = torch.clamp(torch.round(self.latent.float() * self.alpha + 1.5), 0, 3).to(torch.uint8)
+            return full_tensor(q)
 
     def sync_codes(self) -> int:
         """Write the latent's current codes into ``codes``; return how many codes changed."""
@@ -200,6 +210,11 @@ class LCLinear(nn.Module):
         yt = torch.nn.functional.linear(z, q.to(z.dtype)) + c
         y = rotate(yt, self.plan_out, transpose=True) * self.s_v
         return y if self.bias is None else y + self.bias
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or the whole tensor of an FSDP2-sharded DTensor (an all-gather)."""
+    return t.full_tensor() if DTensor is not None and isinstance(t, DTensor) else t
 
 
 def _sync_before_state_dict(module: LCLinear, prefix, keep_vars) -> None:

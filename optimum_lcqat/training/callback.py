@@ -27,7 +27,8 @@ What it does, event by event:
   ``lcqat/tokens`` to the logs and to ``state.log_history``.
 * ``on_save``: the Trainer's checkpoint is already a packed lcqat checkpoint (``save_pretrained``
   goes through the quantizer, which drops latents after syncing codes); the callback adds the
-  training-state file next to it (process 0 only).
+  training-state file next to it (written by process 0; under FSDP2 every process joins the
+  gather of the sharded latents, see examples/README.md).
 * ``on_train_end``: the latents are folded back into the packed codes and dropped, and the LC
   parameters are rounded to their 16-bit storage values: the in-memory model is then exactly
   what ``save_pretrained`` writes and what ``from_pretrained`` reads back.
@@ -46,7 +47,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from ..nn.lc_linear import LCLinear
 from ..tensor.packing import unpack_codes
 from .params import resolve_trainable, select_trainable
-from .state import load_training_state, save_training_state
+from .state import is_sharded, load_training_state, save_training_state
 
 logger = logging.getLogger(__name__)
 
@@ -74,14 +75,30 @@ def _latent_from_loaded_codes(module, state_dict, prefix, local_metadata, strict
         state_dict[prefix + "latent"] = (q - 1.5) / module.alpha
 
 
-FSDP_UNSUPPORTED = (
-    "LC-QAT training under FSDP is not supported yet: FSDP shards the latent codes outside the "
-    "forward pass, and the callback re-derives the packed codes from the full latents after every "
-    "step, the state-dict pre-hook packs them for every checkpoint, and the exact-resume file stores "
-    "them; all three would need the full tensors (summon_full_params / DTensor.full_tensor). Use DDP "
-    "(the model is small at 2 bits: a 7B LC-QAT model's latents are 28 GB in fp32 per replica), or "
-    "PEFT LoRA on the frozen packed model."
+FSDP1_UNSUPPORTED = (
+    "LC-QAT training supports FSDP2 (fully_shard), not FSDP1: FSDP1 flattens the latent codes into "
+    "one flat parameter per wrapped module, while the callback re-derives the packed codes from each "
+    "layer's latent after every step. Use FSDP version 2: TrainingArguments(fsdp='full_shard', "
+    "fsdp_config={'version': 2}) or `accelerate launch --use_fsdp --fsdp_version 2`."
 )
+FSDP2_NEEDS_LCQAT_TRAINER = (
+    "LC-QAT training under FSDP2 needs LCQATTrainer (optimum_lcqat.training.LCQATTrainer) rather than "
+    "Trainer(callbacks=[LCQATCallback()]): under FSDP the Trainer gathers the full state dict on every "
+    "process and then saves on process 0 alone, and only LCQATTrainer hands that gathered state dict to "
+    "the lcqat quantizer; with a plain Trainer process 0 would wait forever for the others to gather "
+    "the sharded weights again."
+)
+
+
+def fsdp_version(args) -> int | None:
+    """The FSDP version the Trainer will run (None without FSDP): ``TrainingArguments.fsdp`` with
+    ``fsdp_config['version']`` (transformers' default 2), or accelerate's launcher environment
+    (``ACCELERATE_USE_FSDP``, ``FSDP_VERSION``, accelerate's default 1)."""
+    if getattr(args, "fsdp", None):
+        return int((getattr(args, "fsdp_config", None) or {}).get("version", 2))
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
+        return int(os.environ.get("FSDP_VERSION", "1"))
+    return None
 
 
 def last_checkpoint(output_dir) -> str | None:
@@ -123,6 +140,9 @@ class LCQATCallback(TrainerCallback):
         resume_from_checkpoint: str | None = None,
     ):
         self.trainable = resolve_trainable(train, train_norms, train_embeddings)
+        # Set by LCQATTrainer, whose save hands the Trainer's gathered FSDP state dict to the
+        # quantizer (see FSDP2_NEEDS_LCQAT_TRAINER).
+        self.saves_gathered_state_dict = False
         self.lr_scale = dict(lr_scale or {})
         if max_tokens is not None and max_tokens <= 0:
             raise ValueError(f"LCQATCallback: max_tokens must be positive, got {max_tokens}")
@@ -172,8 +192,11 @@ class LCQATCallback(TrainerCallback):
     def on_init_end(self, args, state, control, model=None, **kwargs):
         if model is None:
             raise ValueError("LCQATCallback: the Trainer passed no model")
-        if getattr(args, "fsdp", None) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
-            raise NotImplementedError(FSDP_UNSUPPORTED)
+        version = fsdp_version(args)
+        if version is not None and version != 2:
+            raise NotImplementedError(FSDP1_UNSUPPORTED)
+        if version == 2 and not self.saves_gathered_state_dict:
+            raise NotImplementedError(FSDP2_NEEDS_LCQAT_TRAINER)
         self.prepare(model)
         if self.max_tokens is not None and args.include_num_input_tokens_seen in ("no", False):
             args.include_num_input_tokens_seen = "all"
@@ -299,11 +322,17 @@ class LCQATCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save(self, args, state, control, model=None, **kwargs):
+        model = _unwrap(model if model is not None else self._model)
+        if is_sharded(model):
+            # FSDP2: gathering the latents is a collective, every process joins; process 0 writes
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            save_training_state(model, folder, write=state.is_world_process_zero and os.path.isdir(folder))
+            return
         if not state.is_world_process_zero:
             return
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if os.path.isdir(folder):
-            save_training_state(_unwrap(model if model is not None else self._model), folder)
+            save_training_state(model, folder)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if not self.finalize_on_train_end:

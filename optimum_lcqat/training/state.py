@@ -15,7 +15,7 @@ import os
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..nn.lc_linear import LCLinear
+from ..nn.lc_linear import DTensor, LCLinear, full_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -27,20 +27,29 @@ def _lc_layers(model) -> dict[str, LCLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LCLinear)}
 
 
+def is_sharded(model) -> bool:
+    """Whether any LC layer's latent is an FSDP2-sharded DTensor."""
+    return DTensor is not None and any(isinstance(l.latent, DTensor) for l in _lc_layers(model).values())
+
+
 def training_state_dict(model) -> dict[str, torch.Tensor]:
+    """Full (gathered) tensors; on an FSDP2-sharded model a collective that every rank must call."""
     out = {}
     for name, layer in _lc_layers(model).items():
         if layer.latent is None:
             continue
         for leaf in _SAVED:
-            out[f"{name}.{leaf}"] = getattr(layer, leaf).detach().to("cpu").contiguous().clone()
+            out[f"{name}.{leaf}"] = full_tensor(getattr(layer, leaf).detach()).to("cpu").contiguous().clone()
     return out
 
 
-def save_training_state(model, folder: str) -> str | None:
-    """Write the latents and full-precision LC parameters to ``folder``; atomic (tmp + rename)."""
+def save_training_state(model, folder: str, write: bool = True) -> str | None:
+    """Write the latents and full-precision LC parameters to ``folder``; atomic (tmp + rename).
+
+    On an FSDP2-sharded model every rank calls this (the tensors are gathered) and only the rank
+    with ``write=True`` writes."""
     sd = training_state_dict(model)
-    if not sd:
+    if not sd or not write:
         return None
     path = os.path.join(folder, TRAINING_STATE_NAME)
     tmp = path + ".tmp"
@@ -71,7 +80,13 @@ def load_training_state(model, folder: str) -> bool:
         target = getattr(layers[name], leaf)
         if target.shape != value.shape:
             raise ValueError(f"{path}: {key} has shape {list(value.shape)}, the model has {list(target.shape)}")
-        target.copy_(value.to(target.device, target.dtype))
+        value = value.to(target.device, target.dtype)
+        if DTensor is not None and isinstance(target, DTensor):
+            # FSDP2: every rank read the same file; each keeps its own shard, no communication
+            from torch.distributed.tensor import distribute_tensor
+
+            value = distribute_tensor(value, target.device_mesh, target.placements, src_data_rank=None)
+        target.copy_(value)
     for layer in layers.values():
         layer.sync_codes()
     return True

@@ -61,6 +61,7 @@ class LCQATTrainer(Trainer):
         if cb is None:
             cb = LCQATCallback(lr_scale=lr_scale)
             callbacks.append(cb)
+        cb.saves_gathered_state_dict = True  # see _save
         super().__init__(*args, callbacks=callbacks, **kwargs)
         self.lcqat = cb
         if not 0.0 <= kd_alpha <= 1.0:
@@ -90,6 +91,17 @@ class LCQATTrainer(Trainer):
         if isinstance(resume_from_checkpoint, str):
             self.lcqat.resume_from_checkpoint = resume_from_checkpoint
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _save(self, output_dir=None, state_dict=None):
+        # Under FSDP the Trainer passes the full state dict it gathered on every process; the lcqat
+        # quantizer must write that one (save_pretrained would otherwise read the sharded model
+        # again, on process 0 alone). Elsewhere state_dict is None and nothing changes.
+        if state_dict is None or not self.is_fsdp_enabled:
+            return super()._save(output_dir, state_dict=state_dict)
+        from ..checkpoint import saving_gathered_state_dict
+
+        with saving_gathered_state_dict(state_dict):
+            return super()._save(output_dir, state_dict=state_dict)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.teacher_model is None:
