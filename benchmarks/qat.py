@@ -228,7 +228,8 @@ def run_method(method, a, init_dir, fp_path, train_ds, heldout, log, teacher=Non
     if result is None:
         result = {}
     result.update(method=method + a.label_suffix, points=points, lr=a.lr, lr_scale=a.lr_scale,
-                  kd_alpha=a.kd_alpha if method == "lcqat_kd" else None)
+                  kd_alpha=a.kd_alpha if method == "lcqat_kd" else None,
+                  max_flip_share=a.max_flip_share if method != "scalar" else None)
     if max_b > 0:
         steps = math.ceil(max_b / (a.batch * a.seq_len))
         args = make_args(Path(a.workdir) / method, steps, a.lr, a.batch, a.seed, a.warmup)
@@ -238,7 +239,7 @@ def run_method(method, a, init_dir, fp_path, train_ds, heldout, log, teacher=Non
             opt = torch.optim.AdamW(groups, lr=a.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
             trainer = Trainer(model=model, args=args, train_dataset=train_ds, callbacks=[cb], optimizers=(opt, None))
         else:
-            lc = LCQATCallback(lr_scale=a.lr_scale)
+            lc = LCQATCallback(lr_scale=a.lr_scale, max_flip_share=a.max_flip_share)
             trainer = LCQATTrainer(
                 model=model, args=args, train_dataset=train_ds, callbacks=[lc, cb],
                 teacher_model=teacher if method == "lcqat_kd" else None, kd_alpha=a.kd_alpha,
@@ -254,6 +255,8 @@ def run_method(method, a, init_dir, fp_path, train_ds, heldout, log, teacher=Non
         if method != "scalar":
             hist = lc.history
             result["flip_share_per_step"] = [h["flip_share"] for h in hist]
+            if a.max_flip_share is not None:
+                result["held_back_per_step"] = [h["held_back"] for h in hist]
             result["earliest_code_change_step"] = lc.earliest_code_change_step(a.lr * a.lr_scale.get("latent", 1.0))
             result["codes_changed_share"] = lc.code_change_share(model) if any(
                 getattr(m, "latent", None) is not None for m in model.modules()) else None
@@ -335,7 +338,8 @@ def write_report(res, stem):
         cfg = r if "lr" in r else next((p for p in r.get("parts", []) if "lr" in p), None)
         if cfg:
             per_run.append(f"{r['method']}: lr {cfg['lr']}, lr_scale {cfg['lr_scale'] or 'none'}"
-                           + (f", KD alpha {cfg['kd_alpha']}" if cfg.get("kd_alpha") is not None else ""))
+                           + (f", KD alpha {cfg['kd_alpha']}" if cfg.get("kd_alpha") is not None else "")
+                           + (f", max_flip_share {cfg['max_flip_share']:g}" if cfg.get("max_flip_share") is not None else ""))
     if per_run:
         lines += ["", "Per run: " + "; ".join(per_run) + "."]
     flips = []
@@ -409,6 +413,8 @@ def main(argv=None):
     p.add_argument("--lr-scale", default="", help="e.g. latent=5,scales=1")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--kd-alpha", type=float, default=1.0)
+    p.add_argument("--max-flip-share", type=float, default=None,
+                   help="LCQATCallback(max_flip_share=...): cap on each layer's code changes per step")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tp-steps", type=int, default=None)
     p.add_argument("--no-throughput", action="store_true")

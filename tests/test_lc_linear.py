@@ -62,6 +62,40 @@ def test_latent_starts_at_bin_centres_and_roundtrips_codes():
     assert layer.latent is None
 
 
+def test_limit_code_changes_keeps_the_deepest_crossings_and_holds_the_rest_in_their_bins():
+    layer, _ = make_layer(128, 64)
+    codes = unpack_codes(layer.codes).clone().float()
+    layer.enable_training()
+    g = torch.Generator().manual_seed(0)
+    # push 40 latents past their bin edge by distinct depths (towards the inside of 0..3)
+    idx = torch.randperm(codes.numel(), generator=g)[:40]
+    depth = 0.55 + 0.01 * torch.arange(40, dtype=torch.float32)
+    direction = torch.where(codes.view(-1)[idx] < 2, 1.0, -1.0)
+    u = codes.clone().view(-1)
+    u[idx] += direction * depth
+    with torch.no_grad():
+        layer.latent.copy_(((u - 1.5) / layer.alpha).view_as(codes))
+        # and move 100 others inside their bins: they must not be touched
+        inner = torch.randperm(codes.numel(), generator=g)
+        inner = inner[~torch.isin(inner, idx)][:100]
+        layer.latent.view(-1)[inner] += 0.3 / layer.alpha
+    before = layer.latent.detach().clone()
+    assert layer.limit_code_changes(100) == 0  # under the cap: nothing changes
+    assert torch.equal(layer.latent, before)
+    assert layer.limit_code_changes(10) == 30
+    new_u = (layer.latent.detach() * layer.alpha + 1.5).view(-1)
+    kept = idx[-10:]  # the ten deepest
+    assert torch.allclose(new_u[kept], u[kept], atol=1e-5)
+    held = idx[:-10]
+    assert torch.all((new_u[held] - codes.view(-1)[held]).abs() < 0.5)
+    assert torch.all(torch.sign(new_u[held] - codes.view(-1)[held]) == direction[:-10])  # same side
+    untouched = torch.ones(codes.numel(), dtype=torch.bool)
+    untouched[held] = False
+    assert torch.equal(layer.latent.detach().view(-1)[untouched], before.view(-1)[untouched])
+    assert layer.sync_codes() == 10
+    assert layer.limit_code_changes(0) == 0  # the kept ones are the stored codes now
+
+
 def test_gradients_reach_every_trainable_part():
     layer, _ = make_layer(128, 64)
     layer.enable_training()

@@ -131,6 +131,20 @@ def test_plain_trainer_callback_trains_flips_and_saves_packed(lc_dir, tmp_path):
         torch.testing.assert_close(again(x).logits, model(x).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_max_flip_share_caps_code_changes_per_step(lc_dir, tmp_path):
+    model = load_lc(lc_dir)
+    share = 2e-3
+    cb = LCQATCallback(max_flip_share=share)
+    caps = sum(int(share * m.in_features * m.out_features) for m in model.modules() if isinstance(m, LCLinear))
+    Trainer(model=model, args=targs(tmp_path / "cap", learning_rate=1e-1), train_dataset=TokenDataset(),
+            callbacks=[cb]).train()
+    assert all(r["flipped"] <= caps for r in cb.history), [r["flipped"] for r in cb.history]
+    assert sum(r["held_back"] for r in cb.history) > 0, "the cap never engaged: the test would prove nothing"
+    assert sum(r["flipped"] for r in cb.history) > 0
+    with pytest.raises(ValueError, match="max_flip_share"):
+        LCQATCallback(max_flip_share=2.0)
+
+
 def test_run_too_short_to_move_any_code_says_so(lc_dir, tmp_path, caplog):
     # Latents start half a code from the nearest bin edge and Adam moves them ~lr a step: at
     # lr 1e-4 no code of this model can change for hundreds of steps. The run still trains (scales,
@@ -416,3 +430,7 @@ def test_fsdp1_and_plain_trainer_under_fsdp2_are_refused_with_reason(lc_dir, tmp
     assert str(exc.value) == FSDP2_NEEDS_LCQAT_TRAINER
     # LCQATTrainer takes FSDP2 (on this CPU machine Accelerate then runs without sharding)
     LCQATTrainer(model=load_lc(lc_dir), args=targs(tmp_path / "f3"), train_dataset=TokenDataset())
+    # the per-step cap on code changes ranks whole latents: not under FSDP yet
+    with pytest.raises(NotImplementedError, match="max_flip_share"):
+        LCQATTrainer(model=load_lc(lc_dir), args=targs(tmp_path / "f4"), train_dataset=TokenDataset(),
+                     callbacks=[LCQATCallback(max_flip_share=1e-3)])

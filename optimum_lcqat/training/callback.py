@@ -126,6 +126,11 @@ class LCQATCallback(TrainerCallback):
         finalize_on_train_end: fold latents into codes and drop them when training ends.
         resume_from_checkpoint: folder to restore the training state from on resume; by default
             ``<output_dir>/checkpoint-<global_step>`` (:class:`LCQATTrainer` sets it exactly).
+        max_flip_share: at most this share of each layer's codes may change in one optimizer
+            step (:meth:`LCLinear.limit_code_changes`: the latents furthest past their bin edge
+            go first, the rest wait inside their bins); None (default): no cap. For runs with a
+            raised latent learning rate, where the first code changes otherwise arrive as one
+            destructive wave (benchmarks/results/qat.md). Not with FSDP yet.
     """
 
     def __init__(
@@ -138,6 +143,7 @@ class LCQATCallback(TrainerCallback):
         check_finite: bool = True,
         finalize_on_train_end: bool = True,
         resume_from_checkpoint: str | None = None,
+        max_flip_share: float | None = None,
     ):
         self.trainable = resolve_trainable(train, train_norms, train_embeddings)
         # Set by LCQATTrainer, whose save hands the Trainer's gathered FSDP state dict to the
@@ -147,6 +153,9 @@ class LCQATCallback(TrainerCallback):
         if max_tokens is not None and max_tokens <= 0:
             raise ValueError(f"LCQATCallback: max_tokens must be positive, got {max_tokens}")
         self.max_tokens = max_tokens
+        if max_flip_share is not None and not 0.0 <= max_flip_share <= 1.0:
+            raise ValueError(f"LCQATCallback: max_flip_share must be in [0, 1] (a share of each layer's codes), got {max_flip_share}")
+        self.max_flip_share = max_flip_share
         self.check_finite = check_finite
         self.finalize_on_train_end = finalize_on_train_end
         self.resume_from_checkpoint = resume_from_checkpoint
@@ -197,6 +206,11 @@ class LCQATCallback(TrainerCallback):
             raise NotImplementedError(FSDP1_UNSUPPORTED)
         if version == 2 and not self.saves_gathered_state_dict:
             raise NotImplementedError(FSDP2_NEEDS_LCQAT_TRAINER)
+        if version is not None and self.max_flip_share is not None:
+            raise NotImplementedError(
+                "LCQATCallback(max_flip_share=...) is not supported under FSDP yet (the cap ranks each layer's "
+                "whole latent); use DDP, or leave max_flip_share=None."
+            )
         self.prepare(model)
         if self.max_tokens is not None and args.include_num_input_tokens_seen in ("no", False):
             args.include_num_input_tokens_seen = "all"
@@ -279,9 +293,11 @@ class LCQATCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         model = _unwrap(model if model is not None else self._model)
-        flipped = 0
+        flipped = held = 0
         with torch.no_grad():
             for _, layer in _lc_layers(model):
+                if self.max_flip_share is not None:
+                    held += layer.limit_code_changes(int(self.max_flip_share * layer.in_features * layer.out_features))
                 flipped += layer.sync_codes()
         self.tokens_trained = int(getattr(state, "num_input_tokens_seen", 0) or 0)
         rec = {
@@ -290,6 +306,8 @@ class LCQATCallback(TrainerCallback):
             "flip_share": flipped / max(self._n_codes, 1),
             "tokens": self.tokens_trained,
         }
+        if self.max_flip_share is not None:
+            rec["held_back"] = held  # latents past an edge that the cap kept in their bins
         self.history.append(rec)
         self._pending.append(rec)
         if self.max_tokens is not None and self.tokens_trained >= self.max_tokens:
