@@ -31,13 +31,14 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from optimum_lcqat._machine import git_commit
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -478,7 +479,7 @@ def main(argv=None):
     res = {
         "quick": a.quick, "command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + (argv or sys.argv[1:])),
         "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}, {torch.get_num_threads()} threads",
-        "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
+        "git_commit": git_commit(ROOT) or "unknown",
         "init": init_kind, "fp_ppl": fp_ppl, "eval_tokens": int(heldout.numel()), "ctx": a.ctx, "batch": a.batch,
         "seq_len": a.seq_len, "lr": a.lr, "lr_scale": a.lr_scale, "warmup": a.warmup, "kd_alpha": a.kd_alpha,
         "budgets": a.budgets, "runs": [], "not_run": [],
