@@ -413,7 +413,7 @@ def test_fsdp2_two_processes_match_single_process_and_resume_exactly(lc_dir, sin
     assert_same_training(out, resumed, lc_dir, exact=True)
 
 
-def test_fsdp1_and_plain_trainer_under_fsdp2_are_refused_with_reason(lc_dir, tmp_path, monkeypatch):
+def test_fsdp1_zero3_and_plain_trainer_under_fsdp2_are_refused_with_reason(lc_dir, tmp_path, monkeypatch):
     from optimum_lcqat.training.callback import FSDP1_UNSUPPORTED, FSDP2_NEEDS_LCQAT_TRAINER
 
     # accelerate's launcher (`--use_fsdp`) sets these; its default FSDP version is 1
@@ -430,6 +430,19 @@ def test_fsdp1_and_plain_trainer_under_fsdp2_are_refused_with_reason(lc_dir, tmp
     assert str(exc.value) == FSDP2_NEEDS_LCQAT_TRAINER
     # LCQATTrainer takes FSDP2 (on this CPU machine Accelerate then runs without sharding)
     LCQATTrainer(model=load_lc(lc_dir), args=targs(tmp_path / "f3"), train_dataset=TokenDataset())
+    # DeepSpeed ZeRO-3 (flat parameter partitions) is refused too; deepspeed is not installed
+    # here, so transformers' own switch is what the test turns on
+    import optimum_lcqat.training.callback as cbmod
+    from optimum_lcqat.training.callback import ZERO3_UNSUPPORTED
+
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    monkeypatch.setattr("transformers.integrations.deepspeed.is_deepspeed_zero3_enabled", lambda: True)
+    with pytest.raises(NotImplementedError) as exc:
+        LCQATTrainer(model=load_lc(lc_dir), args=targs(tmp_path / "z3"), train_dataset=TokenDataset())
+    assert str(exc.value) == ZERO3_UNSUPPORTED and cbmod._deepspeed_zero3()
+    monkeypatch.undo()
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
     # the per-step cap on code changes ranks whole latents: not under FSDP yet
     with pytest.raises(NotImplementedError, match="max_flip_share"):
         LCQATTrainer(model=load_lc(lc_dir), args=targs(tmp_path / "f4"), train_dataset=TokenDataset(),

@@ -90,6 +90,22 @@ FSDP2_NEEDS_LCQAT_TRAINER = (
 )
 
 
+ZERO3_UNSUPPORTED = (
+    "LC-QAT training under DeepSpeed ZeRO-3 is not supported: ZeRO-3 partitions every parameter into "
+    "flat shards outside the forward pass, while the callback re-derives each layer's packed codes from "
+    "its whole latent after every step. Use FSDP2 with LCQATTrainer (the latents shard as DTensors), DDP, "
+    "or DeepSpeed ZeRO-1/2 (optimizer and gradient sharding keep whole parameters on every process)."
+)
+
+
+def _deepspeed_zero3() -> bool:
+    try:
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+    except ImportError:  # pragma: no cover
+        return False
+    return bool(is_deepspeed_zero3_enabled())
+
+
 def fsdp_version(args) -> int | None:
     """The FSDP version the Trainer will run (None without FSDP): ``TrainingArguments.fsdp`` with
     ``fsdp_config['version']`` (transformers' default 2), or accelerate's launcher environment
@@ -206,6 +222,8 @@ class LCQATCallback(TrainerCallback):
             raise NotImplementedError(FSDP1_UNSUPPORTED)
         if version == 2 and not self.saves_gathered_state_dict:
             raise NotImplementedError(FSDP2_NEEDS_LCQAT_TRAINER)
+        if _deepspeed_zero3():
+            raise NotImplementedError(ZERO3_UNSUPPORTED)
         if version is not None and self.max_flip_share is not None:
             raise NotImplementedError(
                 "LCQATCallback(max_flip_share=...) is not supported under FSDP yet (the cap ranks each layer's "
