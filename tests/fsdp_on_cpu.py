@@ -9,10 +9,12 @@ calls ``fully_shard`` on the decoder layers and the root, the Trainer gathers fu
 with ``get_model_state_dict`` and writes FSDP checkpoints, and gloo carries the collectives.
 
     accelerate launch --multi_gpu --num_processes 2 tests/fsdp_on_cpu.py <train_lcqat.py args> --fsdp
+    accelerate launch --use_fsdp --fsdp_version 2 --num_processes 2 tests/fsdp_on_cpu.py <train_lcqat.py args>
 """
 
 from __future__ import annotations
 
+import os
 import runpy
 import sys
 from pathlib import Path
@@ -28,9 +30,14 @@ _create = LCQATTrainer.create_accelerator_and_postprocess
 def _create_with_fsdp_on_cpu(self):
     _create(self)
     state = self.accelerator.state
-    if self.args.fsdp_plugin_args is None or state.distributed_type != DistributedType.MULTI_CPU:
-        raise SystemExit(f"fsdp_on_cpu: expected MULTI_CPU with an FSDP config, got {state.distributed_type}")
-    state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+    if state.distributed_type != DistributedType.MULTI_CPU:
+        raise SystemExit(f"fsdp_on_cpu: expected MULTI_CPU, got {state.distributed_type}")
+    if self.args.fsdp_plugin_args is not None:  # TrainingArguments(fsdp=...), as the Trainer builds it
+        state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+    elif os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":  # `accelerate launch --use_fsdp`
+        state.fsdp_plugin = FullyShardedDataParallelPlugin()  # reads the launcher's FSDP_* variables
+    else:
+        raise SystemExit("fsdp_on_cpu: neither TrainingArguments(fsdp=...) nor accelerate launch --use_fsdp")
     state.distributed_type = DistributedType.FSDP
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     self.is_fsdp_enabled = True

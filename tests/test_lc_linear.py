@@ -94,6 +94,10 @@ def test_limit_code_changes_keeps_the_deepest_crossings_and_holds_the_rest_in_th
     assert torch.equal(layer.latent.detach().view(-1)[untouched], before.view(-1)[untouched])
     assert layer.sync_codes() == 10
     assert layer.limit_code_changes(0) == 0  # the kept ones are the stored codes now
+    # a cap of 0 freezes the codes: every crossing is held back
+    with torch.no_grad():
+        layer.latent.view(-1)[held[:3]] += direction[:3] * 0.3 / layer.alpha
+    assert layer.limit_code_changes(0) == 3 and layer.sync_codes() == 0
 
 
 def test_gradients_reach_every_trainable_part():

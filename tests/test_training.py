@@ -316,7 +316,7 @@ def test_torch_compile_training_step(lc_dir, tmp_path):
 
 
 TRAIN_SCRIPT = REPO / "examples" / "train_lcqat.py"
-TRAIN_ARGS = ["--tiny-random-data", "--seq-len", str(SEQ), "--max-steps", "8", "--lr", "1e-2",
+TRAIN_ARGS = ["--cpu", "--tiny-random-data", "--seq-len", str(SEQ), "--max-steps", "8", "--lr", "1e-2",
               "--lr-scale", "scales=0.1,codebook=0.1,norm=0.1", "--global-batch", "4", "--seed", "0"]
 # accelerate 1.15: `--cpu` routes to its simple launcher, which starts ONE process (multi-CPU
 # there needs mpirun and a hostfile). Two real local processes come from its torchrun path
@@ -407,10 +407,38 @@ def test_fsdp2_two_processes_match_single_process_and_resume_exactly(lc_dir, sin
     with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
         assert not any(k.endswith(".latent") for k in f.keys())
     # resumed from step 4 under FSDP2: the same model as the uninterrupted run, bit for bit
+    # (through the other route: accelerate's own FSDP flags, whose default state dict type,
+    # SHARDED_STATE_DICT, would save no model file; LCQATTrainer switches it and says so)
     resumed = tmp_path / "fsdp_resumed"
-    _run([*LAUNCH_2, "--main_process_port", "29519", wrapper, "--model", str(lc_dir), *TRAIN_ARGS, "--fsdp",
-          "--resume", str(ckpt), "--output", str(resumed)])
+    launch_fsdp = [*LAUNCH_2[:3], "--use_fsdp", "--fsdp_version", "2", "--fsdp_cpu_ram_efficient_loading", "false",
+                   *LAUNCH_2[4:]]
+    res = _run([*launch_fsdp, "--main_process_port", "29519", wrapper, "--model", str(lc_dir), *TRAIN_ARGS,
+                "--resume", str(ckpt), "--output", str(resumed)])
+    assert "SHARDED_STATE_DICT -> FULL_STATE_DICT" in res.stderr
+    assert json.loads((resumed / "run_info.json").read_text())["distributed_type"] == "FSDP"
     assert_same_training(out, resumed, lc_dir, exact=True)
+
+
+def test_fsdp_settings_lcqat_cannot_train_under_are_named(monkeypatch):
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from optimum_lcqat.training.trainer import fsdp_plugin_problems
+
+    # accelerate's plugin writes its settings into os.environ (FSDP_CPU_RAM_EFFICIENT_LOADING, ...),
+    # where later Accelerators would read them: give this test its own copy
+    monkeypatch.setattr(os, "environ", dict(os.environ))
+    assert fsdp_plugin_problems(FullyShardedDataParallelPlugin(fsdp_version=2, cpu_ram_efficient_loading=False)) == []
+    fp32_params = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.bfloat16)
+    assert fsdp_plugin_problems(FullyShardedDataParallelPlugin(
+        fsdp_version=2, cpu_ram_efficient_loading=False, mixed_precision_policy=fp32_params)) == []
+    bad = fsdp_plugin_problems(FullyShardedDataParallelPlugin(
+        fsdp_version=2, cpu_ram_efficient_loading=True, cpu_offload=True,
+        mixed_precision_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16)))
+    assert len(bad) == 3
+    assert any("--mixed_precision no" in b for b in bad)
+    assert any("fsdp_cpu_ram_efficient_loading false" in b for b in bad)
+    assert any("fsdp_offload_params off" in b for b in bad)
 
 
 def test_fsdp1_zero3_and_plain_trainer_under_fsdp2_are_refused_with_reason(lc_dir, tmp_path, monkeypatch):

@@ -167,8 +167,8 @@ class LCLinear(nn.Module):
                 "LCLinear.limit_code_changes (LCQATCallback(max_flip_share=...)) does not support FSDP-sharded "
                 "latents yet; use DDP for capped code changes, or no cap."
             )
-        old = unpack_codes(self.codes).to(self.latent.dtype)
-        u = self.latent * self.alpha + 1.5
+        old = unpack_codes(self.codes).float()
+        u = self.latent.float() * self.alpha + 1.5  # as hard_codes rounds it
         changed = torch.clamp(torch.round(u), 0, 3) != old
         n = int(changed.sum())
         if n <= max_changes:
@@ -239,7 +239,9 @@ class LCLinear(nn.Module):
         return fn(x, self.codes, self.A, self.beta, self.s_u, self.s_v, self.bias, self.plan_in, self.plan_out)
 
     def _forward_latent(self, x: torch.Tensor) -> torch.Tensor:
-        q = dge_round(self.latent * self.alpha + 1.5)  # [m, n], integer-valued, DGE gradient
+        # float32 like hard_codes, so the codes trained on are the codes saved (a 16-bit latent
+        # would round near a bin edge differently)
+        q = dge_round(self.latent.float() * self.alpha + 1.5)  # [m, n], integer-valued, DGE gradient
         xt = rotate(x * self.s_u, self.plan_in)
         z, c = fold_activations(xt, self.A, self.beta)  # z_g = A^T xt_g, c = sum_g <beta, xt_g>
         yt = torch.nn.functional.linear(z, q.to(z.dtype)) + c
@@ -255,7 +257,7 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 def _sync_before_state_dict(module: LCLinear, prefix, keep_vars) -> None:
     # Anything that reads the state dict (save_pretrained, Trainer checkpoints) sees the codes
     # the latent currently rounds to.
-    if module.latent is not None:
+    if module.latent is not None and not module.latent.is_meta:
         with torch.no_grad():
             module.sync_codes()
 

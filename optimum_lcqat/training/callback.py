@@ -224,10 +224,12 @@ class LCQATCallback(TrainerCallback):
             raise NotImplementedError(FSDP2_NEEDS_LCQAT_TRAINER)
         if _deepspeed_zero3():
             raise NotImplementedError(ZERO3_UNSUPPORTED)
-        if version is not None and self.max_flip_share is not None:
+        deepspeed = bool(getattr(args, "deepspeed", None)) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true")
+        if (version is not None or deepspeed) and self.max_flip_share is not None:
             raise NotImplementedError(
-                "LCQATCallback(max_flip_share=...) is not supported under FSDP yet (the cap ranks each layer's "
-                "whole latent); use DDP, or leave max_flip_share=None."
+                "LCQATCallback(max_flip_share=...) is not supported under FSDP or DeepSpeed yet (the cap ranks each "
+                "layer's whole latent and writes it back, which DeepSpeed's fp32 master copy would overwrite); use "
+                "DDP, or leave max_flip_share=None."
             )
         self.prepare(model)
         if self.max_tokens is not None and args.include_num_input_tokens_seen in ("no", False):
@@ -315,7 +317,7 @@ class LCQATCallback(TrainerCallback):
         with torch.no_grad():
             for _, layer in _lc_layers(model):
                 if self.max_flip_share is not None:
-                    held += layer.limit_code_changes(int(self.max_flip_share * layer.in_features * layer.out_features))
+                    held += layer.limit_code_changes(self._flip_cap(layer))
                 flipped += layer.sync_codes()
         self.tokens_trained = int(getattr(state, "num_input_tokens_seen", 0) or 0)
         rec = {
@@ -330,6 +332,11 @@ class LCQATCallback(TrainerCallback):
         self._pending.append(rec)
         if self.max_tokens is not None and self.tokens_trained >= self.max_tokens:
             control.should_training_stop = True
+
+    def _flip_cap(self, layer) -> int:
+        # at least one code a step for any positive share: a small layer is not frozen by rounding
+        cap = int(self.max_flip_share * layer.in_features * layer.out_features)
+        return max(cap, 1) if self.max_flip_share > 0 else 0
 
     def code_change_share(self, model=None) -> float:
         """Share of codes that differ from the codes at the start of this ``train()`` call."""

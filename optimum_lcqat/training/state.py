@@ -32,14 +32,17 @@ def is_sharded(model) -> bool:
     return DTensor is not None and any(isinstance(l.latent, DTensor) for l in _lc_layers(model).values())
 
 
-def training_state_dict(model) -> dict[str, torch.Tensor]:
-    """Full (gathered) tensors; on an FSDP2-sharded model a collective that every rank must call."""
+def training_state_dict(model, keep: bool = True) -> dict[str, torch.Tensor]:
+    """Full (gathered) tensors; on an FSDP2-sharded model a collective that every rank must call.
+    ``keep=False`` (the ranks that do not write) joins the gathers and drops each tensor at once."""
     out = {}
     for name, layer in _lc_layers(model).items():
         if layer.latent is None:
             continue
         for leaf in _SAVED:
-            out[f"{name}.{leaf}"] = full_tensor(getattr(layer, leaf).detach()).to("cpu").contiguous().clone()
+            t = full_tensor(getattr(layer, leaf).detach())
+            if keep:
+                out[f"{name}.{leaf}"] = t.to("cpu").contiguous().clone()
     return out
 
 
@@ -48,8 +51,8 @@ def save_training_state(model, folder: str, write: bool = True) -> str | None:
 
     On an FSDP2-sharded model every rank calls this (the tensors are gathered) and only the rank
     with ``write=True`` writes."""
-    sd = training_state_dict(model)
-    if not sd or not write:
+    sd = training_state_dict(model, keep=write)
+    if not sd:
         return None
     path = os.path.join(folder, TRAINING_STATE_NAME)
     tmp = path + ".tmp"

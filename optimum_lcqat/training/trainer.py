@@ -26,6 +26,31 @@ from .params import LCQATOptimizerFactory
 logger = logging.getLogger(__name__)
 
 
+def fsdp_plugin_problems(plugin) -> list[str]:
+    """What in an accelerate FSDP plugin LC-QAT cannot train under, each with its fix (empty: fine)."""
+    problems = []
+    mp = getattr(plugin, "mixed_precision_policy", None)
+    param_dtype = getattr(mp, "param_dtype", None)
+    if param_dtype is not None and param_dtype != torch.float32:
+        problems.append(
+            f"mixed precision with param_dtype {param_dtype} all-gathers the latent codes in that dtype, so latents "
+            "near a bin edge round to one code in the forward and another in the saved codes; use --mixed_precision "
+            "no (or a policy with param_dtype float32), or DDP with bf16 autocast (latents stay float32)."
+        )
+    if getattr(plugin, "cpu_ram_efficient_loading", False):
+        problems.append(
+            "cpu_ram_efficient_loading moves the model to the meta device and reloads a full state dict into it, "
+            "which the packed 2-bit codes buffer does not survive; set fsdp_cpu_ram_efficient_loading false."
+        )
+    offload = getattr(plugin, "cpu_offload", None)
+    if type(offload).__name__ == "CPUOffloadPolicy" or getattr(offload, "offload_params", False):
+        problems.append(
+            "CPU offload keeps the latent shards on the CPU, where the per-step gather of the codes cannot run over "
+            "NCCL; turn fsdp_offload_params off (the latents of a 7B model are 28 GB in fp32, divided by the GPUs)."
+        )
+    return problems
+
+
 def distillation_loss(student_logits, teacher_logits, labels=None, temperature: float = 1.0) -> torch.Tensor:
     """Mean over valid positions of ``T^2 * KL(softmax(t/T) || softmax(s/T))`` (next-token positions:
     position i is scored when ``labels[:, i+1] != -100``; all positions when ``labels`` is None)."""
@@ -64,6 +89,8 @@ class LCQATTrainer(Trainer):
         cb.saves_gathered_state_dict = True  # see _save
         super().__init__(*args, callbacks=callbacks, **kwargs)
         self.lcqat = cb
+        if self.is_fsdp_enabled:
+            self._prepare_fsdp_plugin(self.accelerator.state.fsdp_plugin)
         if not 0.0 <= kd_alpha <= 1.0:
             raise ValueError(f"kd_alpha must be in [0, 1], got {kd_alpha}")
         if kd_temperature <= 0:
@@ -76,6 +103,23 @@ class LCQATTrainer(Trainer):
             teacher_model.to(self.args.device)
             # our KD loss is a per-micro-batch mean: let the Trainer divide it by the GA steps
             self.loss_is_scaled_for_ga = False
+
+    @staticmethod
+    def _prepare_fsdp_plugin(plugin) -> None:
+        """Refuse FSDP settings LC-QAT cannot train under; make checkpoints full (packed) state dicts."""
+        problems = fsdp_plugin_problems(plugin)
+        if problems:
+            raise NotImplementedError("LC-QAT under FSDP2: " + " ".join(problems))
+        if "FULL_STATE_DICT" not in str(plugin.state_dict_type):
+            # accelerate's FSDP2 default is SHARDED_STATE_DICT, under which the Trainer writes no
+            # model file at all (neither in checkpoints nor in save_model)
+            logger.warning(
+                "lcqat: FSDP state_dict_type %s -> FULL_STATE_DICT, so that every checkpoint and save_model write a "
+                "packed lcqat model.safetensors (set fsdp_state_dict_type FULL_STATE_DICT to silence this).",
+                plugin.state_dict_type,
+            )
+            plugin.state_dict_config = plugin.optim_state_dict_config = None
+            plugin.set_state_dict_type("FULL_STATE_DICT")
 
     def create_optimizer(self, model=None):
         if self.optimizer is None and self.optimizer_cls_and_kwargs is None:
