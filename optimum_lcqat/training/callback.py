@@ -146,7 +146,10 @@ class LCQATCallback(TrainerCallback):
             step (:meth:`LCLinear.limit_code_changes`: the latents furthest past their bin edge
             go first, the rest wait inside their bins); None (default): no cap. For runs with a
             raised latent learning rate, where the first code changes otherwise arrive as one
-            destructive wave (benchmarks/results/qat.md). Not with FSDP yet.
+            destructive wave. Measured on SmolLM2 (benchmarks/results/qat.md): latent lr x10 with
+            a cap of 1e-4 trains without blowing up, but its flips still cost quality at 200K
+            tokens (24.7 against 20.5 with no flips), so it is off by default. Not with FSDP or
+            DeepSpeed yet.
     """
 
     def __init__(
