@@ -141,13 +141,21 @@ class LCLinear(nn.Module):
         """Current integer codes [m, n] (uint8) from the latent if training, else unpacked.
 
         Under FSDP2 the latent is a sharded DTensor outside the forward pass: each rank rounds its
-        own rows and the uint8 codes are gathered (a collective: every rank must call this, as
-        the callback's step end and the state-dict hook do)."""
+        own rows and the codes are gathered, packed 4 to a byte when the latent is sharded by rows
+        (FSDP2's default), else as uint8 (a collective: every rank must call this, as the
+        callback's step end and the state-dict hook do)."""
         if self.latent is None:
             return unpack_codes(self.codes)
         with torch.no_grad():
-            q = torch.clamp(torch.round(self.latent.float() * self.alpha + 1.5), 0, 3).to(torch.uint8)
-            return full_tensor(q)
+            if DTensor is not None and isinstance(self.latent, DTensor) and _row_sharded(self.latent):
+                # rows pack independently: pack the local rows, gather a quarter of the bytes
+                local = _round_latent(self.latent.to_local(), self.alpha)
+                packed = DTensor.from_local(
+                    pack_codes(local), self.latent.device_mesh, self.latent.placements, run_check=False,
+                    shape=torch.Size(self.codes.shape), stride=self.codes.stride(),
+                )
+                return unpack_codes(packed.full_tensor())
+            return full_tensor(_round_latent(self.latent, self.alpha))
 
     @torch.no_grad()
     def limit_code_changes(self, max_changes: int) -> int:
@@ -247,6 +255,17 @@ class LCLinear(nn.Module):
         yt = torch.nn.functional.linear(z, q.to(z.dtype)) + c
         y = rotate(yt, self.plan_out, transpose=True) * self.s_v
         return y if self.bias is None else y + self.bias
+
+
+def _round_latent(latent: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The codes a latent rounds to (uint8, 0..3), in float32 whatever the latent's dtype."""
+    return torch.clamp(torch.round(latent.float() * alpha + 1.5), 0, 3).to(torch.uint8)
+
+
+def _row_sharded(t) -> bool:
+    from torch.distributed.tensor import Shard
+
+    return t.device_mesh.ndim == 1 and len(t.placements) == 1 and t.placements[0] == Shard(0)
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
