@@ -202,6 +202,26 @@ def test_resume_is_exact(lc_dir, tmp_path):
     assert tr_d.lcqat.resumed_exactly is False and tr_d.state.global_step == 4
 
 
+def test_training_state_for_another_model_is_refused_with_what_differs(lc_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from optimum_lcqat.training.state import load_training_state, save_training_state
+
+    model = load_lc(lc_dir)
+    LCQATCallback().prepare(model)
+    save_training_state(model, str(tmp_path))
+    path = tmp_path / TRAINING_STATE_NAME
+    sd = load_file(path)
+    assert load_training_state(model, str(tmp_path))  # its own file loads
+    key = next(k for k in sd if k.endswith(".latent"))
+    save_file({**sd, "model.extra.latent": sd[key].clone()}, path)
+    with pytest.raises(ValueError, match="1 unexpected"):
+        load_training_state(model, str(tmp_path))
+    save_file({**sd, key: sd[key][:-1].clone()}, path)
+    with pytest.raises(ValueError, match=f"{key} has shape"):
+        load_training_state(model, str(tmp_path))
+
+
 def test_nan_stops_run_and_keeps_last_good_checkpoint(lc_dir, tmp_path):
     model = load_lc(lc_dir)
     out = tmp_path / "nan"

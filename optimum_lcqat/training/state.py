@@ -13,7 +13,8 @@ import logging
 import os
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ..nn.lc_linear import DTensor, LCLinear, full_tensor
 
@@ -61,6 +62,23 @@ def save_training_state(model, folder: str, write: bool = True) -> str | None:
     return path
 
 
+def _load_shard(target, saved) -> None:
+    """FSDP2: read only this rank's rows of a row-sharded tensor (torch.chunk layout); other
+    placements read the whole tensor and keep their shard, both without communication."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    local = target.to_local()
+    mesh = target.device_mesh
+    if mesh.ndim == 1 and len(target.placements) == 1 and target.placements[0] == Shard(0):
+        rows = target.shape[0]
+        chunk = -(-rows // mesh.size())  # torch.chunk's chunk size
+        start = min(rows, mesh.get_local_rank() * chunk)
+        local.copy_(saved[start:start + local.shape[0]].to(local.device, local.dtype))
+        return
+    value = saved[:].to(local.device, target.dtype)
+    target.copy_(distribute_tensor(value, mesh, target.placements, src_data_rank=None))
+
+
 @torch.no_grad()
 def load_training_state(model, folder: str) -> bool:
     """Restore latents and LC parameters saved by :func:`save_training_state`, in place (the
@@ -68,28 +86,27 @@ def load_training_state(model, folder: str) -> bool:
     path = os.path.join(folder, TRAINING_STATE_NAME)
     if not os.path.isfile(path):
         return False
-    sd = load_file(path)
     layers = _lc_layers(model)
     expected = {f"{n}.{leaf}" for n, l in layers.items() if l.latent is not None for leaf in _SAVED}
-    missing, unexpected = expected - set(sd), set(sd) - expected
-    if missing or unexpected:
-        raise ValueError(
-            f"{path} does not match the model: {len(missing)} missing tensors (e.g. {sorted(missing)[:3]}), "
-            f"{len(unexpected)} unexpected (e.g. {sorted(unexpected)[:3]}); was it written for another model "
-            "or another set of converted layers?"
-        )
-    for key, value in sd.items():
-        name, _, leaf = key.rpartition(".")
-        target = getattr(layers[name], leaf)
-        if target.shape != value.shape:
-            raise ValueError(f"{path}: {key} has shape {list(value.shape)}, the model has {list(target.shape)}")
-        value = value.to(target.device, target.dtype)
-        if DTensor is not None and isinstance(target, DTensor):
-            # FSDP2: every rank read the same file; each keeps its own shard, no communication
-            from torch.distributed.tensor import distribute_tensor
-
-            value = distribute_tensor(value, target.device_mesh, target.placements, src_data_rank=None)
-        target.copy_(value)
+    with safe_open(path, framework="pt") as f:
+        keys = set(f.keys())
+        missing, unexpected = expected - keys, keys - expected
+        if missing or unexpected:
+            raise ValueError(
+                f"{path} does not match the model: {len(missing)} missing tensors (e.g. {sorted(missing)[:3]}), "
+                f"{len(unexpected)} unexpected (e.g. {sorted(unexpected)[:3]}); was it written for another model "
+                "or another set of converted layers?"
+            )
+        for key in sorted(keys):
+            name, _, leaf = key.rpartition(".")
+            target = getattr(layers[name], leaf)
+            saved = f.get_slice(key)
+            if list(target.shape) != list(saved.get_shape()):
+                raise ValueError(f"{path}: {key} has shape {saved.get_shape()}, the model has {list(target.shape)}")
+            if DTensor is not None and isinstance(target, DTensor):
+                _load_shard(target, saved)
+            else:
+                target.copy_(saved[:].to(target.device, target.dtype))
     for layer in layers.values():
         layer.sync_codes()
     return True
