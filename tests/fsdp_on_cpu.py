@@ -14,13 +14,12 @@ with ``get_model_state_dict`` and writes FSDP checkpoints, and gloo carries the 
 
 from __future__ import annotations
 
-import os
 import runpy
 import sys
 from pathlib import Path
 
 from accelerate.state import PartialState
-from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, parse_flag_from_env
 
 from optimum_lcqat.training import LCQATTrainer
 
@@ -34,7 +33,7 @@ def _create_with_fsdp_on_cpu(self):
         raise SystemExit(f"fsdp_on_cpu: expected MULTI_CPU, got {state.distributed_type}")
     if self.args.fsdp_plugin_args is not None:  # TrainingArguments(fsdp=...), as the Trainer builds it
         state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
-    elif os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":  # `accelerate launch --use_fsdp`
+    elif parse_flag_from_env("ACCELERATE_USE_FSDP"):  # `accelerate launch --use_fsdp`
         state.fsdp_plugin = FullyShardedDataParallelPlugin()  # reads the launcher's FSDP_* variables
     else:
         raise SystemExit("fsdp_on_cpu: neither TrainingArguments(fsdp=...) nor accelerate launch --use_fsdp")

@@ -443,7 +443,7 @@ _SHARDED_CODES_SCRIPT = """
 import sys, torch, torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from optimum_lcqat.nn.lc_linear import LCLinear, _round_latent, _row_sharded
+from optimum_lcqat.nn.lc_linear import LCLinear, _round_latent, row_sharded
 dist.init_process_group("gloo")
 torch.manual_seed(0)
 for m in (43, 48, 1):  # uneven shards (22 + 21 rows), even, and one rank with no row
@@ -454,14 +454,14 @@ for m in (43, 48, 1):  # uneven shards (22 + 21 rows), even, and one rank with n
         layer.latent.add_(torch.randn_like(layer.latent) * 0.02)
     expected = _round_latent(layer.latent, layer.alpha).clone()
     fully_shard(layer, mesh=init_device_mesh("cpu", (2,)))
-    assert _row_sharded(layer.latent), layer.latent.placements
+    assert row_sharded(layer.latent), layer.latent.placements
     assert torch.equal(layer.hard_codes(), expected), m
     assert torch.equal(layer.hard_codes(), _round_latent(layer.latent.full_tensor(), layer.alpha)), m
 print("ok", dist.get_rank())
 """
 
 
-def test_codes_of_row_sharded_latents_gather_packed_and_exact(tmp_path):
+def test_codes_ofrow_sharded_latents_gather_packed_and_exact(tmp_path):
     # FSDP2 shards latents by rows; hard_codes packs each rank's rows and gathers 2-bit bytes
     script = tmp_path / "sharded_codes.py"
     script.write_text(_SHARDED_CODES_SCRIPT)

@@ -147,7 +147,7 @@ class LCLinear(nn.Module):
         if self.latent is None:
             return unpack_codes(self.codes)
         with torch.no_grad():
-            if DTensor is not None and isinstance(self.latent, DTensor) and _row_sharded(self.latent):
+            if is_dtensor(self.latent) and row_sharded(self.latent):
                 # rows pack independently: pack the local rows, gather a quarter of the bytes
                 local = _round_latent(self.latent.to_local(), self.alpha)
                 packed = DTensor.from_local(
@@ -170,7 +170,7 @@ class LCLinear(nn.Module):
         ranks with equal latents agree."""
         if self.latent is None:
             return 0
-        if DTensor is not None and isinstance(self.latent, DTensor):
+        if is_dtensor(self.latent):
             raise NotImplementedError(
                 "LCLinear.limit_code_changes (LCQATCallback(max_flip_share=...)) does not support FSDP-sharded "
                 "latents yet; use DDP for capped code changes, or no cap."
@@ -181,14 +181,14 @@ class LCLinear(nn.Module):
         n = int(changed.sum())
         if n <= max_changes:
             return 0
-        depth = (u - old).abs()[changed]  # > 0.5: how far past the old bin's edge
+        offset = u - old  # |offset| > 0.5 where changed: how far past the old bin's edge
         if max_changes <= 0:
             keep = torch.zeros_like(changed)
         else:
-            threshold = torch.kthvalue(depth, n - max_changes).values  # keep those strictly deeper
-            keep = changed & ((u - old).abs() > threshold)
+            threshold = torch.kthvalue(offset.abs()[changed], n - max_changes).values  # keep those strictly deeper
+            keep = changed & (offset.abs() > threshold)
         back = changed & ~keep
-        inside = old + torch.clamp(u - old, -0.49, 0.49)  # just inside the old bin, same side
+        inside = old + torch.clamp(offset, -0.49, 0.49)  # just inside the old bin, same side
         self.latent.data[back] = ((inside[back] - 1.5) / self.alpha).to(self.latent.dtype)
         return int(back.sum())
 
@@ -262,7 +262,13 @@ def _round_latent(latent: torch.Tensor, alpha: float) -> torch.Tensor:
     return torch.clamp(torch.round(latent.float() * alpha + 1.5), 0, 3).to(torch.uint8)
 
 
-def _row_sharded(t) -> bool:
+def is_dtensor(t) -> bool:
+    """Whether ``t`` is a DTensor (FSDP2 holds sharded parameters as DTensors)."""
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def row_sharded(t) -> bool:
+    """Whether DTensor ``t`` is split by rows over a 1-D mesh (FSDP2's default placement)."""
     from torch.distributed.tensor import Shard
 
     return t.device_mesh.ndim == 1 and len(t.placements) == 1 and t.placements[0] == Shard(0)
@@ -270,7 +276,7 @@ def _row_sharded(t) -> bool:
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """``t`` itself, or the whole tensor of an FSDP2-sharded DTensor (an all-gather)."""
-    return t.full_tensor() if DTensor is not None and isinstance(t, DTensor) else t
+    return t.full_tensor() if is_dtensor(t) else t
 
 
 def _sync_before_state_dict(module: LCLinear, prefix, keep_vars) -> None:

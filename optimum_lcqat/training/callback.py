@@ -41,6 +41,7 @@ import math
 import os
 
 import torch
+from accelerate.utils import parse_flag_from_env
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -112,7 +113,7 @@ def fsdp_version(args) -> int | None:
     (``ACCELERATE_USE_FSDP``, ``FSDP_VERSION``, accelerate's default 1)."""
     if getattr(args, "fsdp", None):
         return int((getattr(args, "fsdp_config", None) or {}).get("version", 2))
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
+    if parse_flag_from_env("ACCELERATE_USE_FSDP"):
         return int(os.environ.get("FSDP_VERSION", "1"))
     return None
 
@@ -227,7 +228,7 @@ class LCQATCallback(TrainerCallback):
             raise NotImplementedError(FSDP2_NEEDS_LCQAT_TRAINER)
         if _deepspeed_zero3():
             raise NotImplementedError(ZERO3_UNSUPPORTED)
-        deepspeed = bool(getattr(args, "deepspeed", None)) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true")
+        deepspeed = bool(getattr(args, "deepspeed", None)) or parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
         if (version is not None or deepspeed) and self.max_flip_share is not None:
             raise NotImplementedError(
                 "LCQATCallback(max_flip_share=...) is not supported under FSDP or DeepSpeed yet (the cap ranks each "
@@ -369,15 +370,12 @@ class LCQATCallback(TrainerCallback):
     # ------------------------------------------------------------------ checkpoints
     def on_save(self, args, state, control, model=None, **kwargs):
         model = _unwrap(model if model is not None else self._model)
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        writes = state.is_world_process_zero and os.path.isdir(folder)
         if is_sharded(model):
             # FSDP2: gathering the latents is a collective, every process joins; process 0 writes
-            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-            save_training_state(model, folder, write=state.is_world_process_zero and os.path.isdir(folder))
-            return
-        if not state.is_world_process_zero:
-            return
-        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        if os.path.isdir(folder):
+            save_training_state(model, folder, write=writes)
+        elif writes:
             save_training_state(model, folder)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):

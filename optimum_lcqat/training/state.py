@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..nn.lc_linear import DTensor, LCLinear, full_tensor
+from ..nn.lc_linear import LCLinear, full_tensor, is_dtensor, row_sharded
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def _lc_layers(model) -> dict[str, LCLinear]:
 
 def is_sharded(model) -> bool:
     """Whether any LC layer's latent is an FSDP2-sharded DTensor."""
-    return DTensor is not None and any(isinstance(l.latent, DTensor) for l in _lc_layers(model).values())
+    return any(is_dtensor(l.latent) for l in _lc_layers(model).values())
 
 
 def training_state_dict(model, keep: bool = True) -> dict[str, torch.Tensor]:
@@ -65,11 +65,11 @@ def save_training_state(model, folder: str, write: bool = True) -> str | None:
 def _load_shard(target, saved) -> None:
     """FSDP2: read only this rank's rows of a row-sharded tensor (torch.chunk layout); other
     placements read the whole tensor and keep their shard, both without communication."""
-    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor import distribute_tensor
 
     local = target.to_local()
     mesh = target.device_mesh
-    if mesh.ndim == 1 and len(target.placements) == 1 and target.placements[0] == Shard(0):
+    if row_sharded(target):
         rows = target.shape[0]
         chunk = -(-rows // mesh.size())  # torch.chunk's chunk size
         start = min(rows, mesh.get_local_rank() * chunk)
@@ -103,7 +103,7 @@ def load_training_state(model, folder: str) -> bool:
             saved = f.get_slice(key)
             if list(target.shape) != list(saved.get_shape()):
                 raise ValueError(f"{path}: {key} has shape {saved.get_shape()}, the model has {list(target.shape)}")
-            if DTensor is not None and isinstance(target, DTensor):
+            if is_dtensor(target):
                 _load_shard(target, saved)
             else:
                 target.copy_(saved[:].to(target.device, target.dtype))
