@@ -165,12 +165,8 @@ static Tensor finish(const Tensor& rows, const Tensor& x, int64_t last) {
 // ------------------------------------------------------------------ op implementations (CPU)
 Tensor hadamard_cpu(const Tensor& x, int64_t block, const c10::optional<Tensor>& left,
                     const c10::optional<Tensor>& scale_in, const c10::optional<Tensor>& scale_out, bool transpose) {
-  check_act_dtype(x, "hadamard", "x");
-  TORCH_CHECK(x.dim() >= 1, "lcqat.hadamard: x must have at least one dimension");
+  const int64_t Kl = check_hadamard_args(x, block, left, scale_in, scale_out);
   const int64_t n = x.size(-1);
-  const int64_t Kl = check_rotation(n, block, left, "hadamard", "the");
-  check_vec(scale_in, n, "hadamard", "scale_in");
-  check_vec(scale_out, n, "hadamard", "scale_out");
   auto rows = rows_f32(x, n);
   auto L = opt_f32(left), si = opt_f32(scale_in), so = opt_f32(scale_out);
   rotate_rows_f32(rows.data_ptr<float>(), rows.size(0), n, block, L.defined() ? L.data_ptr<float>() : nullptr, Kl,
@@ -180,10 +176,8 @@ Tensor hadamard_cpu(const Tensor& x, int64_t block, const c10::optional<Tensor>&
 }
 
 Tensor lc_matmul_cpu(const Tensor& xt, const Tensor& packed, const Tensor& A, const Tensor& beta) {
-  check_act_dtype(xt, "lc_matmul", "xt");
-  TORCH_CHECK(xt.dim() >= 1, "lcqat.lc_matmul: xt must have at least one dimension");
+  check_lc_matmul_args(xt, packed, A, beta);
   const int64_t n = xt.size(-1);
-  check_codes(packed, A, beta, n, "lc_matmul");
   auto pk = packed.contiguous();
   auto A32 = f32(A), b32 = f32(beta.reshape({-1}));
   const int64_t m = pk.size(0);
@@ -223,8 +217,7 @@ static void decode_rows(const float* xp, int64_t B, int64_t n, int64_t m, const 
 }
 
 // Validated, fp32 views of an lc_linear call's arguments.
-struct LcArgs {
-  int64_t n, m, Kin, Kout;
+struct LcArgs : LcShape {
   Tensor pk, A32, b32, su, sv, bs, Li, Lo;
   const float* bias() const { return bs.defined() ? bs.data_ptr<float>() : nullptr; }
   const float* left_in() const { return Li.defined() ? Li.data_ptr<float>() : nullptr; }
@@ -235,17 +228,7 @@ static LcArgs check_lc_args(const char* op, const Tensor& x, const Tensor& packe
                             const Tensor& s_u, const Tensor& s_v, const c10::optional<Tensor>& bias, int64_t block_in,
                             const c10::optional<Tensor>& left_in, int64_t block_out,
                             const c10::optional<Tensor>& left_out) {
-  check_act_dtype(x, op, "x");
-  TORCH_CHECK(x.dim() >= 1, "lcqat.", op, ": x must have at least one dimension");
-  LcArgs a;
-  a.n = x.size(-1);
-  check_codes(packed, A, beta, a.n, op);
-  a.m = packed.size(0);
-  check_vec(s_u, a.n, op, "s_u");
-  check_vec(s_v, a.m, op, "s_v");
-  check_vec(bias, a.m, op, "bias");
-  a.Kin = check_rotation(a.n, block_in, left_in, op, "input");
-  a.Kout = check_rotation(a.m, block_out, left_out, op, "output");
+  LcArgs a{check_lc_linear_args(op, x, packed, A, beta, s_u, s_v, bias, block_in, left_in, block_out, left_out)};
   a.pk = packed.is_contiguous() ? packed : packed.contiguous();
   a.A32 = f32(A);
   a.b32 = f32(beta);

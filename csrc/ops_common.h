@@ -62,6 +62,88 @@ inline void check_vec(const c10::optional<Tensor>& t, int64_t n, const char* op,
                 " entries, got shape ", t->sizes());
 }
 
+// ------------------------------------------------------------------ per-op argument checks
+// What the CPU (lcqat_ops.cpp) and CUDA (cuda/lcqat_cuda.cu) implementations of an op both
+// check, in one place, so that both reject the same calls with the same messages.
+
+// The activation argument `name` of `op`: a float tensor with at least one dimension.
+inline void check_input(const Tensor& x, const char* op, const char* name) {
+  check_act_dtype(x, op, name);
+  TORCH_CHECK(x.dim() >= 1, "lcqat.", op, ": ", name, " must have at least one dimension");
+}
+
+// Every tensor argument on the activation's device (the kernels read them all through raw
+// pointers on that device). The dispatcher sends a call with any CUDA argument to the CUDA
+// implementation, so a CPU tensor there would otherwise be read as device memory.
+inline void check_device(const Tensor& x, const char* xname, const Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.device() == x.device(), "lcqat.", op, ": ", name, " is on ", t.device(), " but ", xname, " is on ",
+              x.device(), "; move every argument of the op to one device");
+}
+
+inline void check_device(const Tensor& x, const char* xname, const c10::optional<Tensor>& t, const char* op,
+                         const char* name) {
+  if (t.has_value()) check_device(x, xname, *t, op, name);
+}
+
+// hadamard(x, block, left?, scale_in?, scale_out?, transpose): returns K, the size of the left
+// factor (1 without one).
+inline int64_t check_hadamard_args(const Tensor& x, int64_t block, const c10::optional<Tensor>& left,
+                                   const c10::optional<Tensor>& scale_in, const c10::optional<Tensor>& scale_out) {
+  const char* op = "hadamard";
+  check_input(x, op, "x");
+  check_device(x, "x", left, op, "left");
+  check_device(x, "x", scale_in, op, "scale_in");
+  check_device(x, "x", scale_out, op, "scale_out");
+  const int64_t n = x.size(-1);
+  const int64_t K = check_rotation(n, block, left, op, "the");
+  check_vec(scale_in, n, op, "scale_in");
+  check_vec(scale_out, n, op, "scale_out");
+  return K;
+}
+
+// lc_matmul(xt, packed, A, beta).
+inline void check_lc_matmul_args(const Tensor& xt, const Tensor& packed, const Tensor& A, const Tensor& beta) {
+  const char* op = "lc_matmul";
+  check_input(xt, op, "xt");
+  check_device(xt, "xt", packed, op, "packed");
+  check_device(xt, "xt", A, op, "A");
+  check_device(xt, "xt", beta, op, "beta");
+  check_codes(packed, A, beta, xt.size(-1), op);
+}
+
+// Sizes of a checked lc_linear call: in n, out m, and the left factors' sizes (1 without one).
+struct LcShape {
+  int64_t n, m, Kin, Kout;
+};
+
+// lc_linear / lc_linear_a8 (`op`): x, packed, A, beta, s_u, s_v, bias?, block_in, left_in?,
+// block_out, left_out?.
+inline LcShape check_lc_linear_args(const char* op, const Tensor& x, const Tensor& packed, const Tensor& A,
+                                    const Tensor& beta, const Tensor& s_u, const Tensor& s_v,
+                                    const c10::optional<Tensor>& bias, int64_t block_in,
+                                    const c10::optional<Tensor>& left_in, int64_t block_out,
+                                    const c10::optional<Tensor>& left_out) {
+  check_input(x, op, "x");
+  check_device(x, "x", packed, op, "packed");
+  check_device(x, "x", A, op, "A");
+  check_device(x, "x", beta, op, "beta");
+  check_device(x, "x", s_u, op, "s_u");
+  check_device(x, "x", s_v, op, "s_v");
+  check_device(x, "x", bias, op, "bias");
+  check_device(x, "x", left_in, op, "left_in");
+  check_device(x, "x", left_out, op, "left_out");
+  LcShape s;
+  s.n = x.size(-1);
+  check_codes(packed, A, beta, s.n, op);
+  s.m = packed.size(0);
+  check_vec(s_u, s.n, op, "s_u");
+  check_vec(s_v, s.m, op, "s_v");
+  check_vec(bias, s.m, op, "bias");
+  s.Kin = check_rotation(s.n, block_in, left_in, op, "input");
+  s.Kout = check_rotation(s.m, block_out, left_out, op, "output");
+  return s;
+}
+
 inline std::vector<int64_t> out_shape(const Tensor& x, int64_t last) {
   auto s = x.sizes().vec();
   s.back() = last;

@@ -407,72 +407,95 @@ static void int8_scalar(const float* x, int64_t B, int64_t n, const int8_t* w, c
 }
 
 #if LCQAT_X86
-template <int B>
-__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl"))) static void int8_avx512(
-    const float* x, int64_t n, const int8_t* w, const float* scale, int64_t j0, int64_t j1, float* y, int64_t ldy) {
-  constexpr int NA = B == 1 ? 4 : (B <= 3 ? 2 : 1);
-  const int64_t n16 = n / 16 * 16;
+// ---- vector traits: the few operations of the int8 loop, one struct per ISA, each member with
+// its ISA's target attribute. The loop is written once (int8_rows below) over these traits. A
+// template cannot take its target attribute from a parameter, so int8_rows itself has the
+// baseline target and is instantiated in per-ISA wrappers that carry the ISA's target and
+// `flatten`: int8_rows and the trait members are all inlined into the wrapper, where every
+// intrinsic meets its ISA (generated code as with the former hand-written copies). GCC warns
+// (-Wpsabi) that a vector passed to or returned from a trait member by baseline code would use
+// another ABI; no such call is left after flattening.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+#define LCQAT_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
+#define LCQAT_TARGET_AVX2 __attribute__((target("avx2,fma")))
+
+struct VecAvx512 {
+  using F = __m512;
+  static constexpr int kLanes = 16;
+  LCQAT_TARGET_AVX512 static inline F zero() { return _mm512_setzero_ps(); }
+  LCQAT_TARGET_AVX512 static inline F load(const float* p) { return _mm512_loadu_ps(p); }
+  // kLanes int8 weights -> fp32 (sign extension, exact conversion)
+  LCQAT_TARGET_AVX512 static inline F load_i8(const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  LCQAT_TARGET_AVX512 static inline F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  LCQAT_TARGET_AVX512 static inline F add(F a, F b) { return _mm512_add_ps(a, b); }
+  LCQAT_TARGET_AVX512 static inline float sum(F v) { return _mm512_reduce_add_ps(v); }
+};
+
+struct VecAvx2 {
+  using F = __m256;
+  static constexpr int kLanes = 8;
+  LCQAT_TARGET_AVX2 static inline F zero() { return _mm256_setzero_ps(); }
+  LCQAT_TARGET_AVX2 static inline F load(const float* p) { return _mm256_loadu_ps(p); }
+  LCQAT_TARGET_AVX2 static inline F load_i8(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+  LCQAT_TARGET_AVX2 static inline F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  LCQAT_TARGET_AVX2 static inline F add(F a, F b) { return _mm256_add_ps(a, b); }
+  LCQAT_TARGET_AVX2 static inline float sum(F v) { return hsum256(v); }
+};
+
+// Rows [j0, j1) of the weight-only int8 GEMV for B activation rows, V::kLanes weights per step.
+template <class V, int B>
+static inline void int8_rows(const float* x, int64_t n, const int8_t* w, const float* scale, int64_t j0, int64_t j1,
+                             float* y, int64_t ldy) {
+  constexpr int64_t W = V::kLanes;
+  constexpr int NA = Accs<B>::value;
+  const int64_t nv = n / W * W;
   for (int64_t j = j0; j < j1; ++j) {
     const int8_t* wr = w + j * n;
     prefetch_ahead(wr, n, j1 - j, n);
-    __m512 acc[B][NA];
+    typename V::F acc[B][NA];
     for (int b = 0; b < B; ++b)
-      for (int a = 0; a < NA; ++a) acc[b][a] = _mm512_setzero_ps();
+      for (int a = 0; a < NA; ++a) acc[b][a] = V::zero();
     // NA steps per iteration with compile-time accumulator indices: a run-time `step % NA`
     // index kept the accumulators in memory (measured 2.3x slower).
     int64_t i = 0;
-    for (; i + 16 * NA <= n16; i += 16 * NA) {
+    for (; i + W * NA <= nv; i += W * NA) {
       for (int a = 0; a < NA; ++a) {
-        const __m512 wv =
-            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + i + 16 * a))));
-        for (int b = 0; b < B; ++b) acc[b][a] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + b * n + i + 16 * a), acc[b][a]);
+        const typename V::F wv = V::load_i8(wr + i + W * a);
+        for (int b = 0; b < B; ++b) acc[b][a] = V::fma(wv, V::load(x + b * n + i + W * a), acc[b][a]);
       }
     }
-    for (; i < n16; i += 16) {
-      const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + i))));
-      for (int b = 0; b < B; ++b) acc[b][0] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + b * n + i), acc[b][0]);
+    for (; i < nv; i += W) {
+      const typename V::F wv = V::load_i8(wr + i);
+      for (int b = 0; b < B; ++b) acc[b][0] = V::fma(wv, V::load(x + b * n + i), acc[b][0]);
     }
     for (int b = 0; b < B; ++b) {
-      __m512 s = acc[b][0];
-      for (int a = 1; a < NA; ++a) s = _mm512_add_ps(s, acc[b][a]);
-      y[b * ldy + j] = _mm512_reduce_add_ps(s) * scale[j];
+      typename V::F s = acc[b][0];
+      for (int a = 1; a < NA; ++a) s = V::add(s, acc[b][a]);
+      y[b * ldy + j] = V::sum(s) * scale[j];
     }
   }
-  if (n16 < n) int8_scalar(x, B, n, w, scale, j0, j1, y, ldy, n16);
+  if (nv < n) int8_scalar(x, B, n, w, scale, j0, j1, y, ldy, nv);
 }
 
 template <int B>
-__attribute__((target("avx2,fma"))) static void int8_avx2(const float* x, int64_t n, const int8_t* w,
-                                                         const float* scale, int64_t j0, int64_t j1, float* y,
-                                                         int64_t ldy) {
-  constexpr int NA = B == 1 ? 4 : (B <= 3 ? 2 : 1);
-  const int64_t n8 = n / 8 * 8;
-  for (int64_t j = j0; j < j1; ++j) {
-    const int8_t* wr = w + j * n;
-    prefetch_ahead(wr, n, j1 - j, n);
-    __m256 acc[B][NA];
-    for (int b = 0; b < B; ++b)
-      for (int a = 0; a < NA; ++a) acc[b][a] = _mm256_setzero_ps();
-    int64_t i = 0;  // NA steps per iteration, compile-time accumulator indices (see int8_avx512)
-    for (; i + 8 * NA <= n8; i += 8 * NA) {
-      for (int a = 0; a < NA; ++a) {
-        const __m256 wv =
-            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wr + i + 8 * a))));
-        for (int b = 0; b < B; ++b) acc[b][a] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + b * n + i + 8 * a), acc[b][a]);
-      }
-    }
-    for (; i < n8; i += 8) {
-      const __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wr + i))));
-      for (int b = 0; b < B; ++b) acc[b][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + b * n + i), acc[b][0]);
-    }
-    for (int b = 0; b < B; ++b) {
-      __m256 s = acc[b][0];
-      for (int a = 1; a < NA; ++a) s = _mm256_add_ps(s, acc[b][a]);
-      y[b * ldy + j] = hsum256(s) * scale[j];
-    }
-  }
-  if (n8 < n) int8_scalar(x, B, n, w, scale, j0, j1, y, ldy, n8);
+LCQAT_TARGET_AVX512 __attribute__((flatten)) static void int8_avx512(const float* x, int64_t n, const int8_t* w,
+                                                                     const float* scale, int64_t j0, int64_t j1,
+                                                                     float* y, int64_t ldy) {
+  int8_rows<VecAvx512, B>(x, n, w, scale, j0, j1, y, ldy);
 }
+
+template <int B>
+LCQAT_TARGET_AVX2 __attribute__((flatten)) static void int8_avx2(const float* x, int64_t n, const int8_t* w,
+                                                                 const float* scale, int64_t j0, int64_t j1, float* y,
+                                                                 int64_t ldy) {
+  int8_rows<VecAvx2, B>(x, n, w, scale, j0, j1, y, ldy);
+}
+#pragma GCC diagnostic pop
 #endif
 
 void int8_gemv_rows(const float* x, int64_t B, int64_t n, const int8_t* w, const float* scale, int64_t j0, int64_t j1,

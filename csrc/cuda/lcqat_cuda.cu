@@ -63,23 +63,18 @@ static Tensor matmul_rows_cuda(const Tensor& xt, const Tensor& packed, const Ten
 
 Tensor hadamard_cuda(const Tensor& x, int64_t block, const c10::optional<Tensor>& left,
                      const c10::optional<Tensor>& scale_in, const c10::optional<Tensor>& scale_out, bool transpose) {
-  check_act_dtype(x, "hadamard", "x");
-  TORCH_CHECK(x.dim() >= 1, "lcqat.hadamard: x must have at least one dimension");
+  check_hadamard_args(x, block, left, scale_in, scale_out);
   c10::cuda::CUDAGuard guard(x.device());
   const int64_t n = x.size(-1);
-  check_rotation(n, block, left, "hadamard", "the");
-  check_vec(scale_in, n, "hadamard", "scale_in");
-  check_vec(scale_out, n, "hadamard", "scale_out");
   auto rows = rows_f32_cuda(x, n);
   rotate_rows_cuda(rows, block, opt_f32(left), transpose, opt_f32(scale_in), opt_f32(scale_out), Tensor());
   return rows.to(x.scalar_type()).view(x.sizes());
 }
 
 Tensor lc_matmul_cuda(const Tensor& xt, const Tensor& packed, const Tensor& A, const Tensor& beta) {
-  check_act_dtype(xt, "lc_matmul", "xt");
+  check_lc_matmul_args(xt, packed, A, beta);
   c10::cuda::CUDAGuard guard(xt.device());
   const int64_t n = xt.size(-1);
-  check_codes(packed, A, beta, n, "lc_matmul");
   auto pk = packed.contiguous();
   auto y = matmul_rows_cuda(rows_f32_cuda(xt, n), pk, f32(A), f32(beta.reshape({-1})), xt.scalar_type());
   return y.to(xt.scalar_type()).view(out_shape(xt, pk.size(0)));
@@ -88,16 +83,10 @@ Tensor lc_matmul_cuda(const Tensor& xt, const Tensor& packed, const Tensor& A, c
 Tensor lc_linear_cuda(const Tensor& x, const Tensor& packed, const Tensor& A, const Tensor& beta, const Tensor& s_u,
                       const Tensor& s_v, const c10::optional<Tensor>& bias, int64_t block_in,
                       const c10::optional<Tensor>& left_in, int64_t block_out, const c10::optional<Tensor>& left_out) {
-  check_act_dtype(x, "lc_linear", "x");
+  const LcShape s =
+      check_lc_linear_args("lc_linear", x, packed, A, beta, s_u, s_v, bias, block_in, left_in, block_out, left_out);
   c10::cuda::CUDAGuard guard(x.device());
-  const int64_t n = x.size(-1);
-  check_codes(packed, A, beta, n, "lc_linear");
-  const int64_t m = packed.size(0);
-  check_vec(s_u, n, "lc_linear", "s_u");
-  check_vec(s_v, m, "lc_linear", "s_v");
-  check_vec(bias, m, "lc_linear", "bias");
-  check_rotation(n, block_in, left_in, "lc_linear", "input");
-  check_rotation(m, block_out, left_out, "lc_linear", "output");
+  const int64_t n = s.n, m = s.m;
   auto pk = packed.contiguous();
   auto xt = rows_f32_cuda(x, n);
   rotate_rows_cuda(xt, block_in, opt_f32(left_in), false, f32(s_u), Tensor(), Tensor());
