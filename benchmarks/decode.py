@@ -3,7 +3,7 @@
 Variants (all built in one process, measured round-robin so that load from other processes on
 the machine hits them alike): fp32, bf16, LC-QAT 2-bit (quantized in flight, data-free init),
 LC-QAT 2-bit with the lm_head stored as int8 (``lcqat_int8head``, see
-optimum_lcqat/kernels/compact_head.py), the same with int8 activations (``lcqat_int8head_a8``,
+optimum_lcqat/nn/int8_linear.py), the same with int8 activations (``lcqat_int8head_a8``,
 ``optimum_lcqat.set_int8_activations``), HQQ 2-bit (hqq's HQQLinear, group 64, RTN init; see
 build()) and quanto int2 (optimum-quanto). Decoder linears are quantized; embeddings and lm_head
 stay fp32 unless said. Speed does not depend on the code values, so the data-free model serves;
@@ -82,7 +82,7 @@ def build(variant, path, lc_model_cache):
     elif variant in ("lcqat", "lcqat_int8head", "lcqat_int8head_a8"):
         model = load_lcqat(path, lc_model_cache)
         if variant != "lcqat":
-            from optimum_lcqat.kernels.compact_head import compact_lm_head
+            from optimum_lcqat import compact_lm_head
 
             compact_lm_head(model)
         if variant == "lcqat_int8head_a8":
@@ -277,7 +277,7 @@ def measure_quality(lc_dir, tok, n_tokens):
     from optimum_lcqat import LCLinear, set_int8_activations
     from optimum_lcqat.data import split_texts, token_stream
     from optimum_lcqat.evaluation import perplexity
-    from optimum_lcqat.kernels.compact_head import compact_lm_head
+    from optimum_lcqat import compact_lm_head
 
     heldout = token_stream(split_texts("heldout"), tok, max_tokens=n_tokens)
     model = AutoModelForCausalLM.from_pretrained(lc_dir, dtype=torch.float32).eval()

@@ -5,6 +5,8 @@ scales + 2-bit matmul + Hadamard, i.e. the whole layer) with fp32 and bf16 activ
 dense ``F.linear`` with an fp32 and a bf16 weight of the same shape. The timings of one
 configuration are interleaved round by round (median of rounds), so that load from other
 processes on the machine hits all variants alike; ratios are more reliable than absolutes.
+Each timing is ``torch.utils.benchmark.Timer.blocked_autorange`` (its median). The LC variants
+call ``LCWeight.apply``, the path every LC layer takes (the native op, bound once).
 Effective GB/s = bytes of weight the variant has to read (LC: packed codes + A, beta, s_u, s_v
 in fp32; dense: the weight) / time.
 
@@ -20,16 +22,17 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
+from torch.utils import benchmark
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import environment, md_env, write  # noqa: E402
 
 from optimum_lcqat.kernels import native, reference  # noqa: E402
 from optimum_lcqat.tensor.hadamard import plan_rotation  # noqa: E402
+from optimum_lcqat.tensor.lc_weight import LCWeight  # noqa: E402
 
 SHAPES = {  # (out, in)
     "smollm2.q/o (576x576)": (576, 576),
@@ -42,38 +45,34 @@ SHAPES = {  # (out, in)
 
 
 def timeit(fn, min_time: float) -> float:
-    """Seconds per call: calls repeated for about min_time (after one warm-up)."""
+    """Seconds per call: the median of torch.utils.benchmark's blocked autorange (after one warm-up)."""
     fn()
-    t0 = time.perf_counter()
-    k = 0
-    while True:
-        fn()
-        k += 1
-        el = time.perf_counter() - t0
-        if el >= min_time:
-            return el / k
+    return benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
+        min_run_time=min_time
+    ).median
 
 
 def bench_one(m, n, batch, rounds, min_time, device, block, check):
     g = torch.Generator().manual_seed(m * 31 + n)
     pi, po = plan_rotation(n, block), plan_rotation(m, block)
-    packed = torch.randint(0, 256, (m, n // 4), dtype=torch.uint8, generator=g).to(device)
-    A = (torch.eye(4) + 0.1 * torch.randn(4, 4, generator=g)).to(device)
-    beta = (0.1 * torch.randn(4, generator=g)).to(device)
-    su = torch.randn(n, generator=g).to(device)
-    sv = (torch.randn(m, generator=g) * 0.01).to(device)
+    w = LCWeight(
+        torch.randint(0, 256, (m, n // 4), dtype=torch.uint8, generator=g),
+        torch.eye(4) + 0.1 * torch.randn(4, 4, generator=g), 0.1 * torch.randn(4, generator=g),
+        torch.randn(n, generator=g), torch.randn(m, generator=g) * 0.01, pi, po,
+    ).to(device=device)
     x32 = torch.randn(batch, n, generator=g).to(device)
     x16 = x32.bfloat16()
     w32 = torch.randn(m, n, generator=g).to(device) * 0.02
     w16 = w32.bfloat16()
     if check:  # the kernel must agree with the reference before it is timed
-        ref = reference.lc_linear(x32.double(), packed, A.double(), beta.double(), su.double(), sv.double(), None, pi, po)
-        out = native.lc_linear(x32, packed, A, beta, su, sv, None, pi, po)
+        ref = reference.lc_linear(w.to(device="cpu", dtype=torch.float64), x32.cpu().double())
+        with torch.inference_mode():
+            out = w.apply(x32).cpu()
         err = float((out.double() - ref).abs().max() / ref.abs().max())
         assert err < 1e-4, f"native LC kernel disagrees with the reference: rel err {err}"
     variants = {
-        "lc_fp32": lambda: native.lc_linear(x32, packed, A, beta, su, sv, None, pi, po),
-        "lc_bf16": lambda: native.lc_linear(x16, packed, A, beta, su, sv, None, pi, po),
+        "lc_fp32": lambda: w.apply(x32),
+        "lc_bf16": lambda: w.apply(x16),
         "dense_fp32": lambda: F.linear(x32, w32),
         "dense_bf16": lambda: F.linear(x16, w16),
     }

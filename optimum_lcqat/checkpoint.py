@@ -1,12 +1,15 @@
 """The packed checkpoint format: what is saved per LC layer, and validation on load.
 
-Per converted linear ``<name>``:
-  ``<name>.codes``  uint8   [out, in/4]  four 2-bit codes per byte (see tensor/packing.py)
-  ``<name>.A``      float16 [d, d]
-  ``<name>.beta``   float16 [d]
-  ``<name>.s_u``    float16 [in]
-  ``<name>.s_v``    float16 [out]
-  ``<name>.bias``   model dtype [out]   (when the linear has one)
+Per converted linear ``<name>`` (the keys of :class:`~optimum_lcqat.tensor.lc_weight.LCWeight`):
+  ``<name>.codes``     uint8   [out, in/4]  four 2-bit codes per byte (see tensor/packing.py)
+  ``<name>.A``         float16 [d, d]
+  ``<name>.beta``      float16 [d]
+  ``<name>.s_u``       float16 [in]
+  ``<name>.s_v``       float16 [out]
+  ``<name>.rotation``  int32   [2, 2]  resolved rotation plans [[left_in, right_in], [left_out, right_out]]
+                                       (format version 2; version 1 files have none and get the
+                                       plans version-1 code chose, recomputed from the config)
+  ``<name>.bias``      model dtype [out]   (when the linear has one)
 The safetensors metadata carries ``lcqat_format_version``.
 """
 
@@ -21,9 +24,10 @@ from pathlib import Path
 import torch
 
 from .config import FORMAT_VERSION
-from .nn.lc_linear import STORAGE_DTYPE, LCLinear, full_tensor
+from .nn.lc_linear import LCLinear
+from .tensor.lc_weight import PARAM_KEYS, STORAGE_DTYPE, LCWeight
 
-LC_PARAM_SUFFIXES = ("A", "beta", "s_u", "s_v")
+LC_PARAM_SUFFIXES = PARAM_KEYS
 METADATA_KEY = "lcqat_format_version"
 
 
@@ -53,6 +57,11 @@ def read_layout(checkpoint_files) -> dict[str, tuple[str, tuple[int, ...]]]:
             if key == "__metadata__":
                 meta = info or {}
                 version = meta.get(METADATA_KEY)
+                if version is not None and not str(version).strip().isdigit():
+                    raise CheckpointError(
+                        f"{path}: {METADATA_KEY}={version!r} is not a whole number; the checkpoint's metadata is "
+                        "corrupted (re-save it with optimum-lcqat)"
+                    )
                 if version is not None and int(version) > FORMAT_VERSION:
                     raise CheckpointError(
                         f"{path} is lcqat format {version}; this optimum-lcqat reads up to {FORMAT_VERSION}. "
@@ -70,26 +79,24 @@ def read_layout(checkpoint_files) -> dict[str, tuple[str, tuple[int, ...]]]:
 
 
 def lc_module_names(layout) -> list[str]:
+    """Names of the LC layers in a checkpoint layout (keys, or a ``{key: ...}`` mapping)."""
     return sorted(k[: -len(".codes")] for k in layout if k.endswith(".codes"))
 
 
 def validate_layer_layout(name: str, module, layout, vector_dim: int) -> None:
-    """Check the tensors of LC layer ``name`` against the module it will load into."""
+    """Check the tensors of LC layer ``name`` against the module it will load into. A missing
+    ``rotation`` record is allowed (format version 1)."""
     m, n = module.out_features, module.in_features
-    expect = {
-        "codes": ("U8", (m, n // 4)),
-        "A": (None, (vector_dim, vector_dim)),
-        "beta": (None, (vector_dim,)),
-        "s_u": (None, (n,)),
-        "s_v": (None, (m,)),
-    }
-    for suffix, (dtype, shape) in expect.items():
+    for suffix, (dtype, shape) in LCWeight.expected_layout(m, n, vector_dim).items():
         key = f"{name}.{suffix}"
         if key not in layout:
+            if suffix == "rotation":
+                continue
             raise CheckpointError(f"lcqat checkpoint: {key} is missing; the checkpoint is incomplete or corrupted")
         got_dtype, got_shape = layout[key]
         if dtype is not None and got_dtype != dtype:
-            raise CheckpointError(f"lcqat checkpoint: {key} has dtype {got_dtype}; packed codes must be uint8 (U8)")
+            what = {"U8": "packed codes must be uint8 (U8)", "I32": "rotation records are int32 (I32)"}[dtype]
+            raise CheckpointError(f"lcqat checkpoint: {key} has dtype {got_dtype}; {what}")
         if dtype is None and got_dtype not in ("F16", "BF16", "F32"):
             raise CheckpointError(f"lcqat checkpoint: {key} has dtype {got_dtype}; expected a float tensor")
         if got_shape != shape:
@@ -100,6 +107,21 @@ def validate_layer_layout(name: str, module, layout, vector_dim: int) -> None:
             )
     if f"{name}.weight" in layout:
         raise CheckpointError(f"lcqat checkpoint: {name} has both packed codes and a dense weight")
+
+
+def read_rotation_records(checkpoint_files, names) -> dict[str, torch.Tensor]:
+    """``{layer name: rotation record}`` for the layers whose ``<name>.rotation`` is in the
+    files (tiny tensors, read before the weights load so each layer is built with its plans)."""
+    from safetensors import safe_open
+
+    wanted = {f"{n}.rotation": n for n in names}
+    out = {}
+    for path in _shards(checkpoint_files):
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                if key in wanted:
+                    out[wanted[key]] = f.get_tensor(key)
+    return out
 
 
 # A full state dict that the caller already gathered, for the save in progress (see below).
@@ -123,7 +145,8 @@ def saving_gathered_state_dict(state_dict):
 
 
 def packed_state_dict(model) -> dict[str, torch.Tensor]:
-    """The model's state dict as saved: LC parameters in 16-bit, latents dropped.
+    """The model's state dict as saved: LC parameters in 16-bit, latents dropped; the other
+    tensors as the config's ``dense_dtype`` / ``lm_head_int8`` ask (see dense_storage.py).
 
     FSDP2-sharded tensors are gathered, so on a sharded model every rank must call this
     (``model.save_pretrained(dir, is_main_process=rank == 0)`` on all ranks), unless the caller
@@ -137,17 +160,26 @@ def packed_state_dict(model) -> dict[str, torch.Tensor]:
         prefix, _, leaf = key.rpartition(".")
         if f"{prefix}." in lc_prefixes and leaf == "latent":
             continue
-        value = full_tensor(value)
+        if type(value) is not torch.Tensor:  # a subclass: FSDP2's DTensor is gathered
+            from .training.fsdp import full_tensor
+
+            value = full_tensor(value)
         if f"{prefix}." in lc_prefixes and leaf in LC_PARAM_SUFFIXES:
             value = value.to(STORAGE_DTYPE)
         out[key] = value
-    return out
+    from .dense_storage import apply_dense_storage  # imported here: it imports this module
+
+    return apply_dense_storage(model, out)  # dense_dtype, lm_head_int8 (dense_storage.py)
 
 
 def check_loaded_layers(model) -> None:
-    """After loading: every LC parameter is finite."""
+    """After loading: every LC parameter is finite and every rotation record is the layer's plan."""
     for name, module in model.named_modules():
         if isinstance(module, LCLinear):
+            try:
+                module.check_rotation_record()
+            except ValueError as exc:
+                raise CheckpointError(f"lcqat checkpoint: {name}.rotation: {exc}") from None
             for pname in LC_PARAM_SUFFIXES:
                 t = getattr(module, pname)
                 if not torch.isfinite(t).all():

@@ -10,12 +10,14 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 logger = logging.getLogger(__name__)
 
 QUANT_METHOD = "lcqat"
-FORMAT_VERSION = 1  # version of the packed checkpoint layout this package writes and reads
+FORMAT_VERSION = 2  # version of the packed checkpoint layout this package writes (it reads 1 and 2)
+# 2: each LC layer records its resolved rotation plans (<name>.rotation); 1: plans recomputed from the config
 
 _ALLOWED_BITS = (2,)
 _ALLOWED_VECTOR_DIMS = (1, 2, 4)
 _ALLOWED_CODEBOOKS = ("affine", "scalar")
 _ALLOWED_INITS = ("auto", "data_free", "ptq")
+_ALLOWED_DENSE_DTYPES = ("bfloat16", "float16")
 
 
 def _check(cond: bool, field: str, value: Any, allowed: str) -> None:
@@ -52,6 +54,14 @@ class LCQATConfig(QuantizationConfigMixin):
         ptq_finetune_steps: PTQ block-wise fine-tuning Adam steps per decoder block (0: none).
         ptq_finetune_lr: PTQ fine-tuning learning rate, relative to each tensor's RMS.
         ptq_batch_size: calibration samples per forward batch during PTQ.
+        dense_dtype: storage dtype, in the saved checkpoint, of the float tensors that are not
+            LC layers (embeddings, norms, a dense lm_head, modules kept in full precision):
+            ``"bfloat16"``, ``"float16"`` or ``None`` (as they are in the model). Loading casts
+            them to the dtype the model is loaded in.
+        lm_head_int8: save the output projection as int8 with one fp32 scale per row
+            (``lm_head.weight_int8``, ``lm_head.scale``); loading builds an
+            :class:`~optimum_lcqat.nn.Int8Linear` head. A tied input embedding is kept for the
+            lookup (in ``dense_dtype``); only the head is int8.
         format_version: packed-format version; set by the package, checked on load.
     """
 
@@ -74,6 +84,8 @@ class LCQATConfig(QuantizationConfigMixin):
         ptq_finetune_steps: int = 24,
         ptq_finetune_lr: float = 1e-3,
         ptq_batch_size: int = 8,
+        dense_dtype: str | None = None,
+        lm_head_int8: bool = False,
         format_version: int = FORMAT_VERSION,
         **kwargs,
     ):
@@ -96,6 +108,8 @@ class LCQATConfig(QuantizationConfigMixin):
         self.ptq_finetune_steps = ptq_finetune_steps
         self.ptq_finetune_lr = ptq_finetune_lr
         self.ptq_batch_size = ptq_batch_size
+        self.dense_dtype = dense_dtype
+        self.lm_head_int8 = lm_head_int8
         self.format_version = format_version
         # PTQ knobs (used by optimum_lcqat.init.ptq); kept in kwargs-free form for old checkpoints.
         self.ptq_options = dict(kwargs.pop("ptq_options", None) or {})
@@ -154,6 +168,12 @@ class LCQATConfig(QuantizationConfigMixin):
                 name, v, "a positive finite number",
             )
         _check(isinstance(self.ptq_options, dict), "ptq_options", self.ptq_options, "a dict")
+        dd = self.dense_dtype
+        if dd is not None and not isinstance(dd, str) and str(dd).startswith("torch."):
+            dd = self.dense_dtype = str(dd)[len("torch."):]  # torch.bfloat16 -> "bfloat16" (JSON-safe)
+        _check(dd is None or dd in _ALLOWED_DENSE_DTYPES, "dense_dtype", dd,
+               "None (keep the model's dtype), 'bfloat16' or 'float16'")
+        _check(isinstance(self.lm_head_int8, bool), "lm_head_int8", self.lm_head_int8, "True or False")
 
     @property
     def uses_calibration(self) -> bool:
@@ -171,3 +191,4 @@ class LCQATConfig(QuantizationConfigMixin):
 
     def to_diff_dict(self) -> dict[str, Any]:
         return self.to_dict()
+

@@ -6,11 +6,11 @@ import logging
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 from transformers.quantizers.quantizers_utils import should_convert_module
 
 from .config import LCQATConfig
-from .nn.lc_linear import LCLinear
+from .nn.lc_linear import LCLinear, lc_layers
+from .tensor.hadamard import RotationPlan
 
 logger = logging.getLogger(__name__)
 
@@ -45,60 +45,21 @@ def lc_layer_kwargs(config: LCQATConfig) -> dict:
     }
 
 
-def build_lc_skeleton(linear: nn.Linear, config: LCQATConfig, device=None, dtype=None) -> LCLinear:
+def build_lc_skeleton(linear: nn.Linear, config: LCQATConfig, device=None, dtype=None,
+                      plans: tuple[RotationPlan, RotationPlan] | None = None) -> LCLinear:
+    """An LC layer shaped like ``linear`` (values to be loaded); ``plans``: recorded rotation
+    plans (a checkpoint's), else the config's."""
+    plan_in, plan_out = plans or (None, None)
     return LCLinear(
         linear.in_features,
         linear.out_features,
         bias=linear.bias is not None,
         device=device,
         dtype=dtype if dtype is not None else linear.weight.dtype,
+        plan_in=plan_in,
+        plan_out=plan_out,
         **lc_layer_kwargs(config),
     )
-
-
-def lc_layer_from_params(linear: nn.Linear, params, config: LCQATConfig) -> LCLinear:
-    """A ready LC layer from initialiser output, on the linear's device and dtype, snapped to storage."""
-    w = linear.weight
-    layer = build_lc_skeleton(linear, config, device=w.device, dtype=w.dtype)
-    with torch.no_grad():
-        layer.codes.copy_(params.packed.to(w.device))
-        layer.A.copy_(params.A)
-        layer.beta.copy_(params.beta)
-        layer.s_u.copy_(params.s_u)
-        layer.s_v.copy_(params.s_v)
-        if linear.bias is not None:
-            layer.bias.copy_(linear.bias)
-    layer.snap_to_storage()
-    return layer
-
-
-def quantize_linears_data_free(model: nn.Module, names: list[str], config: LCQATConfig) -> dict[str, float]:
-    """Replace each named linear by an LC layer initialised without data; return per-layer errors."""
-    from .init import get_initializer
-
-    init = get_initializer("data_free")
-    errors = {}
-    for name in tqdm(names, desc="lcqat: data-free init", leave=False):
-        linear = model.get_submodule(name)
-        layer_probe = build_lc_skeleton(linear, config, device="meta")
-        params = init(
-            linear.weight.detach(),
-            vector_dim=config.vector_dim,
-            codebook=config.codebook,
-            plan_in=layer_probe.plan_in,
-            plan_out=layer_probe.plan_out,
-            seed=config.seed,
-            name=name,
-            iters=config.init_iters,
-        )
-        model.set_submodule(name, lc_layer_from_params(linear, params, config))
-        errors[name] = params.error
-        logger.info("lcqat: %s %dx%d rotated-domain rel. error %.4f", name, linear.out_features, linear.in_features, params.error)
-    return errors
-
-
-def lc_layers(model: nn.Module) -> dict[str, LCLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, LCLinear)}
 
 
 def dequantize_model(model: nn.Module, dtype=None) -> nn.Module:

@@ -15,16 +15,12 @@ import logging
 import torch
 from transformers.quantizers.base import HfQuantizer
 
-from . import checkpoint as ckpt
-from .config import LCQATConfig
-from .convert import (
-    NoConvertibleLayerError,
-    build_lc_skeleton,
-    convertible_linears,
-    dequantize_model,
-    lc_layers,
-    quantize_linears_data_free,
-)
+from .config import FORMAT_VERSION, LCQATConfig
+
+# Everything else of the package is imported inside the methods: registering the method (see
+# _registration.py) imports this module, possibly while another module of the package is half
+# imported (its own import reached transformers' quantizer registry); this module must then load
+# with nothing but transformers and the config.
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +47,11 @@ class LCQATHfQuantizer(HfQuantizer):
 
     # ---------------------------------------------------------------- loading
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, keep_in_fp32_modules=None, **kwargs):
+        from . import checkpoint as ckpt
+        from . import dense_storage
+        from .convert import build_lc_skeleton
+        from .tensor.lc_weight import plans_from_record
+
         cfg = self.quantization_config
         self.modules_to_not_convert = self.get_modules_to_not_convert(
             model, cfg.modules_to_not_convert, keep_in_fp32_modules, add_default_skips=True
@@ -58,12 +59,17 @@ class LCQATHfQuantizer(HfQuantizer):
         if not self.pre_quantized:
             return model
         layout = ckpt.read_layout(checkpoint_files)
+        dense_storage.prepare_int8_head(model, layout)  # an int8 lm_head in the checkpoint: Int8Linear skeleton
         names = ckpt.lc_module_names(layout)
         if not names:
             raise ckpt.CheckpointError(
                 "lcqat checkpoint: the config says quant_method='lcqat' but the weights hold no packed "
                 "codes (no '*.codes' tensor); the checkpoint is not an lcqat checkpoint or is corrupted."
             )
+        # Format version 2 records each layer's rotation plans: the layer is built with them, not
+        # with whatever the installed code would choose for the config (version 1: recomputed).
+        records = ckpt.read_rotation_records(checkpoint_files, names)
+        self._v1_layers = [n for n in names if n not in records]
         for name in names:
             try:
                 module = model.get_submodule(name)
@@ -72,15 +78,35 @@ class LCQATHfQuantizer(HfQuantizer):
             if not isinstance(module, torch.nn.Linear):
                 raise ckpt.CheckpointError(f"lcqat checkpoint: {name} is a {type(module).__name__}, not a Linear")
             ckpt.validate_layer_layout(name, module, layout, cfg.vector_dim)
+            plans = None
+            if name in records:
+                try:
+                    plans = plans_from_record(records[name], module.in_features, module.out_features)
+                except ValueError as exc:
+                    raise ckpt.CheckpointError(f"lcqat checkpoint: {name}.rotation: {exc}") from None
             w = module.weight
-            model.set_submodule(name, build_lc_skeleton(module, cfg, device=w.device, dtype=w.dtype))
+            layer = build_lc_skeleton(module, cfg, device=w.device, dtype=w.dtype, plans=plans)
+            if plans is None:  # no record to load: the buffer must not be reported missing
+                layer._non_persistent_buffers_set.add("rotation")
+            model.set_submodule(name, layer)
         self._loaded_lc_names = names
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        from . import checkpoint as ckpt
+        from .convert import NoConvertibleLayerError, convertible_linears
+        from .init.data_free import quantize_linears_data_free
+        from .tensor.lc_weight import rotation_record
+
         cfg = self.quantization_config
         if self.pre_quantized:
+            for name in getattr(self, "_v1_layers", []):  # saved again, the layer records its plans
+                layer = model.get_submodule(name)
+                with torch.no_grad():  # (the unloaded buffer holds whatever the meta-device init left)
+                    layer.rotation.copy_(rotation_record(layer.plan_in, layer.plan_out))
+                layer._non_persistent_buffers_set.discard("rotation")
             ckpt.check_loaded_layers(model)
+            cfg.format_version = FORMAT_VERSION
             return model
         names = convertible_linears(model, cfg, self.modules_to_not_convert)
         if not names:
@@ -101,6 +127,8 @@ class LCQATHfQuantizer(HfQuantizer):
         return True
 
     def get_state_dict_and_metadata(self, model):
+        from . import checkpoint as ckpt
+
         return ckpt.packed_state_dict(model), {ckpt.METADATA_KEY: str(self.quantization_config.format_version)}
 
     # ---------------------------------------------------------------- capabilities
@@ -117,6 +145,13 @@ class LCQATHfQuantizer(HfQuantizer):
         return True
 
     def _dequantize(self, model, dtype=None):
+        from .convert import dequantize_model, lc_layers
+
         if not lc_layers(model):
             raise ValueError("lcqat: the model holds no LC layer to dequantize")
         return dequantize_model(model, dtype)
+
+
+from ._registration import register as _register  # noqa: E402
+
+_register()  # deferred if this module's own import reached transformers' registry (see _registration)

@@ -20,13 +20,15 @@ import torch
 from optimum_lcqat import kernels
 from optimum_lcqat.kernels import native, reference
 from optimum_lcqat.tensor.hadamard import plan_rotation, rotate
+from optimum_lcqat.tensor.lc_weight import LCWeight
 
 ROOT = Path(__file__).resolve().parents[1]
 HAVE_NATIVE = native.available()
 needs_native = pytest.mark.skipif(not HAVE_NATIVE, reason="optimum_lcqat._C is not built (python setup.py build_ext --inplace)")
 
 
-def make_layer(m, n, seed=0, bias=True):
+def make_layer(m, n, seed=0, bias=True, block=128):
+    """A random packed weight (uniform codes) and bias."""
     g = torch.Generator().manual_seed(seed)
     packed = torch.randint(0, 256, (m, n // 4), dtype=torch.uint8, generator=g)
     A = torch.eye(4) + 0.3 * torch.randn(4, 4, generator=g)
@@ -34,12 +36,12 @@ def make_layer(m, n, seed=0, bias=True):
     s_u = torch.randn(n, generator=g)
     s_v = torch.randn(m, generator=g)
     b = torch.randn(m, generator=g) if bias else None
-    return packed, A, beta, s_u, s_v, b
+    return LCWeight(packed, A, beta, s_u, s_v, plan_rotation(n, block), plan_rotation(m, block)), b
 
 
-def oracle(x, packed, A, beta, s_u, s_v, bias, pi, po):
-    d = lambda t: None if t is None else t.double()  # noqa: E731
-    return reference.lc_linear(x.double(), packed, A.double(), beta.double(), s_u.double(), s_v.double(), d(bias), pi, po)
+def oracle(w, x, bias):
+    """The reference in float64."""
+    return reference.lc_forward(w.to(dtype=torch.float64), x.double(), None if bias is None else bias.double())
 
 
 def assert_close_rel(out, ref, tol):
@@ -66,11 +68,10 @@ BATCHES = [1, 3, 8, 64, 80]
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_lc_linear_matches_reference(m, n, block, batch, dtype):
-    pi, po = plan_rotation(n, block), plan_rotation(m, block)
-    packed, A, beta, s_u, s_v, bias = make_layer(m, n, seed=m + n + batch)
+    w, bias = make_layer(m, n, seed=m + n + batch, block=block)
     x = torch.randn(batch, n, generator=torch.Generator().manual_seed(batch)).to(dtype)
-    ref = oracle(x, packed, A, beta, s_u, s_v, bias, pi, po)  # from the same (rounded) input
-    out = native.lc_linear(x, packed, A, beta, s_u, s_v, bias, pi, po)
+    ref = oracle(w, x, bias)  # from the same (rounded) input
+    out = native.lc_linear(w, x, bias)
     assert out.dtype == dtype and out.shape == (batch, m)
     assert_close_rel(out, ref, 1e-4 if dtype == torch.float32 else 1e-2)
 
@@ -78,17 +79,16 @@ def test_lc_linear_matches_reference(m, n, block, batch, dtype):
 @needs_native
 def test_lc_linear_leading_dims_fp16_and_params_in_bf16():
     m, n = 96, 160
-    pi, po = plan_rotation(n, 128), plan_rotation(m, 128)
-    packed, A, beta, s_u, s_v, bias = make_layer(m, n)
+    w, bias = make_layer(m, n)
+    w, bias = w.to(dtype=torch.bfloat16), bias.bfloat16()
     x = torch.randn(2, 5, n)
-    params = [t.bfloat16() for t in (A, beta, s_u, s_v, bias)]
-    ref = oracle(x, packed, *params, pi, po)
-    out = native.lc_linear(x, packed, *params, pi, po)
+    ref = oracle(w, x, bias)
+    out = native.lc_linear(w, x, bias)
     assert out.shape == (2, 5, m)
     assert_close_rel(out, ref, 1e-4)
-    out16 = native.lc_linear(x.half(), packed, *params, pi, po)
+    out16 = native.lc_linear(w, x.half(), bias)
     assert out16.dtype == torch.float16
-    assert_close_rel(out16, oracle(x.half(), packed, *params, pi, po), 2e-3)
+    assert_close_rel(out16, oracle(w, x.half(), bias), 2e-3)
 
 
 @needs_native
@@ -99,6 +99,7 @@ def test_other_isa_variants_match_reference(isa):
 import torch
 from optimum_lcqat.kernels import native, reference
 from optimum_lcqat.tensor.hadamard import plan_rotation
+from optimum_lcqat.tensor.lc_weight import LCWeight
 assert native.available()
 assert native.cpu_isa() == {isa!r}, native.cpu_isa()
 torch.manual_seed(0)
@@ -106,15 +107,16 @@ for m, n, b in [(37, 200, 1), (64, 300, 3), (16, 1540, 8), (5, 12, 2)]:
     pi, po = plan_rotation(n, 128), plan_rotation(m, 128)
     p = torch.randint(0, 256, (m, n // 4), dtype=torch.uint8)
     A = torch.eye(4) + 0.3 * torch.randn(4, 4); be = torch.randn(4); su = torch.randn(n); sv = torch.randn(m)
+    w = LCWeight(p, A, be, su, sv, pi, po)
     x = torch.randn(b, n)
-    ref = reference.lc_linear(x.double(), p, A.double(), be.double(), su.double(), sv.double(), None, pi, po)
-    out = native.lc_linear(x, p, A, be, su, sv, None, pi, po)
+    ref = reference.lc_linear(w.to(dtype=torch.float64), x.double())
+    out = native.lc_linear(w, x)
     err = float((out.double() - ref).abs().max() / ref.abs().max())
     assert err < 1e-4, (m, n, b, err)
     # int8 activations: VNNI only at avx512, so here the scalar integer code must give the same sums
     assert not native.cpu_has_vnni()
-    ref8 = reference.lc_linear_a8(x, p, A, be, su, sv, None, pi, po).double()
-    out8 = native.lc_linear_a8(x, p, A, be, su, sv, None, pi, po)
+    ref8 = reference.lc_linear_a8(w, x).double()
+    out8 = native.lc_linear_a8(w, x)
     err8 = float((out8.double() - ref8).abs().max() / ref8.abs().max())
     assert err8 < 1e-3, (m, n, b, err8)
 print("ok")
@@ -145,16 +147,17 @@ def test_hadamard_op_matches_rotate(n, block, transpose):
 @pytest.mark.parametrize("batch", [1, 5, 8, 64, 70])
 def test_lc_matmul_matches_dequantized_product(batch):
     m, n = 77, 132
-    packed, A, beta, *_ = make_layer(m, n)
+    w, _ = make_layer(m, n)
     xt = torch.randn(batch, n)
-    ref = torch.nn.functional.linear(xt.double(), reference.dequantize_rotated(packed, A.double(), beta.double()))
-    assert_close_rel(native.lc_matmul(xt, packed, A, beta), ref, 1e-5)
+    ref = torch.nn.functional.linear(xt.double(), w.to(dtype=torch.float64).rotated())
+    assert_close_rel(native.lc_matmul(xt, w.codes, w.A, w.beta), ref, 1e-5)
 
 
 @needs_native
 def test_clear_errors_for_unsupported_inputs():
     m, n = 32, 64
-    packed, A, beta, s_u, s_v, bias = make_layer(m, n)
+    w, bias = make_layer(m, n, block=64)
+    packed, A, beta, s_u, s_v = w.codes, w.A, w.beta, w.s_u, w.s_v
     args = (packed, A, beta, s_u, s_v, bias, 64, None, 32, None)
     x = torch.randn(2, n)
     with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
@@ -176,29 +179,27 @@ def test_clear_errors_for_unsupported_inputs():
     with pytest.raises(RuntimeError, match="does not match the dimension"):
         torch.ops.lcqat.hadamard(x, 16, torch.eye(3), None, None, False)
     # The dispatcher declines what the native op does not do (the reference computes it).
-    pi, po = plan_rotation(n, 64), plan_rotation(m, 64)
-    assert native.supports(x, packed, A, pi, po)
-    assert not native.supports(x.double(), packed, A, pi, po)
-    assert not native.supports(x, packed, torch.eye(2), pi, po)
+    assert native.supports(w, x)
+    assert not native.supports(w, x.double())
+    assert not native.supports(LCWeight(packed, torch.eye(2), beta[:2], s_u, s_v, w.plan_in, w.plan_out), x)
 
 
 @needs_native
 def test_dispatch_uses_native_without_grad_and_reference_with_grad(monkeypatch):
     m, n = 48, 64
-    pi, po = plan_rotation(n, 64), plan_rotation(m, 64)
-    packed, A, beta, s_u, s_v, bias = make_layer(m, n)
-    s_u.requires_grad_(True)
+    w, bias = make_layer(m, n, block=64)
+    w.s_u.requires_grad_(True)
     x = torch.randn(3, n)
     calls = []
     real = native.lc_linear
     monkeypatch.setattr(native, "lc_linear", lambda *a: calls.append(1) or real(*a))
     with torch.no_grad():
-        y0 = kernels.lc_linear(x, packed, A, beta, s_u, s_v, bias, pi, po)
+        y0 = kernels.lc_linear(w, x, bias)
     assert calls == [1]
-    y1 = kernels.lc_linear(x, packed, A, beta, s_u, s_v, bias, pi, po)  # s_u needs a gradient
+    y1 = kernels.lc_linear(w, x, bias)  # s_u needs a gradient
     assert calls == [1] and y1.requires_grad
     y1.sum().backward()
-    assert s_u.grad is not None and torch.isfinite(s_u.grad).all()
+    assert w.s_u.grad is not None and torch.isfinite(w.s_u.grad).all()
     assert_close_rel(y0, y1.detach().double(), 1e-5)
 
 
@@ -206,13 +207,12 @@ def test_dispatch_uses_native_without_grad_and_reference_with_grad(monkeypatch):
 def test_lclinear_module_uses_native_and_matches_reference_backend():
     from optimum_lcqat.nn.lc_linear import LCLinear
 
-    layer = LCLinear(576, 192, bias=True)
-    packed, A, beta, s_u, s_v, bias = make_layer(192, 576)
-    layer = LCLinear.from_quantized(None, packed, A, beta, s_u, s_v, bias)
+    w, bias = make_layer(192, 576)
+    layer = LCLinear.from_weight(w, bias)
     x = torch.randn(2, 4, 576)
     with torch.inference_mode():
         out = layer(x)
-        ref = reference.lc_linear(x, layer.codes, layer.A, layer.beta, layer.s_u, layer.s_v, layer.bias, layer.plan_in, layer.plan_out)
+        ref = reference.lc_linear(layer.lc_weight, x, layer.bias)
     assert kernels.backend_name() == "native"
     assert_close_rel(out, ref.double(), 1e-4)
 
@@ -224,17 +224,18 @@ def test_lclinear_inference_fast_path_matches_and_steps_aside(monkeypatch):
     # a call that needs a gradient, or a dtype the op does not support.
     from optimum_lcqat.nn.lc_linear import LCLinear
 
-    packed, A, beta, s_u, s_v, bias = make_layer(40, 576)
-    layer = LCLinear.from_quantized(None, packed, A, beta, s_u, s_v, bias, hadamard_block_size="full")
+    w, bias = make_layer(40, 576, block="full")
+    layer = LCLinear.from_weight(w, bias, hadamard_block_size="full")
     assert layer.plan_in.left > 1  # 576 = 9 x 64: a Paley left factor travels in the cached arguments
     x = torch.randn(1, 1, 576)
     calls = []
     real = kernels.lc_linear
-    monkeypatch.setattr(kernels, "lc_linear", lambda *a: calls.append(1) or real(*a))
-    ref = oracle(x, layer.codes, layer.A, layer.beta, layer.s_u, layer.s_v, layer.bias, layer.plan_in, layer.plan_out)
+    monkeypatch.setattr(kernels, "lc_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ref = oracle(layer.lc_weight, x, layer.bias)
     with torch.no_grad():
         first = layer(x)
-        assert calls == [1] and layer._native is not None and layer._native[0] == x.device
+        bound = layer.lc_weight._bound
+        assert calls == [1] and bound is not None and bound[0] == x.device
         second = layer(x)
         assert calls == [1]  # the fast path
         wide = copy.deepcopy(layer).double()(x.double())  # float64: not native, the reference takes it
@@ -260,16 +261,15 @@ def test_lc_linear_a8_matches_its_emulation_and_stays_close_to_exact(m, n, block
     # layout or sign slip gives O(1) errors; an activation rounded the other way at a tie, ~1e-4),
     # and against the exact layer: one absmax scale per row costs a few percent of the largest
     # output on these random layers (what it costs a real model: benchmarks/decode.py --quality-dir).
-    pi, po = plan_rotation(n, block), plan_rotation(m, block)
-    packed, A, beta, s_u, s_v, bias = make_layer(m, n, seed=m + n + batch)
+    w, bias = make_layer(m, n, seed=m + n + batch, block=block)
     x = torch.randn(batch, n, generator=torch.Generator().manual_seed(batch))
-    out = native.lc_linear_a8(x, packed, A, beta, s_u, s_v, bias, pi, po)
-    emul = reference.lc_linear_a8(x, packed, A, beta, s_u, s_v, bias, pi, po)
+    out = native.lc_linear_a8(w, x, bias)
+    emul = reference.lc_linear_a8(w, x, bias)
     assert out.shape == (batch, m) and out.dtype == torch.float32
     assert_close_rel(out, emul.double(), 1e-3)
-    assert_close_rel(out, oracle(x, packed, A, beta, s_u, s_v, bias, pi, po), 1e-1)
+    assert_close_rel(out, oracle(w, x, bias), 1e-1)
     # a row's result does not depend on how many rows share the call (slices of 8)
-    assert_close_rel(out[:1], native.lc_linear_a8(x[:1], packed, A, beta, s_u, s_v, bias, pi, po).double(), 1e-6)
+    assert_close_rel(out[:1], native.lc_linear_a8(w, x[:1], bias).double(), 1e-6)
 
 
 @needs_native
@@ -277,12 +277,12 @@ def test_set_int8_activations_switches_layers_and_refuses_training():
     from optimum_lcqat import set_int8_activations
     from optimum_lcqat.nn.lc_linear import LCLinear
 
-    packed, A, beta, s_u, s_v, bias = make_layer(64, 576)
-    model = torch.nn.Sequential(LCLinear.from_quantized(None, packed, A, beta, s_u, s_v, bias), torch.nn.ReLU())
+    w, bias = make_layer(64, 576)
+    model = torch.nn.Sequential(LCLinear.from_weight(w, bias), torch.nn.ReLU())
     layer = model[0]
     x = torch.randn(2, 1, 576)
-    emul = reference.lc_linear_a8(x, packed, A, beta, s_u, s_v, bias, layer.plan_in, layer.plan_out)
-    exact = oracle(x, packed, A, beta, s_u, s_v, bias, layer.plan_in, layer.plan_out)
+    emul = reference.lc_linear_a8(w, x, bias)
+    exact = oracle(w, x, bias)
     assert set_int8_activations(model, True) == 1 and layer.int8_activations
     model.eval()
     with torch.no_grad():
@@ -300,18 +300,17 @@ def test_set_int8_activations_switches_layers_and_refuses_training():
 @needs_native
 def test_torch_compile_fullgraph():
     m, n = 96, 128
-    pi, po = plan_rotation(n, 64), plan_rotation(m, 64)
-    packed, A, beta, s_u, s_v, bias = make_layer(m, n)
+    w, bias = make_layer(m, n, block=64)
 
     def f(x):
         h = torch.relu(x) + 1.0
-        return kernels.lc_linear(h, packed, A, beta, s_u, s_v, bias, pi, po) * 2.0
+        return w.apply(h, bias) * 2.0
 
     compiled = torch.compile(f, fullgraph=True, dynamic=False)
     x = torch.randn(2, n)
     with torch.no_grad():
         out = compiled(x)
-        ref = oracle(torch.relu(x) + 1.0, packed, A, beta, s_u, s_v, bias, pi, po) * 2.0
+        ref = oracle(w, torch.relu(x) + 1.0, bias) * 2.0
     assert_close_rel(out, ref, 1e-4)
 
 
@@ -320,7 +319,8 @@ def test_opcheck():
     from torch.library import opcheck
 
     m, n = 40, 64
-    packed, A, beta, s_u, s_v, bias = make_layer(m, n)
+    w, bias = make_layer(m, n)
+    packed, A, beta, s_u, s_v = w.codes, w.A, w.beta, w.s_u, w.s_v
     x = torch.randn(3, n)
     opcheck(torch.ops.lcqat.lc_linear.default, (x, packed, A, beta, s_u, s_v, bias, 64, None, 8, None))
     opcheck(torch.ops.lcqat.lc_linear.default, (x.bfloat16(), packed, A, beta, s_u, s_v, None, 16, None, 8, None))
@@ -397,12 +397,10 @@ needs_cuda_native = pytest.mark.skipif(
 @pytest.mark.parametrize("batch", [1, 3, 8, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cuda_lc_linear_matches_reference(m, n, block, batch, dtype):
-    pi, po = plan_rotation(n, block), plan_rotation(m, block)
-    packed, A, beta, s_u, s_v, bias = make_layer(m, n, seed=m + n + batch)
+    w, bias = make_layer(m, n, seed=m + n + batch, block=block)
     x = torch.randn(batch, n, generator=torch.Generator().manual_seed(batch)).to(dtype)
-    ref = oracle(x, packed, A, beta, s_u, s_v, bias, pi, po)
-    dev = lambda t: None if t is None else t.cuda()  # noqa: E731
-    out = native.lc_linear(x.cuda(), packed.cuda(), A.cuda(), beta.cuda(), s_u.cuda(), s_v.cuda(), dev(bias), pi, po)
+    ref = oracle(w, x, bias)
+    out = native.lc_linear(w.to(device="cuda"), x.cuda(), None if bias is None else bias.cuda())
     assert out.device.type == "cuda" and out.dtype == dtype
     # fp32 GEMV is exact fp32 math; batches > 8 go through cuBLAS (TF32 off by default).
     assert_close_rel(out.cpu(), ref, 1e-4 if dtype == torch.float32 else 2e-2)
@@ -415,10 +413,10 @@ def test_cuda_hadamard_and_matmul_match_reference():
     si = torch.randn(576)
     ref = rotate(x.double() * si.double(), plan, transpose=True)
     assert_close_rel(native.hadamard(x.cuda(), plan, si.cuda(), None, True).cpu(), ref, 1e-5)
-    packed, A, beta, *_ = make_layer(77, 132)
+    w, _ = make_layer(77, 132)
     xt = torch.randn(5, 132)
-    ref = torch.nn.functional.linear(xt.double(), reference.dequantize_rotated(packed, A.double(), beta.double()))
-    assert_close_rel(native.lc_matmul(xt.cuda(), packed.cuda(), A.cuda(), beta.cuda()).cpu(), ref, 1e-5)
+    ref = torch.nn.functional.linear(xt.double(), w.to(dtype=torch.float64).rotated())
+    assert_close_rel(native.lc_matmul(xt.cuda(), w.codes.cuda(), w.A.cuda(), w.beta.cuda()).cpu(), ref, 1e-5)
 
 
 @needs_native
@@ -426,7 +424,7 @@ def test_cuda_hadamard_and_matmul_match_reference():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n", [100, 584])
 def test_int8_head_matches_dequantized_linear(batch, dtype, n):
-    from optimum_lcqat.kernels.compact_head import Int8Linear
+    from optimum_lcqat.nn import Int8Linear
 
     # n = 100: one unrolled step of 64, one of 16 and a scalar tail of 4 (AVX-512); n = 584: nine
     # unrolled steps and a tail of 8. 333 rows: more than the prefetch distance, none a multiple of 4.

@@ -9,7 +9,8 @@ import torch
 
 from optimum_lcqat import LCQATConfig
 from optimum_lcqat.calibration import CalibrationDataError, calibration_samples, load_calibration_texts
-from optimum_lcqat.convert import convertible_linears, lc_layers, quantize_linears_data_free
+from optimum_lcqat.convert import convertible_linears, lc_layers
+from optimum_lcqat.init.data_free import quantize_linears_data_free
 from optimum_lcqat.init.ptq import quantize_model_ptq, quantize_weight_ptq
 from optimum_lcqat.tensor.hadamard import plan_rotation
 
@@ -90,15 +91,12 @@ def test_layer_ptq_beats_data_free_on_hessian_proxy():
     x = x @ torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
     H = x.T @ x / x.shape[0]
     from optimum_lcqat.init.data_free import init_data_free
-    from optimum_lcqat.kernels import dequantize_rotated
-    from optimum_lcqat.nn.lc_linear import LCLinear
 
     pi, po = plan_rotation(n, 128), plan_rotation(m, 128)
     kw = dict(vector_dim=4, codebook="affine", plan_in=pi, plan_out=po, seed=0, name="l")
 
-    def out_err(p):
-        layer = LCLinear.from_quantized(None, p.packed, p.A, p.beta, p.s_u, p.s_v, None)
-        e = layer.dequantize_weight().double() - w
+    def out_err(result):
+        e = result.weight.dequantize() - w
         return float(((e @ H) * e).sum() / ((w @ H) * w).sum())
 
     e_df = out_err(init_data_free(w, **kw))

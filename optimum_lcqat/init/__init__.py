@@ -1,14 +1,15 @@
 """Initialisation algorithms: turn a dense weight into LC-QAT codes and parameters.
 
 An initialiser is a callable registered under a name; the quantizer picks one from the config
-(``data_free`` without calibration data, ``ptq`` with it). Each returns a :class:`LCParams`.
+(``data_free`` without calibration data, ``ptq`` with it). Each returns an :class:`InitResult` (an
+:class:`~optimum_lcqat.tensor.lc_weight.LCWeight` and its error figure).
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
-from .common import LCParams, random_signs, rotate_weight
+from .common import InitResult, random_signs, rotate_weight
 
 _INITIALIZERS: dict[str, Callable] = {}
 
@@ -31,4 +32,4 @@ def get_initializer(name: str) -> Callable:
 
 from . import data_free  # noqa: E402,F401  (registers "data_free")
 
-__all__ = ["LCParams", "register_initializer", "get_initializer", "random_signs", "rotate_weight"]
+__all__ = ["InitResult", "register_initializer", "get_initializer", "random_signs", "rotate_weight"]

@@ -1,4 +1,5 @@
-"""Pieces shared by the initialisers: sign vectors, rotation of a weight, the result type."""
+"""What the initialisers share: their start (sign vectors, row scales, the rotated weight) and
+their end (codeword indices to an :class:`~optimum_lcqat.tensor.lc_weight.LCWeight`)."""
 
 from __future__ import annotations
 
@@ -7,20 +8,20 @@ from dataclasses import dataclass
 
 import torch
 
-from ..tensor.hadamard import RotationPlan, rotate
+from ..nn.lc_linear import LCLinear
+from ..tensor.codebook import codewords, index_to_codes
+from ..tensor.hadamard import RotationPlan, plan_rotation, rotate
+from ..tensor.lc_weight import LCWeight
+from ..tensor.packing import pack_codes
 
 # RMS of the rotated, row-normalised weight relative to the unit-variance code grid (release).
 TARGET_RMS = 0.83
 
 
 @dataclass
-class LCParams:
-    packed: torch.Tensor  # uint8 [m, n/4]
-    A: torch.Tensor  # [d, d]
-    beta: torch.Tensor  # [d]
-    s_u: torch.Tensor  # [n]
-    s_v: torch.Tensor  # [m]
-    error: float  # relative Frobenius error of the rotated-domain weight (or proxy loss)
+class InitResult:
+    weight: LCWeight  # float64 parameters, packed codes
+    error: float  # relative Frobenius error of the rotated-domain weight (or the PTQ proxy loss)
 
 
 def random_signs(n: int, seed: int, name: str, salt: str) -> torch.Tensor:
@@ -45,3 +46,46 @@ def initial_scales(w: torch.Tensor, seed: int, name: str) -> tuple[torch.Tensor,
     row_rms = w.to(torch.float64).pow(2).mean(1).sqrt().clamp_min(1e-12)
     s_v = random_signs(m, seed, name, "v") * row_rms / TARGET_RMS
     return s_u, s_v
+
+
+@dataclass
+class RotatedStart:
+    """The common start of every initialiser: the scales and the weight in the rotated domain."""
+
+    what: torch.Tensor  # float64 [m, n]
+    s_u: torch.Tensor
+    s_v: torch.Tensor
+    plan_in: RotationPlan
+    plan_out: RotationPlan
+
+
+def rotated_start(weight: torch.Tensor, seed: int, name: str, plan_in: RotationPlan, plan_out: RotationPlan) -> RotatedStart:
+    s_u, s_v = initial_scales(weight, seed, name)
+    return RotatedStart(rotate_weight(weight, s_u, s_v, plan_in, plan_out), s_u, s_v, plan_in, plan_out)
+
+
+def finish(start: RotatedStart, index: torch.Tensor, A: torch.Tensor, beta: torch.Tensor) -> tuple[LCWeight, torch.Tensor]:
+    """The common end: codeword indices [m, n/d] and the codebook to an LCWeight, with the
+    reconstructed rotated weight ``C`` [m, n] (float64) for the initialiser's error figure."""
+    m, n = start.what.shape
+    d = A.shape[0]
+    codes = index_to_codes(index.reshape(-1), d).view(m, n)
+    C = codewords(A.to(torch.float64), beta.to(torch.float64))[index.reshape(-1)].view(m, n)
+    weight = LCWeight(pack_codes(codes), A, beta, start.s_u, start.s_v, start.plan_in, start.plan_out)
+    return weight, C
+
+
+def rotation_plans(linear, config) -> tuple[RotationPlan, RotationPlan]:
+    """The (input, output) rotation plans ``config.hadamard_block_size`` chooses for ``linear``."""
+    return (plan_rotation(linear.in_features, config.hadamard_block_size),
+            plan_rotation(linear.out_features, config.hadamard_block_size))
+
+
+def lc_layer_from_weight(linear, weight: LCWeight, config) -> LCLinear:
+    """The LC layer replacing ``linear``: on its device and dtype, its bias, the parameters
+    snapped to their 16-bit storage values (so the layer computes what its saved copy will)."""
+    w = linear.weight
+    return LCLinear.from_weight(
+        weight.snapped(), linear.bias, codebook=config.codebook, hadamard_block_size=config.hadamard_block_size,
+        device=w.device, dtype=w.dtype,
+    )

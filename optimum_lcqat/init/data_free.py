@@ -7,13 +7,17 @@ scalar unit-variance grid. With the ``scalar`` codebook the grid stays fixed.
 
 from __future__ import annotations
 
+import logging
+
 import torch
+from tqdm.auto import tqdm
 
 from ..tensor.codebook import fit_affine, index_to_codes, nearest_codeword, scalar_codebook
 from ..tensor.hadamard import RotationPlan
-from ..tensor.packing import pack_codes
 from . import register_initializer
-from .common import LCParams, initial_scales, rotate_weight
+from .common import InitResult, finish, lc_layer_from_weight, rotated_start, rotation_plans
+
+logger = logging.getLogger(__name__)
 
 
 def assign_and_fit(
@@ -41,14 +45,26 @@ def init_data_free(
     name: str,
     iters: int = 4,
     **_,
-) -> LCParams:
-    m, n = weight.shape
-    d = vector_dim
-    s_u, s_v = initial_scales(weight, seed, name)
-    what = rotate_weight(weight, s_u, s_v, plan_in, plan_out)
-    vecs = what.reshape(-1, d)
-    idx, A, beta = assign_and_fit(vecs, d, codebook, iters)
-    codes = index_to_codes(idx, d).view(m, n)
-    recon = (codes.view(-1, d).to(torch.float64) @ A.T + beta).view(m, n)
-    err = float((recon - what).norm() / what.norm().clamp_min(1e-30))
-    return LCParams(pack_codes(codes), A, beta, s_u, s_v, err)
+) -> InitResult:
+    start = rotated_start(weight, seed, name, plan_in, plan_out)
+    idx, A, beta = assign_and_fit(start.what.reshape(-1, vector_dim), vector_dim, codebook, iters)
+    lcw, recon = finish(start, idx, A, beta)
+    err = float((recon - start.what).norm() / start.what.norm().clamp_min(1e-30))
+    return InitResult(lcw, err)
+
+
+def quantize_linears_data_free(model, names: list[str], config) -> dict[str, float]:
+    """Replace each named linear of ``model`` by an LC layer initialised without data (the
+    config's block size, codebook, seed, init_iters); return the per-layer errors."""
+    errors = {}
+    for name in tqdm(names, desc="lcqat: data-free init", leave=False):
+        linear = model.get_submodule(name)
+        plan_in, plan_out = rotation_plans(linear, config)
+        result = init_data_free(
+            linear.weight.detach(), vector_dim=config.vector_dim, codebook=config.codebook, plan_in=plan_in,
+            plan_out=plan_out, seed=config.seed, name=name, iters=config.init_iters,
+        )
+        model.set_submodule(name, lc_layer_from_weight(linear, result.weight, config))
+        errors[name] = result.error
+        logger.info("lcqat: %s %dx%d rotated-domain rel. error %.4f", name, linear.out_features, linear.in_features, result.error)
+    return errors

@@ -3,7 +3,9 @@ and by the pure-PyTorch reference otherwise.
 
 Backends: ``"reference"`` (always there; the oracle) and ``"native"`` (``torch.ops.lcqat``
 from ``optimum_lcqat._C``). ``OPTIMUM_LCQAT_BACKEND=reference`` forces the reference.
-A fallback from native to reference is logged once.
+A fallback from native to reference is logged once. The ops take an
+:class:`~optimum_lcqat.tensor.lc_weight.LCWeight`; :meth:`LCWeight.apply` is the usual caller.
+This package imports no transformers.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import os
 import torch
 
 from . import reference
-from .reference import dequantize_rotated
 
 logger = logging.getLogger(__name__)
 
@@ -49,39 +50,36 @@ def backend_name() -> str:
     return "native" if native_backend() is not None else "reference"
 
 
-def lc_linear(x, packed, A, beta, s_u, s_v, bias, plan_in, plan_out):
+def _taken_by_native(w, x, bias, int8_activations: bool):
     nat = _native if _native_checked else native_backend()
-    if nat is not None and nat.supports(x, packed, A, plan_in, plan_out, beta, s_u, s_v, bias):
-        return nat.lc_linear(x, packed, A, beta, s_u, s_v, bias, plan_in, plan_out)
-    return reference.lc_linear(x, packed, A, beta, s_u, s_v, bias, plan_in, plan_out)
+    if nat is None or (int8_activations and x.device.type != "cpu"):  # int8 activations: CPU only
+        return None
+    return nat if nat.supports(w, x, bias) else None
 
 
-def lc_linear_a8(x, packed, A, beta, s_u, s_v, bias, plan_in, plan_out):
-    """:func:`lc_linear` with int8 activations (inference only; native on CPU, else the reference
-    emulation, which computes the same rounding)."""
-    nat = _native if _native_checked else native_backend()
-    params = (beta, s_u, s_v, bias)
-    if nat is not None and x.device.type == "cpu" and nat.supports(x, packed, A, plan_in, plan_out, *params):
-        return nat.lc_linear_a8(x, packed, A, beta, s_u, s_v, bias, plan_in, plan_out)
-    return reference.lc_linear_a8(x, packed, A, beta, s_u, s_v, bias, plan_in, plan_out)
+def lc_linear(w, x, bias=None, int8_activations: bool = False):
+    """``w`` applied to ``x`` (plus ``bias``): native when it takes the call, else the reference.
+    ``int8_activations``: the opt-in int8-activation variant (inference only; native on CPU,
+    else the reference emulation, which computes the same rounding)."""
+    nat = _taken_by_native(w, x, bias, int8_activations)
+    if nat is not None:
+        return (nat.lc_linear_a8 if int8_activations else nat.lc_linear)(w, x, bias)
+    return reference.lc_forward(w, x, bias, int8_activations=int8_activations)
 
 
 # Activation dtypes the native ops take (others use the reference).
 NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def native_rotation_args(x, packed, A, plan_in, plan_out):
-    """The trailing arguments of ``torch.ops.lcqat.lc_linear`` (block_in, left_in, block_out,
-    left_out) for a layer on ``x``'s device, or None when the native op would not take the call
-    (no extension, unsupported shape, dtype or device). LCLinear keeps them to skip
-    :func:`lc_linear`'s checks on later inference calls."""
-    nat = _native if _native_checked else native_backend()
-    if nat is None or not nat.supports(x, packed, A, plan_in, plan_out):
+def bind_native(w, x, bias=None, int8_activations: bool = False):
+    """The native op and its trailing rotation arguments for ``w`` on ``x``'s device, or None
+    when the native op would not take the call. LCWeight keeps them to skip the checks of
+    :func:`lc_linear` on later inference calls (eager decode calls ~200 LC layers a token)."""
+    nat = _taken_by_native(w, x, bias, int8_activations)
+    if nat is None:
         return None
-    return nat.rotation_args(plan_in, plan_out, x.device)
+    op = torch.ops.lcqat.lc_linear_a8.default if int8_activations else torch.ops.lcqat.lc_linear.default
+    return op, nat.rotation_args(w, x.device)
 
 
-__all__ = [
-    "lc_linear", "lc_linear_a8", "dequantize_rotated", "backend_name", "native_backend", "native_rotation_args",
-    "NATIVE_DTYPES",
-]
+__all__ = ["lc_linear", "bind_native", "backend_name", "native_backend", "NATIVE_DTYPES", "reference"]

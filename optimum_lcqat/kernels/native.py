@@ -8,11 +8,12 @@ Ops (schemas in csrc/lcqat_ops.cpp; CPU kernels in csrc/cpu, CUDA kernels in csr
   packed 2-bit codes and the affine codebook (decode GEMV for at most 8 rows, tiled GEMM above).
 * ``lcqat.lc_linear(x, packed, A, beta, s_u, s_v, bias, block_in, left_in, block_out, left_out)``:
   the whole LC layer in one call (what :func:`lc_linear` below uses).
+  The functions here take an :class:`~optimum_lcqat.tensor.lc_weight.LCWeight`.
 * ``lcqat.lc_linear_a8(...)``: the same with int8 activations (opt-in, CPU only): the rotated,
   codebook-folded activations are rounded per row to int8 and the products with the 2-bit codes
   run on AVX-512 VNNI (``vpdpbusd``). Its oracle is :func:`reference.lc_linear_a8`.
 * ``lcqat.int8_linear(x, weight, scale, bias=None)``: weight-only int8 linear (per-row scale),
-  used by the compact lm_head of :mod:`optimum_lcqat.kernels.compact_head` (CPU only).
+  used by the int8 lm_head :class:`optimum_lcqat.nn.int8_linear.Int8Linear` (CPU only).
 * ``lcqat.cpu_isa()``: the CPU kernel variant in use (``avx512``, ``avx2`` or ``scalar``).
 
 Each tensor op has a fake implementation here (``torch.library.register_fake``) so that
@@ -24,6 +25,7 @@ dispatcher then uses the reference, which is differentiable.
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -109,46 +111,72 @@ def left_factor(plan: RotationPlan, device) -> torch.Tensor | None:
 def _device_ok(device: torch.device) -> bool:
     if device.type == "cpu":
         return True
-    return device.type == "cuda" and cuda_built()
+    return device.type == "cuda" and cuda_kernels_enabled()
 
 
-def supports(x, packed, A, plan_in: RotationPlan, plan_out: RotationPlan, *params) -> bool:
-    """True when the native op computes this call (else the dispatcher uses the reference).
+# No CUDA kernel of this package has run on a GPU yet: until the CUDA tests pass on one and their
+# result file is committed (benchmarks/results/gpu_*.json, written by scripts/gpu_check.sh), CUDA
+# tensors take the reference path (torch ops on the GPU) unless the user opts in.
+CUDA_KERNELS_VALIDATED = False
+CUDA_OPT_IN_ENV = "OPTIMUM_LCQAT_CUDA_KERNELS"
+_cuda_decision: bool | None = None
+
+
+def cuda_kernels_enabled() -> bool:
+    """Whether CUDA tensors run this package's CUDA kernels (built, and validated or opted in);
+    the first call that says no on a CUDA build logs why, once."""
+    global _cuda_decision
+    if _cuda_decision is None:
+        opted_in = os.environ.get(CUDA_OPT_IN_ENV, "") == "1"
+        _cuda_decision = cuda_built() and (CUDA_KERNELS_VALIDATED or opted_in)
+        if cuda_built() and not _cuda_decision:
+            logger.warning(
+                "optimum-lcqat: the CUDA kernels have not been validated on a GPU yet; CUDA tensors use "
+                "the PyTorch reference path (correct, slower). Set %s=1 to use the CUDA kernels.",
+                CUDA_OPT_IN_ENV,
+            )
+    return _cuda_decision
+
+
+def supports(w, x, bias=None) -> bool:
+    """True when the native op computes ``w.apply(x, bias)`` (else the dispatcher uses the
+    reference).
 
     Requirements: vector_dim 4 (A is 4x4), uint8 codes ``[m, n/4]``, fp32/bf16/fp16
-    activations, a device the extension was built for, and no gradient needed (the ops are
-    inference-only). Cheapest tests first: this runs once per LC layer per decoded token.
+    activations, a device the extension was built (and enabled) for, and no gradient needed
+    (the ops are inference-only). Cheapest tests first.
     """
     if not (_loaded or available()):
         return False
+    packed, A = w.codes, w.A
     if x.dtype not in _ACT_DTYPES or packed.dtype != torch.uint8 or packed.dim() != 2 or A.shape != (4, 4):
         return False
-    if packed.shape[1] * 4 != x.shape[-1] or plan_in.n != x.shape[-1] or plan_out.n != packed.shape[0]:
+    if packed.shape[1] * 4 != x.shape[-1] or w.plan_in.n != x.shape[-1] or w.plan_out.n != packed.shape[0]:
         return False
     dev = x.device
     if packed.device != dev or not (dev.type == "cpu" or _device_ok(dev)):
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or any(
-        p is not None and p.requires_grad for p in params
-    )):
+    if torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, A, w.beta, w.s_u, w.s_v, bias)
+    ):
         return False
     return True
 
 
-def rotation_args(plan_in: RotationPlan, plan_out: RotationPlan, device) -> tuple:
+def rotation_args(w, device) -> tuple:
     """The trailing arguments of the lc_linear ops: (block_in, left_in, block_out, left_out)."""
-    return (plan_in.right, left_factor(plan_in, device), plan_out.right, left_factor(plan_out, device))
+    return (w.plan_in.right, left_factor(w.plan_in, device), w.plan_out.right, left_factor(w.plan_out, device))
 
 
-def lc_linear(x, packed, A, beta, s_u, s_v, bias, plan_in: RotationPlan, plan_out: RotationPlan):
+def lc_linear(w, x, bias=None):
     return torch.ops.lcqat.lc_linear.default(
-        x, packed, A, beta, s_u, s_v, bias, *rotation_args(plan_in, plan_out, x.device)
+        x, w.codes, w.A, w.beta, w.s_u, w.s_v, bias, *rotation_args(w, x.device)
     )
 
 
-def lc_linear_a8(x, packed, A, beta, s_u, s_v, bias, plan_in: RotationPlan, plan_out: RotationPlan):
+def lc_linear_a8(w, x, bias=None):
     return torch.ops.lcqat.lc_linear_a8.default(
-        x, packed, A, beta, s_u, s_v, bias, *rotation_args(plan_in, plan_out, x.device)
+        x, w.codes, w.A, w.beta, w.s_u, w.s_v, bias, *rotation_args(w, x.device)
     )
 
 

@@ -1,6 +1,16 @@
-"""Pure-PyTorch reference implementations of the LC layer's inference ops.
+"""The LC computation in pure PyTorch: the one Python statement of the layer's maths.
 
-They are the fallback backend and the oracle the native kernels are tested against.
+``y = s_v * H_m^T (What @ H_n (x * s_u)) + bias`` with ``What[j, dg:dg+d] = A q_{j,g} + beta``,
+computed without a codebook lookup: the rotated activations are folded with the codebook
+(``z_g = A^T xt_g``, ``c = sum_g <beta, xt_g>``) and multiplied with the integer codes
+(``xt @ What^T = z @ Q^T + c``). Every Python path computes through :func:`lc_forward`: the
+reference backend of :mod:`optimum_lcqat.kernels` (also the test oracle of the native kernels),
+the latent-code training forward of LCLinear (``codes`` = the DGE-rounded latent), the PTQ's
+block fine-tuning (differentiable in ``A``, ``beta``, ``s_u``, ``s_v``) and the int8-activation
+emulation. The native backends restate it once each (csrc/cpu, csrc/cuda).
+
+Functions take an :class:`~optimum_lcqat.tensor.lc_weight.LCWeight` (or anything with its
+fields: ``codes``, ``A``, ``beta``, ``s_u``, ``s_v``, ``plan_in``, ``plan_out``).
 """
 
 from __future__ import annotations
@@ -8,34 +18,13 @@ from __future__ import annotations
 import torch
 
 from ..tensor.codebook import fold_activations
-from ..tensor.hadamard import RotationPlan, rotate
+from ..tensor.hadamard import rotate
 from ..tensor.packing import unpack_codes
 
 
-def dequantize_rotated(packed: torch.Tensor, A: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """Rotated-domain weight ``What [m, n]`` with ``What[j, dg:dg+d] = A q_{j,g} + beta``."""
-    d = A.shape[0]
-    q = unpack_codes(packed).to(A.dtype)
-    m, n = q.shape
-    return (q.view(m, n // d, d) @ A.T + beta).reshape(m, n)
-
-
-def lc_linear(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    A: torch.Tensor,
-    beta: torch.Tensor,
-    s_u: torch.Tensor,
-    s_v: torch.Tensor,
-    bias: torch.Tensor | None,
-    plan_in: RotationPlan,
-    plan_out: RotationPlan,
-) -> torch.Tensor:
-    """``y = s_v * H_m^T (What @ H_n (x * s_u)) + bias`` from the packed codes."""
-    xt = rotate(x * s_u, plan_in)
-    yt = torch.nn.functional.linear(xt, dequantize_rotated(packed, A, beta))
-    y = rotate(yt, plan_out, transpose=True) * s_v
-    return y if bias is None else y + bias
+def integer_codes(w, dtype) -> torch.Tensor:
+    """The weight's codes ``Q`` [m, n] as ``dtype`` (integer-valued)."""
+    return unpack_codes(w.codes).to(dtype)
 
 
 def quantize_activations_int8(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,25 +36,58 @@ def quantize_activations_int8(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return torch.clamp(torch.round(z * (1.0 / scale)), -127, 127), scale
 
 
-def lc_linear_a8(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    A: torch.Tensor,
-    beta: torch.Tensor,
-    s_u: torch.Tensor,
-    s_v: torch.Tensor,
-    bias: torch.Tensor | None,
-    plan_in: RotationPlan,
-    plan_out: RotationPlan,
-) -> torch.Tensor:
-    """:func:`lc_linear` with int8 activations: ``z_g = A^T xt_g`` (the rotated activations
-    folded with the codebook) is rounded per row to int8 before the product with the integer
-    codes; the ``beta`` term stays exact. The oracle of ``torch.ops.lcqat.lc_linear_a8``."""
-    xt = rotate(x.float() * s_u.float(), plan_in)
-    z, c = fold_activations(xt, A.float(), beta.float())
-    zq, scale = quantize_activations_int8(z)
-    q = unpack_codes(packed).to(torch.float32)
-    yt = torch.nn.functional.linear(zq, q) * scale + c  # integer sums: exact in fp32 below 2^24
-    y = rotate(yt, plan_out, transpose=True) * s_v.float()
-    y = y if bias is None else y + bias.float()
-    return y.to(x.dtype)
+def lc_forward(w, x: torch.Tensor, bias: torch.Tensor | None = None, *, codes: torch.Tensor | None = None,
+               int8_activations: bool = False) -> torch.Tensor:
+    """The LC layer on ``x`` [..., n] -> [..., m].
+
+    ``codes``: integer-valued float codes [m, n] to use instead of unpacking ``w.codes`` (the
+    training forward passes its DGE-rounded latent here). ``int8_activations``: round the folded
+    activations ``z`` per row to int8 before the product with the codes (the ``beta`` term stays
+    exact), computed in float32 (integer sums are exact below 2^24) and returned in ``x.dtype``:
+    the oracle of ``torch.ops.lcqat.lc_linear_a8``.
+    """
+    A, beta, s_u, s_v = w.A, w.beta, w.s_u, w.s_v
+    if int8_activations:
+        A, beta, s_u, s_v = A.float(), beta.float(), s_u.float(), s_v.float()
+        bias = None if bias is None else bias.float()
+        xin = x.float()
+    else:
+        xin = x
+    xt = rotate(xin * s_u, w.plan_in)
+    z, c = fold_activations(xt, A, beta)
+    if codes is None:
+        codes = integer_codes(w, z.dtype)
+    if int8_activations:
+        zq, scale = quantize_activations_int8(z)
+        yt = torch.nn.functional.linear(zq, codes.to(torch.float32)) * scale + c
+    else:
+        yt = torch.nn.functional.linear(z, codes.to(z.dtype)) + c
+    y = rotate(yt, w.plan_out, transpose=True) * s_v
+    y = y if bias is None else y + bias
+    return y.to(x.dtype) if int8_activations else y
+
+
+def rotated_weight(w, codes: torch.Tensor | None = None) -> torch.Tensor:
+    """``What`` [m, n], ``What[j, dg:dg+d] = A q_{j,g} + beta``, in ``A``'s dtype."""
+    d = w.A.shape[0]
+    q = integer_codes(w, w.A.dtype) if codes is None else codes.to(w.A.dtype)
+    m, n = q.shape
+    return (q.view(m, n // d, d) @ w.A.T + w.beta).reshape(m, n)
+
+
+def dequantize(w, codes: torch.Tensor | None = None) -> torch.Tensor:
+    """The effective dense weight ``W = diag(s_v) H_m^T What H_n diag(s_u)`` [m, n]."""
+    what = rotated_weight(w, codes)
+    dense = rotate(what, w.plan_in, transpose=True)  # What @ H_n
+    dense = rotate(dense.T, w.plan_out, transpose=True).T  # H_m^T @ (.)
+    return dense * w.s_v[:, None] * w.s_u[None, :]
+
+
+def lc_linear(w, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The reference backend of ``lcqat.lc_linear``."""
+    return lc_forward(w, x, bias)
+
+
+def lc_linear_a8(w, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The reference backend (and oracle) of ``lcqat.lc_linear_a8``."""
+    return lc_forward(w, x, bias, int8_activations=True)

@@ -11,10 +11,15 @@ State:
   size ``lr`` moves ``U`` by about ``alpha * lr`` whatever the layer's shape; the codes are
   ``Q = clamp(round(U), 0, 3)`` with the DGE gradient.
 
-Two forwards compute the same function:
-* training: ``xt = H_n(x * s_u)``; ``z_g = A^T xt_g``; ``yt = Q z + sum_g <beta, xt_g>``; no
-  codebook lookup, differentiable in everything;
-* inference: from the packed codes through :mod:`optimum_lcqat.kernels`.
+* ``rotation``: int32 [[left_in, right_in], [left_out, right_out]], the resolved rotation plans
+  (saved since format version 2, so a checkpoint means the same whatever code loads it).
+
+The layer's weight is an :class:`~optimum_lcqat.tensor.lc_weight.LCWeight` over these tensors
+(:attr:`LCLinear.lc_weight`); both forwards compute the one LC function of
+:mod:`optimum_lcqat.kernels.reference`:
+* training: with the DGE-rounded latent as the codes (no codebook lookup, differentiable in
+  everything);
+* inference: ``lc_weight.apply`` from the packed codes (native kernels when they take the call).
 """
 
 from __future__ import annotations
@@ -25,18 +30,14 @@ import torch
 from torch import nn
 
 from .. import kernels
-from ..tensor.codebook import fold_activations, scalar_codebook
-from ..tensor.hadamard import plan_rotation, rotate
+from ..kernels import reference
+from ..tensor.codebook import scalar_codebook
+from ..tensor.hadamard import RotationPlan, plan_rotation
+from ..tensor.lc_weight import STORAGE_DTYPE, LCWeight, plans_from_record, rotation_record, storage_bits
 from ..tensor.packing import CODES_PER_BYTE, pack_codes, unpack_codes
 from .dge import dge_round
 
-try:  # FSDP2 shards parameters as DTensors; absent only from torch builds without distributed
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover
-    DTensor = None
-
-# Dtype in which A, beta, s_u, s_v are stored in checkpoints.
-STORAGE_DTYPE = torch.float16
+__all__ = ["LCLinear", "STORAGE_DTYPE", "set_int8_activations", "lc_layers"]
 
 
 class LCLinear(nn.Module):
@@ -50,6 +51,8 @@ class LCLinear(nn.Module):
         codebook: str = "affine",
         device=None,
         dtype=None,
+        plan_in: RotationPlan | None = None,
+        plan_out: RotationPlan | None = None,
     ):
         super().__init__()
         if in_features % vector_dim or in_features % CODES_PER_BYTE:
@@ -62,9 +65,13 @@ class LCLinear(nn.Module):
         self.vector_dim = vector_dim
         self.hadamard_block_size = hadamard_block_size
         self.codebook = codebook
-        self.plan_in = plan_rotation(in_features, hadamard_block_size)
-        self.plan_out = plan_rotation(out_features, hadamard_block_size)
+        # a recorded plan (checkpoint) wins over the one the block setting would choose today
+        self.plan_in = plan_in or plan_rotation(in_features, hadamard_block_size)
+        self.plan_out = plan_out or plan_rotation(out_features, hadamard_block_size)
+        if self.plan_in.n != in_features or self.plan_out.n != out_features:
+            raise ValueError(f"LCLinear: rotation plans do not fit a {out_features}x{in_features} layer")
         fk = {"device": device, "dtype": dtype}
+        self.register_buffer("rotation", rotation_record(self.plan_in, self.plan_out, device=device))
         self.register_buffer(
             "codes", torch.zeros(out_features, in_features // CODES_PER_BYTE, dtype=torch.uint8, device=device)
         )
@@ -75,26 +82,50 @@ class LCLinear(nn.Module):
         self.s_v = nn.Parameter(torch.ones(out_features, **fk))
         self.bias = nn.Parameter(torch.zeros(out_features, **fk)) if bias else None
         self.latent: nn.Parameter | None = None
-        # (device, rotation arguments) once the native op has taken this layer's inference call
-        # on that device: later calls go straight to the op (see forward).
-        self._native: tuple | None = None
+        self._lcw: LCWeight | None = None  # see lc_weight
         # Opt-in int8 activations for inference (see set_int8_activations); not saved.
         self.int8_activations = False
         self.register_state_dict_pre_hook(_sync_before_state_dict)
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_quantized(cls, linear_like, packed, A, beta, s_u, s_v, bias, **kw) -> "LCLinear":
-        layer = cls(s_u.numel(), s_v.numel(), bias=bias is not None, device=s_u.device, dtype=s_u.dtype, **kw)
+    def from_weight(cls, weight: LCWeight, bias: torch.Tensor | None = None, *, codebook: str = "affine",
+                    hadamard_block_size: int | str = 128, device=None, dtype=None) -> "LCLinear":
+        """A layer holding ``weight`` (copied; parameters cast to ``dtype``, default s_u's) and
+        ``bias``. ``hadamard_block_size`` is recorded for the repr only: the plans are the weight's."""
+        dtype = dtype or weight.s_u.dtype
+        device = device if device is not None else weight.codes.device
+        layer = cls(weight.in_features, weight.out_features, bias=bias is not None, vector_dim=weight.vector_dim,
+                    hadamard_block_size=hadamard_block_size, codebook=codebook, device=device, dtype=dtype,
+                    plan_in=weight.plan_in, plan_out=weight.plan_out)
         with torch.no_grad():
-            layer.codes.copy_(packed)
-            layer.A.copy_(A)
-            layer.beta.copy_(beta)
-            layer.s_u.copy_(s_u)
-            layer.s_v.copy_(s_v)
+            layer.codes.copy_(weight.codes)
+            for k in ("A", "beta", "s_u", "s_v"):
+                getattr(layer, k).copy_(getattr(weight, k))
             if bias is not None:
                 layer.bias.copy_(bias)
         return layer
+
+    @property
+    def lc_weight(self) -> LCWeight:
+        """The layer's packed weight, over the layer's own tensors (kept while they are the same
+        objects, so its native binding survives between calls; rebuilt when a move or FSDP
+        replaced one)."""
+        w = self._lcw
+        if (w is None or w.codes is not self.codes or w.A is not self.A or w.beta is not self.beta
+                or w.s_u is not self.s_u or w.s_v is not self.s_v):
+            w = self._lcw = LCWeight(self.codes, self.A, self.beta, self.s_u, self.s_v, self.plan_in, self.plan_out)
+        return w
+
+    def check_rotation_record(self) -> None:
+        """After loading: the ``rotation`` buffer is a plan this code builds, and the one the
+        layer was built with."""
+        plans = plans_from_record(self.rotation, self.in_features, self.out_features)
+        if plans != (self.plan_in, self.plan_out):
+            raise ValueError(
+                f"LCLinear: the loaded rotation record {self.rotation.tolist()} differs from the plans the "
+                f"layer was built with ({self.plan_in}, {self.plan_out})"
+            )
 
     @property
     def alpha(self) -> float:
@@ -118,9 +149,7 @@ class LCLinear(nn.Module):
                 p.copy_(p.to(STORAGE_DTYPE).to(p.dtype))
 
     def bits_per_weight(self) -> float:
-        m, n, d = self.out_features, self.in_features, self.vector_dim
-        bits = 2 * m * n + 16 * (d * d + d + m + n)
-        return bits / (m * n)
+        return storage_bits(self.out_features, self.in_features, self.vector_dim) / (self.out_features * self.in_features)
 
     # ------------------------------------------------------------------ training mode
     def enable_training(self) -> None:
@@ -140,22 +169,17 @@ class LCLinear(nn.Module):
     def hard_codes(self) -> torch.Tensor:
         """Current integer codes [m, n] (uint8) from the latent if training, else unpacked.
 
-        Under FSDP2 the latent is a sharded DTensor outside the forward pass: each rank rounds its
-        own rows and the codes are gathered, packed 4 to a byte when the latent is sharded by rows
-        (FSDP2's default), else as uint8 (a collective: every rank must call this, as the
-        callback's step end and the state-dict hook do)."""
+        Under FSDP2 the latent is a sharded DTensor outside the forward pass; the codes are then
+        gathered by :func:`optimum_lcqat.training.fsdp.gathered_codes` (a collective: every rank
+        must call this, as the callback's step end and the state-dict hook do)."""
         if self.latent is None:
             return unpack_codes(self.codes)
         with torch.no_grad():
-            if is_dtensor(self.latent) and row_sharded(self.latent):
-                # rows pack independently: pack the local rows, gather a quarter of the bytes
-                local = _round_latent(self.latent.to_local(), self.alpha)
-                packed = DTensor.from_local(
-                    pack_codes(local), self.latent.device_mesh, self.latent.placements, run_check=False,
-                    shape=torch.Size(self.codes.shape), stride=self.codes.stride(),
-                )
-                return unpack_codes(packed.full_tensor())
-            return full_tensor(_round_latent(self.latent, self.alpha))
+            if type(self.latent.data) is not torch.Tensor:  # a DTensor: only FSDP2 training makes one
+                from ..training.fsdp import gathered_codes
+
+                return gathered_codes(self.latent, self.alpha, self.codes)
+            return round_latent(self.latent, self.alpha)
 
     @torch.no_grad()
     def limit_code_changes(self, max_changes: int) -> int:
@@ -170,7 +194,7 @@ class LCLinear(nn.Module):
         ranks with equal latents agree."""
         if self.latent is None:
             return 0
-        if is_dtensor(self.latent):
+        if type(self.latent.data) is not torch.Tensor:  # FSDP2's DTensor
             raise NotImplementedError(
                 "LCLinear.limit_code_changes (LCQATCallback(max_flip_share=...)) does not support FSDP-sharded "
                 "latents yet; use DDP for capped code changes, or no cap."
@@ -204,79 +228,33 @@ class LCLinear(nn.Module):
 
     # ------------------------------------------------------------------ dense views
     def rotated_weight(self) -> torch.Tensor:
-        return kernels.dequantize_rotated(self.codes, self.A, self.beta)
+        return self.lc_weight.rotated()
 
     @torch.no_grad()
     def dequantize_weight(self) -> torch.Tensor:
         """The effective dense weight W [m, n]."""
         if self.latent is not None:
             self.sync_codes()
-        what = self.rotated_weight()
-        w = rotate(what, self.plan_in, transpose=True)  # What @ H_n
-        w = rotate(w.T, self.plan_out, transpose=True).T  # H_m^T @ (.)
-        return w * self.s_v[:, None] * self.s_u[None, :]
+        return self.lc_weight.dequantize()
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.latent is not None:
-            return self._forward_latent(x)
-        nat = self._native
-        inference = not torch.is_grad_enabled()
-        a8 = self.int8_activations
-        if a8 and self.training and not inference and x.requires_grad:
+            # float32 like hard_codes, so the codes trained on are the codes saved (a 16-bit latent
+            # would round near a bin edge differently)
+            q = dge_round(self.latent.float() * self.alpha + 1.5)  # [m, n], integer-valued, DGE gradient
+            return reference.lc_forward(self.lc_weight, x, self.bias, codes=q)
+        if self.int8_activations and torch.is_grad_enabled() and x.requires_grad:
             raise RuntimeError(
                 "LCLinear: int8 activations are for inference only (their rounding has no useful "
                 "gradient); call optimum_lcqat.set_int8_activations(model, False) before training."
             )
-        if nat is not None and inference and x.device == nat[0] and x.dtype in kernels.NATIVE_DTYPES:
-            # Inference fast path: eager decode calls ~200 LC layers a token, and the dispatcher's
-            # checks (already passed for this layer and device) cost ~3 us a call in Python.
-            if not a8:
-                return torch.ops.lcqat.lc_linear.default(
-                    x, self.codes, self.A, self.beta, self.s_u, self.s_v, self.bias, *nat[1]
-                )
-            if nat[0].type == "cpu":
-                return torch.ops.lcqat.lc_linear_a8.default(
-                    x, self.codes, self.A, self.beta, self.s_u, self.s_v, self.bias, *nat[1]
-                )
-        if inference and (nat is None or nat[0] != x.device) and not torch.compiler.is_compiling():
-            args = kernels.native_rotation_args(x, self.codes, self.A, self.plan_in, self.plan_out)
-            if args is not None:
-                self._native = (x.device, args)
-        fn = kernels.lc_linear_a8 if a8 else kernels.lc_linear
-        return fn(x, self.codes, self.A, self.beta, self.s_u, self.s_v, self.bias, self.plan_in, self.plan_out)
-
-    def _forward_latent(self, x: torch.Tensor) -> torch.Tensor:
-        # float32 like hard_codes, so the codes trained on are the codes saved (a 16-bit latent
-        # would round near a bin edge differently)
-        q = dge_round(self.latent.float() * self.alpha + 1.5)  # [m, n], integer-valued, DGE gradient
-        xt = rotate(x * self.s_u, self.plan_in)
-        z, c = fold_activations(xt, self.A, self.beta)  # z_g = A^T xt_g, c = sum_g <beta, xt_g>
-        yt = torch.nn.functional.linear(z, q.to(z.dtype)) + c
-        y = rotate(yt, self.plan_out, transpose=True) * self.s_v
-        return y if self.bias is None else y + self.bias
+        return self.lc_weight.apply(x, self.bias, self.int8_activations)
 
 
-def _round_latent(latent: torch.Tensor, alpha: float) -> torch.Tensor:
+def round_latent(latent: torch.Tensor, alpha: float) -> torch.Tensor:
     """The codes a latent rounds to (uint8, 0..3), in float32 whatever the latent's dtype."""
     return torch.clamp(torch.round(latent.float() * alpha + 1.5), 0, 3).to(torch.uint8)
-
-
-def is_dtensor(t) -> bool:
-    """Whether ``t`` is a DTensor (FSDP2 holds sharded parameters as DTensors)."""
-    return DTensor is not None and isinstance(t, DTensor)
-
-
-def row_sharded(t) -> bool:
-    """Whether DTensor ``t`` is split by rows over a 1-D mesh (FSDP2's default placement)."""
-    from torch.distributed.tensor import Shard
-
-    return t.device_mesh.ndim == 1 and len(t.placements) == 1 and t.placements[0] == Shard(0)
-
-
-def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """``t`` itself, or the whole tensor of an FSDP2-sharded DTensor (an all-gather)."""
-    return t.full_tensor() if is_dtensor(t) else t
 
 
 def _sync_before_state_dict(module: LCLinear, prefix, keep_vars) -> None:
@@ -285,6 +263,11 @@ def _sync_before_state_dict(module: LCLinear, prefix, keep_vars) -> None:
     if module.latent is not None and not module.latent.is_meta:
         with torch.no_grad():
             module.sync_codes()
+
+
+def lc_layers(model: nn.Module) -> dict[str, LCLinear]:
+    """The model's LC layers by module name, in module order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LCLinear)}
 
 
 def set_int8_activations(model: nn.Module, enabled: bool = True) -> int:

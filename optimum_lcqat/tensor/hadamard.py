@@ -8,15 +8,17 @@ orthonormal factors: ``x.view(..., n // r, r)`` is multiplied by ``R`` on the ri
 * full-dimension Hadamard ``n = K * 2^k`` (QuIP#'s construction): ``L = H_K``, ``R = H_{2^k}``.
 
 Sizes that fit neither get the documented fallback of :func:`plan_rotation`: the largest power
-of two that divides ``n`` (and is at most the asked block) becomes the block. The rotation is a
-pure function of ``(n, block setting)``, so it is recomputed, never stored in checkpoints.
+of two that divides ``n`` (and is at most the asked block) becomes the block. What a checkpoint
+means must not depend on the installed code's choice: each LC layer records its resolved plans
+(``RotationPlan.record``, format version 2) and is rebuilt from them (:func:`plan_from_record`);
+tests/test_hadamard_golden.py pins the matrix of every size the code can choose.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -98,7 +100,26 @@ class RotationPlan:
     n: int
     left: int
     right: int
-    fallback: bool = False
+    # how the plan was chosen (logged), not what it computes: plans compare by (n, left, right)
+    fallback: bool = field(default=False, compare=False)
+
+    def record(self) -> tuple[int, int]:
+        """What a checkpoint stores of the plan: ``(left, right)`` (``n`` is the layer's shape)."""
+        return (self.left, self.right)
+
+    def slice(self, start: int, stop: int) -> "RotationPlan":
+        """The plan of entries ``start:stop`` of this dimension, for tensor-parallel shards: only
+        a block-diagonal rotation splits, on block boundaries (a full rotation mixes every entry)."""
+        if not 0 <= start < stop <= self.n:
+            raise ValueError(f"rotation: shard {start}:{stop} is outside dimension {self.n}")
+        if self.left != 1 or start % self.right or stop % self.right:
+            raise ValueError(
+                f"rotation: cannot split dimension {self.n} at {start}:{stop}: its rotation ({self.description}) "
+                f"mixes entries across that boundary. Shard on multiples of the block"
+                + (f" ({self.right})" if self.left == 1 else "")
+                + " or quantize with a smaller power-of-two hadamard_block_size that divides the shard size."
+            )
+        return RotationPlan(stop - start, 1, self.right, self.fallback)
 
     @property
     def description(self) -> str:
@@ -144,6 +165,21 @@ def plan_rotation(n: int, block: int | str) -> RotationPlan:
         )
         return RotationPlan(n, 1, b, fallback=True)
     return RotationPlan(n, 1, b)
+
+
+def plan_from_record(n: int, left: int, right: int) -> RotationPlan:
+    """The plan a checkpoint recorded for a dimension ``n``, checked to be one this code can build."""
+    left, right = int(left), int(right)
+    # block-diagonal: left 1, blocks of `right` tiling n; full: one Kronecker product left x right = n
+    fits = right >= 1 and _is_power_of_two(right) and n % right == 0 and (left == 1 or left * right == n)
+    if not fits:
+        raise ValueError(
+            f"rotation record (left={left}, right={right}) does not describe dimension {n} (needs a power-of-two "
+            "block dividing it, with left 1, or left * right == n); the checkpoint is corrupted"
+        )
+    if left != 1 and _paley(left) is None:
+        raise ValueError(f"rotation record: no Hadamard construction of order {left} is known here")
+    return RotationPlan(n, left, right)
 
 
 @functools.lru_cache(maxsize=64)
