@@ -2,7 +2,9 @@
 
 * Pure-Python package ``optimum_lcqat``.
 * ``optimum_lcqat-autoload.pth`` is installed into site-packages so that transformers knows
-  quant_method ``lcqat`` in every interpreter (see optimum_lcqat_autoload.py).
+  quant_method ``lcqat`` in every interpreter (see optimum_lcqat_autoload.py), by regular
+  installs (build_py) and by editable ones (``pip install -e .``: editable_wheel), whose
+  wheels otherwise hold only setuptools' own path hook.
 * The native extension ``optimum_lcqat._C`` (csrc/) is built when torch's C++ toolchain is
   usable; without a compiler the package still installs and runs the PyTorch reference
   kernels. setup.py imports torch: install with ``pip install --no-build-isolation .`` after
@@ -26,6 +28,71 @@ class build_py_with_pth(build_py):
 
     def get_outputs(self, include_bytecode=1):
         return super().get_outputs(include_bytecode) + [os.path.join(self.build_lib, PTH)]
+
+
+try:  # setuptools >= 64: PEP 660 editable installs
+    from setuptools.command.editable_wheel import editable_wheel
+except ImportError:  # pragma: no cover
+    editable_wheel = None
+
+
+def _pth_text() -> str:
+    with open(PTH, encoding="utf-8") as f:
+        return f.read()
+
+
+class _StrategyWithPth:
+    """Wraps setuptools' editable strategy (what writes the editable wheel's path hook) so that
+    the wheel also carries the autoload .pth, listed in its RECORD (``pip uninstall`` removes it)."""
+
+    def __init__(self, strategy, written: list):
+        self._strategy, self._written = strategy, written
+
+    def __enter__(self):
+        self._strategy.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._strategy.__exit__(*exc)
+
+    def __call__(self, wheel, files, mapping):
+        self._strategy(wheel, files, mapping)
+        wheel.writestr(PTH, _pth_text())
+        self._written.append(PTH)
+
+
+EDITABLE_UNSUPPORTED = (
+    "optimum-lcqat: this setuptools ({version}) builds editable wheels in a way setup.py does not "
+    "know, so `pip install -e .` would install no optimum_lcqat-autoload.pth, and a fresh interpreter "
+    "would load an lcqat checkpoint as a randomly initialised dense model. Install without -e "
+    "(`pip install --no-build-isolation .`), or install -e with a setuptools whose editable_wheel still has "
+    "_select_strategy (64 up to at least 84)."
+)
+
+
+if editable_wheel is not None:
+
+    class editable_wheel_with_pth(editable_wheel):
+        """``pip install -e .``: the editable wheel ships the autoload .pth too, or the build fails."""
+
+        def _select_strategy(self, *args, **kwargs):
+            return _StrategyWithPth(super()._select_strategy(*args, **kwargs), self._pth_written)
+
+        def run(self):
+            import setuptools
+
+            self._pth_written = []
+            message = EDITABLE_UNSUPPORTED.format(version=setuptools.__version__)
+            # _select_strategy is setuptools' internal hook: refuse loudly if it is gone or unused
+            if not callable(getattr(editable_wheel, "_select_strategy", None)):
+                raise RuntimeError(message)
+            super().run()
+            if PTH not in self._pth_written:
+                raise RuntimeError(message)
+
+    _editable_cmdclass = {"editable_wheel": editable_wheel_with_pth}
+else:  # pragma: no cover
+    _editable_cmdclass = {}
 
 
 def native_extensions():
@@ -72,6 +139,6 @@ setup(
     },
     entry_points={"console_scripts": ["optimum-lcqat=optimum_lcqat.cli:main"]},
     ext_modules=ext_modules,
-    cmdclass={"build_py": build_py_with_pth, **ext_cmdclass},
+    cmdclass={"build_py": build_py_with_pth, **_editable_cmdclass, **ext_cmdclass},
     zip_safe=False,
 )

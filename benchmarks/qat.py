@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from optimum_lcqat._atomic import atomic_path, write_dir_atomic, write_text_atomic
 from optimum_lcqat._machine import git_commit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,9 +147,7 @@ def lcqat_init(fp_path, tok, init: str, log) -> tuple[Path, str]:
         else:
             cfg = LCQATConfig()
         model = AutoModelForCausalLM.from_pretrained(fp_path, dtype=torch.float32, quantization_config=cfg)
-        tmp = Path(str(out) + ".tmp")
-        model.save_pretrained(tmp)
-        os.replace(tmp, out)
+        write_dir_atomic(out, model.save_pretrained)
         log(f"quantized ({init}) in {time.time() - t:.0f}s -> {out}")
     return out, init
 
@@ -311,7 +310,7 @@ def throughput(a, init_dir, fp_path, train_ds, teacher, log) -> dict:
 # ---------------------------------------------------------------------- report
 def write_report(res, stem):
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{stem}.json").write_text(json.dumps(res, indent=1))
+    write_text_atomic(RESULTS / f"{stem}.json", json.dumps(res, indent=1))
     fp_ppl = res["fp_ppl"]
     methods = [r["method"] for r in res["runs"]]
     budgets = sorted({p["budget"] for r in res["runs"] for p in r["points"]})
@@ -374,7 +373,7 @@ def write_report(res, stem):
         for k in ("fp_finetune", "lcqat", "lcqat_kd"):
             lines.append(f"| {k} | {tp[k]['tokens_per_second']:.1f} |")
         lines.append(f"\nLC-QAT / full-precision fine-tuning throughput: {tp['lcqat_vs_fp']:.2f}")
-    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(RESULTS / f"{stem}.md", "\n".join(lines) + "\n")
     try:
         import matplotlib
 
@@ -394,7 +393,8 @@ def write_report(res, stem):
         ax.set_title("SmolLM2-135M, 2-bit QAT")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(RESULTS / f"{stem}.png", dpi=120)
+        with atomic_path(RESULTS / f"{stem}.png") as tmp:
+            fig.savefig(tmp, dpi=120)
     except ImportError:
         pass
 
@@ -460,17 +460,15 @@ def main(argv=None):
     from transformers import AutoTokenizer
 
     from optimum_lcqat.assets import smollm2_path
-    from optimum_lcqat.data import split_texts, token_stream
+    from optimum_lcqat.data import split_texts, token_stream, token_windows
     from optimum_lcqat.evaluation import perplexity
-    from optimum_lcqat.training.recipes import TokenWindows
 
     fp_path = smollm2_path()
     tok = AutoTokenizer.from_pretrained(fp_path)
     heldout = token_stream(split_texts("heldout"), tok, max_tokens=a.eval_tokens)
     need = max(a.budgets) + a.batch * a.seq_len * 2
-    train_tokens = token_stream(split_texts("train"), tok, max_tokens=need)
-    train_ds = TokenWindows(train_tokens, a.seq_len)
-    log(f"held-out {heldout.numel()} tokens, train pool {train_tokens.numel()} tokens ({len(train_ds)} windows)")
+    train_ds = token_windows(split_texts("train"), tok, a.seq_len, max_tokens=need)
+    log(f"held-out {heldout.numel()} tokens, train pool {train_ds.ids.numel()} tokens ({len(train_ds)} windows)")
     init_dir, init_kind = lcqat_init(fp_path, tok, a.init, log)
     teacher = fp_model(fp_path)
     teacher.eval().requires_grad_(False)

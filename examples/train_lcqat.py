@@ -88,12 +88,11 @@ def main(argv=None):
     else:
         from transformers import AutoTokenizer
 
-        from optimum_lcqat.data import split_texts, token_stream
-        from optimum_lcqat.training.recipes import TokenWindows
+        from optimum_lcqat.data import split_texts, token_windows
 
         tok = AutoTokenizer.from_pretrained(a.model)
         need = (a.tokens or a.global_batch * a.seq_len * (a.max_steps or 1)) + a.seq_len
-        ds = TokenWindows(token_stream(split_texts("train"), tok, max_tokens=need), a.seq_len)
+        ds = token_windows(split_texts("train"), tok, a.seq_len, max_tokens=need)
     steps = a.max_steps or steps_for_token_budget(a.tokens or a.seq_len * a.global_batch, a.seq_len, per_device, 1, world)
     args = TrainingArguments(
         output_dir=a.output, per_device_train_batch_size=per_device, max_steps=steps, learning_rate=a.lr,

@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
+
 PYDOC_SOURCES = Path(os.environ.get("OPTIMUM_LCQAT_PYDOCS", "/usr/share/doc/python3.11/html/_sources"))
 HELDOUT_DIR = "tutorial"
 SPLITS = ("heldout", "calibration", "train")
@@ -89,8 +91,6 @@ def read_text_files(paths: list[str | os.PathLike]) -> list[str]:
 
 def token_stream(texts: list[str], tokenizer, max_tokens: int | None = None):
     """Concatenate texts (EOS between them) into one 1-D LongTensor of token ids."""
-    import torch
-
     eos = tokenizer.eos_token_id
     ids: list[int] = []
     for t in texts:
@@ -101,3 +101,29 @@ def token_stream(texts: list[str], tokenizer, max_tokens: int | None = None):
             break
     out = torch.tensor(ids if max_tokens is None else ids[:max_tokens], dtype=torch.long)
     return out
+
+
+class TokenWindows(torch.utils.data.Dataset):
+    """Consecutive non-overlapping windows of ``seqlen`` tokens of a 1-D token stream, as
+    causal-LM examples (labels = inputs; the model shifts them). A short tail is dropped."""
+
+    def __init__(self, tokens: torch.Tensor, seqlen: int):
+        if seqlen <= 0:
+            raise ValueError(f"seqlen must be positive, got {seqlen}")
+        n = tokens.numel() // seqlen
+        if n == 0:
+            raise ValueError(f"the training text has {tokens.numel()} tokens, fewer than one window of {seqlen}")
+        self.ids = tokens[: n * seqlen].view(n, seqlen)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def token_windows(texts: list[str], tokenizer, seqlen: int, max_tokens: int | None = None) -> TokenWindows:
+    """The training set of QAT (the CLI/demo recipe, examples/train_lcqat.py, benchmarks/qat.py):
+    ``texts`` tokenized into one stream (:func:`token_stream`: EOS between texts, at most
+    ``max_tokens`` tokens) cut into :class:`TokenWindows` of ``seqlen`` tokens."""
+    return TokenWindows(token_stream(texts, tokenizer, max_tokens=max_tokens), seqlen)

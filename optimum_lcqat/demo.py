@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from ._atomic import atomic_path, write_text_atomic
+
 PROMPT = "In Python, a list comprehension"
 
 
@@ -40,9 +42,8 @@ def _chart(rows: list[dict], path: Path) -> None:
     for b, v in zip(bars, vals):
         ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.1f}", ha="center", va="bottom")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
 
 
@@ -149,7 +150,7 @@ def run_demo(args) -> dict:
           f"checkpoint {report['checkpoint_mib']:.1f} MiB ({out})")
     print(f"timings: {', '.join(f'{k} {v:.0f}s' for k, v in timings.items())}")
     print(f"\nfp32 : {sample_fp!r}\n2-bit: {sample_q!r}")
-    (out / "demo_report.json").write_text(json.dumps(report, indent=2, default=str))
+    write_text_atomic(out / "demo_report.json", json.dumps(report, indent=2, default=str))
     _chart(rows, out / "demo_results.png")
     print(f"\nreport: {out / 'demo_report.json'}  chart: {out / 'demo_results.png'}")
     return report

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
-from .checkpoint import checkpoint_dir_files, read_layout
+from ._atomic import write_dir_atomic, write_text_atomic
+from .checkpoint import checkpoint_dir_files, lc_module_names, read_layout
+from .tensor.lc_weight import storage_bits
 
 CARD_NAME = "README.md"
 
@@ -26,9 +26,10 @@ def checkpoint_info(path: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"{path} holds no .safetensors weights")
     layout = read_layout(files)
     numel = {k: _prod(shape) for k, (_, shape) in layout.items()}
-    lc = sorted(k[: -len(".codes")] for k in layout if k.endswith(".codes"))
-    lc_weights = sum(numel[f"{n}.codes"] * 4 for n in lc)
-    lc_bits = sum(numel[f"{n}.codes"] * 8 + 16 * sum(numel[f"{n}.{s}"] for s in ("A", "beta", "s_u", "s_v")) for n in lc)
+    lc = lc_module_names(layout)
+    shapes = {n: (layout[f"{n}.codes"][1][0], layout[f"{n}.codes"][1][1] * 4, layout[f"{n}.A"][1][0]) for n in lc}  # m, n, d
+    lc_weights = sum(m * n for m, n, _ in shapes.values())
+    lc_bits = sum(storage_bits(*shape) for shape in shapes.values())
     size = sum(os.path.getsize(f) for f in files)
     return {
         "path": str(path),
@@ -52,17 +53,19 @@ def _prod(shape) -> int:
     return out
 
 
+CARD_TAGS = ["optimum-lcqat", "lcqat", "2-bit", "quantized"]
+
+
 def model_card(info: dict, base_model: str | None = None, metrics: dict | None = None) -> str:
-    """A Hub model card with the Hub's metadata conventions (YAML front matter)."""
+    """A Hub model card: metadata through huggingface_hub's ``ModelCardData`` (the YAML front
+    matter the Hub reads), the body a table of what :func:`checkpoint_info` found."""
+    from huggingface_hub import ModelCard, ModelCardData
+
     base = base_model or info.get("base_model")
     q = info["config"]
-    meta = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags:",
-            "- optimum-lcqat", "- lcqat", "- 2-bit", "- quantized"]
-    if base:
-        meta.append(f"base_model: {base}")
-    meta.append("---")
-    lines = meta + [
-        "",
+    data = ModelCardData(library_name="transformers", pipeline_tag="text-generation", tags=list(CARD_TAGS),
+                         base_model=base or None)
+    lines = [
         f"# {Path(info['path']).name} (LC-QAT 2-bit)",
         "",
         f"{base or 'This model'} quantized to 2 bits per weight with LC-QAT (linear-constrained vector "
@@ -92,17 +95,13 @@ def model_card(info: dict, base_model: str | None = None, metrics: dict | None =
         "```",
         "",
     ]
-    return "\n".join(lines)
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
 
 
 def write_model_card(path: str | os.PathLike, base_model: str | None = None, metrics: dict | None = None) -> Path:
     path = Path(path)
     card = model_card(checkpoint_info(path), base_model, metrics)
-    out = path / CARD_NAME
-    tmp = out.with_suffix(".md.tmp")
-    tmp.write_text(card, encoding="utf-8")
-    os.replace(tmp, out)
-    return out
+    return write_text_atomic(path / CARD_NAME, card)
 
 
 def prepare_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
@@ -121,21 +120,4 @@ def save_atomically(out: str | os.PathLike, write_fn, overwrite: bool = False) -
     An existing ``out`` is replaced only with ``overwrite``, and only after the new copy is
     complete; a failure leaves the old directory untouched.
     """
-    out = prepare_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        write_fn(tmp)
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rmdir(old)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return write_dir_atomic(prepare_output_dir(out, overwrite), write_fn)

@@ -85,3 +85,43 @@ def test_push_to_hub_uploads_exactly_the_saved_files(tiny_fp_dirs, tmp_path, fak
         (dl / name).write_bytes(data)
     again = AutoModelForCausalLM.from_pretrained(dl)
     assert again.config.quantization_config.quant_method == "lcqat"
+
+
+def test_model_card_is_huggingface_hub_metadata_and_the_checkpoints_figures(tiny_fp_dirs, tmp_path):
+    from huggingface_hub import ModelCard
+
+    from optimum_lcqat.hub import checkpoint_info, write_model_card
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_fp_dirs["qwen2"], quantization_config=LCQATConfig())
+    ckpt = tmp_path / "tiny-lcqat"
+    model.save_pretrained(ckpt)
+    path = write_model_card(ckpt, base_model="org/tiny-qwen2", metrics={"held-out perplexity": "12.34"})
+    card = ModelCard.load(path)  # the Hub's own parser reads the metadata back
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "text-generation"
+    assert card.data.base_model == "org/tiny-qwen2"
+    assert {"optimum-lcqat", "lcqat", "2-bit", "quantized"} <= set(card.data.tags)
+    info = checkpoint_info(ckpt)
+    assert f"| converted linears | {info['converted_layers']} ({info['converted_weights']:,} weights) |" in card.text
+    assert f"| bits per weight (converted linears) | {info['bits_per_weight_converted']:.3f} |" in card.text
+    assert "| held-out perplexity | 12.34 |" in card.text and "pip install optimum-lcqat" in card.text
+    assert sorted(p.name for p in ckpt.iterdir() if p.name.startswith(".")) == []  # no temp file left
+
+
+def test_save_atomically_replaces_only_with_a_complete_copy(tmp_path):
+    from optimum_lcqat.hub import save_atomically
+
+    out = tmp_path / "out"
+    save_atomically(out, lambda d: (d / "weights").write_text("old"))
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        save_atomically(out, lambda d: (d / "weights").write_text("new"))
+
+    def fails(d):
+        (d / "weights").write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_atomically(out, fails, overwrite=True)
+    assert (out / "weights").read_text() == "old"
+    save_atomically(out, lambda d: (d / "other").write_text("new"), overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["other"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary or old copy left beside it

@@ -202,6 +202,46 @@ def test_resume_is_exact(lc_dir, tmp_path):
     assert tr_d.lcqat.resumed_exactly is False and tr_d.state.global_step == 4
 
 
+def test_resume_never_takes_another_checkpoints_training_state(lc_dir, tmp_path, caplog):
+    # The Trainer resumes from checkpoint-2 (codes, optimizer, scheduler of step 2). The training
+    # state of another step (checkpoint-4's, the newest in output_dir) must not be loaded, and the
+    # resume must not be reported as exact.
+    import shutil
+
+    def trainer(out, max_steps=4, **kw):
+        return Trainer(model=load_lc(lc_dir), train_dataset=TokenDataset(),
+                   args=targs(out, save_strategy="steps", save_steps=2, max_steps=max_steps), **kw)
+
+    trainer(tmp_path / "a", callbacks=[LCQATCallback()]).train()
+    a2, a4 = tmp_path / "a" / "checkpoint-2", tmp_path / "a" / "checkpoint-4"
+    with safe_open(str(a4 / TRAINING_STATE_NAME), "pt") as f:
+        assert f.metadata()["global_step"] == "4"  # each training-state file records its step
+
+    # a plain Trainer resuming from a folder outside output_dir, whose newest checkpoint is another step's
+    (tmp_path / "b").mkdir()
+    shutil.copytree(a4, tmp_path / "b" / "checkpoint-4")
+    cb = LCQATCallback()
+    tr = trainer(tmp_path / "b", max_steps=3, callbacks=[cb])
+    with caplog.at_level("WARNING", logger="optimum_lcqat.training.callback"):
+        tr.train(resume_from_checkpoint=str(a2))
+    assert tr.state.global_step == 3 and cb.resumed_exactly is False
+    msg = " ".join(r.getMessage() for r in caplog.records)
+    assert "resume at step 2 is NOT exact" in msg and "checkpoint-2" in msg and "LCQATTrainer" in msg
+
+    # the folder resumed from holds a training-state file of another step: not loaded either
+    (tmp_path / "c").mkdir()
+    shutil.copytree(a2, tmp_path / "c" / "checkpoint-2")
+    shutil.copy(a4 / TRAINING_STATE_NAME, tmp_path / "c" / "checkpoint-2" / TRAINING_STATE_NAME)
+    caplog.clear()
+    c2 = str(tmp_path / "c" / "checkpoint-2")
+    cb = LCQATCallback(resume_from_checkpoint=c2)  # what LCQATTrainer.train(resume_from_checkpoint=...) sets
+    tr = trainer(tmp_path / "c", max_steps=3, callbacks=[cb])
+    with caplog.at_level("WARNING", logger="optimum_lcqat.training.callback"):
+        tr.train(resume_from_checkpoint=c2)
+    assert tr.state.global_step == 3 and cb.resumed_exactly is False
+    assert any("was saved at step 4, not at step 2" in r.getMessage() for r in caplog.records)
+
+
 def test_training_state_for_another_model_is_refused_with_what_differs(lc_dir, tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -248,6 +288,75 @@ def test_nan_stops_run_and_keeps_last_good_checkpoint(lc_dir, tmp_path):
     tr2 = LCQATTrainer(model=model2, args=targs(tmp_path / "nan2"), train_dataset=TokenDataset())
     with pytest.raises(NonFiniteTrainingError, match="the loss is nan"):
         tr2.train()
+
+
+class CharTokenizer:
+    """One token per character (ids 1..255), EOS 0: enough of a tokenizer for the data path."""
+
+    eos_token_id = 0
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [1 + ord(c) % 255 for c in text]}
+
+
+def test_token_windows_and_the_qat_recipe_built_on_them(lc_dir):
+    from optimum_lcqat.data import token_windows
+    from optimum_lcqat.training.recipes import run_qat
+
+    tok = CharTokenizer()
+    texts = ["abcd" * 20, "wxyz" * 20]
+    stream = tok(texts[0])["input_ids"] + [0] + tok(texts[1])["input_ids"] + [0]
+    ds = token_windows(texts, tok, seqlen=SEQ, max_tokens=100)
+    assert len(ds) == 100 // SEQ  # at most 100 tokens, the short tail dropped
+    for i in range(len(ds)):
+        assert ds[i]["input_ids"].tolist() == stream[i * SEQ:(i + 1) * SEQ]
+        assert torch.equal(ds[i]["labels"], ds[i]["input_ids"])
+    with pytest.raises(ValueError, match="fewer than one window"):
+        token_windows(["ab"], tok, SEQ)
+
+    model = load_lc(lc_dir)
+    report = run_qat(model, tok, texts * 4, tokens=2 * 4 * SEQ, seqlen=SEQ, batch_size=4, lr=3e-2)
+    assert report["steps"] == 2 and report["tokens"] == 2 * 4 * SEQ and math.isfinite(report["final_loss"])
+    assert not model.training and all(m.latent is None for m in model.modules() if isinstance(m, LCLinear))
+
+
+def _fp16_loss_scaling(trainer, init_scale):
+    # accelerate gives fp16 loss scaling (a GradScaler in the AcceleratedOptimizer) only on
+    # accelerators, never on the CPU. The same machinery runs here with a real
+    # torch.amp.GradScaler("cpu") handed to the Trainer's accelerator before train() prepares the
+    # optimizer: accelerator.backward scales the loss, AcceleratedOptimizer.step lets the scaler
+    # skip overflowing steps and lower the scale. (No fp16 autocast: the CPU run stays float32,
+    # and a huge initial scale makes the scaled gradients overflow the way fp16 ones do.)
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    return trainer.accelerator.scaler
+
+
+def test_fp16_loss_scaler_overflow_skips_are_not_a_divergence(lc_dir, tmp_path):
+    model = load_lc(lc_dir)
+    cb = LCQATCallback()
+    # no clipping: it would unscale nothing here (no native fp16) and zero the overflowed gradients
+    tr = Trainer(model=model, args=targs(tmp_path / "fp16", max_steps=10, max_grad_norm=0.0),
+                 train_dataset=TokenDataset(), callbacks=[cb])
+    init = 2.0**70
+    scaler = _fp16_loss_scaling(tr, init)
+    tr.train()
+    assert tr.state.global_step == 10
+    # the scaler skipped the first steps (halving its scale each time) and then trained
+    halvings = round(math.log2(init / scaler.get_scale()))
+    assert 1 <= halvings < 10, halvings
+    assert cb.skipped_steps == halvings
+    assert sum(r["flipped"] for r in cb.history) > 0, "no step after the skipped ones trained"
+
+    # a loss that stays NaN is still a divergence: lowering the scale cannot help, and the run stops
+    model2 = load_lc(lc_dir)
+    model2.model.layers[0].mlp.register_forward_hook(lambda m, a, o: o * float("nan"))
+    tr2 = LCQATTrainer(model=model2, args=targs(tmp_path / "fp16nan", max_grad_norm=0.0),
+                       train_dataset=TokenDataset(), callbacks=[LCQATCallback(max_skipped_steps=2)])
+    _fp16_loss_scaling(tr2, 2.0**16)
+    # LCQATTrainer's own loss check leaves a skipped step to the scaler; the callback counts them
+    with pytest.raises(NonFiniteTrainingError, match="in 3 optimizer steps in a row .* under fp16 loss scaling"):
+        tr2.train()
+    assert tr2.state.global_step == 2
 
 
 def test_distillation_and_param_groups(tmp_path):
@@ -342,6 +451,8 @@ TRAIN_ARGS = ["--cpu", "--tiny-random-data", "--seq-len", str(SEQ), "--max-steps
 # there needs mpirun and a hostfile). Two real local processes come from its torchrun path
 # (`--multi_gpu`), which on a machine without GPUs runs on CPU over gloo: the script's
 # TrainingArguments(use_cpu=True) makes Accelerate pick MULTI_CPU/gloo. run_info.json proves it.
+# Each launch passes --main_process_port 0 (accelerate binds port 0 for a free one) and torchrun
+# --standalone (its rendezvous store picks one): no fixed port, so concurrent runs cannot collide.
 LAUNCH_2 = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 
@@ -397,7 +508,7 @@ def assert_same_training(reference, other, lc_dir, exact=False):
 
 def test_accelerate_two_process_ddp_matches_single_process(lc_dir, single_run, tmp_path):
     out = tmp_path / "ddp"
-    _run([*LAUNCH_2, "--main_process_port", "29517", str(TRAIN_SCRIPT), "--model", str(lc_dir), *TRAIN_ARGS,
+    _run([*LAUNCH_2, "--main_process_port", "0", str(TRAIN_SCRIPT), "--model", str(lc_dir), *TRAIN_ARGS,
           "--output", str(out)])
     info = json.loads((out / "run_info.json").read_text())
     assert info["world_size"] == 2 and info["backend"] == "gloo" and len(set(info["pids"])) == 2
@@ -411,7 +522,7 @@ def test_fsdp2_two_processes_match_single_process_and_resume_exactly(lc_dir, sin
     # GPU-like types only), see its docstring.
     wrapper = str(REPO / "tests" / "fsdp_on_cpu.py")
     out = tmp_path / "fsdp"
-    _run([*LAUNCH_2, "--main_process_port", "29518", wrapper, "--model", str(lc_dir), *TRAIN_ARGS, "--fsdp",
+    _run([*LAUNCH_2, "--main_process_port", "0", wrapper, "--model", str(lc_dir), *TRAIN_ARGS, "--fsdp",
           "--save-steps", "4", "--output", str(out)])
     info = json.loads((out / "run_info.json").read_text())
     assert info["world_size"] == 2 and info["backend"] == "gloo" and len(set(info["pids"])) == 2
@@ -432,7 +543,7 @@ def test_fsdp2_two_processes_match_single_process_and_resume_exactly(lc_dir, sin
     resumed = tmp_path / "fsdp_resumed"
     launch_fsdp = [*LAUNCH_2[:3], "--use_fsdp", "--fsdp_version", "2", "--fsdp_cpu_ram_efficient_loading", "false",
                    *LAUNCH_2[4:]]
-    res = _run([*launch_fsdp, "--main_process_port", "29519", wrapper, "--model", str(lc_dir), *TRAIN_ARGS,
+    res = _run([*launch_fsdp, "--main_process_port", "0", wrapper, "--model", str(lc_dir), *TRAIN_ARGS,
                 "--resume", str(ckpt), "--output", str(resumed)])
     assert "SHARDED_STATE_DICT -> FULL_STATE_DICT" in res.stderr
     assert json.loads((resumed / "run_info.json").read_text())["distributed_type"] == "FSDP"
@@ -443,7 +554,8 @@ _SHARDED_CODES_SCRIPT = """
 import sys, torch, torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from optimum_lcqat.nn.lc_linear import LCLinear, _round_latent, row_sharded
+from optimum_lcqat.nn.lc_linear import LCLinear, round_latent as _round_latent
+from optimum_lcqat.training.fsdp import row_sharded
 dist.init_process_group("gloo")
 torch.manual_seed(0)
 for m in (43, 48, 1):  # uneven shards (22 + 21 rows), even, and one rank with no row
@@ -465,7 +577,7 @@ def test_codes_ofrow_sharded_latents_gather_packed_and_exact(tmp_path):
     # FSDP2 shards latents by rows; hard_codes packs each rank's rows and gathers 2-bit bytes
     script = tmp_path / "sharded_codes.py"
     script.write_text(_SHARDED_CODES_SCRIPT)
-    res = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29520",
+    res = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                 str(script)])
     assert res.stdout.count("ok") == 2
 

@@ -15,10 +15,14 @@ What it does, event by event:
   full-precision LC parameters are restored from ``lcqat_training_state.safetensors`` in the
   checkpoint folder; the Trainer has already loaded the packed weights (a load_state_dict
   pre-hook re-centres the latents on the loaded codes, so that even without the file the
-  model is consistent; with it, the resumed run is exact).
+  model is consistent; with it, the resumed run is exact). Only a file saved at the resumed
+  step is used (never another checkpoint's); without one, ``resumed_exactly`` is False and a
+  warning says the resume is not exact.
 * ``on_pre_optimizer_step``: every trainable gradient must be finite; otherwise
   :class:`NonFiniteTrainingError` stops the run before the optimizer touches the weights,
-  so the last checkpoint written stays the last good one.
+  so the last checkpoint written stays the last good one. Under fp16 loss scaling a
+  non-finite gradient is the GradScaler's overflow (it skips the step and lowers the scale):
+  the run stops only when ``max_skipped_steps`` steps in a row are skipped.
 * ``on_step_end``: the codes are re-derived from the latents (``sync_codes``); the number of
   codes that flipped this step is recorded; the token budget is checked.
 * ``on_log``: adds ``lcqat/flip_share`` (codes flipped per step, averaged since the last log,
@@ -45,10 +49,10 @@ from accelerate.utils import parse_flag_from_env
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from ..nn.lc_linear import LCLinear
+from ..convert import lc_layers
 from ..tensor.packing import unpack_codes
 from .params import resolve_trainable, select_trainable
-from .state import is_sharded, load_training_state, save_training_state
+from .state import TRAINING_STATE_NAME, is_sharded, load_training_state, save_training_state, training_state_step
 
 logger = logging.getLogger(__name__)
 
@@ -61,10 +65,6 @@ def _unwrap(model):
     while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
         model = model.module
     return getattr(model, "_orig_mod", model)
-
-
-def _lc_layers(model) -> list[tuple[str, LCLinear]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LCLinear)]
 
 
 def _latent_from_loaded_codes(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
@@ -118,6 +118,15 @@ def fsdp_version(args) -> int | None:
     return None
 
 
+def grad_scaler(optimizer):
+    """The GradScaler doing fp16 loss scaling for ``optimizer`` (accelerate's AcceleratedOptimizer
+    holds it), or None: no loss scaling, so a non-finite gradient is a divergence."""
+    scaler = getattr(optimizer, "scaler", None)
+    if scaler is None or not getattr(scaler, "is_enabled", lambda: True)():
+        return None
+    return scaler
+
+
 def last_checkpoint(output_dir) -> str | None:
     """The newest ``checkpoint-*`` folder in ``output_dir``, or None."""
     if not output_dir or not os.path.isdir(output_dir):
@@ -139,7 +148,11 @@ class LCQATCallback(TrainerCallback):
             own optimizer puts all parameters at one learning rate).
         max_tokens: token budget: stop once the Trainer has seen this many input tokens
             (counted by the Trainer across processes; turns ``include_num_input_tokens_seen`` on).
-        check_finite: stop on a NaN/inf gradient (:class:`NonFiniteTrainingError`).
+        check_finite: stop on a NaN/inf gradient (:class:`NonFiniteTrainingError`). Under fp16 loss
+            scaling (a GradScaler) such a step is the scaler's overflow skip, not a divergence: the
+            run stops only after ``max_skipped_steps`` skipped steps in a row.
+        max_skipped_steps: see ``check_finite`` (default 32: halving the GradScaler's default
+            scale 2^16 that often leaves 2^-16, past any overflow that the scale itself causes).
         finalize_on_train_end: fold latents into codes and drop them when training ends.
         resume_from_checkpoint: folder to restore the training state from on resume; by default
             ``<output_dir>/checkpoint-<global_step>`` (:class:`LCQATTrainer` sets it exactly).
@@ -164,6 +177,7 @@ class LCQATCallback(TrainerCallback):
         finalize_on_train_end: bool = True,
         resume_from_checkpoint: str | None = None,
         max_flip_share: float | None = None,
+        max_skipped_steps: int = 32,
     ):
         self.trainable = resolve_trainable(train, train_norms, train_embeddings)
         # Set by LCQATTrainer, whose save hands the Trainer's gathered FSDP state dict to the
@@ -177,6 +191,11 @@ class LCQATCallback(TrainerCallback):
             raise ValueError(f"LCQATCallback: max_flip_share must be in [0, 1] (a share of each layer's codes), got {max_flip_share}")
         self.max_flip_share = max_flip_share
         self.check_finite = check_finite
+        if max_skipped_steps < 0:
+            raise ValueError(f"LCQATCallback: max_skipped_steps must be >= 0, got {max_skipped_steps}")
+        self.max_skipped_steps = max_skipped_steps
+        self.skipped_steps = 0  # optimizer steps the GradScaler skipped for non-finite gradients
+        self._skipped_in_a_row = 0
         self.finalize_on_train_end = finalize_on_train_end
         self.resume_from_checkpoint = resume_from_checkpoint
         self.selected: dict[str, list[str]] = {}
@@ -193,7 +212,7 @@ class LCQATCallback(TrainerCallback):
     def prepare(self, model) -> dict[str, list[str]]:
         """Put the LC layers into training and select the trainable parameters (idempotent)."""
         model = _unwrap(model)
-        layers = _lc_layers(model)
+        layers = list(lc_layers(model).items())
         if not layers:
             raise ValueError(
                 "LCQATCallback: the model has no LC layer. Load it with quantization_config=LCQATConfig(...) "
@@ -241,7 +260,7 @@ class LCQATCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         model = _unwrap(model if model is not None else self._model)
-        layers = _lc_layers(model)
+        layers = list(lc_layers(model).items())
         if any(l.latent is None for _, l in layers):
             raise RuntimeError(
                 "LCQATCallback: the LC layers are not in training mode (a previous train() finished and folded "
@@ -250,22 +269,44 @@ class LCQATCallback(TrainerCallback):
         if self.max_tokens is not None and args.include_num_input_tokens_seen in ("no", False):
             raise ValueError("LCQATCallback(max_tokens=...) needs TrainingArguments(include_num_input_tokens_seen='all')")
         if state.global_step > 0:
-            folder = self.resume_from_checkpoint
-            if folder is None:
-                folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-                if not os.path.isdir(folder):
-                    folder = last_checkpoint(args.output_dir)
-            self.resumed_exactly = bool(folder) and load_training_state(model, folder)
-            if not self.resumed_exactly:
-                logger.warning(
-                    "lcqat: resumed at step %d without %s; latents restart at the centres of the checkpoint's "
-                    "codes, so the run continues but is not bit-identical to an uninterrupted one.",
-                    state.global_step, folder,
-                )
+            self.resumed_exactly = self._restore_training_state(args, state, model)
         self._warn_if_codes_cannot_change(args, state)
         self._start_codes = {n: l.codes.detach().clone() for n, l in layers}
         self._pending = []
+        self._skipped_in_a_row = 0
         self.tokens_trained = int(getattr(state, "num_input_tokens_seen", 0) or 0)
+
+    def _restore_training_state(self, args, state, model) -> bool:
+        """Load the training state saved at this very step; True when the resume is exact.
+
+        The folder is the one resumed from (:class:`LCQATTrainer` sets it, as can
+        ``resume_from_checkpoint=``), else ``<output_dir>/checkpoint-<global_step>``: a plain
+        Trainer does not tell its callbacks which folder it resumed from. Never another
+        checkpoint of output_dir (the newest one, say): its latents belong to another step and
+        would not match the codes, optimizer and scheduler the Trainer has just loaded."""
+        folder = self.resume_from_checkpoint
+        guessed = folder is None
+        if guessed:
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        path = os.path.join(folder, TRAINING_STATE_NAME)
+        if not os.path.isfile(path):
+            reason = f"there is no {path}"
+            if guessed:
+                reason += (
+                    " (a plain Trainer does not tell callbacks which checkpoint it resumed from; use LCQATTrainer, "
+                    "or LCQATCallback(resume_from_checkpoint=FOLDER) with the folder passed to train())"
+                )
+        else:
+            saved_step = training_state_step(folder)
+            if saved_step is None or saved_step == state.global_step:
+                return load_training_state(model, folder)
+            reason = f"{path} was saved at step {saved_step}, not at step {state.global_step}, where the run resumes"
+        logger.warning(
+            "lcqat: the resume at step %d is NOT exact: %s. The latents restart at the centres of the loaded "
+            "checkpoint's codes, so the run continues but is not bit-identical to an uninterrupted one.",
+            state.global_step, reason,
+        )
+        return False
 
     def earliest_code_change_step(self, latent_lr: float) -> int | None:
         """How many optimizer steps must pass before any code can change, at latent learning rate
@@ -279,7 +320,7 @@ class LCQATCallback(TrainerCallback):
         codes by step 196 (benchmarks/results/qat.md)."""
         if "latent" not in self.trainable or latent_lr <= 0 or self._model is None:
             return None
-        alpha = max(l.alpha for _, l in _lc_layers(self._model))
+        alpha = max(l.alpha for l in lc_layers(self._model).values())
         return math.ceil(0.5 / (alpha * latent_lr))
 
     def _warn_if_codes_cannot_change(self, args, state) -> None:
@@ -297,7 +338,7 @@ class LCQATCallback(TrainerCallback):
             )
 
     # ------------------------------------------------------------------ every step
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         if not self.check_finite:
             return
         model = _unwrap(model if model is not None else self._model)
@@ -306,9 +347,29 @@ class LCQATCallback(TrainerCallback):
             return
         norms = torch._foreach_norm([p.grad for _, p in named])
         if bool(torch.isfinite(torch.stack([n.float() for n in norms]).sum())):
+            self._skipped_in_a_row = 0
             return
         bad = [n for (n, _), g in zip(named, norms) if not torch.isfinite(g)]
         last = last_checkpoint(args.output_dir)
+        scaler = grad_scaler(optimizer)
+        if scaler is not None:
+            # fp16 loss scaling: overflowing (scaled) gradients are the GradScaler's to handle: it
+            # skips this optimizer step and lowers the scale. Not a divergence, unless it keeps on.
+            self.skipped_steps += 1
+            self._skipped_in_a_row += 1
+            if self._skipped_in_a_row <= self.max_skipped_steps:
+                logger.info(
+                    "lcqat: non-finite gradients at step %d under fp16 loss scaling (scale %g): the GradScaler "
+                    "skips this step and lowers the scale.", state.global_step + 1, float(scaler.get_scale()),
+                )
+                return
+            raise NonFiniteTrainingError(
+                f"lcqat: non-finite gradients in {self._skipped_in_a_row} optimizer steps in a row (up to step "
+                f"{state.global_step + 1}; e.g. {', '.join(bad[:3])}) under fp16 loss scaling: lowering the scale "
+                f"(now {float(scaler.get_scale()):g}) did not help, so the loss itself is NaN/inf (bad input, too "
+                f"high a learning rate, or fp16 overflow in the forward pass: try bf16). The skipped steps did not "
+                f"update the weights. Last good checkpoint: {last or 'none saved yet'}."
+            )
         raise NonFiniteTrainingError(
             f"lcqat: non-finite gradient at step {state.global_step + 1} in {len(bad)} parameter(s) "
             f"(e.g. {', '.join(bad[:3])}); the loss was probably NaN/inf (bad input, too high a learning "
@@ -319,7 +380,7 @@ class LCQATCallback(TrainerCallback):
         model = _unwrap(model if model is not None else self._model)
         flipped = held = 0
         with torch.no_grad():
-            for _, layer in _lc_layers(model):
+            for layer in lc_layers(model).values():
                 if self.max_flip_share is not None:
                     held += layer.limit_code_changes(self._flip_cap(layer))
                 flipped += layer.sync_codes()
@@ -346,7 +407,7 @@ class LCQATCallback(TrainerCallback):
         """Share of codes that differ from the codes at the start of this ``train()`` call."""
         model = _unwrap(model if model is not None else self._model)
         changed = 0
-        for name, layer in _lc_layers(model):
+        for name, layer in lc_layers(model).items():
             start = self._start_codes.get(name)
             if start is not None:
                 changed += int((unpack_codes(start) != layer.hard_codes()).sum())
@@ -374,15 +435,15 @@ class LCQATCallback(TrainerCallback):
         writes = state.is_world_process_zero and os.path.isdir(folder)
         if is_sharded(model):
             # FSDP2: gathering the latents is a collective, every process joins; process 0 writes
-            save_training_state(model, folder, write=writes)
+            save_training_state(model, folder, write=writes, step=state.global_step)
         elif writes:
-            save_training_state(model, folder)
+            save_training_state(model, folder, step=state.global_step)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if not self.finalize_on_train_end:
             return
         model = _unwrap(model if model is not None else self._model)
-        for _, layer in _lc_layers(model):
+        for layer in lc_layers(model).values():
             layer.disable_training()
             layer.snap_to_storage()
 

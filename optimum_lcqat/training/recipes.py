@@ -12,22 +12,7 @@ import time
 
 import torch
 
-
-class TokenWindows(torch.utils.data.Dataset):
-    """Consecutive non-overlapping windows of ``seqlen`` tokens of a 1-D token stream, as
-    causal-LM examples (labels = inputs; the model shifts them). A short tail is dropped."""
-
-    def __init__(self, tokens: torch.Tensor, seqlen: int):
-        n = tokens.numel() // seqlen
-        if n == 0:
-            raise ValueError(f"QAT text has {tokens.numel()} tokens, fewer than one window of {seqlen}")
-        self.ids = tokens[: n * seqlen].view(n, seqlen)
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+from ..data import token_windows
 
 
 def run_qat(
@@ -45,15 +30,13 @@ def run_qat(
     """Train ``model`` (with LC layers) for ``tokens`` tokens of ``texts``; returns a report."""
     from transformers import TrainingArguments
 
-    from ..data import token_stream
     from .callback import LCQATCallback, steps_for_token_budget
     from .trainer import LCQATTrainer
 
     if tokens <= 0:
         raise ValueError(f"run_qat: tokens must be positive, got {tokens}")
     steps = max(1, steps_for_token_budget(tokens, seqlen, batch_size))
-    stream = token_stream(texts, tokenizer, max_tokens=steps * batch_size * seqlen + seqlen)
-    data = TokenWindows(stream, seqlen)
+    data = token_windows(texts, tokenizer, seqlen, max_tokens=steps * batch_size * seqlen + seqlen)
     cb = LCQATCallback()
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="lcqat-qat-") as out:

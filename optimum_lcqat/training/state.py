@@ -9,6 +9,7 @@ ignores the file; the callback restores it when training resumes.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -16,7 +17,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..nn.lc_linear import LCLinear, full_tensor, is_dtensor, row_sharded
+from .._atomic import atomic_path
+from ..convert import lc_layers
+from .fsdp import full_tensor, is_dtensor, row_sharded
 
 logger = logging.getLogger(__name__)
 
@@ -24,20 +27,16 @@ TRAINING_STATE_NAME = "lcqat_training_state.safetensors"
 _SAVED = ("latent", "A", "beta", "s_u", "s_v")
 
 
-def _lc_layers(model) -> dict[str, LCLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, LCLinear)}
-
-
 def is_sharded(model) -> bool:
     """Whether any LC layer's latent is an FSDP2-sharded DTensor."""
-    return any(is_dtensor(l.latent) for l in _lc_layers(model).values())
+    return any(is_dtensor(l.latent) for l in lc_layers(model).values())
 
 
 def training_state_dict(model, keep: bool = True) -> dict[str, torch.Tensor]:
     """Full (gathered) tensors; on an FSDP2-sharded model a collective that every rank must call.
     ``keep=False`` (the ranks that do not write) joins the gathers and drops each tensor at once."""
     out = {}
-    for name, layer in _lc_layers(model).items():
+    for name, layer in lc_layers(model).items():
         if layer.latent is None:
             continue
         for leaf in _SAVED:
@@ -47,8 +46,9 @@ def training_state_dict(model, keep: bool = True) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_training_state(model, folder: str, write: bool = True) -> str | None:
+def save_training_state(model, folder: str, write: bool = True, step: int | None = None) -> str | None:
     """Write the latents and full-precision LC parameters to ``folder``; atomic (tmp + rename).
+    ``step``: the optimizer step they belong to, recorded so that a resume can check it.
 
     On an FSDP2-sharded model every rank calls this (the tensors are gathered) and only the rank
     with ``write=True`` writes."""
@@ -56,10 +56,29 @@ def save_training_state(model, folder: str, write: bool = True) -> str | None:
     if not sd:
         return None
     path = os.path.join(folder, TRAINING_STATE_NAME)
-    tmp = path + ".tmp"
-    save_file(sd, tmp, metadata={"format": "pt", "lcqat": "training_state"})
-    os.replace(tmp, path)
+    metadata = {"format": "pt", "lcqat": "training_state"}
+    if step is not None:
+        metadata["global_step"] = str(int(step))
+    with atomic_path(path) as tmp:
+        save_file(sd, str(tmp), metadata=metadata)
     return path
+
+
+def training_state_step(folder: str) -> int | None:
+    """The optimizer step the training-state file in ``folder`` was saved at: its own record, or
+    for a file without one the step of the Trainer checkpoint it sits in; None if unknown."""
+    path = os.path.join(folder, TRAINING_STATE_NAME)
+    if os.path.isfile(path):
+        with safe_open(path, framework="pt") as f:
+            step = (f.metadata() or {}).get("global_step")
+        if step is not None:
+            return int(step)
+    trainer_state = os.path.join(folder, "trainer_state.json")
+    if os.path.isfile(trainer_state):
+        with open(trainer_state, encoding="utf-8") as f:
+            step = json.load(f).get("global_step")
+        return None if step is None else int(step)
+    return None
 
 
 def _load_shard(target, saved) -> None:
@@ -86,7 +105,7 @@ def load_training_state(model, folder: str) -> bool:
     path = os.path.join(folder, TRAINING_STATE_NAME)
     if not os.path.isfile(path):
         return False
-    layers = _lc_layers(model)
+    layers = lc_layers(model)
     expected = {f"{n}.{leaf}" for n, l in layers.items() if l.latent is not None for leaf in _SAVED}
     with safe_open(path, framework="pt") as f:
         keys = set(f.keys())

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
-from .callback import LCQATCallback, NonFiniteTrainingError, last_checkpoint
+from .callback import LCQATCallback, NonFiniteTrainingError, grad_scaler, last_checkpoint
 from .params import LCQATOptimizerFactory
 
 logger = logging.getLogger(__name__)
@@ -70,7 +70,8 @@ def distillation_loss(student_logits, teacher_logits, labels=None, temperature: 
 class LCQATTrainer(Trainer):
     """``Trainer`` for LC-QAT. Adds an :class:`LCQATCallback` when none is passed, builds AdamW
     with one parameter group per category (``lr_scale`` multipliers), resumes exactly, stops on a
-    non-finite loss, and distils from ``teacher_model`` when given.
+    non-finite loss (under fp16 loss scaling, where the GradScaler skips such a step, once
+    ``max_skipped_steps`` steps in a row were skipped), and distils from ``teacher_model`` when given.
 
     Args (besides the Trainer's):
         teacher_model: the full-precision model (frozen) for knowledge distillation, or None.
@@ -165,6 +166,10 @@ class LCQATTrainer(Trainer):
                 loss = loss + (1.0 - self.kd_alpha) * outputs.loss
             out = (loss, outputs) if return_outputs else loss
         if model.training and not bool(torch.isfinite(loss.detach()).all()):
+            if grad_scaler(self.optimizer) is not None:
+                # fp16 loss scaling: the GradScaler skips this step (its gradients are non-finite
+                # too); LCQATCallback stops the run if steps keep being skipped (max_skipped_steps)
+                return out
             last = last_checkpoint(self.args.output_dir)
             raise NonFiniteTrainingError(
                 f"lcqat: the loss is {float(loss.detach())} at step {self.state.global_step + 1}; stopping before "
