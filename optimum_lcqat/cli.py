@@ -120,9 +120,16 @@ def cmd_quantize(args) -> int:
             codebook=args.codebook, vector_dim=args.vector_dim,
             hadamard_block_size=args.hadamard_block_size if args.hadamard_block_size == "full" else int(args.hadamard_block_size),
             dataset=calib, num_samples=args.num_samples, model_seqlen=args.seqlen, seed=args.seed,
+            dense_dtype=args.dense_dtype, lm_head_int8=args.lm_head_int8,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    src = _resolve_model(args.model)
+    if calib is not None and not args.in_memory and not args.qat_tokens and Path(src).is_dir():
+        return _quantize_streaming(args, cfg, src)
+    if calib is not None and not args.in_memory:
+        why = "QAT needs the whole model in memory" if args.qat_tokens else f"{src!r} is not a local folder"
+        logging.getLogger(__name__).info("lcqat quantize: in-memory PTQ (%s)", why)
     model, tok, path = _load_model(args.model, args.dtype, cfg if calib is None else None)
     if calib is not None:
         # PTQ needs the tokenizer object: reload with it set (the float load above validated the path)
@@ -147,6 +154,28 @@ def cmd_quantize(args) -> int:
     return EXIT_OK
 
 
+def _quantize_streaming(args, cfg, src: str) -> int:
+    """PTQ one decoder block at a time, straight from the source safetensors (streaming.py)."""
+    from transformers import AutoTokenizer
+
+    from .hub import write_model_card
+    from .streaming import quantize_streaming
+
+    try:
+        tok = AutoTokenizer.from_pretrained(src)
+    except OSError as exc:
+        raise UsageError(f"cannot load the tokenizer of {src!r}: {exc}") from None
+    cfg.tokenizer = tok
+    act = None if args.activation_dtype == "compute" else _dtype(args.activation_dtype)
+    out = quantize_streaming(
+        src, args.output, cfg, dtype=_dtype(args.dtype), activation_dtype=act, overwrite=args.overwrite,
+        finalize=lambda tmp: write_model_card(tmp, base_model=src),
+    )
+    print(f"saved 2-bit lcqat checkpoint to {args.output} (streaming PTQ, {out['blocks']} blocks, "
+          f"{out['seconds']:.1f}s, peak RSS {out['peak_rss_bytes'] / 2**30:.2f} GiB)")
+    return EXIT_OK
+
+
 def cmd_eval(args) -> int:
     from .data import token_stream
     from .evaluation import perplexity
@@ -160,14 +189,10 @@ def cmd_eval(args) -> int:
     res["model"] = path
     _print_json(res, args.json)
     if args.output:
-        _write_json_atomic(args.output, res)
+        from ._atomic import write_text_atomic
+
+        write_text_atomic(args.output, json.dumps(res, indent=2, default=str))
     return EXIT_OK
-
-
-def _write_json_atomic(path: str, obj) -> None:
-    tmp = f"{path}.tmp"
-    Path(tmp).write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def cmd_info(args) -> int:
@@ -216,7 +241,13 @@ def cmd_lm_eval(args, rest: list[str]) -> int:
     if "--include_path" not in rest:
         rest = rest + ["--include_path", TASKS_DIR]
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    from lm_eval.__main__ import cli_evaluate
+    try:
+        from lm_eval.__main__ import cli_evaluate
+    except ImportError as exc:
+        missing = (exc.name or "").split(".")[0]
+        what = "is not installed" if missing in ("", "lm_eval") else f"cannot be imported ({exc})"
+        raise UsageError(f"lm-evaluation-harness {what}; this command needs the eval extra: "
+                         f"pip install 'optimum-lcqat[eval]'") from None
 
     sys.argv = ["lm-eval"] + rest
     cli_evaluate()
@@ -254,7 +285,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--qat-text", nargs="+", metavar="FILE", help="QAT text files (default: the bundled train split)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default float32)")
+    q.add_argument("--dense-dtype", default=None, choices=["bfloat16", "float16"],
+                   help="save the tensors that are not 2-bit layers (embeddings, norms, lm_head) in this dtype "
+                        "(default: as loaded, see --dtype); about halves an fp32 small model's file")
+    q.add_argument("--lm-head-int8", action="store_true",
+                   help="save the lm_head as int8 + one fp32 scale per row; it loads back as an int8 head "
+                        "(a tied embedding is kept for the lookup)")
     q.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (only after the new one is complete)")
+    q.add_argument("--in-memory", action="store_true",
+                   help="PTQ with the whole float model loaded (default with calibration text: streaming, one decoder "
+                        "block read from MODEL's safetensors at a time, memory flat in depth; a killed run resumes "
+                        "when started again with the same arguments). QAT (--qat-tokens) and Hub ids use in-memory")
+    q.add_argument("--activation-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32", "compute"],
+                   help="streaming PTQ: dtype of the calibration activations kept between blocks (default bfloat16; "
+                        "'compute': the --dtype, which gives the in-memory result exactly)")
     q.set_defaults(func=cmd_quantize)
 
     e = sub.add_parser("eval", help="perplexity of a model on text",
@@ -305,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "lm-eval":
         try:
             return cmd_lm_eval(None, argv[1:])
+        except UsageError as exc:
+            print(f"optimum-lcqat lm-eval: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
         except SystemExit as exc:
             return int(exc.code or 0)
     parser = build_parser()

@@ -52,7 +52,7 @@ def test_quantize_info_eval_and_refusals(tiny_with_tokenizer, tmp_path):
     info = cli("info", out, "--json")
     assert info.returncode == 0, info.stderr
     data = json.loads(info.stdout)
-    assert data["quant_method"] == "lcqat" and data["format_version"] == 1 and data["converted_layers"] == 14
+    assert data["quant_method"] == "lcqat" and data["format_version"] == 2 and data["converted_layers"] == 14
     assert 2.0 < data["bits_per_weight_converted"] < 3.0
 
     # an existing output is refused before any work, and left untouched
@@ -84,6 +84,18 @@ def test_bad_input_exit_codes(args, code, msg):
     r = cli(*args)
     assert r.returncode == code, (r.returncode, r.stderr)
     assert msg in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_lm_eval_without_lm_eval_installed_names_the_extra():
+    # lm-eval is installed here: make `import lm_eval` fail in the child the way a missing package does
+    code = ("import sys; sys.modules['lm_eval'] = None\n"
+            "from optimum_lcqat.cli import main\n"
+            "sys.exit(main(['lm-eval', '--tasks', 'lcqat_heldout_ppl', '--model', 'hf']))")
+    r = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert "lm-evaluation-harness is not installed" in r.stderr
+    assert "pip install 'optimum-lcqat[eval]'" in r.stderr
     assert "Traceback" not in r.stderr
 
 

@@ -28,7 +28,7 @@ data. One decoder block at a time:
    ``ptq_finetune_steps`` steps on the MSE between the quantized block's output and ``Y``
    (learning rate ``ptq_finetune_lr`` times each tensor's RMS, cosine decay). An eighth of the
    samples is held out; the tuned values are kept only if they lower the held-out MSE.
-6. The LC layers are built (``lc_layer_from_params`` rounds to 16-bit storage), swapped in, and
+6. The LC layers are built (``lc_layer_from_weight`` rounds to 16-bit storage), swapped in, and
    ``X`` is propagated through the *final* quantized block: what the next block sees is what the
    saved model computes.
 
@@ -46,21 +46,22 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibration import CalibrationDataError, calibration_samples, load_calibration_texts, resolve_tokenizer
+from ..calibration import calibration_samples, load_calibration_texts, resolve_tokenizer
 from ..config import LCQATConfig
-from ..tensor.codebook import codewords, fit_affine, index_to_codes, lattice, nearest_codeword, scalar_codebook
-from ..tensor.hadamard import RotationPlan, plan_rotation, rotate
-from ..tensor.packing import pack_codes
+from ..nn.lc_linear import LCLinear
+from ..tensor.codebook import codewords, index_to_codes, scalar_codebook
+from ..tensor.hadamard import RotationPlan, rotate
+from ..tensor.lc_weight import LCWeight
 from . import register_initializer
-from .common import LCParams, initial_scales, rotate_weight
+from .common import InitResult, finish, lc_layer_from_weight, rotated_start, rotation_plans
+from .data_free import quantize_linears_data_free
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["quantize_model_ptq", "quantize_weight_ptq", "PTQReport", "peak_rss_bytes"]
+__all__ = ["quantize_model_ptq", "quantize_weight_ptq", "ptq_block", "ptq_samples", "PTQReport", "peak_rss_bytes"]
 
 
 class _StopForward(Exception):
@@ -68,7 +69,17 @@ class _StopForward(Exception):
 
 
 def peak_rss_bytes() -> int:
-    """Process RSS high-water mark (``getrusage``; kilobytes on Linux, bytes on macOS)."""
+    """Process RSS high-water mark: ``VmHWM`` of /proc/self/status on Linux, else ``getrusage``
+    (kilobytes on Linux, bytes on macOS). On Linux ``getrusage``'s ``ru_maxrss`` survives
+    ``execve``: a process started by a large parent reports at least the parent's RSS at the
+    fork, while ``VmHWM`` belongs to the process's own address space."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(r if sys.platform == "darwin" else r * 1024)
 
@@ -96,10 +107,16 @@ def _prepare_hessian(H: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def _rotate_hessian(H: torch.Tensor, s_u: torch.Tensor, plan: RotationPlan) -> torch.Tensor:
+    # (temporaries dropped as soon as used: for a 14336-wide layer each is 1.6 GB in float64)
     Hs = H * s_u[:, None] * s_u[None, :]
     A1 = rotate(Hs, plan)  # Hs R^T
-    out = rotate(A1.T.contiguous(), plan)  # R Hs R^T
-    return 0.5 * (out + out.T)
+    del Hs
+    A1 = A1.T.contiguous()
+    out = rotate(A1, plan)  # R Hs R^T
+    del A1
+    sym = out + out.T
+    del out
+    return sym.mul_(0.5)
 
 
 def _nearest_in_metric(w: torch.Tensor, table: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
@@ -221,13 +238,12 @@ def quantize_weight_ptq(
     iters: int = 4,
     refine_passes: int = 1,
     damp: float = 0.01,
-) -> LCParams:
+) -> InitResult:
     """Hessian-aware codes and parameters of one layer. ``H``: ``sum x x^T`` of its input [n, n]."""
-    m, n = weight.shape
     d = vector_dim
-    s_u, s_v = initial_scales(weight, seed, name)
-    W = rotate_weight(weight, s_u, s_v, plan_in, plan_out)  # float64 [m, n]
-    Hr = _prepare_hessian(_rotate_hessian(_prepare_hessian(H, 0.0), s_u, plan_in), damp)
+    start = rotated_start(weight, seed, name, plan_in, plan_out)
+    W = start.what  # float64 [m, n]
+    Hr = _prepare_hessian(_rotate_hessian(_prepare_hessian(H, 0.0), start.s_u, plan_in), damp)
     A, beta = scalar_codebook(d, dtype=torch.float64)
     # The sequential loops run in float32 (Cholesky factors and the (A, beta) fit in float64).
     W32, H32 = W.float(), Hr.float()
@@ -240,51 +256,25 @@ def quantize_weight_ptq(
         idx = _refine(W32, H32, idx, codewords(A, beta).float(), d, refine_passes)
     if codebook == "affine":
         A, beta = _fit_affine_hessian(W, Hr, idx, d, WH)
-    C = codewords(A, beta)[idx].reshape(m, n)
-    err = _proxy(W, Hr, C)
-    codes = index_to_codes(idx.reshape(-1), d).view(m, n)
-    return LCParams(pack_codes(codes), A, beta, s_u, s_v, err)
+    lcw, C = finish(start, idx, A, beta)
+    return InitResult(lcw, _proxy(W, Hr, C))
 
 
 @register_initializer("ptq")
-def init_ptq(weight, *, hessian, **kw) -> LCParams:
+def init_ptq(weight, *, hessian, **kw) -> InitResult:
     return quantize_weight_ptq(weight, hessian, **kw)
 
 
-# ---------------------------------------------------------------------------------------------
-# Differentiable stand-in used during block fine-tuning (codes fixed)
-# ---------------------------------------------------------------------------------------------
-class _TunableLC(nn.Module):
-    def __init__(self, params: LCParams, bias, d: int, plan_in, plan_out, train_codebook: bool, dtype):
-        super().__init__()
-        from ..tensor.packing import unpack_codes
-
-        q = unpack_codes(params.packed).to(dtype)
-        m, n = q.shape
-        self.register_buffer("q", q.view(m, n // d, d))
-        self.A = nn.Parameter(params.A.to(dtype).clone(), requires_grad=train_codebook)
-        self.beta = nn.Parameter(params.beta.to(dtype).clone(), requires_grad=train_codebook)
-        self.s_u = nn.Parameter(params.s_u.to(dtype).clone())
-        self.s_v = nn.Parameter(params.s_v.to(dtype).clone())
-        self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype).clone(), requires_grad=False)
-        self.plan_in, self.plan_out = plan_in, plan_out
-        self.m, self.n = m, n
-
-    def weight(self) -> torch.Tensor:
-        what = (self.q @ self.A.T + self.beta).reshape(self.m, self.n)
-        w = rotate(what, self.plan_in, transpose=True)
-        w = rotate(w.T, self.plan_out, transpose=True).T
-        return w * self.s_v[:, None] * self.s_u[None, :]
-
-    def forward(self, x):
-        w = self.weight()
-        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-
-    def to_params(self, like: LCParams) -> LCParams:
-        return LCParams(
-            like.packed, self.A.detach().double(), self.beta.detach().double(),
-            self.s_u.detach().double(), self.s_v.detach().double(), like.error,
-        )
+def _tunable_layer(weight: LCWeight, bias, train_codebook: bool, device) -> LCLinear:
+    """The block fine-tuning's stand-in for a layer: an float32 LCLinear over the PTQ weight
+    (codes fixed, no latent); its forward is the reference LC function, differentiable in A,
+    beta (affine codebook only), s_u and s_v; the bias stays frozen."""
+    layer = LCLinear.from_weight(weight, bias, device=device, dtype=torch.float32)
+    layer.A.requires_grad_(train_codebook)
+    layer.beta.requires_grad_(train_codebook)
+    if layer.bias is not None:
+        layer.bias.requires_grad_(False)
+    return layer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,13 +346,16 @@ def _capture_block_inputs(model, first_block, samples: torch.Tensor, batch_size:
     return torch.cat(X, 0), kwargs_per_batch
 
 
-def _block_forward(block, X, kwargs_per_batch, batch_size, out, desc, leave=False):
+def _block_forward(block, X, kwargs_per_batch, batch_size, out, desc, leave=False, dtype=None):
+    """``out[i] = block(X[i])`` batch by batch (``out`` may be ``X``: each batch reads only its own
+    rows). ``dtype``: the block's compute dtype, when the activations are stored in another."""
     for bi, start in enumerate(tqdm(range(0, X.shape[0], batch_size), desc=desc, leave=leave)):
         xb = X[start : start + batch_size]
+        xb = xb if dtype is None else xb.to(dtype)
         out[start : start + batch_size] = _first_tensor(block(xb, **kwargs_per_batch[bi])).to(out.dtype)
 
 
-def _collect_hessians(block, linears: dict, X, kwargs_per_batch, batch_size, Y):
+def _collect_hessians(block, linears: dict, X, kwargs_per_batch, batch_size, Y, dtype=None):
     """Run the full-precision block on X (writing Y) and return (groups, Hessians per group leader)."""
     state = {"seen": {}}
     groups: dict[str, str] = {}  # linear name -> group leader
@@ -398,6 +391,7 @@ def _collect_hessians(block, linears: dict, X, kwargs_per_batch, batch_size, Y):
         for bi, start in enumerate(tqdm(range(0, X.shape[0], batch_size), desc="lcqat PTQ: hessians", leave=False)):
             state["seen"] = {}
             xb = X[start : start + batch_size]
+            xb = xb if dtype is None else xb.to(dtype)
             Y[start : start + batch_size] = _first_tensor(block(xb, **kwargs_per_batch[bi])).to(Y.dtype)
     finally:
         for h in handles:
@@ -464,16 +458,119 @@ def _finetune_block(block, tunables: dict, X, Y, kwargs_per_batch, batch_size, c
     return before, min(before, after) if steps else before
 
 
+def ptq_samples(model: nn.Module, cfg: LCQATConfig) -> torch.Tensor:
+    """The calibration token ids [num_samples, model_seqlen] the config asks for."""
+    texts = load_calibration_texts(cfg.dataset)
+    tokenizer = resolve_tokenizer(cfg.tokenizer, model)
+    return calibration_samples(texts, tokenizer, cfg.num_samples, cfg.model_seqlen, cfg.seed)
+
+
+@torch.no_grad()
+def ptq_block(
+    model: nn.Module, blocks_name: str, bidx: int, lnames: list[str], X: torch.Tensor, Y: torch.Tensor,
+    kwargs_per_batch: list, cfg: LCQATConfig, *, device, dtype, out: torch.Tensor | None = None,
+) -> tuple[dict[str, float], tuple[float, float]]:
+    """Quantize decoder block ``bidx`` of ``model`` (at ``<blocks_name>.<bidx>``) in place: its
+    linears ``lnames`` (full names) become LC layers, and ``X`` (the block's input) is propagated
+    through the quantized block into ``out`` (default: ``X`` itself, batch by batch).
+
+    The one per-block step of both the in-memory driver (:func:`quantize_model_ptq`) and the
+    streaming one (``optimum_lcqat.streaming``): the same calls on the same inputs give the same
+    codes. ``X``/``Y`` [N, T, hidden] may be stored in another dtype than the block computes in
+    (``dtype``); ``Y`` is scratch (it receives the full-precision block output, the fine-tuning
+    target). Returns the per-layer proxy errors and the block output MSE (before, after fine-tune).
+    """
+    block = model.get_submodule(f"{blocks_name}.{bidx}")
+    bs = cfg.ptq_batch_size
+    cast = None if X.dtype == dtype else dtype
+    out = X if out is None else out
+    if not lnames:
+        _block_forward(block, X, kwargs_per_batch, bs, out, "lcqat PTQ: propagate", dtype=cast)
+        return {}, (float("nan"), float("nan"))
+    tb = time.perf_counter()
+    errors: dict[str, float] = {}
+    linears = {n: model.get_submodule(n) for n in lnames}
+    groups, H = _collect_hessians(block, linears, X, kwargs_per_batch, bs, Y, dtype=cast)
+    params: dict[str, LCWeight] = {}
+    # The per-layer loops and the one-sample fine-tuning steps are many small ops: one thread
+    # avoids OpenMP synchronisation costs that dominate them (~10x on a busy 2-core machine).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for n in tqdm(lnames, desc="lcqat PTQ: quantize", leave=False):
+            lin = linears[n]
+            plan_in, plan_out = rotation_plans(lin, cfg)
+            result = quantize_weight_ptq(
+                lin.weight.detach().cpu(), H[groups[n]].cpu(), vector_dim=cfg.vector_dim, codebook=cfg.codebook,
+                plan_in=plan_in, plan_out=plan_out, seed=cfg.seed, name=n,
+                iters=cfg.init_iters, refine_passes=cfg.ptq_refine_passes, damp=cfg.ptq_damp,
+            )
+            params[n], errors[n] = result.weight, result.error
+        del H
+        tq = time.perf_counter()
+        # Block fine-tuning with differentiable stand-ins (float32), then the real LC layers.
+        tunables = {}
+        for n in lnames:
+            t = _tunable_layer(params[n], linears[n].bias, cfg.codebook == "affine", device)
+            tunables[n] = t
+            model.set_submodule(n, t)
+        if cfg.ptq_finetune_steps > 0:
+            if dtype != torch.float32:
+                block.float()
+            with torch.enable_grad():
+                mse = _finetune_block(
+                    block, tunables, X.float() if X.dtype != torch.float32 else X,
+                    Y.float() if Y.dtype != torch.float32 else Y, kwargs_per_batch, bs, cfg,
+                    seed=cfg.seed * 1_000_003 + bidx,
+                )
+            if dtype != torch.float32:
+                block.to(dtype)
+        else:
+            mse = (float("nan"), float("nan"))
+        for n in lnames:
+            model.set_submodule(n, lc_layer_from_weight(linears[n], tunables[n].lc_weight, cfg))
+        del tunables
+    finally:
+        torch.set_num_threads(threads)
+    tf = time.perf_counter()
+    _block_forward(block, X, kwargs_per_batch, bs, out, "lcqat PTQ: propagate", dtype=cast)
+    for n in lnames:
+        logger.info("lcqat PTQ: %s proxy rel. error %.4f", n, errors[n])
+    logger.info(
+        "lcqat PTQ: block %d: layer errors %s; block output rel. MSE %.4g -> %.4g after fine-tune; "
+        "%.1fs (quantize %.1fs, fine-tune %.1fs); peak RSS %.2f GiB",
+        bidx, ", ".join(f"{n.rsplit('.', 1)[-1]}={errors[n]:.3f}" for n in lnames), mse[0], mse[1],
+        time.perf_counter() - tb, tq - tb, tf - tq, peak_rss_bytes() / 2**30,
+    )
+    return errors, mse
+
+
+class BlockProgress:
+    """One INFO line per finished block: time, ETA from the mean block time so far, peak RSS."""
+
+    def __init__(self, total: int, start_at: int = 0, what: str = "lcqat PTQ"):
+        self.total, self.done0, self.what = total, start_at, what
+        self.t0 = time.perf_counter()
+        self.times: list[float] = []
+
+    def block_done(self, bidx: int, seconds: float) -> None:
+        self.times.append(seconds)
+        left = self.total - (bidx + 1)
+        eta = left * (sum(self.times) / len(self.times))
+        logger.info(
+            "%s: block %d/%d done in %.1fs; elapsed %.0fs, ETA %.0fs; peak RSS %.2f GiB",
+            self.what, bidx + 1, self.total, seconds, time.perf_counter() - self.t0, eta, peak_rss_bytes() / 2**30,
+        )
+
+
 @torch.no_grad()
 def quantize_model_ptq(model: nn.Module, names: list[str], config: LCQATConfig) -> PTQReport:
-    """Replace the named linears of ``model`` by LC layers initialised by the Hessian-aware PTQ."""
-    from ..convert import build_lc_skeleton, lc_layer_from_params, quantize_linears_data_free
+    """Replace the named linears of ``model`` by LC layers initialised by the Hessian-aware PTQ
+    (the whole float model in memory; ``optimum_lcqat.streaming`` reads one block at a time)."""
 
     t0 = time.perf_counter()
     cfg = config
-    texts = load_calibration_texts(cfg.dataset)
-    tokenizer = resolve_tokenizer(cfg.tokenizer, model)
-    samples = calibration_samples(texts, tokenizer, cfg.num_samples, cfg.model_seqlen, cfg.seed)
+    samples = ptq_samples(model, cfg)
     logger.info(
         "lcqat PTQ: %d calibration samples x %d tokens, codebook=%s, %d layers",
         samples.shape[0], samples.shape[1], cfg.codebook, len(names),
@@ -491,71 +588,16 @@ def quantize_model_ptq(model: nn.Module, names: list[str], config: LCQATConfig) 
     Y = torch.empty_like(X)
     errors: dict[str, float] = {}
     block_mse: dict[int, tuple[float, float]] = {}
+    progress = BlockProgress(len(blocks))
     for bidx in tqdm(range(len(blocks)), desc="lcqat PTQ: blocks"):
-        block = blocks[bidx]
+        tb = time.perf_counter()
         prefix = f"{blocks_name}.{bidx}."
         lnames = [n for n in inside if n.startswith(prefix)]
-        if not lnames:
-            _block_forward(block, X, kwargs_per_batch, bs, X, "lcqat PTQ: propagate")
-            continue
-        tb = time.perf_counter()
-        linears = {n: model.get_submodule(n) for n in lnames}
-        groups, H = _collect_hessians(block, linears, X, kwargs_per_batch, bs, Y)
-        params: dict[str, LCParams] = {}
-        # The per-layer loops and the one-sample fine-tuning steps are many small ops: one thread
-        # avoids OpenMP synchronisation costs that dominate them (~10x on a busy 2-core machine).
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        for n in tqdm(lnames, desc="lcqat PTQ: quantize", leave=False):
-            lin = linears[n]
-            probe = build_lc_skeleton(lin, cfg, device="meta")
-            params[n] = quantize_weight_ptq(
-                lin.weight.detach().cpu(), H[groups[n]].cpu(), vector_dim=cfg.vector_dim, codebook=cfg.codebook,
-                plan_in=probe.plan_in, plan_out=probe.plan_out, seed=cfg.seed, name=n,
-                iters=cfg.init_iters, refine_passes=cfg.ptq_refine_passes, damp=cfg.ptq_damp,
-            )
-            errors[n] = params[n].error
-        del H
-        tq = time.perf_counter()
-        # Block fine-tuning with differentiable stand-ins (float32), then the real LC layers.
-        tunables = {}
-        for n in lnames:
-            lin = linears[n]
-            probe = build_lc_skeleton(lin, cfg, device="meta")
-            t = _TunableLC(params[n], lin.bias, cfg.vector_dim, probe.plan_in, probe.plan_out,
-                           cfg.codebook == "affine", torch.float32).to(device)
-            tunables[n] = t
-            model.set_submodule(n, t)
-        orig_dtype = dtype
-        if cfg.ptq_finetune_steps > 0:
-            if orig_dtype != torch.float32:
-                block.float()
-            with torch.enable_grad():
-                mse = _finetune_block(
-                    block, tunables, X.float() if orig_dtype != torch.float32 else X,
-                    Y.float() if orig_dtype != torch.float32 else Y, kwargs_per_batch, bs, cfg,
-                    seed=cfg.seed * 1_000_003 + bidx,
-                )
-            if orig_dtype != torch.float32:
-                block.to(orig_dtype)
-        else:
-            mse = (float("nan"), float("nan"))
-        for n in lnames:
-            tuned = tunables[n].to_params(params[n])
-            model.set_submodule(n, lc_layer_from_params(linears[n], tuned, cfg))
-        del tunables
-        torch.set_num_threads(threads)
-        tf = time.perf_counter()
-        _block_forward(block, X, kwargs_per_batch, bs, X, "lcqat PTQ: propagate")
-        block_mse[bidx] = mse
-        for n in lnames:
-            logger.info("lcqat PTQ: %s proxy rel. error %.4f", n, errors[n])
-        logger.info(
-            "lcqat PTQ: block %d: layer errors %s; block output rel. MSE %.4g -> %.4g after fine-tune; "
-            "%.1fs (quantize %.1fs, fine-tune %.1fs); peak RSS %.2f GiB",
-            bidx, ", ".join(f"{n.rsplit('.', 1)[-1]}={errors[n]:.3f}" for n in lnames), mse[0], mse[1],
-            time.perf_counter() - tb, tq - tb, tf - tq, peak_rss_bytes() / 2**30,
-        )
+        errs, mse = ptq_block(model, blocks_name, bidx, lnames, X, Y, kwargs_per_batch, cfg, device=device, dtype=dtype)
+        errors.update(errs)
+        if lnames:
+            block_mse[bidx] = mse
+        progress.block_done(bidx, time.perf_counter() - tb)
     del X, Y
     if outside:
         logger.warning("lcqat PTQ: %d linear(s) outside the decoder blocks use the data-free init: %s", len(outside), outside)

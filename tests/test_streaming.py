@@ -1,0 +1,202 @@
+"""Streaming PTQ (optimum_lcqat/streaming.py): one decoder block at a time from the source files.
+
+Real architectures (Llama) with random weights made here, saved as bf16 safetensors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from optimum_lcqat import LCQATConfig
+from optimum_lcqat.streaming import KILL_ENV, PROGRESS, StreamingError, quantize_streaming, work_dir_for
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from transformers import AutoTokenizer
+
+    from optimum_lcqat.assets import smollm2_path
+
+    return AutoTokenizer.from_pretrained(smollm2_path())
+
+
+@pytest.fixture(scope="module")
+def texts():
+    from pydoc_data.topics import topics
+
+    return [topics[k] for k in sorted(topics)][::2]
+
+
+def make_source(path: Path, tok, *, layers=2, hidden=128, inter=256, tied=False, shard="1MB", scale=4.0, seed=0):
+    """A random-weight Llama saved as bf16 safetensors (sharded when ``shard``) with its tokenizer."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    cfg = tf.LlamaConfig(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=tied,
+    )
+    model = tf.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # random init leaves tiny weights: give the block linears some scale
+        for n, m in model.named_modules():
+            if isinstance(m, torch.nn.Linear) and "layers" in n:
+                m.weight.mul_(scale)
+    kw = {"max_shard_size": shard} if shard else {}
+    model.to(torch.bfloat16).save_pretrained(path, **kw)
+    tok.save_pretrained(path)
+    return path
+
+
+def ptq_cfg(texts, tok, **kw):
+    base = dict(dataset=texts, tokenizer=tok, num_samples=4, model_seqlen=32, ptq_finetune_steps=4, ptq_batch_size=2)
+    base.update(kw)
+    return LCQATConfig(**base)
+
+
+def tensors_of(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def assert_same_checkpoint(a: Path, b: Path):
+    ta, tb = tensors_of(a), tensors_of(b)
+    assert sorted(ta) == sorted(tb)
+    diff = [k for k in ta if ta[k].dtype != tb[k].dtype or not torch.equal(ta[k], tb[k])]
+    assert not diff, f"tensors differ: {diff[:5]}"
+    assert json.loads((a / "config.json").read_text()) == json.loads((b / "config.json").read_text())
+
+
+def test_streamed_equals_in_memory(tmp_path, tok, texts):
+    """Same model, data and seed: the streamed checkpoint is the in-memory one, bit for bit, and
+    it loads back as an lcqat model giving the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    from optimum_lcqat import LCLinear
+    from optimum_lcqat.checkpoint import METADATA_KEY
+
+    src = make_source(tmp_path / "src", tok, tied=True)
+    assert (src / "model.safetensors.index.json").exists()  # sharded source
+    kw = dict(dense_dtype="bfloat16", lm_head_int8=True)
+    mem = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16, quantization_config=ptq_cfg(texts, tok, **kw))
+    mem.save_pretrained(tmp_path / "mem")
+    rep = quantize_streaming(src, tmp_path / "str", ptq_cfg(texts, tok, **kw), dtype=torch.bfloat16)
+    assert rep["blocks"] == 2 and rep["peak_rss_bytes"] > 0
+    assert_same_checkpoint(tmp_path / "mem", tmp_path / "str")
+    out = tmp_path / "str"
+    assert not work_dir_for(out).exists()
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {p.name for p in out.glob("*.safetensors")}
+    from safetensors import safe_open
+
+    for f in out.glob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as fh:
+            assert fh.metadata()[METADATA_KEY] == "2"
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert sum(isinstance(m, LCLinear) for m in loaded.modules()) == 14
+    mem_loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "mem")
+    ids = torch.randint(0, 1000, (1, 16))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, mem_loaded(ids).logits)
+
+
+def test_errors_before_any_work(tmp_path, tok, texts):
+    """A truncated shard or a missing shard: a clear error, raised before the calibration/PTQ
+    (nothing is created beside the output)."""
+    from optimum_lcqat.cli import main
+
+    src = make_source(tmp_path / "src", tok, shard="1MB")
+    shards = sorted(src.glob("model-*.safetensors"))
+    assert len(shards) >= 2
+    cfg = ptq_cfg(texts, tok)
+    data = shards[0].read_bytes()
+    shards[0].write_bytes(data[: len(data) - 1000])
+    with pytest.raises(StreamingError, match="truncated"):
+        quantize_streaming(src, tmp_path / "out", cfg)
+    shards[0].write_bytes(data)
+    shards[1].unlink()
+    with pytest.raises(StreamingError, match=f"missing: {shards[1].name}"):
+        quantize_streaming(src, tmp_path / "out", cfg)
+    assert not (tmp_path / "out").exists() and not work_dir_for(tmp_path / "out").exists()
+    calib = tmp_path / "calib.txt"
+    calib.write_text(texts[0])
+    assert main(["quantize", str(src), str(tmp_path / "out"), "--text", str(calib)]) == 2
+
+
+def test_killed_and_resumed_gives_identical_checkpoint(tmp_path, tok, texts, caplog):
+    """A real subprocess SIGKILLed after block 1 of 2 (index 0); the same command again resumes at
+    block 2 and writes the checkpoint an uninterrupted run writes."""
+    import logging
+
+    from optimum_lcqat.cli import main
+
+    src = make_source(tmp_path / "src", tok, layers=2, shard=None)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n\n".join(texts[:40]))
+    args = ["quantize", str(src), None, "--text", str(calib), "--num-samples", "4", "--seqlen", "32"]
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    assert main([a if a is not None else str(ref) for a in args]) == 0
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **{KILL_ENV: "0"})
+    r = subprocess.run([sys.executable, "-m", "optimum_lcqat.cli"] + [a if a is not None else str(out) for a in args],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == -9, r.stderr[-2000:]
+    progress = json.loads((work_dir_for(out) / PROGRESS).read_text())
+    assert progress["blocks_done"] == 1 and not out.exists()
+    with caplog.at_level(logging.INFO, logger="optimum_lcqat"):
+        assert main(["-v"] + [a if a is not None else str(out) for a in args]) == 0
+    assert any("resuming" in r.getMessage() and "after block 1 of 2" in r.getMessage() for r in caplog.records)
+    assert_same_checkpoint(ref, out)
+    assert not work_dir_for(out).exists()
+
+
+_PEAK = textwrap.dedent("""
+    import json, sys, torch
+    from transformers import AutoTokenizer
+    from optimum_lcqat import LCQATConfig
+    from optimum_lcqat.init.ptq import peak_rss_bytes
+    from optimum_lcqat.streaming import quantize_streaming
+    src, out, calib = sys.argv[1:4]
+    tok = AutoTokenizer.from_pretrained(src)
+    skip = ["lm_head", "q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    cfg = LCQATConfig(dataset=[open(calib).read()], tokenizer=tok, num_samples=2, model_seqlen=32,
+                      ptq_finetune_steps=0, ptq_batch_size=2, modules_to_not_convert=skip)
+    rep = quantize_streaming(src, out, cfg, dtype=torch.float32)
+    print(json.dumps({"peak": peak_rss_bytes(), "blocks": rep["blocks"]}))
+""")
+
+
+def test_peak_memory_flat_in_depth(tmp_path, tok, texts):
+    """Peak RSS of a 4-layer and a 16-layer model of the same width (a block: 2.2M weights,
+    8.8 MB in fp32) differs by less than one block. Only k_proj is quantized here (the other
+    linears stay dense, still read, held and written block by block) to keep the test fast.
+    Each run is a fresh interpreter; its peak is VmHWM (peak_rss_bytes): getrusage's ru_maxrss
+    would include this (large) pytest process's RSS at the fork, which survives exec on Linux."""
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n\n".join(texts[:40]))
+    hidden, inter = 384, 1536
+    block_bytes = 4 * (2 * hidden * hidden + 2 * hidden * hidden // 2 + 3 * hidden * inter + 2 * hidden)
+    peaks = {}
+    for layers in (4, 16):
+        src = make_source(tmp_path / f"src{layers}", tok, layers=layers, hidden=hidden, inter=inter, tied=True, shard="20MB")
+        script = tmp_path / "peak.py"
+        script.write_text(_PEAK)
+        r = subprocess.run([sys.executable, str(script), str(src), str(tmp_path / f"out{layers}"), str(calib)],
+                           env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        res = json.loads(r.stdout.strip().splitlines()[-1])
+        assert res["blocks"] == layers
+        peaks[layers] = res["peak"]
+    growth = peaks[16] - peaks[4]
+    assert abs(growth) < block_bytes, (peaks, block_bytes)  # in memory: 12 more blocks, +12 x block_bytes
