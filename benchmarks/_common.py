@@ -13,6 +13,17 @@ import torch
 from optimum_lcqat._machine import cpu_info  # noqa: F401  (re-exported for the scripts)
 from optimum_lcqat._machine import git_commit as _git_commit
 
+# Per-layer shapes (out, in) the kernel benchmarks (kernels.py, kernels_cuda.py) time.
+LAYER_SHAPES = {
+    "smollm2.q/o (576x576)": (576, 576),
+    "smollm2.k/v (192x576)": (192, 576),
+    "smollm2.gate/up (1536x576)": (1536, 576),
+    "smollm2.down (576x1536)": (576, 1536),
+    "llama7b.attn (4096x4096)": (4096, 4096),
+    "llama7b.gate/up (11008x4096)": (11008, 4096),
+    "llama7b.down (4096x11008)": (4096, 11008),
+}
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 

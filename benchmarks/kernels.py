@@ -28,20 +28,13 @@ import torch.nn.functional as F
 from torch.utils import benchmark
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import environment, md_env, write  # noqa: E402
+from _common import LAYER_SHAPES, environment, md_env, write  # noqa: E402
 
 from optimum_lcqat.kernels import native, reference  # noqa: E402
 from optimum_lcqat.tensor.hadamard import plan_rotation  # noqa: E402
 from optimum_lcqat.tensor.lc_weight import LCWeight  # noqa: E402
 
-SHAPES = {  # (out, in)
-    "smollm2.q/o (576x576)": (576, 576),
-    "smollm2.k/v (192x576)": (192, 576),
-    "smollm2.gate/up (1536x576)": (1536, 576),
-    "smollm2.down (576x1536)": (576, 1536),
-    "llama7b.attn (4096x4096)": (4096, 4096),
-    "llama7b.gate/up (11008x4096)": (11008, 4096),
-}
+SHAPES = LAYER_SHAPES
 
 
 def timeit(fn, min_time: float) -> float:

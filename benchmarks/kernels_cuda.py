@@ -48,17 +48,9 @@ import torch.nn.functional as F
 from torch.utils import benchmark
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import RESULTS, environment, md_env  # noqa: E402
+from _common import LAYER_SHAPES, RESULTS, environment, md_env  # noqa: E402
 
-SHAPES = {  # (out, in)
-    "smollm2.q/o (576x576)": (576, 576),
-    "smollm2.k/v (192x576)": (192, 576),
-    "smollm2.gate/up (1536x576)": (1536, 576),
-    "smollm2.down (576x1536)": (576, 1536),
-    "llama7b.attn (4096x4096)": (4096, 4096),
-    "llama7b.gate/up (11008x4096)": (11008, 4096),
-    "llama7b.down (4096x11008)": (4096, 11008),
-}
+SHAPES = LAYER_SHAPES
 QUICK = ("smollm2.gate/up (1536x576)", "smollm2.down (576x1536)", "llama7b.attn (4096x4096)",
          "llama7b.gate/up (11008x4096)")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
