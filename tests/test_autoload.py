@@ -96,10 +96,15 @@ def test_editable_install_registers_lcqat_in_a_fresh_interpreter(tiny_fp_dirs, t
     import shutil
     import subprocess
 
-    from importlib import metadata, util
+    from importlib import metadata
 
-    # (found, not imported: importing setuptools here, after torch imported distutils, trips its shim)
-    if util.find_spec("pip") is None or util.find_spec("setuptools") is None:
+    # Looked up by their distribution metadata, never imported or found as modules: even
+    # importlib.util.find_spec("pip") runs setuptools' distutils shim, which then hands every later
+    # `import distutils` in this process the stdlib copy (torch.compile and cpp_extension fail).
+    try:
+        metadata.version("pip")
+        metadata.version("setuptools")
+    except metadata.PackageNotFoundError:
         pytest.skip("needs pip and setuptools to make an editable install")
     if int(metadata.version("setuptools").split(".")[0]) < 64:
         pytest.skip(f"setuptools {metadata.version('setuptools')} has no PEP 660 editable wheels (needs >= 64)")
