@@ -63,18 +63,26 @@ def write_dir_atomic(out: str | os.PathLike, write_fn: Callable[[Path], object])
     try:
         write_fn(tmp)
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0o700
-        if out.exists():
-            old = _temp_name(out, "old")
-            os.replace(out, old)
-            try:
-                os.replace(tmp, out)
-            except BaseException:
-                os.replace(old, out)  # put the old one back
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def replace_dir(complete: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Put the finished folder ``complete`` at ``out`` by renames: an existing ``out`` is moved
+    aside first, put back if the rename in fails, and deleted after it succeeds."""
+    complete, out = Path(complete), Path(out)
+    if out.exists():
+        old = _temp_name(out, "old")
+        os.replace(out, old)
+        try:
+            os.replace(complete, out)
+        except BaseException:
+            os.replace(old, out)  # put the old one back
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(complete, out)
     return out

@@ -64,6 +64,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
+from ._atomic import atomic_path, replace_dir, write_text_atomic
 from .config import FORMAT_VERSION, LCQATConfig
 from .init.ptq import BlockProgress, _capture_block_inputs, _find_blocks, peak_rss_bytes, ptq_block, ptq_samples
 
@@ -219,15 +220,14 @@ def _packed(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict) -> int:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.tmp")
     # tensors sharing storage (a tie kept by lm_head_int8) are written as separate copies
     seen, clean = set(), {}
     for k, v in tensors.items():
         ident = (v.data_ptr(), v.dtype, tuple(v.shape))
         clean[k] = v.clone() if ident in seen else v
         seen.add(ident)
-    save_file(clean, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(clean, str(tmp), metadata=metadata)
     return sum(v.numel() * v.element_size() for v in clean.values())
 
 
@@ -258,9 +258,7 @@ def _fingerprint(src: SourceCheckpoint, cfg: LCQATConfig, samples: torch.Tensor,
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=1, default=str))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,13 +447,7 @@ def quantize_streaming(
         with contextlib.suppress(FileNotFoundError):
             (work / f).unlink()
     os.chmod(work, 0o755)
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-        os.replace(work, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(work, out)
+    replace_dir(work, out)
     secs = time.perf_counter() - t0
     peak = peak_rss_bytes()
     logger.info("lcqat streaming: done in %.1fs (%d blocks); peak RSS (process high-water mark) %.2f GiB",

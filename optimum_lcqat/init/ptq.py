@@ -33,7 +33,7 @@ data. One decoder block at a time:
    saved model computes.
 
 Linears outside the decoder blocks (rare: ``lm_head`` is skipped by default) get the data-free
-initialisation. Peak memory (process RSS high-water mark, ``resource.getrusage``) is logged.
+initialisation. Peak memory (process RSS high-water mark, :func:`peak_rss_bytes`) is logged.
 """
 
 from __future__ import annotations
