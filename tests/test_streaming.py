@@ -17,7 +17,17 @@ import torch
 from optimum_lcqat import LCQATConfig
 from optimum_lcqat.streaming import KILL_ENV, PROGRESS, StreamingError, quantize_streaming, work_dir_for
 
-ROOT = Path(__file__).resolve().parents[1]
+def _same_package_env(**extra) -> dict:
+    """Environment for a child interpreter that imports the optimum_lcqat this test process
+    imported (installed, or the source tree under a developer's PYTHONPATH) and nothing from the
+    working directory (the children run with -P). A child importing the source tree of a clean
+    clone would miss the native extension, which only the install builds, and silently take the
+    reference kernels: different float rounding, so a resumed run would not be bit-identical."""
+    import optimum_lcqat
+
+    env = dict(os.environ, **extra)
+    env["PYTHONPATH"] = str(Path(optimum_lcqat.__file__).resolve().parents[1])
+    return env
 
 
 @pytest.fixture(scope="module")
@@ -148,8 +158,8 @@ def test_killed_and_resumed_gives_identical_checkpoint(tmp_path, tok, texts, cap
     args = ["quantize", str(src), None, "--text", str(calib), "--num-samples", "4", "--seqlen", "32"]
     ref, out = tmp_path / "ref", tmp_path / "out"
     assert main([a if a is not None else str(ref) for a in args]) == 0
-    env = dict(os.environ, PYTHONPATH=str(ROOT), **{KILL_ENV: "0"})
-    r = subprocess.run([sys.executable, "-m", "optimum_lcqat.cli"] + [a if a is not None else str(out) for a in args],
+    env = _same_package_env(**{KILL_ENV: "0"})
+    r = subprocess.run([sys.executable, "-P", "-m", "optimum_lcqat.cli"] + [a if a is not None else str(out) for a in args],
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == -9, r.stderr[-2000:]
     progress = json.loads((work_dir_for(out) / PROGRESS).read_text())
@@ -192,8 +202,8 @@ def test_peak_memory_flat_in_depth(tmp_path, tok, texts):
         src = make_source(tmp_path / f"src{layers}", tok, layers=layers, hidden=hidden, inter=inter, tied=True, shard="20MB")
         script = tmp_path / "peak.py"
         script.write_text(_PEAK)
-        r = subprocess.run([sys.executable, str(script), str(src), str(tmp_path / f"out{layers}"), str(calib)],
-                           env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=300)
+        r = subprocess.run([sys.executable, "-P", str(script), str(src), str(tmp_path / f"out{layers}"), str(calib)],
+                           env=_same_package_env(), capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
         res = json.loads(r.stdout.strip().splitlines()[-1])
         assert res["blocks"] == layers
