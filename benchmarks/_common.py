@@ -11,6 +11,7 @@ import time
 import torch
 
 from optimum_lcqat._machine import cpu_info  # noqa: F401  (re-exported for the scripts)
+from optimum_lcqat._atomic import write_text_atomic
 from optimum_lcqat._machine import git_commit as _git_commit
 
 # Per-layer shapes (out, in) the kernel benchmarks (kernels.py, kernels_cuda.py) time.
@@ -55,10 +56,9 @@ def write(name: str, payload: dict, markdown: str) -> tuple[str, str]:
     os.makedirs(RESULTS, exist_ok=True)
     jpath = os.path.join(RESULTS, name + ".json")
     mpath = os.path.join(RESULTS, name + ".md")
-    with open(jpath, "w") as f:
-        json.dump(payload, f, indent=1)
-    with open(mpath, "w") as f:
-        f.write(markdown)
+    # temp-then-rename: an interrupted run never leaves a half-written result beside good ones
+    write_text_atomic(jpath, json.dumps(payload, indent=1))
+    write_text_atomic(mpath, markdown)
     return jpath, mpath
 
 
