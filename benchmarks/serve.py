@@ -1,0 +1,307 @@
+"""Serving benchmark: vLLM (CPU backend, this package's plugin) against dense fp32 and bf16.
+
+Models: the bundled SmolLM2-135M, and a random-weight model with Llama-3.2-1B's shapes (hidden
+2048, 16 layers, 32/8 heads, MLP 8192) where weights, not per-step overhead, dominate. Its
+vocabulary is the SmolLM2 tokenizer's (49152, not 128256: vLLM detokenizes every generated id).
+Speed does not depend on the values, so the LC checkpoints of this benchmark are data-free
+(SmolLM2) or random codes and scales (the 1B one); quality is measured elsewhere.
+
+Each (model, variant, mode) runs in a fresh vLLM engine, in vLLM's own venv
+(scripts/setup_vllm.sh), one after the other: batch-1 decode tokens/s (64 new tokens, after a
+warm-up; (N-1) / (t(N) - t(1))), time to first token (a 6-token prompt, 1 new token), and
+aggregate output tokens/s with 1, 4, 16 and 64 concurrent requests (offline ``LLM.generate``,
+32 new tokens each). Modes: ``eager`` (enforce_eager) and ``compiled`` (vLLM's default:
+dynamo + inductor). transformers' ``generate`` (eager, batch 1) is measured beside it in this
+process for the same checkpoints.
+
+    python -P benchmarks/serve.py                    # everything (~30 min on 2 cores)
+    python -P benchmarks/serve.py --models smollm2 --modes eager
+
+Writes benchmarks/results/serve_cpu.json, .md and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch  # noqa: E402
+
+from _common import RESULTS, environment, md_env, write  # noqa: E402
+
+CACHE = Path.home() / ".cache" / "optimum_lcqat" / "serve_bench"
+VENV_PY = Path(os.environ.get("OPTIMUM_LCQAT_VLLM_PYTHON") or Path.home() / ".cache/optimum_lcqat/vllm-venv/bin/python")
+PROMPT = [504, 3125, 314, 260, 28, 416]  # 6 tokens of SmolLM2's vocabulary
+CONCURRENCY = (1, 4, 16, 64)
+
+# Runs in the vLLM venv (engine created under __main__: vLLM spawns its engine process).
+_CHILD = r'''
+import json, sys, time
+def main():
+    a = json.loads(sys.argv[1])
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+    t = time.perf_counter()
+    llm = LLM(model=a["model"], dtype=a["dtype"], enforce_eager=a["eager"], max_model_len=512, seed=0,
+              max_num_seqs=64)
+    startup = time.perf_counter() - t
+    prompt = TokensPrompt(prompt_token_ids=a["prompt"])
+    sp = lambda n: SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+    llm.generate([prompt] * 4, sp(8), use_tqdm=False)  # warm-up (compiles the shapes it meets)
+    def timed(prompts, n):
+        t = time.perf_counter(); llm.generate(prompts, sp(n), use_tqdm=False); return time.perf_counter() - t
+    t1 = min(timed([prompt], 1) for _ in range(3))
+    t65 = min(timed([prompt], 65) for _ in range(2))
+    agg = {}
+    for c in a["concurrency"]:
+        # distinct prompts (prefix caching would share a repeated one)
+        prompts = [TokensPrompt(prompt_token_ids=a["prompt"] + [100 + i]) for i in range(c)]
+        agg[c] = c * 32 / timed(prompts, 32)
+    print("RESULT " + json.dumps({"startup_s": startup, "ttft_s": t1, "decode_tok_s": 64 / (t65 - t1),
+                                  "aggregate_tok_s": agg}), flush=True)
+if __name__ == "__main__":
+    main()
+'''
+
+
+def vllm_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VLLM_PLUGINS")}
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", VLLM_CPU_KVCACHE_SPACE="2",
+               VLLM_LOGGING_LEVEL="WARNING")
+    return env
+
+
+def run_vllm(model_dir: Path, dtype: str, eager: bool, concurrency) -> dict:
+    args = {"model": str(model_dir), "dtype": dtype, "eager": eager, "prompt": PROMPT, "concurrency": list(concurrency)}
+    r = subprocess.run([str(VENV_PY), "-c", _CHILD, json.dumps(args)], capture_output=True, text=True,
+                       env=vllm_env(), cwd="/", timeout=1800)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
+    if r.returncode != 0 or not lines:
+        return {"error": (r.stdout + r.stderr)[-3000:]}
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def smollm2_dirs() -> dict[str, Path]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from optimum_lcqat import LCQATConfig
+    from optimum_lcqat.assets import smollm2_path
+
+    fp = smollm2_path()
+    lc = CACHE / "smollm2-lcqat-datafree"
+    if not (lc / "config.json").exists():
+        model = AutoModelForCausalLM.from_pretrained(fp, dtype=torch.float32, quantization_config=LCQATConfig())
+        model.save_pretrained(lc)
+        AutoTokenizer.from_pretrained(fp).save_pretrained(lc)
+    return {"dense": Path(fp), "lcqat": lc}
+
+
+def llama1b_dirs() -> dict[str, Path]:
+    """Llama-3.2-1B's shapes, random weights (dense fp32 checkpoint), and the same shapes as an
+    lcqat checkpoint with random codes and scales (built in seconds; data-free init of 1.2B
+    weights takes ~10 min on 2 cores and changes nothing here)."""
+    import transformers as tf
+    from safetensors.torch import save_file
+
+    from optimum_lcqat import LCQATConfig
+    from optimum_lcqat.assets import smollm2_path
+    from optimum_lcqat.checkpoint import METADATA_KEY
+    from optimum_lcqat.config import FORMAT_VERSION
+    from optimum_lcqat.tensor.hadamard import plan_rotation
+    from optimum_lcqat.tensor.lc_weight import LCWeight
+
+    tok = tf.AutoTokenizer.from_pretrained(smollm2_path())
+    dense, lc = CACHE / "llama1b-shapes-dense", CACHE / "llama1b-shapes-lcqat"
+    cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=2048,
+                         tie_word_embeddings=True, rope_theta=500000.0, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id)
+    if not (dense / "config.json").exists():
+        torch.manual_seed(0)
+        with torch.device("meta"):
+            model = tf.LlamaForCausalLM(cfg)
+        model = model.to_empty(device="cpu")
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.02)
+        model.save_pretrained(dense)
+        tok.save_pretrained(dense)
+        del model
+    if not (lc / "config.json").exists():
+        lc.mkdir(parents=True, exist_ok=True)
+        from safetensors import safe_open
+
+        g = torch.Generator().manual_seed(0)
+        tensors = {}
+        with safe_open(str(dense / "model.safetensors"), framework="pt") if (dense / "model.safetensors").exists() \
+                else _ShardedReader(dense) as f:
+            for key in f.keys():
+                t = f.get_tensor(key)
+                lin = key.endswith("_proj.weight") and ".layers." in key
+                if not lin:
+                    tensors[key] = t
+                    continue
+                m, n = t.shape
+                w = LCWeight(torch.randint(0, 256, (m, n // 4), dtype=torch.uint8, generator=g),
+                             torch.eye(4) * 0.01, torch.zeros(4), torch.ones(n), torch.ones(m),
+                             plan_rotation(n, 128), plan_rotation(m, 128))
+                tensors.update(w.state_dict(key[: -len("weight")]))
+        save_file(tensors, str(lc / "model.safetensors"), metadata={"format": "pt", METADATA_KEY: str(FORMAT_VERSION)})
+        qc = LCQATConfig().to_dict()
+        conf = json.loads((dense / "config.json").read_text())
+        conf["quantization_config"] = qc
+        (lc / "config.json").write_text(json.dumps(conf, indent=1))
+        tok.save_pretrained(lc)
+    return {"dense": dense, "lcqat": lc}
+
+
+class _ShardedReader:
+    """safe_open over a sharded checkpoint folder (keys() and get_tensor())."""
+
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
+
+        self._files = [safe_open(str(p), framework="pt") for p in sorted(folder.glob("*.safetensors"))]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def keys(self):
+        return [k for f in self._files for k in f.keys()]
+
+    def get_tensor(self, key):
+        for f in self._files:
+            if key in f.keys():
+                return f.get_tensor(key)
+        raise KeyError(key)
+
+
+# ---------------------------------------------------------------------------- transformers
+def hf_decode(model_dir: Path, dtype, new_tokens: int = 48) -> float:
+    """transformers generate, batch 1, eager: decode tok/s = (N-1) / (t(N) - t(1))."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    ids = torch.tensor([PROMPT])
+
+    def t(n):
+        s = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        return time.perf_counter() - s
+
+    t(4)
+    t1 = min(t(1) for _ in range(3))
+    tn = min(t(new_tokens + 1) for _ in range(2))
+    return new_tokens / (tn - t1)
+
+
+VARIANTS = {"fp32": ("dense", "float32"), "bf16": ("dense", "bfloat16"), "lcqat": ("lcqat", "float32")}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["smollm2", "llama1b"], choices=["smollm2", "llama1b"])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    p.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
+    p.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
+    p.add_argument("--tag", default="cpu")
+    args = p.parse_args()
+    if not VENV_PY.exists():
+        raise SystemExit(f"no vLLM venv at {VENV_PY}: bash scripts/setup_vllm.sh")
+    torch.set_num_threads(2)
+    env = environment()
+    rows = []
+    for model in args.models:
+        dirs = smollm2_dirs() if model == "smollm2" else llama1b_dirs()
+        for mode in args.modes:
+            for var in args.variants:
+                kind, dtype = VARIANTS[var]
+                print(f"vLLM {model} {var} {mode} ...", flush=True)
+                res = run_vllm(dirs[kind], dtype, mode == "eager", args.concurrency)
+                rows.append({"engine": "vllm", "model": model, "variant": var, "mode": mode, **res})
+                print("  ", {k: v for k, v in res.items() if k != "error"} or res["error"][-500:], flush=True)
+        if not args.no_hf:
+            for var in args.variants:
+                kind, dtype = VARIANTS[var]
+                tps = hf_decode(dirs[kind], getattr(torch, dtype))
+                rows.append({"engine": "transformers", "model": model, "variant": var, "mode": "eager", "decode_tok_s": tps})
+                print(f"transformers {model} {var}: {tps:.1f} tok/s", flush=True)
+    md = render(rows, env, args)
+    print(md)
+    name = f"serve_{args.tag}"
+    print("wrote", *write(name, {"environment": env, "args": vars(args), "rows": rows}, md))
+    plot(rows, os.path.join(RESULTS, name + ".png"))
+
+
+def render(rows, env, args) -> str:
+    lines = ["# Serving benchmark: vLLM CPU backend (plugin) vs dense, and transformers generate", md_env(env),
+             "vLLM 0.32.0 (vllm-cpu), greedy, max_model_len 512, prompt of 6 tokens. decode = batch-1 tok/s after "
+             "warm-up; TTFT = 1-token request; aggregate = c distinct concurrent requests x 32 new tokens "
+             "/ wall time (offline LLM.generate). x = ratio to the faster dense dtype in the same engine and mode. "
+             "LC checkpoints: data-free (SmolLM2) / random codes (1B shapes); speed does not depend on values.\n"]
+    for model in args.models:
+        lines += [f"## {model}", "", "| engine | mode | variant | decode tok/s | x best dense | TTFT ms | "
+                  + " | ".join(f"agg c={c}" for c in args.concurrency) + " |",
+                  "|---|---|---|---:|---:|---:|" + "---:|" * len(args.concurrency)]
+        for mode in args.modes + ["hf"]:
+            group = [r for r in rows if r["model"] == model and
+                     ((r["engine"] == "vllm" and r["mode"] == mode) if mode != "hf" else r["engine"] == "transformers")]
+            dense = [r.get("decode_tok_s", 0) for r in group if r["variant"] in ("fp32", "bf16") and "error" not in r]
+            best = max(dense) if dense else None
+            for r in group:
+                if "error" in r:
+                    lines.append(f"| {r['engine']} | {r['mode']} | {r['variant']} | error: see JSON | | |" + " |" * len(args.concurrency))
+                    continue
+                x = f"{r['decode_tok_s'] / best:.2f}" if best else ""
+                agg = r.get("aggregate_tok_s", {})
+                lines.append(f"| {r['engine']} | {r['mode']} | {r['variant']} | {r['decode_tok_s']:.1f} | {x} | "
+                             + (f"{1000 * r['ttft_s']:.0f}" if "ttft_s" in r else "") + " | "
+                             + " | ".join(f"{agg[str(c)] if str(c) in agg else agg.get(c, float('nan')):.1f}"
+                                          if agg else "" for c in args.concurrency) + " |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows, path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    vr = [r for r in rows if r["engine"] == "vllm" and "aggregate_tok_s" in r]
+    keys = sorted({(r["model"], r["mode"]) for r in vr})
+    if not keys:
+        return
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
+    for ax, (model, mode) in zip(axes[0], keys):
+        for r in vr:
+            if (r["model"], r["mode"]) == (model, mode):
+                cs = sorted(int(c) for c in r["aggregate_tok_s"])
+                ax.plot(cs, [r["aggregate_tok_s"][str(c)] for c in cs], marker="o", label=r["variant"])
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent requests")
+        ax.set_ylabel("output tokens/s")
+        ax.set_title(f"vLLM CPU, {model}, {mode}")
+        ax.legend()
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=90)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    main()
