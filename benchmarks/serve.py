@@ -232,17 +232,25 @@ def main() -> None:
                 res = run_vllm(dirs[kind], dtype, mode == "eager", args.concurrency)
                 rows.append({"engine": "vllm", "model": model, "variant": var, "mode": mode, **res})
                 print("  ", {k: v for k, v in res.items() if k != "error"} or res["error"][-500:], flush=True)
+                save(rows, env, args, partial=True)  # a long run killed midway keeps what it measured
         if not args.no_hf:
             for var in args.variants:
                 kind, dtype = VARIANTS[var]
                 tps = hf_decode(dirs[kind], getattr(torch, dtype))
                 rows.append({"engine": "transformers", "model": model, "variant": var, "mode": "eager", "decode_tok_s": tps})
                 print(f"transformers {model} {var}: {tps:.1f} tok/s", flush=True)
+                save(rows, env, args, partial=True)
+    print(save(rows, env, args, partial=False))
+
+
+def save(rows, env, args, partial: bool) -> str:
     md = render(rows, env, args)
-    print(md)
+    if partial:
+        md = "**Partial: the run was still going (or was stopped) when this was written.**\n\n" + md
     name = f"serve_{args.tag}"
-    print("wrote", *write(name, {"environment": env, "args": vars(args), "rows": rows}, md))
+    paths = write(name, {"environment": env, "args": vars(args), "partial": partial, "rows": rows}, md)
     plot(rows, os.path.join(RESULTS, name + ".png"))
+    return md + "\nwrote " + " ".join(paths)
 
 
 def render(rows, env, args) -> str:

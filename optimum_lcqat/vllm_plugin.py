@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -152,10 +153,13 @@ class LCQATvLLMConfig(QuantizationConfig):
                     "(list every part in modules_to_not_convert, or none) and save again."
                 )
             return UnquantizedLinearMethod()
-        if any(is_lc) and self.lc_modules is not None:
+        inside = sorted(m for m in (self.lc_modules or ()) if m == prefix or m.startswith(prefix + "."))
+        if inside:
             raise ValueError(
                 f"lcqat vLLM plugin: {prefix!r} is a {type(layer).__name__} in vLLM, which the plugin cannot serve "
-                f"from LC weights (only linear layers are mapped); the checkpoint has LC tensors for {parts}."
+                f"from LC weights (it maps linear layers only); the checkpoint has LC layers under it: "
+                f"{inside[:4]}{' ...' if len(inside) > 4 else ''}. Keep them dense (modules_to_not_convert) to serve "
+                "this model in vLLM."
             )
         return None  # embeddings, attention, ...: vLLM's own
 
@@ -221,6 +225,8 @@ class LCQATLinearMethod(LinearMethodBase):
                 if isinstance(layer, QKVParallelLinear) and i > 0:  # k, v: heads replicated when fewer than ranks
                     rank = tp_rank // getattr(layer, "num_kv_head_replicas", 1)
                 w = w.shard(0, rank * out_sizes[i], (rank + 1) * out_sizes[i])
+            if tp_size > 1:  # a row slice is a view: copy it, so the full part's tensors are freed
+                w = replace(w, codes=w.codes.clone(), s_u=w.s_u.clone(), s_v=w.s_v.clone())
             if w.out_features != out_sizes[i] or w.in_features != k_part:
                 raise ValueError(f"lcqat vLLM plugin: {name} holds a {w.out_features}x{w.in_features} LC weight but "
                                  f"vLLM's layer {self.prefix!r} (tensor-parallel rank {tp_rank}/{tp_size}) expects "
