@@ -136,23 +136,22 @@ def llama1b_dirs() -> dict[str, Path]:
         del model
     if not (lc / "config.json").exists():
         lc.mkdir(parents=True, exist_ok=True)
-        from safetensors import safe_open
+        from optimum_lcqat.streaming import SourceCheckpoint
 
         g = torch.Generator().manual_seed(0)
         tensors = {}
-        with safe_open(str(dense / "model.safetensors"), framework="pt") if (dense / "model.safetensors").exists() \
-                else _ShardedReader(dense) as f:
-            for key in f.keys():
-                t = f.get_tensor(key)
-                lin = key.endswith("_proj.weight") and ".layers." in key
-                if not lin:
-                    tensors[key] = t
-                    continue
-                m, n = t.shape
-                w = LCWeight(torch.randint(0, 256, (m, n // 4), dtype=torch.uint8, generator=g),
-                             torch.eye(4) * 0.01, torch.zeros(4), torch.ones(n), torch.ones(m),
-                             plan_rotation(n, 128), plan_rotation(m, 128))
-                tensors.update(w.state_dict(key[: -len("weight")]))
+        src = SourceCheckpoint(dense)  # sharded or not
+        for key in src.entries:
+            t = src.read(key)
+            lin = key.endswith("_proj.weight") and ".layers." in key
+            if not lin:
+                tensors[key] = t
+                continue
+            m, n = t.shape
+            w = LCWeight(torch.randint(0, 256, (m, n // 4), dtype=torch.uint8, generator=g),
+                         torch.eye(4) * 0.01, torch.zeros(4), torch.ones(n), torch.ones(m),
+                         plan_rotation(n, 128), plan_rotation(m, 128))
+            tensors.update(w.state_dict(key[: -len("weight")]))
         save_file(tensors, str(lc / "model.safetensors"), metadata={"format": "pt", METADATA_KEY: str(FORMAT_VERSION)})
         qc = LCQATConfig().to_dict()
         conf = json.loads((dense / "config.json").read_text())
@@ -160,30 +159,6 @@ def llama1b_dirs() -> dict[str, Path]:
         (lc / "config.json").write_text(json.dumps(conf, indent=1))
         tok.save_pretrained(lc)
     return {"dense": dense, "lcqat": lc}
-
-
-class _ShardedReader:
-    """safe_open over a sharded checkpoint folder (keys() and get_tensor())."""
-
-    def __init__(self, folder: Path):
-        from safetensors import safe_open
-
-        self._files = [safe_open(str(p), framework="pt") for p in sorted(folder.glob("*.safetensors"))]
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def keys(self):
-        return [k for f in self._files for k in f.keys()]
-
-    def get_tensor(self, key):
-        for f in self._files:
-            if key in f.keys():
-                return f.get_tensor(key)
-        raise KeyError(key)
 
 
 # ---------------------------------------------------------------------------- transformers

@@ -67,9 +67,9 @@ def _checkpoint_keys(model_dir: str) -> set[str] | None:
     if os.path.isfile(index):
         with open(index, encoding="utf-8") as f:
             return set(json.load(f)["weight_map"])
-    from .checkpoint import read_layout
+    from .checkpoint import checkpoint_dir_files, read_layout
 
-    files = [os.path.join(model_dir, f) for f in sorted(os.listdir(model_dir)) if f.endswith(".safetensors")]
+    files = checkpoint_dir_files(model_dir)
     return set(read_layout(files)) if files else None
 
 
@@ -192,7 +192,7 @@ class LCQATLinearMethod(LinearMethodBase):
             raise ValueError(f"lcqat vLLM plugin: layer {self.prefix!r} has {len(output_partition_sizes)} fused outputs "
                              f"but {len(self.parts)} checkpoint parts {self.parts}")
         layer.lcqat_staged = [dict() for _ in self.parts]  # part index -> {key: tensor as stored}
-        layer.lcqat_partition = (input_size_per_partition, list(output_partition_sizes), params_dtype)
+        layer.lcqat_partition = (input_size_per_partition, list(output_partition_sizes))
 
         def stage(param, loaded_weight: torch.Tensor, loaded_shard_id=None):
             part = 0 if loaded_shard_id is None else _QKV_PART.get(loaded_shard_id, loaded_shard_id)
@@ -208,7 +208,7 @@ class LCQATLinearMethod(LinearMethodBase):
             layer.register_parameter(key, p)  # the checkpoint's name: <layer>.<key>
 
     def process_weights_after_loading(self, layer) -> None:
-        k_part, out_sizes, params_dtype = layer.lcqat_partition
+        k_part, out_sizes = layer.lcqat_partition
         tp_rank, tp_size = getattr(layer, "tp_rank", 0), getattr(layer, "tp_size", 1)
         weights = []
         for i, (name, sd) in enumerate(zip(self.parts, layer.lcqat_staged)):
