@@ -12,10 +12,8 @@
 //   cpu_isa() -> str                                              the CPU kernel variant in use
 // H = L (x) H_block (L = identity when `left` is None; else the K x K matrix `left`, n = K*block).
 // Compute is fp32 whatever the activation dtype (fp32, bf16, fp16 accepted); outputs have the
-// activation's dtype (on CPU the GEMM runs in fp32 too: without AMX, bf16 at::mm is not faster
-// here). Batches of at most 64 rows use the decode GEMV in slices of 8 rows (no dense weight is
-// ever built); larger batches (prefill) dequantize the weight tile by tile into an L2-sized buffer and call
-// at::mm on it.
+// activation's dtype. No dense weight is ever built: 1-3 rows run the decode GEMV, more rows
+// (serving batches, prefill) the GEMM of cpu/kernels.cpp that decodes code panels into L1.
 #include <Python.h>
 
 #include <ATen/ATen.h>
@@ -68,12 +66,19 @@ static void rotate_rows_f32(float* rows, int64_t B, int64_t n, int64_t block, co
 // projection, 110K weights, then runs serially).
 constexpr int64_t kMinWeightsPerThread = 1 << 17;
 
-// Decode GEMV, codes read directly: B <= kMaxGemvBatch rotated fp32 rows xt [B, n] -> yp [B, m]
-// (rotated domain). The codebook is folded into the activations in a per-thread scratch (no
-// allocation), then the rows of the weight are split across threads. act_int8: the folded
-// activations are rounded to int8 and the int8-activation GEMV (lc_linear_a8) runs instead.
-static void gemv_rows(const float* xt, int64_t B, int64_t n, int64_t m, const uint8_t* pk, const float* A,
-                      const float* beta, bool act_int8, float* yp) {
+// Rows below which the rotated product runs the GEMV (code bytes decoded per slice of rows, the
+// input dimension in the vector lanes) rather than the GEMM (panels decoded once, output rows in
+// the lanes). Measured on 2 cores over SmolLM2's four layer shapes: the GEMV is ahead at 2 rows,
+// even at 4, the GEMM ahead from 8 (benchmarks/kernels.py).
+constexpr int64_t kGemmMinRows = 4;
+
+// Rotated-domain product with the codes read directly: B rotated fp32 rows xt [B, n] -> yp [B, m]
+// (B <= kMaxGemvBatch for the GEMV and when act_int8). The codebook is folded into the
+// activations in a per-thread scratch (no allocation), then the rows of the weight are split
+// across threads. act_int8: the folded activations are rounded to int8 and the int8-activation
+// GEMV (lc_linear_a8) runs instead.
+static void rotated_product(const float* xt, int64_t B, int64_t n, int64_t m, const uint8_t* pk, const float* A,
+                            const float* beta, bool act_int8, float* yp) {
   const auto isa = K::detect_isa();
   const int64_t zn = act_int8 ? n : K::prepared_size(n, isa);
   const int64_t qn = act_int8 ? K::a8_row_bytes(n) : 0;
@@ -91,55 +96,28 @@ static void gemv_rows(const float* xt, int64_t B, int64_t n, int64_t m, const ui
     K::prepare_activations(xt, B, n, A, beta, K::Isa::Scalar, zp, c);  // natural order
     K::a8_prepare(zp, B, n, zq, qs);
     at::parallel_for(0, m, grain, [&](int64_t j0, int64_t j1) { K::lc_gemv_a8_rows(zq, qs, c, B, n, pk, j0, j1, yp, m); });
-  } else {
+  } else if (B < kGemmMinRows) {
     K::prepare_activations(xt, B, n, A, beta, isa, zp, c);
     at::parallel_for(0, m, grain, [&](int64_t j0, int64_t j1) { K::lc_gemv_rows(zp, c, B, n, pk, j0, j1, isa, yp, m); });
+  } else {
+    // fold and pack the activations tile by tile (tiles are independent: split across threads)
+    const int64_t bt = std::max<int64_t>(1, K::gemm_tile_rows(isa, n));
+    at::parallel_for(0, (B + bt - 1) / bt, std::max<int64_t>(1, 16384 / std::max<int64_t>(n * bt, 1)),
+                     [&](int64_t t0, int64_t t1) {
+                       const int64_t b0 = t0 * bt, b1 = std::min(B, t1 * bt);
+                       K::prepare_gemm_activations(xt + b0 * n, b1 - b0, n, A, beta, isa, zp + b0 * n, c + b0);
+                     });
+    at::parallel_for(0, m, grain, [&](int64_t j0, int64_t j1) { K::lc_gemm_rows(zp, c, B, n, pk, j0, j1, isa, yp, m); });
   }
 }
 
-// x2 [B, n] (fp32 or bf16) contiguous -> [B, m] same dtype: dequantize tiles of rows, at::mm.
-static Tensor gemm_tiled(const Tensor& x2, const Tensor& packed, const Tensor& A32, const Tensor& b32) {
-  const int64_t B = x2.size(0), n = x2.size(1), m = packed.size(0);
-  float table[256 * 4];
-  K::make_table(A32.data_ptr<float>(), b32.data_ptr<float>(), table);
-  const bool to_bf16 = x2.scalar_type() == at::kBFloat16;
-  // ~1 MiB of fp32 weights per tile (a multiple of 16 rows), so the tile stays in L2.
-  int64_t tr = std::max<int64_t>(256, ((1 << 18) / std::max<int64_t>(n, 1)) / 16 * 16);
-  tr = std::min(tr, m);
-  auto wt = at::empty({tr, n}, x2.options().dtype(at::kFloat));
-  Tensor wt16 = to_bf16 ? at::empty({tr, n}, x2.options()) : Tensor();
-  auto y = at::empty({B, m}, x2.options());
-  const uint8_t* pk = packed.data_ptr<uint8_t>();
-  for (int64_t j0 = 0; j0 < m; j0 += tr) {
-    const int64_t rows = std::min(tr, m - j0);
-    float* wp = wt.data_ptr<float>();
-    at::parallel_for(0, rows, 4, [&](int64_t r0, int64_t r1) {
-      K::dequant_rows_f32(pk, n, j0 + r0, j0 + r1, table, wp + r0 * n);
-    });
-    Tensor w = wt.narrow(0, 0, rows);
-    if (to_bf16) {
-      wt16.narrow(0, 0, rows).copy_(w);
-      w = wt16.narrow(0, 0, rows);
-    }
-    y.narrow(1, j0, rows).copy_(at::mm(x2, w.t()));
-  }
-  return y;
-}
-
-// Rotated-domain matmul on fp32 rows [B, n] -> fp32 [B, m], GEMV or tiled GEMM by batch size.
-// Up to kGemvMaxRows rows: the GEMV in slices of 8 rows (measured faster here than dequantize +
-// at::mm up to 64 rows on the SmolLM2 and Llama shapes); above: the tiled GEMM (prefill).
-constexpr int64_t kGemvMaxRows = 64;
-
+// Rotated-domain matmul on fp32 rows [B, n] -> fp32 [B, m], any number of rows (decode batches
+// and prefill alike: the GEMM beat dequantizing tiles for at::mm at 64-1024 rows here).
 static Tensor matmul_rows_f32(const Tensor& x2, const Tensor& packed, const Tensor& A32, const Tensor& b32) {
   const int64_t B = x2.size(0), n = x2.size(1), m = packed.size(0);
-  if (B > kGemvMaxRows) return gemm_tiled(x2, packed, A32, b32);
   auto y = at::empty({B, m}, x2.options());
-  for (int64_t b0 = 0; b0 < B; b0 += K::kMaxGemvBatch) {
-    const int64_t bs = std::min<int64_t>(K::kMaxGemvBatch, B - b0);
-    gemv_rows(x2.data_ptr<float>() + b0 * n, bs, n, m, packed.data_ptr<uint8_t>(), A32.data_ptr<float>(),
-              b32.data_ptr<float>(), false, y.data_ptr<float>() + b0 * m);
-  }
+  rotated_product(x2.data_ptr<float>(), B, n, m, packed.data_ptr<uint8_t>(), A32.data_ptr<float>(),
+                  b32.data_ptr<float>(), false, y.data_ptr<float>());
   return y;
 }
 
@@ -188,7 +166,7 @@ Tensor lc_matmul_cpu(const Tensor& xt, const Tensor& packed, const Tensor& A, co
 
 // ------------------------------------------------------------------ decode path (B <= 8 rows)
 // The whole layer for B <= kMaxGemvBatch fp32 rows xp [B, n] -> yp [B, m]: input scale and
-// Hadamard into a per-thread scratch, gemv_rows straight into yp, output Hadamard and scale in
+// Hadamard into a per-thread scratch, rotated_product straight into yp, output Hadamard and scale in
 // place. act_int8: the int8-activation GEMV (lc_linear_a8).
 static void decode_rows(const float* xp, int64_t B, int64_t n, int64_t m, const uint8_t* pk, const float* A,
                         const float* beta, const float* su, const float* sv, const float* bias, int64_t block_in,
@@ -205,7 +183,7 @@ static void decode_rows(const float* xp, int64_t B, int64_t n, int64_t m, const 
     for (int64_t i = 0; i < n; ++i) r[i] = xb[i] * su[i];
     K::hadamard_row(r, n, block_in, Li, Kin, false, work);
   }
-  gemv_rows(xt, B, n, m, pk, A, beta, act_int8, yp);
+  rotated_product(xt, B, n, m, pk, A, beta, act_int8, yp);
   for (int64_t b = 0; b < B; ++b) {
     float* r = yp + b * m;
     K::hadamard_row(r, m, block_out, Lo, Kout, true, work);

@@ -50,7 +50,8 @@ def assert_close_rel(out, ref, tol):
 
 
 # (out m, in n, hadamard_block_size): odd m, n a multiple of 4 only, fallback blocks (4 and 1),
-# full rotations with a Paley left factor (576 = 36 x 16, 200 = 200 x 1) and block fallbacks.
+# full rotations with a Paley left factor (576 = 36 x 16, 200 = 200 x 1) and block fallbacks;
+# n = 2048 so that 300 rows span several of the GEMM's L2-sized activation blocks.
 SHAPES = [
     (576, 576, 128),
     (1536, 576, 128),
@@ -59,8 +60,11 @@ SHAPES = [
     (100, 200, "full"),
     (576, 576, "full"),
     (192, 1540, 64),
+    (40, 2048, 128),
 ]
-BATCHES = [1, 3, 8, 64, 80]
+# 1-3 rows: the GEMV; from 4: the GEMM (tiles of 12 rows with AVX-512, 6 with AVX2: 13, 80 and
+# 300 leave partial tiles).
+BATCHES = [1, 3, 4, 8, 13, 64, 80, 300]
 
 
 @needs_native
@@ -103,7 +107,7 @@ from optimum_lcqat.tensor.lc_weight import LCWeight
 assert native.available()
 assert native.cpu_isa() == {isa!r}, native.cpu_isa()
 torch.manual_seed(0)
-for m, n, b in [(37, 200, 1), (64, 300, 3), (16, 1540, 8), (5, 12, 2)]:
+for m, n, b in [(37, 200, 1), (64, 300, 3), (16, 1540, 8), (5, 12, 2), (70, 576, 13), (33, 2048, 130)]:
     pi, po = plan_rotation(n, 128), plan_rotation(m, 128)
     p = torch.randint(0, 256, (m, n // 4), dtype=torch.uint8)
     A = torch.eye(4) + 0.3 * torch.randn(4, 4); be = torch.randn(4); su = torch.randn(n); sv = torch.randn(m)

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -69,43 +70,89 @@ static inline void prefetch_ahead(const void* unit, int64_t unit_bytes, int64_t 
 #endif
 }
 
-// ------------------------------------------------------------------ codebook table
-void make_table(const float* A, const float* beta, float* table) {
-  for (int k = 0; k < 256; ++k) {
-    float q[4];
-    for (int s = 0; s < 4; ++s) q[s] = static_cast<float>((k >> (2 * s)) & 3);
-    for (int t = 0; t < 4; ++t) {
-      float v = beta[t];
-      for (int s = 0; s < 4; ++s) v += A[t * 4 + s] * q[s];
-      table[k * 4 + t] = v;
-    }
-  }
-}
-
-void dequant_rows_f32(const uint8_t* packed, int64_t n, int64_t j0, int64_t j1, const float* table, float* out) {
-  const int64_t nb = n / 4;
-  for (int64_t j = j0; j < j1; ++j) {
-    const uint8_t* p = packed + j * nb;
-    float* o = out + (j - j0) * n;
-    for (int64_t g = 0; g < nb; ++g) std::memcpy(o + 4 * g, table + 4 * p[g], 4 * sizeof(float));
-  }
-}
-
 // ------------------------------------------------------------------ Hadamard
+// The in-place fast Walsh-Hadamard transform of one r-block, scalar: stage h pairs v[k] and
+// v[k + h] into (a + b, a - b). Only stages h >= 4 vectorise this way, and SmolLM2's blocks of
+// 64 spent ~2 us a 576-row in it (~30% of a layer at 256 rows), hence the vector versions below.
+static void fwht_scalar(float* v, int64_t r) {
+  for (int64_t h = 1; h < r; h *= 2)
+    for (int64_t i = 0; i < r; i += 2 * h)
+      for (int64_t k = i; k < i + h; ++k) {
+        const float a = v[k], b = v[k + h];
+        v[k] = a + b;
+        v[k + h] = a - b;
+      }
+}
+
+#if LCQAT_X86
+// r a multiple of 16: stages 1, 2, 4, 8 inside each 16-float vector (partner = a permute of the
+// vector, new = v * sign + partner gives a + b in the lower and a - b in the upper half of each
+// pair: the same sums as the scalar code, bit for bit), then stages >= 16 between vectors.
+__attribute__((target("avx512f,avx512dq"))) static void fwht_avx512(float* v, int64_t r, float norm) {
+  const __m512 s1 = _mm512_setr_ps(1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1);
+  const __m512 s2 = _mm512_setr_ps(1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, -1);
+  const __m512 s4 = _mm512_setr_ps(1, 1, 1, 1, -1, -1, -1, -1, 1, 1, 1, 1, -1, -1, -1, -1);
+  const __m512 s8 = _mm512_setr_ps(1, 1, 1, 1, 1, 1, 1, 1, -1, -1, -1, -1, -1, -1, -1, -1);
+  for (int64_t i = 0; i < r; i += 16) {
+    __m512 x = _mm512_loadu_ps(v + i);
+    x = _mm512_fmadd_ps(x, s1, _mm512_permute_ps(x, 0xB1));
+    x = _mm512_fmadd_ps(x, s2, _mm512_permute_ps(x, 0x4E));
+    x = _mm512_fmadd_ps(x, s4, _mm512_shuffle_f32x4(x, x, 0xB1));
+    x = _mm512_fmadd_ps(x, s8, _mm512_shuffle_f32x4(x, x, 0x4E));
+    _mm512_storeu_ps(v + i, x);
+  }
+  for (int64_t h = 16; h < r; h *= 2)
+    for (int64_t i = 0; i < r; i += 2 * h)
+      for (int64_t k = i; k < i + h; k += 16) {
+        const __m512 a = _mm512_loadu_ps(v + k), b = _mm512_loadu_ps(v + k + h);
+        _mm512_storeu_ps(v + k, _mm512_add_ps(a, b));
+        _mm512_storeu_ps(v + k + h, _mm512_sub_ps(a, b));
+      }
+  const __m512 vn = _mm512_set1_ps(norm);
+  for (int64_t i = 0; i < r; i += 16) _mm512_storeu_ps(v + i, _mm512_mul_ps(_mm512_loadu_ps(v + i), vn));
+}
+
+// r a multiple of 8, the same with 8-float vectors.
+__attribute__((target("avx2,fma"))) static void fwht_avx2(float* v, int64_t r, float norm) {
+  const __m256 s1 = _mm256_setr_ps(1, -1, 1, -1, 1, -1, 1, -1);
+  const __m256 s2 = _mm256_setr_ps(1, 1, -1, -1, 1, 1, -1, -1);
+  const __m256 s4 = _mm256_setr_ps(1, 1, 1, 1, -1, -1, -1, -1);
+  for (int64_t i = 0; i < r; i += 8) {
+    __m256 x = _mm256_loadu_ps(v + i);
+    x = _mm256_fmadd_ps(x, s1, _mm256_permute_ps(x, 0xB1));
+    x = _mm256_fmadd_ps(x, s2, _mm256_permute_ps(x, 0x4E));
+    x = _mm256_fmadd_ps(x, s4, _mm256_permute2f128_ps(x, x, 0x01));
+    _mm256_storeu_ps(v + i, x);
+  }
+  for (int64_t h = 8; h < r; h *= 2)
+    for (int64_t i = 0; i < r; i += 2 * h)
+      for (int64_t k = i; k < i + h; k += 8) {
+        const __m256 a = _mm256_loadu_ps(v + k), b = _mm256_loadu_ps(v + k + h);
+        _mm256_storeu_ps(v + k, _mm256_add_ps(a, b));
+        _mm256_storeu_ps(v + k + h, _mm256_sub_ps(a, b));
+      }
+  const __m256 vn = _mm256_set1_ps(norm);
+  for (int64_t i = 0; i < r; i += 8) _mm256_storeu_ps(v + i, _mm256_mul_ps(_mm256_loadu_ps(v + i), vn));
+}
+#endif
+
 void hadamard_row(float* x, int64_t n, int64_t r, const float* left, int64_t K, bool transpose_left, float* work) {
   if (r > 1) {
     const float norm = 1.0f / std::sqrt(static_cast<float>(r));
+    const Isa isa = detect_isa();
     for (int64_t base = 0; base < n; base += r) {
       float* v = x + base;
-      for (int64_t h = 1; h < r; h *= 2) {
-        for (int64_t i = 0; i < r; i += 2 * h) {
-          for (int64_t k = i; k < i + h; ++k) {  // vectorises for h >= 4
-            const float a = v[k], b = v[k + h];
-            v[k] = a + b;
-            v[k + h] = a - b;
-          }
-        }
+#if LCQAT_X86
+      if (isa == Isa::Avx512 && r % 16 == 0) {
+        fwht_avx512(v, r, norm);
+        continue;
       }
+      if (isa != Isa::Scalar && r % 8 == 0) {
+        fwht_avx2(v, r, norm);
+        continue;
+      }
+#endif
+      fwht_scalar(v, r);
       for (int64_t k = 0; k < r; ++k) v[k] *= norm;
     }
   }
@@ -138,28 +185,63 @@ static int64_t block_bytes(Isa isa) {
 
 int64_t prepared_size(int64_t n, Isa) { return n; }
 
+// One row, natural order: z[4g + s] = sum_t A[t, s] x[4g + t], returns sum_g <beta, x_g>.
+static float fold_row_scalar(const float* x, int64_t g0, int64_t nb, const float* A, const float* beta, float* z) {
+  double cst = 0.0;
+  for (int64_t g = g0; g < nb; ++g) {
+    const float* xg = x + 4 * g;
+    for (int s = 0; s < 4; ++s)
+      z[4 * g + s] = A[0 * 4 + s] * xg[0] + A[1 * 4 + s] * xg[1] + A[2 * 4 + s] * xg[2] + A[3 * 4 + s] * xg[3];
+    cst += static_cast<double>(beta[0] * xg[0] + beta[1] * xg[1] + beta[2] * xg[2] + beta[3] * xg[3]);
+  }
+  return static_cast<float>(cst);
+}
+
+#if LCQAT_X86
+// Four groups per vector: element t of every group broadcast inside its 128-bit lane
+// (vpermilps) times column t of A repeated four times. ~0.1 us a 576-row where the scalar loop
+// took ~1.2 us (a visible share of a 256-row layer call).
+__attribute__((target("avx512f,avx512dq"))) static float fold_row_avx512(const float* x, int64_t nb, const float* A,
+                                                                        const float* beta, float* z) {
+  const __m512 a0 = _mm512_broadcast_f32x4(_mm_loadu_ps(A)), a1 = _mm512_broadcast_f32x4(_mm_loadu_ps(A + 4));
+  const __m512 a2 = _mm512_broadcast_f32x4(_mm_loadu_ps(A + 8)), a3 = _mm512_broadcast_f32x4(_mm_loadu_ps(A + 12));
+  const __m512 bv = _mm512_broadcast_f32x4(_mm_loadu_ps(beta));
+  __m512 cacc = _mm512_setzero_ps();
+  int64_t g = 0;
+  for (; g + 4 <= nb; g += 4) {
+    const __m512 xv = _mm512_loadu_ps(x + 4 * g);
+    __m512 zv = _mm512_mul_ps(_mm512_permute_ps(xv, 0x00), a0);
+    zv = _mm512_fmadd_ps(_mm512_permute_ps(xv, 0x55), a1, zv);
+    zv = _mm512_fmadd_ps(_mm512_permute_ps(xv, 0xAA), a2, zv);
+    zv = _mm512_fmadd_ps(_mm512_permute_ps(xv, 0xFF), a3, zv);
+    _mm512_storeu_ps(z + 4 * g, zv);
+    cacc = _mm512_fmadd_ps(xv, bv, cacc);
+  }
+  return _mm512_reduce_add_ps(cacc) + fold_row_scalar(x, g, nb, A, beta, z);
+}
+#endif
+
 void prepare_activations(const float* x, int64_t B, int64_t n, const float* A, const float* beta, Isa isa,
                          float* zp, float* c) {
   const int64_t nb = n / 4;
   const int64_t blk = block_bytes(isa);
   const int64_t nfull = blk ? (nb / blk) * blk : 0;  // bytes covered by full blocks
+  float tmp[256];                                     // one block of 4 * blk <= 64 floats
   for (int64_t b = 0; b < B; ++b) {
     const float* xb = x + b * n;
     float* zb = zp + b * n;
-    double cst = 0.0;
-    for (int64_t g = 0; g < nb; ++g) {
-      const float* xg = xb + 4 * g;
-      float z[4];
-      for (int s = 0; s < 4; ++s) z[s] = A[0 * 4 + s] * xg[0] + A[1 * 4 + s] * xg[1] + A[2 * 4 + s] * xg[2] + A[3 * 4 + s] * xg[3];
-      cst += static_cast<double>(beta[0] * xg[0] + beta[1] * xg[1] + beta[2] * xg[2] + beta[3] * xg[3]);
-      if (g < nfull) {
-        const int64_t base = (g / blk) * blk * 4, k = g % blk;
-        for (int s = 0; s < 4; ++s) zb[base + s * blk + k] = z[s];
-      } else {
-        for (int s = 0; s < 4; ++s) zb[4 * g + s] = z[s];
-      }
+#if LCQAT_X86
+    if (detect_isa() == Isa::Avx512) c[b] = fold_row_avx512(xb, nb, A, beta, zb);
+    else c[b] = fold_row_scalar(xb, 0, nb, A, beta, zb);
+#else
+    c[b] = fold_row_scalar(xb, 0, nb, A, beta, zb);
+#endif
+    // code-plane-major blocks for the GEMV: zp[base + s*blk + k] = z[base + 4k + s]
+    for (int64_t base = 0; base < 4 * nfull; base += 4 * blk) {
+      std::memcpy(tmp, zb + base, sizeof(float) * 4 * blk);
+      for (int64_t k = 0; k < blk; ++k)
+        for (int s = 0; s < 4; ++s) zb[base + s * blk + k] = tmp[4 * k + s];
     }
-    c[b] = static_cast<float>(cst);
   }
 }
 
@@ -371,6 +453,235 @@ __attribute__((target("avx2,fma"))) static void gemv_avx2(const float* zp, const
     default: FN<8>(__VA_ARGS__); break;          \
   }
 #endif
+
+// ------------------------------------------------------------------ batched GEMM (serving batches)
+// The GEMV above keeps the input dimension in the vector lanes: every output needs a horizontal
+// reduction and every code byte is decoded once per slice of <= 8 activation rows, which at
+// 16-256 rows costs more than the FMAs (0.3-0.6x dense fp32 at 64 rows). Here the layout of a
+// classical GEMM micro-kernel: a panel of JW weight rows x kKc inputs is decoded once into a
+// transposed fp32 buffer (q values 0..3, the codebook is folded into the activations), and then
+// every tile of BT activation rows runs over it with the output rows in the vector lanes:
+// per input, JW/16 panel loads and BT broadcasts feed BT * JW/16 FMAs, no reductions. The panel
+// (kKc * JW floats) and the BT activation rows of a tile stay in L1 while the activations of
+// the whole batch (z, natural order) come from L2.
+constexpr int64_t kKc = 128;  // inputs per panel pass (a multiple of 16)
+
+#if LCQAT_X86
+constexpr int kPanelAvx512 = 32;  // weight rows per panel: 2 vectors of 16
+constexpr int kTileAvx512 = 12;   // activation rows per tile: 24 accumulators
+constexpr int kPanelAvx2 = 16;    // 2 vectors of 8
+constexpr int kTileAvx2 = 6;      // 12 accumulators (16 ymm registers)
+
+// Panel [k1 - k0][32] of q values for weight rows [j, j + rows), inputs [k0, k1) (k0, k1
+// multiples of 16, rows <= 32; absent rows decode as 0). One 32-bit gather per 16 rows reads 4
+// code bytes (16 inputs) of each row; a shift and a permute (lo[i] = i & 3 on the low 4 bits)
+// turn each 2-bit field into 16 floats.
+__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl"))) static void decode_panel_avx512(
+    const uint8_t* packed, int64_t nb, int64_t j, int64_t rows, int64_t k0, int64_t k1, float* panel) {
+  const __m512 lo = _mm512_setr_ps(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3);
+  const __m512i row_off = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                             _mm512_set1_epi32(static_cast<int>(nb)));
+  for (int h = 0; h < 2; ++h) {
+    const int64_t r0 = 16 * h;
+    const int64_t live = std::max<int64_t>(0, std::min<int64_t>(16, rows - r0));
+    const __mmask16 mk = static_cast<__mmask16>((1u << live) - 1u);
+    const uint8_t* base = packed + (j + r0) * nb;
+    for (int64_t k = k0; k < k1; k += 16) {
+      const __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mk, row_off, base + k / 4, 1);
+      float* out = panel + (k - k0) * 32 + r0;
+      for (int t = 0; t < 16; ++t)  // input k + t: byte t / 4, field t % 4
+        _mm512_storeu_ps(out + t * 32, _mm512_permutexvar_ps(_mm512_srli_epi32(v, 8 * (t / 4) + 2 * (t % 4)), lo));
+    }
+  }
+}
+
+// y[b, j:j+32] (+)= sum_k panel[k] * z[b, k0 + k] over the panel's inputs, BT rows, z packed
+// as zt[k * BT + b] (see gemm_panels); the first pass starts from c[b], later ones from y. Rows
+// of y past `rows` are not written.
+template <int BT>
+__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl"))) static void panel_tile_avx512(
+    const float* panel, int64_t kc, const float* z, int64_t n, const float* c, bool first, int64_t rows, float* y,
+    int64_t ldy) {
+  const __mmask16 m0 = static_cast<__mmask16>((1u << std::min<int64_t>(16, rows)) - 1u);
+  const __mmask16 m1 = static_cast<__mmask16>((1u << std::max<int64_t>(0, std::min<int64_t>(16, rows - 16))) - 1u);
+  __m512 acc[BT][2];
+  for (int b = 0; b < BT; ++b) {
+    if (first) {
+      acc[b][0] = acc[b][1] = _mm512_set1_ps(c[b]);
+    } else {
+      acc[b][0] = _mm512_maskz_loadu_ps(m0, y + b * ldy);
+      acc[b][1] = _mm512_maskz_loadu_ps(m1, y + b * ldy + 16);
+    }
+  }
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m512 w0 = _mm512_loadu_ps(panel + k * 32), w1 = _mm512_loadu_ps(panel + k * 32 + 16);
+    for (int b = 0; b < BT; ++b) {
+      const __m512 zb = _mm512_set1_ps(z[k * BT + b]);
+      acc[b][0] = _mm512_fmadd_ps(w0, zb, acc[b][0]);
+      acc[b][1] = _mm512_fmadd_ps(w1, zb, acc[b][1]);
+    }
+  }
+  for (int b = 0; b < BT; ++b) {
+    _mm512_mask_storeu_ps(y + b * ldy, m0, acc[b][0]);
+    _mm512_mask_storeu_ps(y + b * ldy + 16, m1, acc[b][1]);
+  }
+}
+
+template <int BT>
+__attribute__((target("avx2,fma"))) static void panel_tile_avx2(const float* panel, int64_t kc, const float* z,
+                                                                int64_t n, const float* c, bool first, int64_t rows,
+                                                                float* y, int64_t ldy) {
+  __m256 acc[BT][2];
+  for (int b = 0; b < BT; ++b) {
+    if (first) {
+      acc[b][0] = acc[b][1] = _mm256_set1_ps(c[b]);
+    } else if (rows == 16) {
+      acc[b][0] = _mm256_loadu_ps(y + b * ldy);
+      acc[b][1] = _mm256_loadu_ps(y + b * ldy + 8);
+    } else {
+      alignas(32) float t[16] = {0};
+      for (int64_t r = 0; r < rows; ++r) t[r] = y[b * ldy + r];
+      acc[b][0] = _mm256_load_ps(t);
+      acc[b][1] = _mm256_load_ps(t + 8);
+    }
+  }
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m256 w0 = _mm256_loadu_ps(panel + k * 16), w1 = _mm256_loadu_ps(panel + k * 16 + 8);
+    for (int b = 0; b < BT; ++b) {
+      const __m256 zb = _mm256_broadcast_ss(z + k * BT + b);
+      acc[b][0] = _mm256_fmadd_ps(w0, zb, acc[b][0]);
+      acc[b][1] = _mm256_fmadd_ps(w1, zb, acc[b][1]);
+    }
+  }
+  for (int b = 0; b < BT; ++b) {
+    if (rows == 16) {
+      _mm256_storeu_ps(y + b * ldy, acc[b][0]);
+      _mm256_storeu_ps(y + b * ldy + 8, acc[b][1]);
+    } else {
+      alignas(32) float t[16];
+      _mm256_store_ps(t, acc[b][0]);
+      _mm256_store_ps(t + 8, acc[b][1]);
+      for (int64_t r = 0; r < rows; ++r) y[b * ldy + r] = t[r];
+    }
+  }
+}
+#endif
+
+// Panel [k1 - k0][JW] of q values, portable: rows [j, j + rows), inputs [k0, k1) (multiples of 4).
+static void decode_panel_scalar(const uint8_t* packed, int64_t nb, int64_t j, int64_t rows, int64_t k0, int64_t k1,
+                                int JW, float* panel) {
+  std::memset(panel, 0, sizeof(float) * (k1 - k0) * JW);
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* p = packed + (j + r) * nb;
+    for (int64_t k = k0; k < k1; k += 4) {
+      const unsigned byte = p[k / 4];
+      float* o = panel + (k - k0) * JW + r;
+      for (int s = 0; s < 4; ++s) o[s * JW] = static_cast<float>((byte >> (2 * s)) & 3);
+    }
+  }
+}
+
+template <int JW, int BTMAX, class Decode, class Tile>
+static void gemm_panels(const float* zt, const float* c, int64_t B, int64_t n, const uint8_t* packed, int64_t j0,
+                        int64_t j1, float* y, int64_t ldy, Decode&& decode, Tile&& tile) {
+  const int64_t nb = n / 4;
+  alignas(64) float panel[kKc * JW];
+  // Activation rows per block: ~1 MiB of them, so that the block stays in L2 while every panel
+  // of the thread's weight rows passes over it (a long prefill would otherwise stream all of zt
+  // from L3 once per panel). Panels are decoded again for each block: cheap next to the FMAs.
+  const int64_t blk = std::max<int64_t>(BTMAX, (1 << 18) / std::max<int64_t>(n, 1) / BTMAX * BTMAX);
+  for (int64_t bb0 = 0; bb0 < B; bb0 += blk) {
+    const int64_t bb1 = std::min(B, bb0 + blk);
+    for (int64_t j = j0; j < j1; j += JW) {
+      const int64_t rows = std::min<int64_t>(JW, j1 - j);
+      for (int64_t k0 = 0; k0 < n; k0 += kKc) {
+        const int64_t k1 = std::min(n, k0 + kKc);
+        decode(packed, nb, j, rows, k0, k1, panel);
+        for (int64_t b0 = bb0; b0 < bb1; b0 += BTMAX) {
+          const int64_t bt = std::min<int64_t>(BTMAX, B - b0);
+          tile(bt, panel, k1 - k0, zt + b0 * n + k0 * bt, n, c + b0, k0 == 0, rows, y + b0 * ldy + j, ldy);
+        }
+      }
+    }
+  }
+}
+
+#define LCQAT_DISPATCH_TILE(FN, BT, ...) \
+  switch (BT) {                          \
+    case 1: FN<1>(__VA_ARGS__); break;   \
+    case 2: FN<2>(__VA_ARGS__); break;   \
+    case 3: FN<3>(__VA_ARGS__); break;   \
+    case 4: FN<4>(__VA_ARGS__); break;   \
+    case 5: FN<5>(__VA_ARGS__); break;   \
+    case 6: FN<6>(__VA_ARGS__); break;   \
+    case 7: FN<7>(__VA_ARGS__); break;   \
+    case 8: FN<8>(__VA_ARGS__); break;   \
+    case 9: FN<9>(__VA_ARGS__); break;   \
+    case 10: FN<10>(__VA_ARGS__); break; \
+    case 11: FN<11>(__VA_ARGS__); break; \
+    default: FN<12>(__VA_ARGS__); break; \
+  }
+
+int64_t gemm_tile_rows(Isa isa, int64_t n) {
+#if LCQAT_X86
+  if (isa == Isa::Avx512 && n % 16 == 0) return kTileAvx512;
+  if (isa != Isa::Scalar) return kTileAvx2;
+#endif
+  (void)isa;
+  (void)n;
+  return 0;  // the scalar fallback reads natural rows
+}
+
+void prepare_gemm_activations(const float* x, int64_t B, int64_t n, const float* A, const float* beta, Isa isa,
+                              float* zt, float* c) {
+  const int64_t bt_max = gemm_tile_rows(isa, n);
+  if (bt_max == 0) return prepare_activations(x, B, n, A, beta, Isa::Scalar, zt, c);
+  thread_local std::vector<float> row;
+  if (row.size() < static_cast<size_t>(n)) row.resize(n);
+  for (int64_t b0 = 0; b0 < B; b0 += bt_max) {
+    const int64_t bt = std::min(bt_max, B - b0);
+    float* o = zt + b0 * n;
+    for (int64_t b = 0; b < bt; ++b) {
+      prepare_activations(x + (b0 + b) * n, 1, n, A, beta, Isa::Scalar, row.data(), c + b0 + b);
+      for (int64_t k = 0; k < n; ++k) o[k * bt + b] = row[k];
+    }
+  }
+}
+
+void lc_gemm_rows(const float* zt, const float* c, int64_t B, int64_t n, const uint8_t* packed, int64_t j0, int64_t j1,
+                  Isa isa, float* y, int64_t ldy) {
+#if LCQAT_X86
+  if (isa == Isa::Avx512 && n % 16 == 0) {
+    gemm_panels<kPanelAvx512, kTileAvx512>(
+        zt, c, B, n, packed, j0, j1, y, ldy, decode_panel_avx512,
+        [](int64_t bt, const float* panel, int64_t kc, const float* zb, int64_t n, const float* cb, bool first,
+           int64_t rows, float* yb, int64_t ldy) {
+          LCQAT_DISPATCH_TILE(panel_tile_avx512, bt, panel, kc, zb, n, cb, first, rows, yb, ldy);
+        });
+    return;
+  }
+  if (isa != Isa::Scalar) {  // AVX2 (and AVX-512 with n not a multiple of 16)
+    gemm_panels<kPanelAvx2, kTileAvx2>(
+        zt, c, B, n, packed, j0, j1, y, ldy,
+        [](const uint8_t* p, int64_t nb, int64_t j, int64_t rows, int64_t k0, int64_t k1, float* panel) {
+          decode_panel_scalar(p, nb, j, rows, k0, k1, kPanelAvx2, panel);
+        },
+        [](int64_t bt, const float* panel, int64_t kc, const float* zb, int64_t n, const float* cb, bool first,
+           int64_t rows, float* yb, int64_t ldy) {
+          switch (bt) {
+            case 1: panel_tile_avx2<1>(panel, kc, zb, n, cb, first, rows, yb, ldy); break;
+            case 2: panel_tile_avx2<2>(panel, kc, zb, n, cb, first, rows, yb, ldy); break;
+            case 3: panel_tile_avx2<3>(panel, kc, zb, n, cb, first, rows, yb, ldy); break;
+            case 4: panel_tile_avx2<4>(panel, kc, zb, n, cb, first, rows, yb, ldy); break;
+            case 5: panel_tile_avx2<5>(panel, kc, zb, n, cb, first, rows, yb, ldy); break;
+            default: panel_tile_avx2<6>(panel, kc, zb, n, cb, first, rows, yb, ldy); break;
+          }
+        });
+    return;
+  }
+#endif
+  gemv_scalar(zt, c, B, n, packed, j0, j1, y, ldy);
+}
 
 void lc_gemv_rows(const float* zp, const float* c, int64_t B, int64_t n, const uint8_t* packed, int64_t j0,
                   int64_t j1, Isa isa, float* y, int64_t ldy) {

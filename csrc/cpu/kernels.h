@@ -29,12 +29,15 @@ void prepare_activations(const float* x, int64_t B, int64_t n, const float* A, c
 void lc_gemv_rows(const float* zp, const float* c, int64_t B, int64_t n, const uint8_t* packed, int64_t j0,
                   int64_t j1, Isa isa, float* y /* [B, m] */, int64_t ldy);
 
-// Rows [j0, j1) of the rotated-domain weight, What[j, 4g:4g+4] = table[packed[j, g]], written
-// to out (row stride n) as float. table is [256][4].
-void dequant_rows_f32(const uint8_t* packed, int64_t n, int64_t j0, int64_t j1, const float* table, float* out);
-
-// table[k] = A q(k) + beta with q_i(k) = (k >> 2i) & 3 (the byte layout of tensor/packing.py).
-void make_table(const float* A, const float* beta, float* table /* [256][4] */);
+// The same product for any number of activation rows B (the serving batches), GEMM-style: code
+// panels decoded once per call, output rows in the vector lanes. zt comes from
+// prepare_gemm_activations with the same isa (activation rows packed in tiles of
+// gemm_tile_rows(isa, n) rows, input-major inside a tile); [B, n] floats.
+int64_t gemm_tile_rows(Isa isa, int64_t n);
+void prepare_gemm_activations(const float* x, int64_t B, int64_t n, const float* A, const float* beta, Isa isa,
+                              float* zt /* [B, n] */, float* c /* [B] */);
+void lc_gemm_rows(const float* zt, const float* c, int64_t B, int64_t n, const uint8_t* packed, int64_t j0, int64_t j1,
+                  Isa isa, float* y /* [B, m] */, int64_t ldy);
 
 // Weight-only int8 GEMV (compact lm_head): y[b, j] = scale[j] * sum_i w[j, i] x[b, i], B <= 8,
 // rows [j0, j1); w is int8 [m, n] row-major, x fp32 [B, n].
