@@ -11,10 +11,13 @@ Each (model, variant, mode) runs in a fresh vLLM engine, in vLLM's own venv
 warm-up; (N-1) / (t(N) - t(1))), time to first token (a 6-token prompt, 1 new token), and
 aggregate output tokens/s with 1, 4, 16 and 64 concurrent requests (offline ``LLM.generate``,
 32 new tokens each). Modes: ``eager`` (enforce_eager) and ``compiled`` (vLLM's default:
-dynamo + inductor). transformers' ``generate`` (eager, batch 1) is measured beside it in this
+dynamo + inductor). Through the server (``--server-modes``, default eager): the real ``vllm
+serve DIR`` on 127.0.0.1, c concurrent streaming /v1/completions requests (HTTP, one thread
+each, 32 new tokens, ignore_eos): aggregate output tokens/s and the median time to the first
+streamed chunk. transformers' ``generate`` (eager, batch 1) is measured beside it in this
 process for the same checkpoints.
 
-    python -P benchmarks/serve.py                    # everything (~30 min on 2 cores)
+    python -P benchmarks/serve.py                    # everything (~45 min on 2 cores)
     python -P benchmarks/serve.py --models smollm2 --modes eager
 
 Writes benchmarks/results/serve_cpu.json, .md and .png.
@@ -23,11 +26,17 @@ Writes benchmarks/results/serve_cpu.json, .md and .png.
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
+import socket
+import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -85,6 +94,93 @@ def run_vllm(model_dir: Path, dtype: str, eager: bool, concurrency) -> dict:
     if r.returncode != 0 or not lines:
         return {"error": (r.stdout + r.stderr)[-3000:]}
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stream_completion(port: int, model: str, prompt: list[int], n: int, out: dict) -> None:
+    """One streaming /v1/completions request: time to the first chunk and to the end."""
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True,
+                       "stream": True})
+    t0 = time.perf_counter()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1800)
+    conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    if resp.status != 200:
+        out["error"] = f"HTTP {resp.status}: {resp.read()[:500]!r}"
+        return
+    first = None
+    while True:
+        line = resp.readline()
+        if not line:
+            break
+        if line.startswith(b"data:") and b"[DONE]" not in line and first is None:
+            first = time.perf_counter() - t0
+    out.update(ttft=first, end=time.perf_counter(), start=t0)
+    conn.close()
+
+
+def run_server(model_dir: Path, dtype: str, eager: bool, concurrency) -> dict:
+    """``vllm serve`` (the venv's console script) and concurrent streaming HTTP requests."""
+    port = _free_port()
+    cmd = [str(VENV_PY.with_name("vllm")), "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
+           "--dtype", dtype, "--max-model-len", "512", "--max-num-seqs", "64", "--seed", "0"]
+    if eager:
+        cmd.append("--enforce-eager")
+    log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
+    t_start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=vllm_env(), cwd="/")
+    try:
+        deadline = time.time() + 900
+        while True:
+            if proc.poll() is not None or time.time() > deadline:
+                log.seek(0)
+                return {"error": "vllm serve did not come up:\n" + log.read()[-3000:]}
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            time.sleep(1)
+        startup = time.perf_counter() - t_start
+
+        def burst(c: int, n: int) -> list[dict]:
+            outs = [{} for _ in range(c)]
+            ths = [threading.Thread(target=_stream_completion, args=(port, str(model_dir), PROMPT + [100 + i], n, o))
+                   for i, o in enumerate(outs)]
+            for t in ths:
+                t.start()
+            for t in ths:
+                t.join()
+            bad = [o["error"] for o in outs if "error" in o or "end" not in o]
+            if bad:
+                raise RuntimeError(bad[0] if isinstance(bad[0], str) else "no response")
+            return outs
+
+        burst(4, 8)  # warm-up
+        agg, ttft = {}, {}
+        for c in concurrency:
+            outs = burst(c, 32)
+            wall = max(o["end"] for o in outs) - min(o["start"] for o in outs)
+            agg[c] = c * 32 / wall
+            ttft[c] = 1000 * statistics.median(o["ttft"] for o in outs)
+        return {"startup_s": startup, "aggregate_tok_s": agg, "ttft_ms_median": ttft}
+    except (RuntimeError, OSError) as e:
+        log.seek(0)
+        return {"error": f"{e}\n" + log.read()[-3000:]}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+        os.unlink(log.name)
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -189,6 +285,8 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=["smollm2", "llama1b"], choices=["smollm2", "llama1b"])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    p.add_argument("--server-modes", nargs="*", default=["eager"], choices=["eager", "compiled"],
+                   help="modes measured through `vllm serve` and HTTP (none: offline only)")
     p.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
     p.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
     p.add_argument("--tag", default="cpu")
@@ -208,6 +306,14 @@ def main() -> None:
                 rows.append({"engine": "vllm", "model": model, "variant": var, "mode": mode, **res})
                 print("  ", {k: v for k, v in res.items() if k != "error"} or res["error"][-500:], flush=True)
                 save(rows, env, args, partial=True)  # a long run killed midway keeps what it measured
+        for mode in args.server_modes:
+            for var in args.variants:
+                kind, dtype = VARIANTS[var]
+                print(f"vllm serve {model} {var} {mode} ...", flush=True)
+                res = run_server(dirs[kind], dtype, mode == "eager", args.concurrency)
+                rows.append({"engine": "vllm-server", "model": model, "variant": var, "mode": mode, **res})
+                print("  ", {k: v for k, v in res.items() if k != "error"} or res["error"][-500:], flush=True)
+                save(rows, env, args, partial=True)
         if not args.no_hf:
             for var in args.variants:
                 kind, dtype = VARIANTS[var]
@@ -254,6 +360,22 @@ def render(rows, env, args) -> str:
                              + " | ".join(f"{agg[str(c)] if str(c) in agg else agg.get(c, float('nan')):.1f}"
                                           if agg else "" for c in args.concurrency) + " |")
         lines.append("")
+        srv = [r for r in rows if r["model"] == model and r["engine"] == "vllm-server"]
+        if srv:
+            lines += ["Through `vllm serve` (HTTP, streaming; aggregate tok/s / median time to first chunk ms):", "",
+                      "| mode | variant | startup s | " + " | ".join(f"c={c}" for c in args.concurrency) + " |",
+                      "|---|---|---:|" + "---:|" * len(args.concurrency)]
+            for r in srv:
+                if "error" in r:
+                    lines.append(f"| {r['mode']} | {r['variant']} | error: see JSON |" + " |" * len(args.concurrency))
+                    continue
+                cells = []
+                for c in args.concurrency:
+                    a, t = r["aggregate_tok_s"], r["ttft_ms_median"]
+                    k = str(c) if str(c) in a else c
+                    cells.append(f"{a[k]:.1f} / {t[k]:.0f}" if k in a else "")
+                lines.append(f"| {r['mode']} | {r['variant']} | {r['startup_s']:.0f} | " + " | ".join(cells) + " |")
+            lines.append("")
     return "\n".join(lines) + "\n"
 
 
@@ -265,20 +387,21 @@ def plot(rows, path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    vr = [r for r in rows if r["engine"] == "vllm" and "aggregate_tok_s" in r]
-    keys = sorted({(r["model"], r["mode"]) for r in vr})
+    vr = [r for r in rows if r["engine"] in ("vllm", "vllm-server") and "aggregate_tok_s" in r]
+    keys = sorted({(r["model"], r["mode"], r["engine"]) for r in vr})
     if not keys:
         return
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
-    for ax, (model, mode) in zip(axes[0], keys):
+    for ax, (model, mode, engine) in zip(axes[0], keys):
         for r in vr:
-            if (r["model"], r["mode"]) == (model, mode):
-                cs = sorted(int(c) for c in r["aggregate_tok_s"])
-                ax.plot(cs, [r["aggregate_tok_s"][str(c)] for c in cs], marker="o", label=r["variant"])
+            if (r["model"], r["mode"], r["engine"]) == (model, mode, engine):
+                agg = {int(c): v for c, v in r["aggregate_tok_s"].items()}
+                cs = sorted(agg)
+                ax.plot(cs, [agg[c] for c in cs], marker="o", label=r["variant"])
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent requests")
         ax.set_ylabel("output tokens/s")
-        ax.set_title(f"vLLM CPU, {model}, {mode}")
+        ax.set_title(f"{'vllm serve (HTTP)' if engine == 'vllm-server' else 'vLLM offline'}, {model}, {mode}", fontsize=9)
         ax.legend()
     fig.tight_layout()
     tmp = path + ".tmp.png"

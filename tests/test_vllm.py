@@ -136,15 +136,16 @@ def make_tiny_llama(path: Path, tokenizer_dir: Path, **cfg_kw) -> Path:
 def test_tensor_parallel_2_equals_one_process(tmp_path, smollm2_dir, vllm_python):
     """The same lcqat checkpoint served with tensor_parallel_size=2 (two worker processes over
     gloo; q/k/v and gate/up split by output rows, o/down by input columns through
-    LCWeight.shard) gives the tokens one process gives."""
-    lc_dir = make_tiny_llama(tmp_path, smollm2_dir)
-    from transformers import AutoTokenizer
+    LCWeight.shard) gives the tokens one process gives: transformers' greedy decode of the
+    checkpoint here (test_llm_greedy_matches_transformers ties vLLM's single-process output to
+    it; a vLLM TP1 engine as the reference would cost another ~45 s engine start)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    lc_dir = make_tiny_llama(tmp_path, smollm2_dir)
     prompts = held_out_prompts(AutoTokenizer.from_pretrained(smollm2_dir))
-    args = {"model": str(lc_dir), "prompts": prompts, "max_tokens": 16}
-    one = run_llm(vllm_python, args)
-    two = run_llm(vllm_python, dict(args, tp=2))
-    for a, b in zip(one["outputs"], two["outputs"]):
+    one = hf_greedy(AutoModelForCausalLM.from_pretrained(lc_dir, dtype=torch.float32), prompts, 16)
+    two = run_llm(vllm_python, {"model": str(lc_dir), "prompts": prompts, "max_tokens": 16, "tp": 2})
+    for a, b in zip(one, two["outputs"]):
         assert a["tokens"] == b["tokens"]
         assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"])) < 1e-3
 
