@@ -298,22 +298,15 @@ def main() -> None:
     rows = []
     for model in args.models:
         dirs = smollm2_dirs() if model == "smollm2" else llama1b_dirs()
-        for mode in args.modes:
+        runs = [("vllm", m, run_vllm) for m in args.modes] + [("vllm-server", m, run_server) for m in args.server_modes]
+        for engine, mode, runner in runs:
             for var in args.variants:
                 kind, dtype = VARIANTS[var]
-                print(f"vLLM {model} {var} {mode} ...", flush=True)
-                res = run_vllm(dirs[kind], dtype, mode == "eager", args.concurrency)
-                rows.append({"engine": "vllm", "model": model, "variant": var, "mode": mode, **res})
+                print(f"{engine} {model} {var} {mode} ...", flush=True)
+                res = runner(dirs[kind], dtype, mode == "eager", args.concurrency)
+                rows.append({"engine": engine, "model": model, "variant": var, "mode": mode, **res})
                 print("  ", {k: v for k, v in res.items() if k != "error"} or res["error"][-500:], flush=True)
                 save(rows, env, args, partial=True)  # a long run killed midway keeps what it measured
-        for mode in args.server_modes:
-            for var in args.variants:
-                kind, dtype = VARIANTS[var]
-                print(f"vllm serve {model} {var} {mode} ...", flush=True)
-                res = run_server(dirs[kind], dtype, mode == "eager", args.concurrency)
-                rows.append({"engine": "vllm-server", "model": model, "variant": var, "mode": mode, **res})
-                print("  ", {k: v for k, v in res.items() if k != "error"} or res["error"][-500:], flush=True)
-                save(rows, env, args, partial=True)
         if not args.no_hf:
             for var in args.variants:
                 kind, dtype = VARIANTS[var]

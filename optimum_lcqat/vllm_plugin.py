@@ -22,6 +22,8 @@ What this adapter does, and nothing more (the maths is :class:`~optimum_lcqat.te
   split raises, naming the fix).
 * **Compute.** ``apply`` is ``LCWeight.apply`` per part (native CPU/CUDA kernels or the
   reference), the parts' outputs concatenated in vLLM's fused order.
+* **int8 head.** A head saved with ``lm_head_int8`` (untied models) is served by
+  :class:`LCQATInt8HeadMethod` from its ``weight_int8`` and ``scale``, vocabulary-sharded.
 """
 
 from __future__ import annotations
@@ -42,10 +44,12 @@ from vllm.model_executor.layers.linear import (
 )
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from vllm.model_executor.utils import set_weight_attrs
 
 from .config import FORMAT_VERSION, QUANT_METHOD
 from .kernels import native_backend
+from .nn.int8_linear import Int8Linear
 from .tensor.lc_weight import KEYS, LCWeight
 
 logger = logging.getLogger(__name__)
@@ -88,6 +92,7 @@ class LCQATvLLMConfig(QuantizationConfig):
         # modules_to_not_convert decides.
         self.lc_modules: set[str] | None = None
         self.dense_modules: set[str] | None = None
+        self.int8_modules: set[str] | None = None  # heads saved with lm_head_int8 (weight_int8 + scale)
 
     # ---------------------------------------------------------------- vLLM's interface
     @classmethod
@@ -126,6 +131,7 @@ class LCQATvLLMConfig(QuantizationConfig):
             return
         self.lc_modules = {k[: -len(".codes")] for k in keys if k.endswith(".codes")}
         self.dense_modules = {k[: -len(".weight")] for k in keys if k.endswith(".weight")}
+        self.int8_modules = {k[: -len(".weight_int8")] for k in keys if k.endswith(".weight_int8")}
         if not self.lc_modules:
             raise ValueError(f"lcqat vLLM plugin: {model_name} says quant_method lcqat but holds no LC layer "
                              "(no '<layer>.codes' tensor); it is not an optimum-lcqat checkpoint")
@@ -133,7 +139,7 @@ class LCQATvLLMConfig(QuantizationConfig):
     def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
         # a model whose vLLM module names differ from the checkpoint's (renamed prefixes) maps them
         # here, before its layers ask for their methods
-        for attr in ("lc_modules", "dense_modules"):
+        for attr in ("lc_modules", "dense_modules", "int8_modules"):
             names = getattr(self, attr)
             if names is not None:
                 setattr(self, attr, set(hf_to_vllm_mapper.apply_list(sorted(names))))
@@ -153,6 +159,8 @@ class LCQATvLLMConfig(QuantizationConfig):
                     "(list every part in modules_to_not_convert, or none) and save again."
                 )
             return UnquantizedLinearMethod()
+        if isinstance(layer, ParallelLMHead) and prefix in (self.int8_modules or ()):
+            return LCQATInt8HeadMethod(prefix)
         inside = sorted(m for m in (self.lc_modules or ()) if m == prefix or m.startswith(prefix + "."))
         if inside:
             raise ValueError(
@@ -250,6 +258,43 @@ class LCQATLinearMethod(LinearMethodBase):
         if len(weights) == 1:
             return weights[0].apply(x, bias)
         y = torch.cat([w.apply(x) for w in weights], dim=-1)
+        return y if bias is None else y + bias
+
+
+class LCQATInt8HeadMethod(LinearMethodBase):
+    """vLLM's ParallelLMHead served from a head saved with ``lm_head_int8``: ``<head>.weight_int8``
+    (int8 [vocab, hidden]) and ``<head>.scale`` (fp32 [vocab]); each tensor-parallel rank keeps
+    its vocabulary rows (vLLM pads a rank's rows to a multiple of 64: the padding rows are zero)
+    and computes with the package's Int8Linear (the native int8 op on CPU)."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+
+    def create_weights(self, layer, input_size_per_partition: int, output_partition_sizes: list[int],
+                       input_size: int, output_size: int, params_dtype: torch.dtype, **extra_weight_attrs):
+        rows = sum(output_partition_sizes)
+
+        def load(param, loaded_weight: torch.Tensor, *args):
+            idx = layer.shard_indices
+            if loaded_weight.shape[0] != layer.org_vocab_size:
+                raise ValueError(f"lcqat vLLM plugin: {self.prefix} has {loaded_weight.shape[0]} rows in the checkpoint, "
+                                 f"vLLM's head {layer.org_vocab_size} (added vocabulary is not supported for an int8 head)")
+            n = idx.org_vocab_end_index - idx.org_vocab_start_index
+            param.data[:n].copy_(loaded_weight[idx.org_vocab_start_index: idx.org_vocab_end_index])
+
+        for name, shape, dtype in (("weight_int8", (rows, input_size_per_partition), torch.int8),
+                                   ("scale", (rows,), torch.float32)):
+            p = torch.nn.Parameter(torch.zeros(shape, dtype=dtype), requires_grad=False)
+            set_weight_attrs(p, {"weight_loader": load})
+            layer.register_parameter(name, p)
+
+    def process_weights_after_loading(self, layer) -> None:
+        layer.lcqat_head = Int8Linear(layer.weight_int8.data, layer.scale.data)
+        del layer._parameters["weight_int8"], layer._parameters["scale"]
+        native_backend()  # as LCQATLinearMethod: load the extension before a compiled forward
+
+    def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        y = layer.lcqat_head(x)
         return y if bias is None else y + bias
 
 

@@ -136,12 +136,17 @@ def make_tiny_llama(path: Path, tokenizer_dir: Path, **cfg_kw) -> Path:
 def test_tensor_parallel_2_equals_one_process(tmp_path, smollm2_dir, vllm_python):
     """The same lcqat checkpoint served with tensor_parallel_size=2 (two worker processes over
     gloo; q/k/v and gate/up split by output rows, o/down by input columns through
-    LCWeight.shard) gives the tokens one process gives: transformers' greedy decode of the
-    checkpoint here (test_llm_greedy_matches_transformers ties vLLM's single-process output to
-    it; a vLLM TP1 engine as the reference would cost another ~45 s engine start)."""
+    LCWeight.shard; the untied head saved as int8 (lm_head_int8) split by vocabulary rows) gives
+    the tokens one process gives: transformers' greedy decode of the checkpoint here
+    (test_llm_greedy_matches_transformers ties vLLM's single-process output to it; a vLLM TP1
+    engine as the reference would cost another ~45 s engine start)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    lc_dir = make_tiny_llama(tmp_path, smollm2_dir)
+    lc_dir = make_tiny_llama(tmp_path, smollm2_dir, lm_head_int8=True)
+    from safetensors import safe_open
+
+    with safe_open(str(lc_dir / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight_int8" in f.keys()
     prompts = held_out_prompts(AutoTokenizer.from_pretrained(smollm2_dir))
     one = hf_greedy(AutoModelForCausalLM.from_pretrained(lc_dir, dtype=torch.float32), prompts, 16)
     two = run_llm(vllm_python, {"model": str(lc_dir), "prompts": prompts, "max_tokens": 16, "tp": 2})

@@ -609,20 +609,16 @@ static void gemm_panels(const float* zt, const float* c, int64_t B, int64_t n, c
   }
 }
 
-#define LCQAT_DISPATCH_TILE(FN, BT, ...) \
-  switch (BT) {                          \
-    case 1: FN<1>(__VA_ARGS__); break;   \
-    case 2: FN<2>(__VA_ARGS__); break;   \
-    case 3: FN<3>(__VA_ARGS__); break;   \
-    case 4: FN<4>(__VA_ARGS__); break;   \
-    case 5: FN<5>(__VA_ARGS__); break;   \
-    case 6: FN<6>(__VA_ARGS__); break;   \
-    case 7: FN<7>(__VA_ARGS__); break;   \
-    case 8: FN<8>(__VA_ARGS__); break;   \
-    case 9: FN<9>(__VA_ARGS__); break;   \
-    case 10: FN<10>(__VA_ARGS__); break; \
-    case 11: FN<11>(__VA_ARGS__); break; \
-    default: FN<12>(__VA_ARGS__); break; \
+#define LCQAT_DISPATCH_TILE(FN, BT, ...)   \
+  if ((BT) <= 8) {                         \
+    LCQAT_DISPATCH_B(FN, BT, __VA_ARGS__); \
+  } else {                                 \
+    switch (BT) {                          \
+      case 9: FN<9>(__VA_ARGS__); break;   \
+      case 10: FN<10>(__VA_ARGS__); break; \
+      case 11: FN<11>(__VA_ARGS__); break; \
+      default: FN<12>(__VA_ARGS__); break; \
+    }                                      \
   }
 
 int64_t gemm_tile_rows(Isa isa, int64_t n) {
@@ -696,14 +692,7 @@ void lc_gemm_rows(const float* zt, const float* c, int64_t B, int64_t n, const u
         },
         [](int64_t bt, const float* panel, int64_t kc, const float* zb, int64_t n, const float* cb, bool first,
            int64_t rows, float* yb, int64_t ldy) {
-          switch (bt) {
-            case 1: panel_tile_avx2<1>(panel, kc, zb, n, cb, first, rows, yb, ldy); break;
-            case 2: panel_tile_avx2<2>(panel, kc, zb, n, cb, first, rows, yb, ldy); break;
-            case 3: panel_tile_avx2<3>(panel, kc, zb, n, cb, first, rows, yb, ldy); break;
-            case 4: panel_tile_avx2<4>(panel, kc, zb, n, cb, first, rows, yb, ldy); break;
-            case 5: panel_tile_avx2<5>(panel, kc, zb, n, cb, first, rows, yb, ldy); break;
-            default: panel_tile_avx2<6>(panel, kc, zb, n, cb, first, rows, yb, ldy); break;
-          }
+          LCQAT_DISPATCH_B(panel_tile_avx2, std::min<int64_t>(bt, kTileAvx2), panel, kc, zb, n, cb, first, rows, yb, ldy);
         });
     return;
   }
