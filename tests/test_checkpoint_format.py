@@ -37,7 +37,11 @@ def test_version_1_checkpoint_loads_with_identical_logits_and_resaves_as_version
     for layer in layers.values():  # no record: the plans version-1 code chose for the config
         assert layer.plan_in == plan_rotation(layer.in_features, V1[tag])
         assert layer.plan_out == plan_rotation(layer.out_features, V1[tag])
-    assert torch.equal(logits(model, expected["input_ids"]), expected["logits"])
+    # The same logits up to fp32 rounding: a wrong rotation plan moves them by O(1); the kernels'
+    # summation order (changed with the batched CPU GEMM, 2026-12-01: ~7e-7 relative) is not
+    # what the format pins.
+    got = logits(model, expected["input_ids"])
+    assert float((got - expected["logits"]).abs().max()) <= 1e-5 * float(expected["logits"].abs().max())
 
     model.save_pretrained(tmp_path / "v2")
     assert json.loads((tmp_path / "v2" / "config.json").read_text())["quantization_config"]["format_version"] == FORMAT_VERSION
@@ -46,7 +50,7 @@ def test_version_1_checkpoint_loads_with_identical_logits_and_resaves_as_version
         for name, layer in layers.items():
             assert f.get_tensor(f"{name}.rotation").tolist() == [list(layer.plan_in.record()), list(layer.plan_out.record())]
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "v2", dtype=torch.float32)
-    assert torch.equal(logits(again, expected["input_ids"]), expected["logits"])
+    assert torch.equal(logits(again, expected["input_ids"]), got)  # resaved as v2: bit for bit the same model
 
 
 def test_recorded_plans_win_over_the_config(tmp_path):
