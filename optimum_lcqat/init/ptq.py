@@ -95,9 +95,20 @@ class PTQReport:
 # ---------------------------------------------------------------------------------------------
 # Per-layer quantization in the rotated domain
 # ---------------------------------------------------------------------------------------------
-def _prepare_hessian(H: torch.Tensor, damp: float) -> torch.Tensor:
-    H = H.to(torch.float64).clone()
-    n = H.shape[0]
+# Inputs up to this width keep their Hessian and its factorisation in float64. Wider ones (the
+# down_proj of 8B-class models: 14336) switch to float32 once the Hessian is rotated and damped:
+# a 14336^2 float64 matrix is 1.6 GB and the factorisation holds three at once, which alone would
+# exceed the streaming PTQ's memory budget. float32 is what GPTQ factorises in; the damping
+# (ptq_damp of the mean diagonal) bounds the condition number.
+FLOAT64_HESSIAN_MAX_WIDTH = 8192
+_CHUNK = 512  # rows/columns per step of the in-place Hessian passes (a few x chunk x n temporaries)
+_FIT_BUDGET = 256 * 2**20  # bytes of float64 scratch per step of the affine fit's reductions
+
+
+def _prepare_hessian(H: torch.Tensor, damp: float, *, owned: bool = False) -> torch.Tensor:
+    """float64 ``H / mean(diag H)`` with dead inputs' diagonal set to 1 and ``damp`` added to the
+    diagonal; in place when ``owned`` (the caller hands its float64 ``H`` over)."""
+    H = H if owned and H.dtype == torch.float64 else H.to(torch.float64, copy=True)
     dead = H.diagonal() <= 0
     mean_diag = H.diagonal().mean().clamp_min(1e-30)
     H /= mean_diag
@@ -106,17 +117,34 @@ def _prepare_hessian(H: torch.Tensor, damp: float) -> torch.Tensor:
     return H
 
 
-def _rotate_hessian(H: torch.Tensor, s_u: torch.Tensor, plan: RotationPlan) -> torch.Tensor:
-    # (temporaries dropped as soon as used: for a 14336-wide layer each is 1.6 GB in float64)
-    Hs = H * s_u[:, None] * s_u[None, :]
-    A1 = rotate(Hs, plan)  # Hs R^T
-    del Hs
-    A1 = A1.T.contiguous()
-    out = rotate(A1, plan)  # R Hs R^T
-    del A1
-    sym = out + out.T
-    del out
-    return sym.mul_(0.5)
+def _rotate_hessian_(H: torch.Tensor, s_u: torch.Tensor, plan: RotationPlan) -> torch.Tensor:
+    """``H <- R diag(s_u) H diag(s_u) R^T`` in place (``H`` symmetric), symmetrised.
+
+    In chunks of rows and columns, so that the extra memory is a few chunk x n strips instead of
+    the three n x n copies a whole-matrix rotation makes (4.8 GB for a 14336-wide layer)."""
+    n = H.shape[0]
+    H.mul_(s_u[:, None]).mul_(s_u[None, :])
+    for i in range(0, n, _CHUNK):  # H R^T: rotate each row
+        H[i : i + _CHUNK] = rotate(H[i : i + _CHUNK], plan)
+    for i in range(0, n, _CHUNK):  # R (H R^T): rotate each column
+        H[:, i : i + _CHUNK] = rotate(H[:, i : i + _CHUNK].T.contiguous(), plan).T
+    for i in range(0, n, _CHUNK):  # (H + H^T) / 2, tile pair by tile pair
+        for j in range(i, n, _CHUNK):
+            a, b = H[i : i + _CHUNK, j : j + _CHUNK], H[j : j + _CHUNK, i : i + _CHUNK]
+            sym = (a + b.T).mul_(0.5)
+            a.copy_(sym)
+            b.copy_(sym.T)
+    return H
+
+
+def _times_hessian(X: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """``X @ H`` in float64 for a float64 ``X``; a float32 ``H`` is widened a column strip at a time."""
+    if H.dtype == torch.float64:
+        return X @ H
+    out = torch.empty(X.shape[0], H.shape[1], dtype=torch.float64)
+    for i in range(0, H.shape[1], _CHUNK):
+        out[:, i : i + _CHUNK] = X @ H[:, i : i + _CHUNK].to(torch.float64)
+    return out
 
 
 def _nearest_in_metric(w: torch.Tensor, table: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
@@ -130,9 +158,14 @@ def _nearest_in_metric(w: torch.Tensor, table: torch.Tensor, M: torch.Tensor) ->
 def _block_ldlq(W: torch.Tensor, H: torch.Tensor, table: torch.Tensor, d: int, lazy: int = 128) -> torch.Tensor:
     """Codeword index [m, n/d] by BlockLDLQ (OBS error feedback over d-column blocks)."""
     m, n = W.shape
-    L = torch.linalg.cholesky(H.to(torch.float64))
+    # factorised in H's own dtype (float64 up to FLOAT64_HESSIAN_MAX_WIDTH); one n x n temporary
+    # dropped before the next is made
+    L = torch.linalg.cholesky(H)
     Hinv = torch.cholesky_inverse(L)
-    R = torch.linalg.cholesky(Hinv, upper=True).to(W.dtype)  # Hinv = R^T R
+    del L
+    R = torch.linalg.cholesky(Hinv, upper=True)  # Hinv = R^T R
+    del Hinv
+    R = R.to(W.dtype)
     W = W.clone()
     table = table.to(W.dtype)
     idx = torch.empty(m, n // d, dtype=torch.long)
@@ -202,32 +235,49 @@ def _refine(
 
 
 def _fit_affine_hessian(W: torch.Tensor, H: torch.Tensor, idx: torch.Tensor, d: int, WH: torch.Tensor):
-    """Closed-form (A, beta) minimising tr((W - C) H (W - C)^T) for fixed codes."""
+    """Closed-form (A, beta) minimising tr((W - C) H (W - C)^T) for fixed codes.
+
+    The normal equations are a 20 x 20 system, but its Gram matrix sums over every pair of
+    d-blocks: ``K = Qf^T Qf`` is (n/d (d+1))^2 (2.6 GB in float64 for a 14336-wide layer), so it
+    is reduced a strip of block rows at a time within ``_FIT_BUDGET``. Codes are 0..3: ``K`` is
+    exact in float32."""
     m, n = W.shape
-    nb = n // d
-    q = index_to_codes(idx.reshape(-1), d).to(torch.float64).view(m, nb, d)
-    Qt = torch.cat([q, torch.ones(m, nb, 1, dtype=torch.float64)], 2)  # [m, nb, d+1]
-    Qf = Qt.reshape(m, nb * (d + 1)).float()
-    K = (Qf.T @ Qf).to(torch.float64).view(nb, d + 1, nb, d + 1)  # K[g, s, h, t]
-    Hr = H.view(nb, d, nb, d)  # Hr[g, r, h, r']
-    # G[(r,s),(r',t)] = sum_{g,h} K[g,s,h,t] Hr[g,r,h,r']
-    Gm = torch.einsum("gsht,grhu->rsut", K, Hr).reshape(d * (d + 1), d * (d + 1))
-    rhs = torch.einsum("jgs,jgr->rs", Qt, WH.view(m, nb, d)).reshape(-1)
+    nb, e = n // d, d + 1
+    q = index_to_codes(idx.reshape(-1), d).to(torch.float32).view(m, nb, d)
+    Qt = torch.cat([q, torch.ones(m, nb, 1, dtype=torch.float32)], 2)  # [m, nb, d+1]
+    del q
+    Qf = Qt.view(m, nb * e)
+    # G[(r,s),(r',t)] = sum_{g,h} K[g,s,h,t] H[g,r,h,r']
+    Gm = torch.zeros(d, e, d, e, dtype=torch.float64)
+    step = max(1, _FIT_BUDGET // (nb * e * e * 8))
+    for g0 in range(0, nb, step):
+        g1 = min(nb, g0 + step)
+        K = (Qf[:, g0 * e : g1 * e].T @ Qf).to(torch.float64).view(g1 - g0, e, nb, e)  # K[g, s, h, t]
+        Hg = H[g0 * d : g1 * d].to(torch.float64).view(g1 - g0, d, nb, d)  # H[g, r, h, r']
+        Gm += torch.einsum("gsht,grhu->rsut", K, Hg)
+        del K, Hg
+    Gm = Gm.reshape(d * e, d * e)
+    rhs = torch.zeros(d, e, dtype=torch.float64)
+    rows = max(1, _FIT_BUDGET // (nb * e * 8))
+    WHv = WH.view(m, nb, d)
+    for j0 in range(0, m, rows):
+        rhs += torch.einsum("jgs,jgr->rs", Qt[j0 : j0 + rows].to(torch.float64), WHv[j0 : j0 + rows])
+    rhs = rhs.reshape(-1)
     Gm = Gm + 1e-9 * Gm.diagonal().mean() * torch.eye(Gm.shape[0], dtype=torch.float64)
     theta = torch.linalg.solve(Gm, rhs).view(d, d + 1)
     return theta[:, :d].contiguous(), theta[:, d].contiguous()
 
 
-def _proxy(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor) -> float:
+def _proxy(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, WH: torch.Tensor) -> float:
     E = W - C
-    num = float(((E @ H) * E).sum())
-    den = float(((W @ H) * W).sum())
+    num = float((_times_hessian(E, H) * E).sum())
+    den = float((WH * W).sum())
     return num / max(den, 1e-30)
 
 
 def quantize_weight_ptq(
     weight: torch.Tensor,
-    H: torch.Tensor,
+    H: torch.Tensor | list,
     *,
     vector_dim: int,
     codebook: str,
@@ -239,16 +289,28 @@ def quantize_weight_ptq(
     refine_passes: int = 1,
     damp: float = 0.01,
 ) -> InitResult:
-    """Hessian-aware codes and parameters of one layer. ``H``: ``sum x x^T`` of its input [n, n]."""
+    """Hessian-aware codes and parameters of one layer. ``H``: ``sum x x^T`` of its input [n, n].
+
+    ``H`` in a one-element list hands it over: it is taken out of the list and transformed in
+    place (a float64 one), so that the caller holds no reference that would keep it alive (a
+    14336-wide Hessian is 1.6 GB; a copy would double it)."""
+    owned = isinstance(H, list)
+    H = H.pop() if owned else H
     d = vector_dim
     start = rotated_start(weight, seed, name, plan_in, plan_out)
     W = start.what  # float64 [m, n]
-    Hr = _prepare_hessian(_rotate_hessian(_prepare_hessian(H, 0.0), start.s_u, plan_in), damp)
+    Hr = _rotate_hessian_(_prepare_hessian(H, 0.0, owned=owned), start.s_u, plan_in)
+    Hr = _prepare_hessian(Hr, damp, owned=True)
+    del H
+    if Hr.shape[0] > FLOAT64_HESSIAN_MAX_WIDTH:
+        Hr = Hr.float()
     A, beta = scalar_codebook(d, dtype=torch.float64)
-    # The sequential loops run in float32 (Cholesky factors and the (A, beta) fit in float64).
-    W32, H32 = W.float(), Hr.float()
+    # The sequential loops run in float32 (the (A, beta) fit in float64; the Cholesky factors in
+    # Hr's dtype).
+    W32 = W.float()
+    H32 = Hr if Hr.dtype == torch.float32 else Hr.float()
     idx = _block_ldlq(W32, Hr, codewords(A, beta), d)
-    WH = W @ Hr
+    WH = _times_hessian(W, Hr)
     rounds = iters if codebook == "affine" else 1
     for _ in range(rounds):
         if codebook == "affine":
@@ -257,7 +319,7 @@ def quantize_weight_ptq(
     if codebook == "affine":
         A, beta = _fit_affine_hessian(W, Hr, idx, d, WH)
     lcw, C = finish(start, idx, A, beta)
-    return InitResult(lcw, _proxy(W, Hr, C))
+    return InitResult(lcw, _proxy(W, Hr, C, WH))
 
 
 @register_initializer("ptq")
@@ -379,9 +441,9 @@ def _collect_hessians(block, linears: dict, X, kwargs_per_batch, batch_size, Y, 
             if groups[lname] != lname:
                 return
             x2 = x.detach().reshape(-1, x.shape[-1]).float()
-            acc = H.get(lname)
-            prod = (x2.T @ x2).to(torch.float64)
-            H[lname] = prod if acc is None else acc.add_(prod)
+            if lname not in H:
+                H[lname] = torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float64, device=x2.device)
+            H[lname].add_(x2.T @ x2)  # float32 product, summed in float64 (no float64 temporary)
             counts[lname] = counts.get(lname, 0) + x2.shape[0]
 
         return hook
@@ -497,11 +559,15 @@ def ptq_block(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
+        # a group's Hessian goes to its last linear to be transformed in place, then is gone
+        last_of_group = {groups[n]: n for n in lnames}
         for n in tqdm(lnames, desc="lcqat PTQ: quantize", leave=False):
             lin = linears[n]
             plan_in, plan_out = rotation_plans(lin, cfg)
+            g = groups[n]
+            h = [H.pop(g).cpu()] if last_of_group[g] == n else H[g].cpu()
             result = quantize_weight_ptq(
-                lin.weight.detach().cpu(), H[groups[n]].cpu(), vector_dim=cfg.vector_dim, codebook=cfg.codebook,
+                lin.weight.detach().cpu(), h, vector_dim=cfg.vector_dim, codebook=cfg.codebook,
                 plan_in=plan_in, plan_out=plan_out, seed=cfg.seed, name=n,
                 iters=cfg.init_iters, refine_passes=cfg.ptq_refine_passes, damp=cfg.ptq_damp,
             )
