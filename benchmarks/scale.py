@@ -150,6 +150,16 @@ def make_source(name: str, layers: int | None) -> Path:
     return path
 
 
+def _reset_peak_rss() -> None:
+    """Restart the process's RSS high-water mark (VmHWM) at its current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError as exc:  # not Linux: the peak may then include writing an uncached source
+        print(f"scale.py: cannot reset the peak RSS (/proc/self/clear_refs: {exc}); run again once the source "
+              "is cached for a peak of the PTQ alone", file=sys.stderr)
+
+
 def child(name: str, layers: int | None, quick: bool) -> dict:
     """One streaming PTQ run in this (fresh) process; prints its figures as JSON."""
     import logging
@@ -167,6 +177,7 @@ def child(name: str, layers: int | None, quick: bool) -> dict:
     t0 = time.perf_counter()
     src = make_source(name, layers)
     t_src = time.perf_counter() - t0
+    _reset_peak_rss()  # the peak reported is the PTQ run's, not that of writing an uncached source
     from pydoc_data.topics import topics
 
     texts = [topics[k] for k in sorted(topics)][::2]
@@ -299,9 +310,11 @@ def _write_results(tag, env, quick, rows) -> None:
         "# Streaming PTQ cost against model size (random weights, fast preset)\n\n", md_env(env),
         f"- preset: {payload['preset']}; compute bf16, activations bf16\n",
         "- big models: first blocks only (a model of the same width and vocabulary with that many blocks); "
-        "whole-model time extrapolated = mean block time x blocks + non-block time\n\n",
+        "whole-model time extrapolated = mean block time x blocks + non-block time\n",
+        "- peak RSS: the PTQ process's high-water mark, reset after an uncached source is written\n",
         ("- rows from several invocations (each JSON row records its command, commit and time)\n"
          if len({r.get("command") for r in rows}) > 1 else ""),
+        "\n",
         "| model | weights | blocks run | s / block | s / 1e9 block weights | non-block s | whole model (min) | peak RSS (GiB) |\n",
         "|---|---|---|---|---|---|---|---|\n",
     ]

@@ -127,6 +127,8 @@ def cmd_quantize(args) -> int:
     src = _resolve_model(args.model)
     if calib is not None and not args.in_memory and not args.qat_tokens and Path(src).is_dir():
         return _quantize_streaming(args, cfg, src)
+    if args.device is not None:
+        raise UsageError("--device applies to the streaming PTQ (calibration text, a local folder, no --in-memory/--qat-tokens)")
     if calib is not None and not args.in_memory:
         why = "QAT needs the whole model in memory" if args.qat_tokens else f"{src!r} is not a local folder"
         logging.getLogger(__name__).info("lcqat quantize: in-memory PTQ (%s)", why)
@@ -169,7 +171,7 @@ def _quantize_streaming(args, cfg, src: str) -> int:
     act = None if args.activation_dtype == "compute" else _dtype(args.activation_dtype)
     out = quantize_streaming(
         src, args.output, cfg, dtype=_dtype(args.dtype), activation_dtype=act, overwrite=args.overwrite,
-        finalize=lambda tmp: write_model_card(tmp, base_model=src),
+        finalize=lambda tmp: write_model_card(tmp, base_model=src), device=args.device,
     )
     print(f"saved 2-bit lcqat checkpoint to {args.output} (streaming PTQ, {out['blocks']} blocks, "
           f"{out['seconds']:.1f}s, peak RSS {out['peak_rss_bytes'] / 2**30:.2f} GiB)")
@@ -299,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--activation-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32", "compute"],
                    help="streaming PTQ: dtype of the calibration activations kept between blocks (default bfloat16; "
                         "'compute': the --dtype, which gives the in-memory result exactly)")
+    q.add_argument("--device", default=None,
+                   help="streaming PTQ: where each decoder block computes, e.g. cuda (default cpu); only the "
+                        "current block goes there")
     q.set_defaults(func=cmd_quantize)
 
     e = sub.add_parser("eval", help="perplexity of a model on text",

@@ -41,8 +41,10 @@ while writing the last shard); independent of depth.
 Not streamed: in-flight ``AutoModelForCausalLM.from_pretrained(..., quantization_config=
 LCQATConfig(dataset=...))`` -- transformers loads every float weight before the quantizer's
 ``_process_model_after_weight_loading`` hook runs, so that path keeps the whole model (use
-``optimum-lcqat quantize`` or this function, then load the result). GPU: this function runs the
-blocks on the CPU; moving only the current block to the device is not done yet.
+``optimum-lcqat quantize`` or this function, then load the result). GPU: ``device="cuda"`` (``optimum-lcqat quantize --device cuda``)
+moves only the current block and one batch of activations to the GPU for its forward passes
+(Hessians, fine-tuning, propagation); the activations stay in host memory and the per-layer code
+search (LDLQ, affine fit) runs on the CPU, as it does in the in-memory path.
 """
 
 from __future__ import annotations
@@ -218,14 +220,26 @@ def _packed(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous() for k, v in out.items()}
 
 
+def _to_device(obj, device: torch.device):
+    """Tensors of a block's keyword arguments (nested in tuples, lists, dicts) moved to ``device``."""
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to_device(v, device) for v in obj)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
 def _write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict) -> int:
     from safetensors.torch import save_file
 
     # tensors sharing storage (a tie kept by lm_head_int8) are written as separate copies
     seen, clean = set(), {}
     for k, v in tensors.items():
-        ident = (v.data_ptr(), v.dtype, tuple(v.shape))
+        ident = (v.device, v.data_ptr(), v.dtype, tuple(v.shape))
         clean[k] = v.clone() if ident in seen else v
+        clean[k] = clean[k].cpu()  # a block quantized on a GPU
         seen.add(ident)
     with atomic_path(path) as tmp:
         save_file(clean, str(tmp), metadata=metadata)
@@ -297,6 +311,7 @@ def quantize_streaming(
     activation_dtype: torch.dtype | None = torch.bfloat16,
     overwrite: bool = False,
     finalize=None,
+    device: str | torch.device | None = None,
 ) -> dict:
     """Quantize the full-precision checkpoint folder ``src`` by the Hessian-aware PTQ, one decoder
     block at a time, into the lcqat checkpoint folder ``out`` (see the module docstring).
@@ -305,11 +320,17 @@ def quantize_streaming(
     dtype the dense tensors are saved in unless ``config.dense_dtype``). ``activation_dtype``:
     how the calibration activations between blocks are stored (None: ``dtype``).
     ``finalize(tmp_dir)``: called before the folder is renamed into place (tokenizer, card).
+    ``device``: where each block computes (its Hessians, fine-tuning and propagation), e.g.
+    ``"cuda"``; only the current block and one batch of activations go there, the activations
+    stay in host memory, and the per-layer code search runs on the CPU either way. Default CPU.
     Returns a report dict (seconds, peak RSS, per-block seconds and errors)."""
     t0 = time.perf_counter()
     cfg = config
     if not cfg.uses_calibration:
         raise ValueError("quantize_streaming is the PTQ path: the config needs calibration data (dataset=...)")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise StreamingError(f"streaming PTQ: device {device} asked for, but torch sees no CUDA device; leave it unset for the CPU")
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; choose another output or pass --overwrite")
@@ -350,11 +371,12 @@ def quantize_streaming(
     # --- calibration inputs (embeddings only) ---
     samples = ptq_samples(model, cfg)
     bs = cfg.ptq_batch_size
-    device = torch.device("cpu")
     capture_keys = [k for k in rest_keys if not (head_name and k.startswith(head_name + ".")) and k in source.entries]
     for k in capture_keys:
         _set_tensor(model, k, source.read(k, dtype))
-    X0, kwargs_per_batch = _capture_block_inputs(model, blocks[0], samples, bs, device)
+    # the embeddings run on the CPU; the block kwargs (rotary tables, masks) go to the blocks' device
+    X0, kwargs_per_batch = _capture_block_inputs(model, blocks[0], samples, bs, torch.device("cpu"))
+    kwargs_per_batch = [_to_device(kw, device) for kw in kwargs_per_batch]
     for k in capture_keys:  # dropped until the last shard is written
         _set_tensor(model, k, torch.empty(source.entries[k][2], dtype=dtype, device="meta"))
     gc.collect()
@@ -414,8 +436,9 @@ def quantize_streaming(
         tb = time.perf_counter()
         prefix = f"{blocks_name}.{bidx}"
         for k in block_keys[bidx]:
-            _set_tensor(model, k, source.read(k, dtype))
+            _set_tensor(model, k, source.read(k, dtype).to(device))
         block = model.get_submodule(prefix)
+        block.to(device)  # buffers made at construction
         left = [n for n, b in block.named_buffers() if b.is_meta]
         if left:
             raise StreamingError(f"streaming PTQ: {prefix} has buffers not in the checkpoint ({left}); use --in-memory")

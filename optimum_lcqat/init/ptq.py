@@ -102,7 +102,7 @@ class PTQReport:
 # (ptq_damp of the mean diagonal) bounds the condition number.
 FLOAT64_HESSIAN_MAX_WIDTH = 8192
 _CHUNK = 512  # rows/columns per step of the in-place Hessian passes (a few x chunk x n temporaries)
-_FIT_BUDGET = 256 * 2**20  # bytes of float64 scratch per step of the affine fit's reductions
+_FIT_BUDGET = 64 * 2**20  # bytes of float64 scratch per step of the affine fit's reductions
 
 
 def _prepare_hessian(H: torch.Tensor, damp: float, *, owned: bool = False) -> torch.Tensor:
@@ -269,9 +269,13 @@ def _fit_affine_hessian(W: torch.Tensor, H: torch.Tensor, idx: torch.Tensor, d: 
 
 
 def _proxy(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, WH: torch.Tensor) -> float:
-    E = W - C
-    num = float((_times_hessian(E, H) * E).sum())
-    den = float((WH * W).sum())
+    """tr((W - C) H (W - C)^T) / tr(W H W^T), a strip of rows at a time (float64 [m, n] temporaries
+    are 0.5 GB each for an 8B down_proj)."""
+    num = den = 0.0
+    for i in range(0, W.shape[0], _CHUNK):
+        E = W[i : i + _CHUNK] - C[i : i + _CHUNK]
+        num += float((_times_hessian(E, H) * E).sum())
+        den += float((WH[i : i + _CHUNK] * W[i : i + _CHUNK]).sum())
     return num / max(den, 1e-30)
 
 
@@ -318,6 +322,7 @@ def quantize_weight_ptq(
         idx = _refine(W32, H32, idx, codewords(A, beta).float(), d, refine_passes)
     if codebook == "affine":
         A, beta = _fit_affine_hessian(W, Hr, idx, d, WH)
+    del W32, H32
     lcw, C = finish(start, idx, A, beta)
     return InitResult(lcw, _proxy(W, Hr, C, WH))
 
@@ -408,12 +413,23 @@ def _capture_block_inputs(model, first_block, samples: torch.Tensor, batch_size:
     return torch.cat(X, 0), kwargs_per_batch
 
 
+def _block_device(block: nn.Module) -> torch.device:
+    p = next(block.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _rows(X: torch.Tensor, sl: slice, device: torch.device, dtype=None) -> torch.Tensor:
+    """Rows ``sl`` of the stored activations ``X`` where the block computes: the streaming path
+    keeps X in host memory while the block may sit on a GPU (no copy when nothing changes)."""
+    return X[sl].to(device=device, dtype=dtype or X.dtype)
+
+
 def _block_forward(block, X, kwargs_per_batch, batch_size, out, desc, leave=False, dtype=None):
     """``out[i] = block(X[i])`` batch by batch (``out`` may be ``X``: each batch reads only its own
     rows). ``dtype``: the block's compute dtype, when the activations are stored in another."""
+    dev = _block_device(block)
     for bi, start in enumerate(tqdm(range(0, X.shape[0], batch_size), desc=desc, leave=leave)):
-        xb = X[start : start + batch_size]
-        xb = xb if dtype is None else xb.to(dtype)
+        xb = _rows(X, slice(start, start + batch_size), dev, dtype)
         out[start : start + batch_size] = _first_tensor(block(xb, **kwargs_per_batch[bi])).to(out.dtype)
 
 
@@ -441,19 +457,24 @@ def _collect_hessians(block, linears: dict, X, kwargs_per_batch, batch_size, Y, 
             if groups[lname] != lname:
                 return
             x2 = x.detach().reshape(-1, x.shape[-1]).float()
+            n = x2.shape[1]
             if lname not in H:
-                H[lname] = torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float64, device=x2.device)
-            H[lname].add_(x2.T @ x2)  # float32 product, summed in float64 (no float64 temporary)
+                H[lname] = torch.zeros(n, n, dtype=torch.float64, device=x2.device)
+            acc = H[lname]
+            # float32 products summed into float64, a strip of rows at a time: a whole x^T x and
+            # the float64 copy that a mixed-dtype add_ makes of it would be 2.5 GB at n = 14336
+            for i in range(0, n, _CHUNK):
+                acc[i : i + _CHUNK].add_(x2[:, i : i + _CHUNK].T @ x2)
             counts[lname] = counts.get(lname, 0) + x2.shape[0]
 
         return hook
 
     handles = [mod.register_forward_hook(make_hook(ln)) for ln, mod in linears.items()]
+    dev = _block_device(block)
     try:
         for bi, start in enumerate(tqdm(range(0, X.shape[0], batch_size), desc="lcqat PTQ: hessians", leave=False)):
             state["seen"] = {}
-            xb = X[start : start + batch_size]
-            xb = xb if dtype is None else xb.to(dtype)
+            xb = _rows(X, slice(start, start + batch_size), dev, dtype)
             Y[start : start + batch_size] = _first_tensor(block(xb, **kwargs_per_batch[bi])).to(Y.dtype)
     finally:
         for h in handles:
@@ -465,12 +486,14 @@ def _collect_hessians(block, linears: dict, X, kwargs_per_batch, batch_size, Y, 
 
 def _block_mse(block, X, Y, kwargs_per_batch, batch_size, idx) -> float:
     num, den = 0.0, 0.0
+    dev = _block_device(block)
     for i in idx:
         bi, off = divmod(int(i), batch_size)
         kw = _slice_batch(kwargs_per_batch[bi], slice(off, off + 1), min(batch_size, X.shape[0] - bi * batch_size))
-        y = _first_tensor(block(X[i : i + 1], **kw))
-        num += float((y.float() - Y[i : i + 1].float()).pow(2).sum())
-        den += float(Y[i : i + 1].float().pow(2).sum())
+        y = _first_tensor(block(_rows(X, slice(i, i + 1), dev), **kw))
+        target = _rows(Y, slice(i, i + 1), dev, torch.float32)
+        num += float((y.float() - target).pow(2).sum())
+        den += float(target.pow(2).sum())
     return num / max(den, 1e-30)
 
 
@@ -493,6 +516,7 @@ def _finetune_block(block, tunables: dict, X, Y, kwargs_per_batch, batch_size, c
     base = [g["lr"] for g in groups]
     steps = cfg.ptq_finetune_steps
     gen = torch.Generator().manual_seed(seed)
+    dev = _block_device(block)
     with torch.no_grad():
         before = _block_mse(block, X, Y, kwargs_per_batch, batch_size, val_idx)
     y_scale = float(Y[train_idx].float().pow(2).mean())
@@ -502,8 +526,8 @@ def _finetune_block(block, tunables: dict, X, Y, kwargs_per_batch, batch_size, c
         kw = _slice_batch(kwargs_per_batch[bi], slice(off, off + 1), min(batch_size, N - bi * batch_size))
         for g, b in zip(groups, base):
             g["lr"] = b * 0.5 * (1 + math.cos(math.pi * step / steps))
-        y = _first_tensor(block(X[i : i + 1], **kw))
-        loss = (y.float() - Y[i : i + 1].float()).pow(2).mean() / y_scale
+        y = _first_tensor(block(_rows(X, slice(i, i + 1), dev), **kw))
+        loss = (y.float() - _rows(Y, slice(i, i + 1), dev, torch.float32)).pow(2).mean() / y_scale
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -559,9 +583,13 @@ def ptq_block(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        # a group's Hessian goes to its last linear to be transformed in place, then is gone
-        last_of_group = {groups[n]: n for n in lnames}
-        for n in tqdm(lnames, desc="lcqat PTQ: quantize", leave=False):
+        # Widest inputs first: their Hessians (1.6 GB in float64 for a 14336-wide down_proj) are
+        # then gone before the other layers' work. Layers are quantized independently (each
+        # from its own Hessian and seed), so the order changes nothing else.
+        by_width = sorted(lnames, key=lambda n: -linears[n].weight.shape[1])
+        last_of_group = {groups[n]: n for n in by_width}  # a group's Hessian goes to its last
+        # linear to be transformed in place, then is gone
+        for n in tqdm(by_width, desc="lcqat PTQ: quantize", leave=False):
             lin = linears[n]
             plan_in, plan_out = rotation_plans(lin, cfg)
             g = groups[n]
@@ -572,6 +600,7 @@ def ptq_block(
                 iters=cfg.init_iters, refine_passes=cfg.ptq_refine_passes, damp=cfg.ptq_damp,
             )
             params[n], errors[n] = result.weight, result.error
+        errors = {n: errors[n] for n in lnames}
         del H
         tq = time.perf_counter()
         # Block fine-tuning with differentiable stand-ins (float32), then the real LC layers.
