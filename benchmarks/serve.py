@@ -277,7 +277,8 @@ def hf_decode(model_dir: Path, dtype, new_tokens: int = 48) -> float:
     return new_tokens / (tn - t1)
 
 
-VARIANTS = {"fp32": ("dense", "float32"), "bf16": ("dense", "bfloat16"), "lcqat": ("lcqat", "float32")}
+VARIANTS = {"fp32": ("dense", "float32"), "bf16": ("dense", "bfloat16"), "lcqat": ("lcqat", "float32"),
+            "lcqat-bf16": ("lcqat", "bfloat16")}  # LC weights, the rest of the model (attention, norms) in bf16
 
 
 def main() -> None:
