@@ -220,17 +220,6 @@ def _packed(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous() for k, v in out.items()}
 
 
-def _to_device(obj, device: torch.device):
-    """Tensors of a block's keyword arguments (nested in tuples, lists, dicts) moved to ``device``."""
-    if torch.is_tensor(obj):
-        return obj.to(device)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_to_device(v, device) for v in obj)
-    if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    return obj
-
-
 def _write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict) -> int:
     from safetensors.torch import save_file
 
@@ -238,8 +227,7 @@ def _write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict) -
     seen, clean = set(), {}
     for k, v in tensors.items():
         ident = (v.device, v.data_ptr(), v.dtype, tuple(v.shape))
-        clean[k] = v.clone() if ident in seen else v
-        clean[k] = clean[k].cpu()  # a block quantized on a GPU
+        clean[k] = (v.clone() if ident in seen else v).cpu()  # .cpu(): a block quantized on a GPU
         seen.add(ident)
     with atomic_path(path) as tmp:
         save_file(clean, str(tmp), metadata=metadata)
@@ -375,8 +363,10 @@ def quantize_streaming(
     for k in capture_keys:
         _set_tensor(model, k, source.read(k, dtype))
     # the embeddings run on the CPU; the block kwargs (rotary tables, masks) go to the blocks' device
+    from accelerate.utils import send_to_device
+
     X0, kwargs_per_batch = _capture_block_inputs(model, blocks[0], samples, bs, torch.device("cpu"))
-    kwargs_per_batch = [_to_device(kw, device) for kw in kwargs_per_batch]
+    kwargs_per_batch = [send_to_device(kw, device) for kw in kwargs_per_batch]
     for k in capture_keys:  # dropped until the last shard is written
         _set_tensor(model, k, torch.empty(source.entries[k][2], dtype=dtype, device="meta"))
     gc.collect()
@@ -436,9 +426,9 @@ def quantize_streaming(
         tb = time.perf_counter()
         prefix = f"{blocks_name}.{bidx}"
         for k in block_keys[bidx]:
-            _set_tensor(model, k, source.read(k, dtype).to(device))
+            _set_tensor(model, k, source.read(k, dtype))
         block = model.get_submodule(prefix)
-        block.to(device)  # buffers made at construction
+        block.to(device)  # its parameters and the buffers made at construction
         left = [n for n, b in block.named_buffers() if b.is_meta]
         if left:
             raise StreamingError(f"streaming PTQ: {prefix} has buffers not in the checkpoint ({left}); use --in-memory")

@@ -585,10 +585,10 @@ def ptq_block(
     try:
         # Widest inputs first: their Hessians (1.6 GB in float64 for a 14336-wide down_proj) are
         # then gone before the other layers' work. Layers are quantized independently (each
-        # from its own Hessian and seed), so the order changes nothing else.
+        # from its own Hessian and seed), so the order changes nothing else. A group's Hessian
+        # goes to its last linear, which transforms it in place.
         by_width = sorted(lnames, key=lambda n: -linears[n].weight.shape[1])
-        last_of_group = {groups[n]: n for n in by_width}  # a group's Hessian goes to its last
-        # linear to be transformed in place, then is gone
+        last_of_group = {groups[n]: n for n in by_width}
         for n in tqdm(by_width, desc="lcqat PTQ: quantize", leave=False):
             lin = linears[n]
             plan_in, plan_out = rotation_plans(lin, cfg)
