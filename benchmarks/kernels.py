@@ -144,6 +144,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256])
     ap.add_argument("--quick", action="store_true", help="SmolLM2 shapes only")
+    ap.add_argument("--shapes", nargs="+", default=None, help="only the layers whose name contains one of these")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--min-time", type=float, default=0.15, help="seconds per timing")
     ap.add_argument("--threads", type=int, default=None)
@@ -160,7 +161,8 @@ def main():
     if args.device == "cuda" and not native.cuda_built():
         sys.exit("the extension was built without CUDA kernels")
     env = environment()
-    shapes = {k: v for k, v in SHAPES.items() if not (args.quick and k.startswith("llama"))}
+    shapes = {k: v for k, v in SHAPES.items() if not (args.quick and k.startswith("llama"))
+              and (not args.shapes or any(f in k for f in args.shapes))}
     cold = args.cold_mib if args.device == "cpu" else 0
     rows = []
     hdr = (f"{'layer':30s} {'batch':>5s} | hot: {'LC fp32':>8s} {'dense fp32':>10s} {'x':>5s} | {'LC bf16':>8s} "
@@ -181,6 +183,9 @@ def main():
     md = ["# Per-layer kernel benchmark (" + args.device + ")\n", md_env(env),
           "\nTimes are medians of interleaved rounds (us per call, whole layer incl. both Hadamards for LC). "
           "x = dense time / LC time, same activation dtype (> 1: LC faster). "
+          + ("LC bf16 from 4 rows: bf16 products, fp32 accumulation (this CPU has AVX512_BF16; code values exact, "
+             "folded activations rounded to bf16). " if args.device == "cpu" and native.cpu_has_bf16_dot() else
+             "LC bf16: fp32 products (bf16 activations widened). ") +
           "hot: one layer called repeatedly (its dense weight stays in L2: dense at its best). "
           f"cold: each call takes the next of a pool of layer copies holding {cold} MiB of dense fp32 weights "
           "(more than the L3; the LC pool has as many copies), as when serving streams every layer once per step. "

@@ -10,10 +10,14 @@
 //       the rotated, codebook-folded activations are rounded per row to int8, AVX-512 VNNI GEMV)
 //   int8_linear(x, weight int8 [m, n], scale [m], bias?)          weight-only int8 (compact lm_head)
 //   cpu_isa() -> str                                              the CPU kernel variant in use
+//   cpu_has_bf16_dot() -> bool                                    whether bf16 activations multiply in bf16
 // H = L (x) H_block (L = identity when `left` is None; else the K x K matrix `left`, n = K*block).
-// Compute is fp32 whatever the activation dtype (fp32, bf16, fp16 accepted); outputs have the
-// activation's dtype. No dense weight is ever built: 1-3 rows run the decode GEMV, more rows
-// (serving batches, prefill) the GEMM of cpu/kernels.cpp that decodes code panels into L1.
+// Compute is fp32 whatever the activation dtype (fp32, bf16, fp16 accepted; outputs have the
+// activation's dtype), with one exception: bf16 activations from 4 rows on a CPU with
+// AVX512_BF16 multiply in bf16 with fp32 accumulation, as dense bf16 layers do (the code values
+// are exact in bf16; the folded activations are rounded; LCQAT_CPU_BF16=0 turns it off).
+// No dense weight is ever built: 1-3 rows run the decode GEMV, more rows (serving batches,
+// prefill) the GEMM of cpu/kernels.cpp that decodes code panels into L1.
 #include <Python.h>
 
 #include <ATen/ATen.h>
@@ -76,9 +80,10 @@ constexpr int64_t kGemmMinRows = 4;
 // (B <= kMaxGemvBatch for the GEMV and when act_int8). The codebook is folded into the
 // activations in a per-thread scratch (no allocation), then the rows of the weight are split
 // across threads. act_int8: the folded activations are rounded to int8 and the int8-activation
-// GEMV (lc_linear_a8) runs instead.
+// GEMV (lc_linear_a8) runs instead. bf16: the activations came in bf16, and the GEMM (from
+// kGemmMinRows rows) multiplies in bf16 where the CPU has AVX512_BF16 (see kernels.h).
 static void rotated_product(const float* xt, int64_t B, int64_t n, int64_t m, const uint8_t* pk, const float* A,
-                            const float* beta, bool act_int8, float* yp) {
+                            const float* beta, bool act_int8, bool bf16, float* yp) {
   const auto isa = K::detect_isa();
   const int64_t zn = act_int8 ? n : K::prepared_size(n, isa);
   const int64_t qn = act_int8 ? K::a8_row_bytes(n) : 0;
@@ -99,6 +104,16 @@ static void rotated_product(const float* xt, int64_t B, int64_t n, int64_t m, co
   } else if (B < kGemmMinRows) {
     K::prepare_activations(xt, B, n, A, beta, isa, zp, c);
     at::parallel_for(0, m, grain, [&](int64_t j0, int64_t j1) { K::lc_gemv_rows(zp, c, B, n, pk, j0, j1, isa, yp, m); });
+  } else if (bf16 && n % 16 == 0 && K::has_bf16_dot()) {
+    // bf16 pairs: B * n / 2 words, inside the B * zn floats of scratch
+    uint32_t* zb = reinterpret_cast<uint32_t*>(zp);
+    const int64_t bt = K::gemm_tile_rows(isa, n);
+    at::parallel_for(0, (B + bt - 1) / bt, std::max<int64_t>(1, 16384 / std::max<int64_t>(n * bt, 1)),
+                     [&](int64_t t0, int64_t t1) {
+                       const int64_t b0 = t0 * bt, b1 = std::min(B, t1 * bt);
+                       K::prepare_gemm_activations_bf16(xt + b0 * n, b1 - b0, n, A, beta, zb + b0 * n / 2, c + b0);
+                     });
+    at::parallel_for(0, m, grain, [&](int64_t j0, int64_t j1) { K::lc_gemm_bf16_rows(zb, c, B, n, pk, j0, j1, yp, m); });
   } else {
     // fold and pack the activations tile by tile (tiles are independent: split across threads)
     const int64_t bt = std::max<int64_t>(1, K::gemm_tile_rows(isa, n));
@@ -113,11 +128,11 @@ static void rotated_product(const float* xt, int64_t B, int64_t n, int64_t m, co
 
 // Rotated-domain matmul on fp32 rows [B, n] -> fp32 [B, m], any number of rows (decode batches
 // and prefill alike: the GEMM beat dequantizing tiles for at::mm at 64-1024 rows here).
-static Tensor matmul_rows_f32(const Tensor& x2, const Tensor& packed, const Tensor& A32, const Tensor& b32) {
+static Tensor matmul_rows_f32(const Tensor& x2, const Tensor& packed, const Tensor& A32, const Tensor& b32, bool bf16) {
   const int64_t B = x2.size(0), n = x2.size(1), m = packed.size(0);
   auto y = at::empty({B, m}, x2.options());
   rotated_product(x2.data_ptr<float>(), B, n, m, packed.data_ptr<uint8_t>(), A32.data_ptr<float>(),
-                  b32.data_ptr<float>(), false, y.data_ptr<float>());
+                  b32.data_ptr<float>(), false, bf16, y.data_ptr<float>());
   return y;
 }
 
@@ -160,7 +175,7 @@ Tensor lc_matmul_cpu(const Tensor& xt, const Tensor& packed, const Tensor& A, co
   auto A32 = f32(A), b32 = f32(beta.reshape({-1}));
   const int64_t m = pk.size(0);
   auto x2 = xt.reshape({-1, n});
-  Tensor y = matmul_rows_f32(x2.to(at::kFloat).contiguous(), pk, A32, b32);
+  Tensor y = matmul_rows_f32(x2.to(at::kFloat).contiguous(), pk, A32, b32, xt.scalar_type() == at::kBFloat16);
   return y.to(xt.scalar_type()).view(out_shape(xt, m));
 }
 
@@ -171,7 +186,7 @@ Tensor lc_matmul_cpu(const Tensor& xt, const Tensor& packed, const Tensor& A, co
 static void decode_rows(const float* xp, int64_t B, int64_t n, int64_t m, const uint8_t* pk, const float* A,
                         const float* beta, const float* su, const float* sv, const float* bias, int64_t block_in,
                         const float* Li, int64_t Kin, int64_t block_out, const float* Lo, int64_t Kout, bool act_int8,
-                        float* yp) {
+                        bool bf16, float* yp) {
   thread_local std::vector<float> scratch;  // [B, n] rotated activations | max(n, m) Hadamard work
   const size_t need = static_cast<size_t>(B * n + std::max(n, m));
   if (scratch.size() < need) scratch.resize(need);
@@ -183,7 +198,7 @@ static void decode_rows(const float* xp, int64_t B, int64_t n, int64_t m, const 
     for (int64_t i = 0; i < n; ++i) r[i] = xb[i] * su[i];
     K::hadamard_row(r, n, block_in, Li, Kin, false, work);
   }
-  rotated_product(xt, B, n, m, pk, A, beta, act_int8, yp);
+  rotated_product(xt, B, n, m, pk, A, beta, act_int8, bf16, yp);
   for (int64_t b = 0; b < B; ++b) {
     float* r = yp + b * m;
     K::hadamard_row(r, m, block_out, Lo, Kout, true, work);
@@ -235,7 +250,8 @@ static Tensor decode_call(const Tensor& x, int64_t B, const LcArgs& a, int64_t b
     const int64_t bs = std::min<int64_t>(K::kMaxGemvBatch, B - b0);
     decode_rows(xp + b0 * a.n, bs, a.n, a.m, a.pk.data_ptr<uint8_t>(), a.A32.data_ptr<float>(),
                 a.b32.data_ptr<float>(), a.su.data_ptr<float>(), a.sv.data_ptr<float>(), a.bias(), block_in,
-                a.left_in(), a.Kin, block_out, a.left_out(), a.Kout, act_int8, yp + b0 * a.m);
+                a.left_in(), a.Kin, block_out, a.left_out(), a.Kout, act_int8,
+                x.scalar_type() == at::kBFloat16, yp + b0 * a.m);
   }
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
@@ -250,7 +266,7 @@ Tensor lc_linear_cpu(const Tensor& x, const Tensor& packed, const Tensor& A, con
   auto xt = rows_f32(x, a.n);
   rotate_rows_f32(xt.data_ptr<float>(), B, a.n, block_in, a.left_in(), a.Kin, false, a.su.data_ptr<float>(), nullptr,
                   nullptr);
-  Tensor yt = matmul_rows_f32(xt, a.pk, a.A32, a.b32);
+  Tensor yt = matmul_rows_f32(xt, a.pk, a.A32, a.b32, x.scalar_type() == at::kBFloat16);
   rotate_rows_f32(yt.data_ptr<float>(), B, a.m, block_out, a.left_out(), a.Kout, true, nullptr,
                   a.sv.data_ptr<float>(), a.bias());
   return finish(yt, x, a.m);
@@ -271,6 +287,7 @@ Tensor lc_linear_a8_cpu(const Tensor& x, const Tensor& packed, const Tensor& A, 
 }
 
 bool cpu_has_vnni() { return K::has_vnni(); }
+bool cpu_has_bf16_dot() { return K::has_bf16_dot(); }
 
 // ------------------------------------------------------------------ int8 weight-only linear (compact lm_head)
 Tensor int8_linear_cpu(const Tensor& x, const Tensor& w, const Tensor& scale, const c10::optional<Tensor>& bias) {
@@ -324,6 +341,7 @@ TORCH_LIBRARY(lcqat, m) {
   m.def("int8_linear(Tensor x, Tensor weight, Tensor scale, Tensor? bias) -> Tensor");
   m.def("cpu_has_vnni() -> bool", &cpu_has_vnni);
   m.def("cpu_isa() -> str", &cpu_isa);
+  m.def("cpu_has_bf16_dot() -> bool", &cpu_has_bf16_dot);
 }
 
 TORCH_LIBRARY_IMPL(lcqat, CPU, m) {

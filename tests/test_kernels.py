@@ -19,6 +19,7 @@ import torch
 
 from optimum_lcqat import kernels
 from optimum_lcqat.kernels import native, reference
+from optimum_lcqat.tensor.codebook import fold_activations
 from optimum_lcqat.tensor.hadamard import plan_rotation, rotate
 from optimum_lcqat.tensor.lc_weight import LCWeight
 
@@ -155,6 +156,33 @@ def test_lc_matmul_matches_dequantized_product(batch):
     xt = torch.randn(batch, n)
     ref = torch.nn.functional.linear(xt.double(), w.to(dtype=torch.float64).rotated())
     assert_close_rel(native.lc_matmul(xt, w.codes, w.A, w.beta), ref, 1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize("batch", [4, 13, 64])
+def test_bf16_activations_multiply_in_bf16_only_where_the_cpu_has_it(batch):
+    # bf16 activations from 4 rows: with AVX512_BF16 the rotated product multiplies the exact code
+    # values by the folded activations rounded to bf16 (fp32 accumulation); without it, in fp32.
+    # Emulate both in float64 and check which one the op's bf16 outputs equal (rounding the same
+    # float to bf16 gives the same bits, so nearly every element matches the path that ran).
+    m, n = 77, 576
+    w, _ = make_layer(m, n, seed=batch)
+    xt = torch.randn(batch, n, generator=torch.Generator().manual_seed(batch)).bfloat16()
+    z, c = fold_activations(xt.double(), w.A.double(), w.beta.double())
+    q = reference.integer_codes(w, torch.float64)
+    exact = z @ q.T + c
+    bf16_products = z.bfloat16().double() @ q.T + c
+    out = native.lc_matmul(xt, w.codes, w.A, w.beta)
+    assert out.dtype == torch.bfloat16
+    same_bf16 = float((out == bf16_products.bfloat16()).double().mean())
+    same_exact = float((out == exact.bfloat16()).double().mean())
+    if native.cpu_has_bf16_dot():
+        assert same_bf16 > 0.97 and same_exact < 0.9, (same_bf16, same_exact)
+    else:
+        assert same_exact > 0.97 and same_bf16 < 0.9, (same_bf16, same_exact)
+    # fp32 activations always multiply in fp32
+    out32 = native.lc_matmul(xt.float(), w.codes, w.A, w.beta)
+    assert_close_rel(out32, exact, 1e-5)
 
 
 @needs_native

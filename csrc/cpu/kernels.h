@@ -39,6 +39,16 @@ void prepare_gemm_activations(const float* x, int64_t B, int64_t n, const float*
 void lc_gemm_rows(const float* zt, const float* c, int64_t B, int64_t n, const uint8_t* packed, int64_t j0, int64_t j1,
                   Isa isa, float* y /* [B, m] */, int64_t ldy);
 
+// The GEMM with bf16 products (fp32 accumulation) for bf16 activations, on CPUs with
+// AVX512_BF16 (has_bf16_dot(); LCQAT_CPU_BF16=0 turns it off): the code values are exact in bf16,
+// the folded activations z are rounded to bf16. n a multiple of 16; zt holds [B, n/2] bf16 pairs
+// in tiles of gemm_tile_rows(Isa::Avx512, n) rows.
+bool has_bf16_dot();
+void prepare_gemm_activations_bf16(const float* x, int64_t B, int64_t n, const float* A, const float* beta,
+                                   uint32_t* zt /* [B, n/2] */, float* c /* [B] */);
+void lc_gemm_bf16_rows(const uint32_t* zt, const float* c, int64_t B, int64_t n, const uint8_t* packed, int64_t j0,
+                       int64_t j1, float* y /* [B, m] */, int64_t ldy);
+
 // Weight-only int8 GEMV (compact lm_head): y[b, j] = scale[j] * sum_i w[j, i] x[b, i], B <= 8,
 // rows [j0, j1); w is int8 [m, n] row-major, x fp32 [B, n].
 void int8_gemv_rows(const float* x, int64_t B, int64_t n, const int8_t* w, const float* scale, int64_t j0, int64_t j1,

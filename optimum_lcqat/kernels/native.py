@@ -14,7 +14,8 @@ Ops (schemas in csrc/lcqat_ops.cpp; CPU kernels in csrc/cpu, CUDA kernels in csr
   run on AVX-512 VNNI (``vpdpbusd``). Its oracle is :func:`reference.lc_linear_a8`.
 * ``lcqat.int8_linear(x, weight, scale, bias=None)``: weight-only int8 linear (per-row scale),
   used by the int8 lm_head :class:`optimum_lcqat.nn.int8_linear.Int8Linear` (CPU only).
-* ``lcqat.cpu_isa()``: the CPU kernel variant in use (``avx512``, ``avx2`` or ``scalar``).
+* ``lcqat.cpu_isa()``: the CPU kernel variant in use (``avx512``, ``avx2`` or ``scalar``);
+  ``lcqat.cpu_has_bf16_dot()``: whether bf16 activations multiply in bf16 (AVX512_BF16, 4+ rows).
 
 Each tensor op has a fake implementation here (``torch.library.register_fake``) so that
 torch.compile traces through them with ``fullgraph=True``. The ops are inference-only (no
@@ -183,6 +184,12 @@ def lc_linear_a8(w, x, bias=None):
 def cpu_has_vnni() -> bool:
     """Whether the int8-activation GEMV runs on AVX-512 VNNI here (else scalar code, same results)."""
     return bool(torch.ops.lcqat.cpu_has_vnni()) if available() else False
+
+
+def cpu_has_bf16_dot() -> bool:
+    """Whether bf16 activations multiply in bf16 (fp32 accumulation) in the CPU GEMM (4+ rows):
+    AVX512_BF16 present, AVX-512 kernels in use, LCQAT_CPU_BF16 not "0". fp32 activations never do."""
+    return bool(torch.ops.lcqat.cpu_has_bf16_dot()) if available() else False
 
 
 def hadamard(x, plan: RotationPlan, scale_in=None, scale_out=None, transpose: bool = False):
