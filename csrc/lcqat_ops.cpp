@@ -107,22 +107,25 @@ static void rotated_product(const float* xt, int64_t B, int64_t n, int64_t m, co
   } else if (bf16 && n % 16 == 0 && K::has_bf16_dot()) {
     // bf16 pairs: B * n / 2 words, inside the B * zn floats of scratch
     uint32_t* zb = reinterpret_cast<uint32_t*>(zp);
-    const int64_t bt = K::gemm_tile_rows(isa, n);
+    const int64_t bt = K::gemm_tile_rows(isa, n, B);
     at::parallel_for(0, (B + bt - 1) / bt, std::max<int64_t>(1, 16384 / std::max<int64_t>(n * bt, 1)),
                      [&](int64_t t0, int64_t t1) {
                        const int64_t b0 = t0 * bt, b1 = std::min(B, t1 * bt);
-                       K::prepare_gemm_activations_bf16(xt + b0 * n, b1 - b0, n, A, beta, zb + b0 * n / 2, c + b0);
+                       K::prepare_gemm_activations_bf16(xt + b0 * n, b1 - b0, n, A, beta, bt, zb + b0 * n / 2, c + b0);
                      });
-    at::parallel_for(0, m, grain, [&](int64_t j0, int64_t j1) { K::lc_gemm_bf16_rows(zb, c, B, n, pk, j0, j1, yp, m); });
+    at::parallel_for(0, m, grain,
+                     [&](int64_t j0, int64_t j1) { K::lc_gemm_bf16_rows(zb, c, B, n, pk, j0, j1, bt, yp, m); });
   } else {
     // fold and pack the activations tile by tile (tiles are independent: split across threads)
-    const int64_t bt = std::max<int64_t>(1, K::gemm_tile_rows(isa, n));
+    const int64_t tile = K::gemm_tile_rows(isa, n, B);  // 0: the scalar fallback (natural rows)
+    const int64_t bt = std::max<int64_t>(1, tile);
     at::parallel_for(0, (B + bt - 1) / bt, std::max<int64_t>(1, 16384 / std::max<int64_t>(n * bt, 1)),
                      [&](int64_t t0, int64_t t1) {
                        const int64_t b0 = t0 * bt, b1 = std::min(B, t1 * bt);
-                       K::prepare_gemm_activations(xt + b0 * n, b1 - b0, n, A, beta, isa, zp + b0 * n, c + b0);
+                       K::prepare_gemm_activations(xt + b0 * n, b1 - b0, n, A, beta, isa, tile, zp + b0 * n, c + b0);
                      });
-    at::parallel_for(0, m, grain, [&](int64_t j0, int64_t j1) { K::lc_gemm_rows(zp, c, B, n, pk, j0, j1, isa, yp, m); });
+    at::parallel_for(0, m, grain,
+                     [&](int64_t j0, int64_t j1) { K::lc_gemm_rows(zp, c, B, n, pk, j0, j1, isa, tile, yp, m); });
   }
 }
 

@@ -657,16 +657,16 @@ static void decode_panel_scalar(const uint8_t* packed, int64_t nb, int64_t j, in
 
 // The loop over panels and activation tiles, for any panel element: T holds PER inputs of one
 // weight row (fp32: one q value; bf16 pairs: two), and zt the tiles' activations the same way.
-template <int JW, int BTMAX, int PER = 1, int KC = kKc, class T = float, class Decode, class Tile>
-static void gemm_panels(const T* zt, const float* c, int64_t B, int64_t n, const uint8_t* packed, int64_t j0,
-                        int64_t j1, float* y, int64_t ldy, Decode&& decode, Tile&& tile) {
+template <int JW, int PER = 1, int KC = kKc, class T = float, class Decode, class Tile>
+static void gemm_panels(const T* zt, const float* c, int64_t B, int64_t n, int64_t tile_rows, const uint8_t* packed,
+                        int64_t j0, int64_t j1, float* y, int64_t ldy, Decode&& decode, Tile&& tile) {
   const int64_t nb = n / 4;
   alignas(64) T panel[KC * JW / PER];
   // Activation rows per block: ~kBlockBytes of them, so that a long prefill does not stream all
   // of zt from L3 once per panel, while each panel serves many tiles (panels are decoded again
   // for each block).
   const int64_t row_bytes = std::max<int64_t>(1, n / PER * static_cast<int64_t>(sizeof(T)));
-  const int64_t blk = std::max<int64_t>(BTMAX, kBlockBytes / row_bytes / BTMAX * BTMAX);
+  const int64_t blk = std::max<int64_t>(tile_rows, kBlockBytes / row_bytes / tile_rows * tile_rows);
   for (int64_t bb0 = 0; bb0 < B; bb0 += blk) {
     const int64_t bb1 = std::min(B, bb0 + blk);
     for (int64_t j = j0; j < j1; j += JW) {
@@ -674,8 +674,8 @@ static void gemm_panels(const T* zt, const float* c, int64_t B, int64_t n, const
       for (int64_t k0 = 0; k0 < n; k0 += KC) {
         const int64_t k1 = std::min(n, k0 + KC);
         decode(packed, nb, j, rows, k0, k1, panel);
-        for (int64_t b0 = bb0; b0 < bb1; b0 += BTMAX) {
-          const int64_t bt = std::min<int64_t>(BTMAX, B - b0);
+        for (int64_t b0 = bb0; b0 < bb1; b0 += tile_rows) {
+          const int64_t bt = std::min<int64_t>(tile_rows, B - b0);
           tile(bt, panel, k1 - k0, zt + (b0 * n + k0 * bt) / PER, n, c + b0, k0 == 0, rows, y + b0 * ldy + j, ldy);
         }
       }
@@ -695,14 +695,18 @@ static void gemm_panels(const T* zt, const float* c, int64_t B, int64_t n, const
     }                                      \
   }
 
-int64_t gemm_tile_rows(Isa isa, int64_t n) {
+int64_t gemm_tile_rows(Isa isa, int64_t n, int64_t B) {
+  int64_t most = 0;  // the scalar fallback reads natural rows
 #if LCQAT_X86
-  if (isa == Isa::Avx512 && n % 16 == 0) return kTileAvx512;
-  if (isa != Isa::Scalar) return kTileAvx2;
+  if (isa == Isa::Avx512 && n % 16 == 0) most = kTileAvx512;
+  else if (isa != Isa::Scalar) most = kTileAvx2;
 #endif
   (void)isa;
   (void)n;
-  return 0;  // the scalar fallback reads natural rows
+  if (most == 0 || B <= 0) return most;
+  // Balanced tiles: 16 rows as 2 x 8, not 12 + 4 (a 4-row tile keeps too few FMA chains in flight)
+  const int64_t tiles = (B + most - 1) / most;
+  return (B + tiles - 1) / tiles;
 }
 
 #if LCQAT_X86
@@ -726,8 +730,7 @@ __attribute__((target("avx512f"))) static void pack_tile12_avx512(const float* r
 #endif
 
 void prepare_gemm_activations(const float* x, int64_t B, int64_t n, const float* A, const float* beta, Isa isa,
-                              float* zt, float* c) {
-  const int64_t bt_max = gemm_tile_rows(isa, n);
+                              int64_t bt_max, float* zt, float* c) {
   if (bt_max == 0) return prepare_activations(x, B, n, A, beta, Isa::Scalar, zt, c);
   thread_local std::vector<float> rows;  // one tile of folded rows, natural order
   if (rows.size() < static_cast<size_t>(bt_max * n)) rows.resize(bt_max * n);
@@ -747,11 +750,11 @@ void prepare_gemm_activations(const float* x, int64_t B, int64_t n, const float*
 }
 
 void lc_gemm_rows(const float* zt, const float* c, int64_t B, int64_t n, const uint8_t* packed, int64_t j0, int64_t j1,
-                  Isa isa, float* y, int64_t ldy) {
+                  Isa isa, int64_t tile_rows, float* y, int64_t ldy) {
 #if LCQAT_X86
   if (isa == Isa::Avx512 && n % 16 == 0) {
-    gemm_panels<kPanelAvx512, kTileAvx512>(
-        zt, c, B, n, packed, j0, j1, y, ldy, decode_panel_avx512,
+    gemm_panels<kPanelAvx512>(
+        zt, c, B, n, tile_rows, packed, j0, j1, y, ldy, decode_panel_avx512,
         [](int64_t bt, const float* panel, int64_t kc, const float* zb, int64_t n, const float* cb, bool first,
            int64_t rows, float* yb, int64_t ldy) {
           LCQAT_DISPATCH_TILE(panel_tile_avx512, bt, panel, kc, zb, n, cb, first, rows, yb, ldy);
@@ -759,8 +762,8 @@ void lc_gemm_rows(const float* zt, const float* c, int64_t B, int64_t n, const u
     return;
   }
   if (isa != Isa::Scalar) {  // AVX2 (and AVX-512 with n not a multiple of 16)
-    gemm_panels<kPanelAvx2, kTileAvx2>(
-        zt, c, B, n, packed, j0, j1, y, ldy,
+    gemm_panels<kPanelAvx2>(
+        zt, c, B, n, tile_rows, packed, j0, j1, y, ldy,
         [](const uint8_t* p, int64_t nb, int64_t j, int64_t rows, int64_t k0, int64_t k1, float* panel) {
           decode_panel_scalar(p, nb, j, rows, k0, k1, kPanelAvx2, panel);
         },
@@ -798,9 +801,8 @@ static inline uint32_t bf16_bits(float f) {
 }
 
 void prepare_gemm_activations_bf16(const float* x, int64_t B, int64_t n, const float* A, const float* beta,
-                                   uint32_t* zt, float* c) {
+                                   int64_t bt_max, uint32_t* zt, float* c) {
 #if LCQAT_X86
-  constexpr int64_t bt_max = kTileAvx512;
   thread_local std::vector<float> rows;  // one tile of folded rows, natural order
   if (rows.size() < static_cast<size_t>(bt_max * n)) rows.resize(bt_max * n);
   const int64_t np = n / 2;
@@ -813,22 +815,22 @@ void prepare_gemm_activations_bf16(const float* x, int64_t B, int64_t n, const f
         o[p * bt + b] = bf16_bits(rows[b * n + 2 * p]) | (bf16_bits(rows[b * n + 2 * p + 1]) << 16);
   }
 #else
-  (void)x, (void)B, (void)n, (void)A, (void)beta, (void)zt, (void)c;
+  (void)x, (void)B, (void)n, (void)A, (void)beta, (void)bt_max, (void)zt, (void)c;
   std::abort();  // has_bf16_dot() is false: never reached
 #endif
 }
 
 void lc_gemm_bf16_rows(const uint32_t* zt, const float* c, int64_t B, int64_t n, const uint8_t* packed, int64_t j0,
-                       int64_t j1, float* y, int64_t ldy) {
+                       int64_t j1, int64_t tile_rows, float* y, int64_t ldy) {
 #if LCQAT_X86
-  gemm_panels<kPanelAvx512, kTileAvx512, 2, kKcBf16>(
-      zt, c, B, n, packed, j0, j1, y, ldy, decode_panel_bf16_avx512,
+  gemm_panels<kPanelAvx512, 2, kKcBf16>(
+      zt, c, B, n, tile_rows, packed, j0, j1, y, ldy, decode_panel_bf16_avx512,
       [](int64_t bt, const uint32_t* panel, int64_t kc, const uint32_t* zb, int64_t n, const float* cb, bool first,
          int64_t rows, float* yb, int64_t ldy) {
         LCQAT_DISPATCH_TILE(panel_tile_bf16_avx512, bt, panel, kc, zb, n, cb, first, rows, yb, ldy);
       });
 #else
-  (void)zt, (void)c, (void)B, (void)n, (void)packed, (void)j0, (void)j1, (void)y, (void)ldy;
+  (void)zt, (void)c, (void)B, (void)n, (void)packed, (void)j0, (void)j1, (void)tile_rows, (void)y, (void)ldy;
   std::abort();
 #endif
 }

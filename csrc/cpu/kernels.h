@@ -31,23 +31,24 @@ void lc_gemv_rows(const float* zp, const float* c, int64_t B, int64_t n, const u
 
 // The same product for any number of activation rows B (the serving batches), GEMM-style: code
 // panels decoded once per call, output rows in the vector lanes. zt comes from
-// prepare_gemm_activations with the same isa (activation rows packed in tiles of
-// gemm_tile_rows(isa, n) rows, input-major inside a tile); [B, n] floats.
-int64_t gemm_tile_rows(Isa isa, int64_t n);
+// prepare_gemm_activations with the same isa and tile_rows = gemm_tile_rows(isa, n, B)
+// (activation rows packed in tiles of tile_rows rows, the last one maybe shorter, input-major
+// inside a tile); [B, n] floats. A caller may prepare a range of whole tiles at a time.
+int64_t gemm_tile_rows(Isa isa, int64_t n, int64_t B);
 void prepare_gemm_activations(const float* x, int64_t B, int64_t n, const float* A, const float* beta, Isa isa,
-                              float* zt /* [B, n] */, float* c /* [B] */);
+                              int64_t tile_rows, float* zt /* [B, n] */, float* c /* [B] */);
 void lc_gemm_rows(const float* zt, const float* c, int64_t B, int64_t n, const uint8_t* packed, int64_t j0, int64_t j1,
-                  Isa isa, float* y /* [B, m] */, int64_t ldy);
+                  Isa isa, int64_t tile_rows, float* y /* [B, m] */, int64_t ldy);
 
 // The GEMM with bf16 products (fp32 accumulation) for bf16 activations, on CPUs with
 // AVX512_BF16 (has_bf16_dot(); LCQAT_CPU_BF16=0 turns it off): the code values are exact in bf16,
 // the folded activations z are rounded to bf16. n a multiple of 16; zt holds [B, n/2] bf16 pairs
-// in tiles of gemm_tile_rows(Isa::Avx512, n) rows.
+// in tiles of tile_rows = gemm_tile_rows(Isa::Avx512, n, B) rows.
 bool has_bf16_dot();
 void prepare_gemm_activations_bf16(const float* x, int64_t B, int64_t n, const float* A, const float* beta,
-                                   uint32_t* zt /* [B, n/2] */, float* c /* [B] */);
+                                   int64_t tile_rows, uint32_t* zt /* [B, n/2] */, float* c /* [B] */);
 void lc_gemm_bf16_rows(const uint32_t* zt, const float* c, int64_t B, int64_t n, const uint8_t* packed, int64_t j0,
-                       int64_t j1, float* y /* [B, m] */, int64_t ldy);
+                       int64_t j1, int64_t tile_rows, float* y /* [B, m] */, int64_t ldy);
 
 // Weight-only int8 GEMV (compact lm_head): y[b, j] = scale[j] * sum_i w[j, i] x[b, i], B <= 8,
 // rows [j0, j1); w is int8 [m, n] row-major, x fp32 [B, n].
