@@ -13,8 +13,8 @@
 //   cpu_has_bf16_dot() -> bool                                    whether bf16 activations multiply in bf16
 // H = L (x) H_block (L = identity when `left` is None; else the K x K matrix `left`, n = K*block).
 // Compute is fp32 whatever the activation dtype (fp32, bf16, fp16 accepted; outputs have the
-// activation's dtype), with one exception: bf16 activations from 4 rows on a CPU with
-// AVX512_BF16 multiply in bf16 with fp32 accumulation, as dense bf16 layers do (the code values
+// activation's dtype), with one exception: bf16 activations on a CPU with AVX512_BF16 (row
+// counts alike) multiply in bf16 with fp32 accumulation, as dense bf16 layers do (the code values
 // are exact in bf16; the folded activations are rounded; LCQAT_CPU_BF16=0 turns it off).
 // No dense weight is ever built: 1-3 rows run the decode GEMV, more rows (serving batches,
 // prefill) the GEMM of cpu/kernels.cpp that decodes code panels into L1.
@@ -80,12 +80,14 @@ constexpr int64_t kGemmMinRows = 4;
 // (B <= kMaxGemvBatch for the GEMV and when act_int8). The codebook is folded into the
 // activations in a per-thread scratch (no allocation), then the rows of the weight are split
 // across threads. act_int8: the folded activations are rounded to int8 and the int8-activation
-// GEMV (lc_linear_a8) runs instead. bf16: the activations came in bf16, and the GEMM (from
-// kGemmMinRows rows) multiplies in bf16 where the CPU has AVX512_BF16 (see kernels.h).
+// GEMV (lc_linear_a8) runs instead. bf16: the activations came in bf16, and the GEMV and the
+// GEMM multiply in bf16 where the CPU has AVX512_BF16 (see kernels.h).
 static void rotated_product(const float* xt, int64_t B, int64_t n, int64_t m, const uint8_t* pk, const float* A,
                             const float* beta, bool act_int8, bool bf16, float* yp) {
   const auto isa = K::detect_isa();
-  const int64_t zn = act_int8 ? n : K::prepared_size(n, isa);
+  // bf16 products (see kernels.h): the GEMV for 1-3 rows, the GEMM from kGemmMinRows
+  const bool bf16_dot = bf16 && !act_int8 && n % 16 == 0 && K::has_bf16_dot();
+  const int64_t zn = act_int8 ? n : std::max(K::prepared_size(n, isa), bf16_dot ? K::gemv_bf16_row_words(n) : 0);
   const int64_t qn = act_int8 ? K::a8_row_bytes(n) : 0;
   // [B, zn] prepared activations | [B] constants | [B] int8 scales | [B, qn] int8 activations
   // (as floats' worth of bytes)
@@ -101,10 +103,14 @@ static void rotated_product(const float* xt, int64_t B, int64_t n, int64_t m, co
     K::prepare_activations(xt, B, n, A, beta, K::Isa::Scalar, zp, c);  // natural order
     K::a8_prepare(zp, B, n, zq, qs);
     at::parallel_for(0, m, grain, [&](int64_t j0, int64_t j1) { K::lc_gemv_a8_rows(zq, qs, c, B, n, pk, j0, j1, yp, m); });
+  } else if (B < kGemmMinRows && bf16_dot) {
+    uint32_t* zb = reinterpret_cast<uint32_t*>(zp);  // [B, gemv_bf16_row_words(n)] words
+    K::prepare_gemv_bf16(xt, B, n, A, beta, zb, c);
+    at::parallel_for(0, m, grain, [&](int64_t j0, int64_t j1) { K::lc_gemv_bf16_rows(zb, c, B, n, pk, j0, j1, yp, m); });
   } else if (B < kGemmMinRows) {
     K::prepare_activations(xt, B, n, A, beta, isa, zp, c);
     at::parallel_for(0, m, grain, [&](int64_t j0, int64_t j1) { K::lc_gemv_rows(zp, c, B, n, pk, j0, j1, isa, yp, m); });
-  } else if (bf16 && n % 16 == 0 && K::has_bf16_dot()) {
+  } else if (bf16_dot) {
     // bf16 pairs: B * n / 2 words, inside the B * zn floats of scratch
     uint32_t* zb = reinterpret_cast<uint32_t*>(zp);
     const int64_t bt = K::gemm_tile_rows(isa, n, B);

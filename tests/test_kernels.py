@@ -159,13 +159,15 @@ def test_lc_matmul_matches_dequantized_product(batch):
 
 
 @needs_native
-@pytest.mark.parametrize("batch", [4, 13, 64])
-def test_bf16_activations_multiply_in_bf16_only_where_the_cpu_has_it(batch):
-    # bf16 activations from 4 rows: with AVX512_BF16 the rotated product multiplies the exact code
-    # values by the folded activations rounded to bf16 (fp32 accumulation); without it, in fp32.
+@pytest.mark.parametrize("batch", [1, 3, 4, 13, 64])
+@pytest.mark.parametrize("n", [576, 1024])
+def test_bf16_activations_multiply_in_bf16_only_where_the_cpu_has_it(batch, n):
+    # bf16 activations (the GEMV at 1-3 rows, the GEMM from 4): with AVX512_BF16 the rotated
+    # product multiplies the exact code values by the folded activations rounded to bf16 (fp32
+    # accumulation); without it, in fp32. n = 576 ends in a partial 256-input block of the GEMV.
     # Emulate both in float64 and check which one the op's bf16 outputs equal (rounding the same
     # float to bf16 gives the same bits, so nearly every element matches the path that ran).
-    m, n = 77, 576
+    m = 77
     w, _ = make_layer(m, n, seed=batch)
     xt = torch.randn(batch, n, generator=torch.Generator().manual_seed(batch)).bfloat16()
     z, c = fold_activations(xt.double(), w.A.double(), w.beta.double())

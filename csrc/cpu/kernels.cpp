@@ -835,6 +835,91 @@ void lc_gemm_bf16_rows(const uint32_t* zt, const float* c, int64_t B, int64_t n,
 #endif
 }
 
+
+// ---- bf16 GEMV (1-3 rows of bf16 activations on AVX512_BF16): the decode-step counterpart of
+// the bf16 GEMM, with the input dimension in the lanes as in gemv_avx512. A lane holds 4 code
+// bytes (16 inputs of one weight row, 8 pairs); pair t of all 16 lanes is one shift and one
+// permute away from 16 bf16 pairs, which vdpbf16ps multiplies with the matching activation
+// pairs: 32 codes a permute where the fp32 GEMV decodes 16 (the permutes bound it).
+// Prepared activations: blocks of 256 inputs, zq[128 k + 16 t + l] = the bf16 pair of inputs
+// 256 k + 16 l + 2 t, + 1; the last block zero-padded.
+int64_t gemv_bf16_row_words(int64_t n) { return (n + 255) / 256 * 128; }
+
+void prepare_gemv_bf16(const float* x, int64_t B, int64_t n, const float* A, const float* beta, uint32_t* zq,
+                       float* c) {
+  thread_local std::vector<float> row;  // one folded row, natural order
+  if (row.size() < static_cast<size_t>(n)) row.resize(n);
+  const int64_t words = gemv_bf16_row_words(n);
+  for (int64_t b = 0; b < B; ++b) {
+    prepare_activations(x + b * n, 1, n, A, beta, Isa::Scalar, row.data(), c + b);
+    uint32_t* o = zq + b * words;
+    std::memset(o, 0, sizeof(uint32_t) * words);
+    for (int64_t i = 0; i < n; i += 2)
+      o[(i >> 8) * 128 + ((i & 15) >> 1) * 16 + ((i & 255) >> 4)] = bf16_bits(row[i]) | (bf16_bits(row[i + 1]) << 16);
+  }
+}
+
+#if LCQAT_X86
+// R weight rows from j, B activation rows; two accumulators per (row, activation row) so that
+// enough vdpbf16ps chains are in flight at batch 1.
+template <int B, int R>
+__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16"))) static void gemv_bf16_avx512(
+    const uint32_t* zq, int64_t words, const float* c, int64_t n, const uint8_t* packed, int64_t j, int64_t rest,
+    float* y, int64_t ldy) {
+  static const uint32_t kBf16[4] = {0x0000u, 0x3F80u, 0x4000u, 0x4040u};  // bf16 0, 1, 2, 3
+  alignas(64) uint32_t pairs[16];
+  for (int i = 0; i < 16; ++i) pairs[i] = kBf16[i & 3] | (kBf16[i >> 2] << 16);
+  const __m512i table = _mm512_load_si512(pairs);
+  const int64_t nb = n / 4;
+  const int64_t nblk = (nb + 63) / 64;
+  const int64_t tail = (nb % 64) / 4;  // live lanes of the last block (0: it is full)
+  prefetch_ahead(packed + j * nb, R * nb, rest, R * nb);
+  __m512 acc[R][B][2];
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < B; ++b) acc[r][b][0] = acc[r][b][1] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < nblk; ++k) {
+    const __mmask16 mk = (k == nblk - 1 && tail) ? static_cast<__mmask16>((1u << tail) - 1u) : __mmask16(0xFFFF);
+    __m512i v[R];
+    for (int r = 0; r < R; ++r) v[r] = _mm512_maskz_loadu_epi32(mk, packed + (j + r) * nb + 64 * k);
+    for (int t = 0; t < 8; ++t) {
+      __m512bh z[B];
+      for (int b = 0; b < B; ++b) z[b] = (__m512bh)_mm512_loadu_si512(zq + b * words + 128 * k + 16 * t);
+      for (int r = 0; r < R; ++r) {
+        const __m512bh w = (__m512bh)_mm512_permutexvar_epi32(_mm512_srli_epi32(v[r], 4 * t), table);
+        for (int b = 0; b < B; ++b) acc[r][b][t & 1] = _mm512_dpbf16_ps(acc[r][b][t & 1], w, z[b]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < B; ++b)
+      y[b * ldy + j + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][b][0], acc[r][b][1])) + c[b];
+}
+
+template <int B>
+static void gemv_bf16_rows_avx512(const uint32_t* zq, const float* c, int64_t n, const uint8_t* packed, int64_t j0,
+                                  int64_t j1, float* y, int64_t ldy) {
+  constexpr int R = B == 3 ? 2 : 4;  // R * B * 2 accumulators: at most 24 of the 32 registers
+  const int64_t words = gemv_bf16_row_words(n);
+  int64_t j = j0;
+  for (; j + R <= j1; j += R) gemv_bf16_avx512<B, R>(zq, words, c, n, packed, j, (j1 - j) / R, y, ldy);
+  for (; j < j1; ++j) gemv_bf16_avx512<B, 1>(zq, words, c, n, packed, j, 0, y, ldy);
+}
+#endif
+
+void lc_gemv_bf16_rows(const uint32_t* zq, const float* c, int64_t B, int64_t n, const uint8_t* packed, int64_t j0,
+                       int64_t j1, float* y, int64_t ldy) {
+#if LCQAT_X86
+  switch (B) {
+    case 1: return gemv_bf16_rows_avx512<1>(zq, c, n, packed, j0, j1, y, ldy);
+    case 2: return gemv_bf16_rows_avx512<2>(zq, c, n, packed, j0, j1, y, ldy);
+    case 3: return gemv_bf16_rows_avx512<3>(zq, c, n, packed, j0, j1, y, ldy);
+    default: break;
+  }
+#endif
+  (void)zq, (void)c, (void)n, (void)packed, (void)j0, (void)j1, (void)y, (void)ldy;
+  std::abort();  // the caller checks B <= 3 and has_bf16_dot(); never reached
+}
+
 void lc_gemv_rows(const float* zp, const float* c, int64_t B, int64_t n, const uint8_t* packed, int64_t j0,
                   int64_t j1, Isa isa, float* y, int64_t ldy) {
   if (B < 1 || B > kMaxGemvBatch) std::abort();  // the caller checks; never reached

@@ -50,6 +50,14 @@ void prepare_gemm_activations_bf16(const float* x, int64_t B, int64_t n, const f
 void lc_gemm_bf16_rows(const uint32_t* zt, const float* c, int64_t B, int64_t n, const uint8_t* packed, int64_t j0,
                        int64_t j1, int64_t tile_rows, float* y /* [B, m] */, int64_t ldy);
 
+// The decode GEMV with bf16 products for B <= 3 bf16 activation rows (has_bf16_dot(), n a
+// multiple of 16): zq [B, gemv_bf16_row_words(n)] from prepare_gemv_bf16.
+int64_t gemv_bf16_row_words(int64_t n);
+void prepare_gemv_bf16(const float* x, int64_t B, int64_t n, const float* A, const float* beta, uint32_t* zq,
+                       float* c /* [B] */);
+void lc_gemv_bf16_rows(const uint32_t* zq, const float* c, int64_t B, int64_t n, const uint8_t* packed, int64_t j0,
+                       int64_t j1, float* y /* [B, m] */, int64_t ldy);
+
 // Weight-only int8 GEMV (compact lm_head): y[b, j] = scale[j] * sum_i w[j, i] x[b, i], B <= 8,
 // rows [j0, j1); w is int8 [m, n] row-major, x fp32 [B, n].
 void int8_gemv_rows(const float* x, int64_t B, int64_t n, const int8_t* w, const float* scale, int64_t j0, int64_t j1,
