@@ -75,6 +75,9 @@ constexpr int64_t kMinWeightsPerThread = 1 << 17;
 // the lanes). Measured on 2 cores over SmolLM2's four layer shapes: the GEMV is ahead at 2 rows,
 // even at 4, the GEMM ahead from 8 (benchmarks/kernels.py).
 constexpr int64_t kGemmMinRows = 4;
+// With bf16 products the GEMV decodes 32 codes a permute and stays ahead of the GEMM up to 5 rows
+// (one thread, 8192x2048: 4 rows 0.37 vs 0.79 ms hot, 0.44 vs 1.69 ms from DRAM).
+constexpr int64_t kBf16GemvMaxRows = 5;
 
 // Rotated-domain product with the codes read directly: B rotated fp32 rows xt [B, n] -> yp [B, m]
 // (B <= kMaxGemvBatch for the GEMV and when act_int8). The codebook is folded into the
@@ -85,7 +88,7 @@ constexpr int64_t kGemmMinRows = 4;
 static void rotated_product(const float* xt, int64_t B, int64_t n, int64_t m, const uint8_t* pk, const float* A,
                             const float* beta, bool act_int8, bool bf16, float* yp) {
   const auto isa = K::detect_isa();
-  // bf16 products (see kernels.h): the GEMV for 1-3 rows, the GEMM from kGemmMinRows
+  // bf16 products (see kernels.h): the GEMV up to kBf16GemvMaxRows rows, then the GEMM
   const bool bf16_dot = bf16 && !act_int8 && n % 16 == 0 && K::has_bf16_dot();
   const int64_t zn = act_int8 ? n : std::max(K::prepared_size(n, isa), bf16_dot ? K::gemv_bf16_row_words(n) : 0);
   const int64_t qn = act_int8 ? K::a8_row_bytes(n) : 0;
@@ -103,7 +106,7 @@ static void rotated_product(const float* xt, int64_t B, int64_t n, int64_t m, co
     K::prepare_activations(xt, B, n, A, beta, K::Isa::Scalar, zp, c);  // natural order
     K::a8_prepare(zp, B, n, zq, qs);
     at::parallel_for(0, m, grain, [&](int64_t j0, int64_t j1) { K::lc_gemv_a8_rows(zq, qs, c, B, n, pk, j0, j1, yp, m); });
-  } else if (B < kGemmMinRows && bf16_dot) {
+  } else if (B <= kBf16GemvMaxRows && bf16_dot) {
     uint32_t* zb = reinterpret_cast<uint32_t*>(zp);  // [B, gemv_bf16_row_words(n)] words
     K::prepare_gemv_bf16(xt, B, n, A, beta, zb, c);
     at::parallel_for(0, m, grain, [&](int64_t j0, int64_t j1) { K::lc_gemv_bf16_rows(zb, c, B, n, pk, j0, j1, yp, m); });

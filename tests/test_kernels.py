@@ -159,10 +159,10 @@ def test_lc_matmul_matches_dequantized_product(batch):
 
 
 @needs_native
-@pytest.mark.parametrize("batch", [1, 3, 4, 13, 64])
+@pytest.mark.parametrize("batch", [1, 2, 4, 5, 8, 13, 64])
 @pytest.mark.parametrize("n", [576, 1024])
 def test_bf16_activations_multiply_in_bf16_only_where_the_cpu_has_it(batch, n):
-    # bf16 activations (the GEMV at 1-3 rows, the GEMM from 4): with AVX512_BF16 the rotated
+    # bf16 activations (the GEMV at 1-5 rows, the GEMM from 6): with AVX512_BF16 the rotated
     # product multiplies the exact code values by the folded activations rounded to bf16 (fp32
     # accumulation); without it, in fp32. n = 576 ends in a partial 256-input block of the GEMV.
     # Emulate both in float64 and check which one the op's bf16 outputs equal (rounding the same

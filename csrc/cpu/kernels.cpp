@@ -480,12 +480,26 @@ constexpr int kTileAvx512 = 12;   // activation rows per tile: 24 accumulators
 constexpr int kPanelAvx2 = 16;    // 2 vectors of 8
 constexpr int kTileAvx2 = 6;      // 12 accumulators (16 ymm registers)
 
+// The code bytes the next panel will read (the next inputs of these rows, or the next rows'
+// first ones): when serving streams the weights from DRAM, a panel's 16-row gathers otherwise
+// wait on ~32 cache misses each time (measured 2-4x slower per call at 4-8 rows cold).
+static inline void prefetch_next_panel(const uint8_t* packed, int64_t nb, int64_t j, int64_t rows, int64_t k1,
+                                       int64_t n, int64_t bytes) {
+  const bool next_rows = k1 >= n;
+  const uint8_t* base = next_rows ? packed + (j + rows) * nb : packed + j * nb + k1 / 4;
+  for (int64_t r = 0; r < rows; ++r) {
+    __builtin_prefetch(base + r * nb, 0, 3);
+    if (bytes > 1) __builtin_prefetch(base + r * nb + bytes - 1, 0, 3);
+  }
+}
+
 // Panel [k1 - k0][32] of q values for weight rows [j, j + rows), inputs [k0, k1) (k0, k1
 // multiples of 16, rows <= 32; absent rows decode as 0). One 32-bit gather per 16 rows reads 4
 // code bytes (16 inputs) of each row; a shift and a permute (lo[i] = i & 3 on the low 4 bits)
 // turn each 2-bit field into 16 floats.
 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl"))) static void decode_panel_avx512(
     const uint8_t* packed, int64_t nb, int64_t j, int64_t rows, int64_t k0, int64_t k1, float* panel) {
+  prefetch_next_panel(packed, nb, j, rows, k1, 4 * nb, (k1 - k0) / 4);
   const __m512 lo = _mm512_setr_ps(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3);
   const __m512i row_off = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                              _mm512_set1_epi32(static_cast<int>(nb)));
@@ -588,6 +602,7 @@ __attribute__((target("avx2,fma"))) static void panel_tile_avx2(const float* pan
 // shift and one permute decode 32 codes (the fp32 panel needs a permute per 16).
 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl"))) static void decode_panel_bf16_avx512(
     const uint8_t* packed, int64_t nb, int64_t j, int64_t rows, int64_t k0, int64_t k1, uint32_t* panel) {
+  prefetch_next_panel(packed, nb, j, rows, k1, 4 * nb, (k1 - k0) / 4);
   static const uint32_t kBf16[4] = {0x0000u, 0x3F80u, 0x4000u, 0x4040u};  // bf16 0, 1, 2, 3
   alignas(64) uint32_t pairs[16];
   for (int i = 0; i < 16; ++i) pairs[i] = kBf16[i & 3] | (kBf16[i >> 2] << 16);
@@ -836,7 +851,7 @@ void lc_gemm_bf16_rows(const uint32_t* zt, const float* c, int64_t B, int64_t n,
 }
 
 
-// ---- bf16 GEMV (1-3 rows of bf16 activations on AVX512_BF16): the decode-step counterpart of
+// ---- bf16 GEMV (1-5 rows of bf16 activations on AVX512_BF16): the decode-step counterpart of
 // the bf16 GEMM, with the input dimension in the lanes as in gemv_avx512. A lane holds 4 code
 // bytes (16 inputs of one weight row, 8 pairs); pair t of all 16 lanes is one shift and one
 // permute away from 16 bf16 pairs, which vdpbf16ps multiplies with the matching activation
@@ -860,9 +875,9 @@ void prepare_gemv_bf16(const float* x, int64_t B, int64_t n, const float* A, con
 }
 
 #if LCQAT_X86
-// R weight rows from j, B activation rows; two accumulators per (row, activation row) so that
-// enough vdpbf16ps chains are in flight at batch 1.
-template <int B, int R>
+// R weight rows from j, B activation rows; NA accumulators per (row, activation row) so that
+// enough vdpbf16ps chains are in flight at 1-2 rows.
+template <int B, int R, int NA>
 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16"))) static void gemv_bf16_avx512(
     const uint32_t* zq, int64_t words, const float* c, int64_t n, const uint8_t* packed, int64_t j, int64_t rest,
     float* y, int64_t ldy) {
@@ -874,35 +889,49 @@ __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16"))) static 
   const int64_t nblk = (nb + 63) / 64;
   const int64_t tail = (nb % 64) / 4;  // live lanes of the last block (0: it is full)
   prefetch_ahead(packed + j * nb, R * nb, rest, R * nb);
-  __m512 acc[R][B][2];
+  __m512 acc[R][B][NA];
   for (int r = 0; r < R; ++r)
-    for (int b = 0; b < B; ++b) acc[r][b][0] = acc[r][b][1] = _mm512_setzero_ps();
+    for (int b = 0; b < B; ++b)
+      for (int a = 0; a < NA; ++a) acc[r][b][a] = _mm512_setzero_ps();
   for (int64_t k = 0; k < nblk; ++k) {
-    const __mmask16 mk = (k == nblk - 1 && tail) ? static_cast<__mmask16>((1u << tail) - 1u) : __mmask16(0xFFFF);
     __m512i v[R];
-    for (int r = 0; r < R; ++r) v[r] = _mm512_maskz_loadu_epi32(mk, packed + (j + r) * nb + 64 * k);
-    for (int t = 0; t < 8; ++t) {
-      __m512bh z[B];
-      for (int b = 0; b < B; ++b) z[b] = (__m512bh)_mm512_loadu_si512(zq + b * words + 128 * k + 16 * t);
-      for (int r = 0; r < R; ++r) {
-        const __m512bh w = (__m512bh)_mm512_permutexvar_epi32(_mm512_srli_epi32(v[r], 4 * t), table);
-        for (int b = 0; b < B; ++b) acc[r][b][t & 1] = _mm512_dpbf16_ps(acc[r][b][t & 1], w, z[b]);
+    if (k == nblk - 1 && tail) {  // masked only here: a masked load of every block ran 2.7x slower from DRAM
+      const __mmask16 mk = static_cast<__mmask16>((1u << tail) - 1u);
+      for (int r = 0; r < R; ++r) v[r] = _mm512_maskz_loadu_epi32(mk, packed + (j + r) * nb + 64 * k);
+    } else {
+      for (int r = 0; r < R; ++r) v[r] = _mm512_loadu_si512(packed + (j + r) * nb + 64 * k);
+    }
+    // pairs t and t + 1 into the two accumulators (unrolled: an accumulator indexed at run time
+    // would live on the stack)
+#pragma GCC unroll 4
+    for (int t = 0; t < 8; t += 2) {
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        __m512bh z[B];
+        for (int b = 0; b < B; ++b) z[b] = (__m512bh)_mm512_loadu_si512(zq + b * words + 128 * k + 16 * (t + h));
+        for (int r = 0; r < R; ++r) {
+          const __m512bh w = (__m512bh)_mm512_permutexvar_epi32(_mm512_srli_epi32(v[r], 4 * (t + h)), table);
+          for (int b = 0; b < B; ++b) acc[r][b][h % NA] = _mm512_dpbf16_ps(acc[r][b][h % NA], w, z[b]);
+        }
       }
     }
   }
   for (int r = 0; r < R; ++r)
     for (int b = 0; b < B; ++b)
-      y[b * ldy + j + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][b][0], acc[r][b][1])) + c[b];
+      y[b * ldy + j + r] = _mm512_reduce_add_ps(NA == 2 ? _mm512_add_ps(acc[r][b][0], acc[r][b][NA - 1]) : acc[r][b][0]) + c[b];
 }
 
 template <int B>
 static void gemv_bf16_rows_avx512(const uint32_t* zq, const float* c, int64_t n, const uint8_t* packed, int64_t j0,
                                   int64_t j1, float* y, int64_t ldy) {
-  constexpr int R = B == 3 ? 2 : 4;  // R * B * 2 accumulators: at most 24 of the 32 registers
+  // R * B * NA accumulators (at most 20), R code vectors and B activation vectors: within the 32
+  // registers up to 5 rows (6 rows spilled and ran 2x slower from DRAM)
+  constexpr int NA = B <= 2 ? 2 : 1;
+  constexpr int R = 4;
   const int64_t words = gemv_bf16_row_words(n);
   int64_t j = j0;
-  for (; j + R <= j1; j += R) gemv_bf16_avx512<B, R>(zq, words, c, n, packed, j, (j1 - j) / R, y, ldy);
-  for (; j < j1; ++j) gemv_bf16_avx512<B, 1>(zq, words, c, n, packed, j, 0, y, ldy);
+  for (; j + R <= j1; j += R) gemv_bf16_avx512<B, R, NA>(zq, words, c, n, packed, j, (j1 - j) / R, y, ldy);
+  for (; j < j1; ++j) gemv_bf16_avx512<B, 1, NA>(zq, words, c, n, packed, j, 0, y, ldy);
 }
 #endif
 
@@ -913,11 +942,13 @@ void lc_gemv_bf16_rows(const uint32_t* zq, const float* c, int64_t B, int64_t n,
     case 1: return gemv_bf16_rows_avx512<1>(zq, c, n, packed, j0, j1, y, ldy);
     case 2: return gemv_bf16_rows_avx512<2>(zq, c, n, packed, j0, j1, y, ldy);
     case 3: return gemv_bf16_rows_avx512<3>(zq, c, n, packed, j0, j1, y, ldy);
+    case 4: return gemv_bf16_rows_avx512<4>(zq, c, n, packed, j0, j1, y, ldy);
+    case 5: return gemv_bf16_rows_avx512<5>(zq, c, n, packed, j0, j1, y, ldy);
     default: break;
   }
 #endif
   (void)zq, (void)c, (void)n, (void)packed, (void)j0, (void)j1, (void)y, (void)ldy;
-  std::abort();  // the caller checks B <= 3 and has_bf16_dot(); never reached
+  std::abort();  // the caller checks B <= 5 and has_bf16_dot(); never reached
 }
 
 void lc_gemv_rows(const float* zp, const float* c, int64_t B, int64_t n, const uint8_t* packed, int64_t j0,

@@ -1,5 +1,5 @@
-// CPU kernels of the LC layer (fp32 compute). Pure C++ over raw pointers; the torch glue lives
-// in csrc/lcqat_ops.cpp. The ISA (AVX-512 / AVX2 / scalar) is chosen at run time.
+// CPU kernels of the LC layer (fp32 compute; bf16 products for bf16 activations on AVX512_BF16
+// CPUs). Pure C++ over raw pointers; the torch glue lives in csrc/lcqat_ops.cpp. The ISA (AVX-512 / AVX2 / scalar) is chosen at run time.
 #pragma once
 #include <cstdint>
 
@@ -50,7 +50,7 @@ void prepare_gemm_activations_bf16(const float* x, int64_t B, int64_t n, const f
 void lc_gemm_bf16_rows(const uint32_t* zt, const float* c, int64_t B, int64_t n, const uint8_t* packed, int64_t j0,
                        int64_t j1, int64_t tile_rows, float* y /* [B, m] */, int64_t ldy);
 
-// The decode GEMV with bf16 products for B <= 3 bf16 activation rows (has_bf16_dot(), n a
+// The decode GEMV with bf16 products for B <= 5 bf16 activation rows (has_bf16_dot(), n a
 // multiple of 16): zq [B, gemv_bf16_row_words(n)] from prepare_gemv_bf16.
 int64_t gemv_bf16_row_words(int64_t n);
 void prepare_gemv_bf16(const float* x, int64_t B, int64_t n, const float* A, const float* beta, uint32_t* zq,
