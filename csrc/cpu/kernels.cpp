@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -493,14 +494,30 @@ static inline void prefetch_next_panel(const uint8_t* packed, int64_t nb, int64_
   }
 }
 
-// Panel [k1 - k0][32] of q values for weight rows [j, j + rows), inputs [k0, k1) (k0, k1
-// multiples of 16, rows <= 32; absent rows decode as 0). One 32-bit gather per 16 rows reads 4
-// code bytes (16 inputs) of each row; a shift and a permute (lo[i] = i & 3 on the low 4 bits)
-// turn each 2-bit field into 16 floats.
+// The 16 bf16 pairs a 4-bit field (q_even | q_odd << 2) of the codes stands for: entry i holds
+// bf16(i & 3) in its low half and bf16(i >> 2) in its high half (0, 1, 2, 3 are exact in bf16).
+__attribute__((target("avx512f"))) static inline __m512i bf16_pair_table() {
+  static const uint32_t kBf16[4] = {0x0000u, 0x3F80u, 0x4000u, 0x4040u};  // bf16 0, 1, 2, 3
+  alignas(64) uint32_t pairs[16];
+  for (int i = 0; i < 16; ++i) pairs[i] = kBf16[i & 3] | (kBf16[i >> 2] << 16);
+  return _mm512_load_si512(pairs);
+}
+
+// Panel of weight rows [j, j + rows), inputs [k0, k1) (k0, k1 multiples of 16, rows <= 32;
+// absent rows decode as 0). One 32-bit gather per 16 rows reads 4 code bytes (16 inputs) of
+// each row, then
+// - fp32 (T = float): panel [k1 - k0][32] of q values; a shift and a permute (lo[i] = i & 3 on
+//   the low 4 bits) turn each 2-bit field into 16 floats;
+// - bf16 pairs (T = uint32_t, for the bf16 GEMM below): panel [(k1 - k0) / 2][32]; the 4-bit
+//   field of a pair (q_even | q_odd << 2) indexes a 16-entry table of ready-made pairs, so one
+//   shift and one permute decode 32 codes.
+template <class T>
 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl"))) static void decode_panel_avx512(
-    const uint8_t* packed, int64_t nb, int64_t j, int64_t rows, int64_t k0, int64_t k1, float* panel) {
+    const uint8_t* packed, int64_t nb, int64_t j, int64_t rows, int64_t k0, int64_t k1, T* panel) {
+  constexpr bool kPairs = std::is_same_v<T, uint32_t>;
   prefetch_next_panel(packed, nb, j, rows, k1, 4 * nb, (k1 - k0) / 4);
   const __m512 lo = _mm512_setr_ps(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3);
+  const __m512i table = bf16_pair_table();
   const __m512i row_off = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                              _mm512_set1_epi32(static_cast<int>(nb)));
   for (int h = 0; h < 2; ++h) {
@@ -510,9 +527,15 @@ __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl"))) static void decode
     const uint8_t* base = packed + (j + r0) * nb;
     for (int64_t k = k0; k < k1; k += 16) {
       const __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mk, row_off, base + k / 4, 1);
-      float* out = panel + (k - k0) * 32 + r0;
-      for (int t = 0; t < 16; ++t)  // input k + t: byte t / 4, field t % 4
-        _mm512_storeu_ps(out + t * 32, _mm512_permutexvar_ps(_mm512_srli_epi32(v, 8 * (t / 4) + 2 * (t % 4)), lo));
+      if constexpr (kPairs) {
+        T* out = panel + (k - k0) / 2 * 32 + r0;
+        for (int t = 0; t < 8; ++t)  // inputs k + 2t, k + 2t + 1: bits 4t .. 4t + 3 of the 4 code bytes
+          _mm512_storeu_si512(out + t * 32, _mm512_permutexvar_epi32(_mm512_srli_epi32(v, 4 * t), table));
+      } else {
+        T* out = panel + (k - k0) * 32 + r0;
+        for (int t = 0; t < 16; ++t)  // input k + t: byte t / 4, field t % 4
+          _mm512_storeu_ps(out + t * 32, _mm512_permutexvar_ps(_mm512_srli_epi32(v, 8 * (t / 4) + 2 * (t % 4)), lo));
+      }
     }
   }
 }
@@ -596,32 +619,6 @@ __attribute__((target("avx2,fma"))) static void panel_tile_avx2(const float* pan
 // is). Inputs go in pairs: a 32-bit lane holds (input 2p in the low half, 2p + 1 in the high
 // half) of one weight row in the panel, of one activation row in zt, and vdpbf16ps adds
 // q[j, 2p] z[b, 2p] + q[j, 2p + 1] z[b, 2p + 1] to lane j.
-
-// Panel [(k1 - k0) / 2][32] of bf16 pairs, rows [j, j + rows) (absent rows decode as 0): the
-// 4-bit field of a pair (q_even | q_odd << 2) indexes a 16-entry table of ready-made pairs, so one
-// shift and one permute decode 32 codes (the fp32 panel needs a permute per 16).
-__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl"))) static void decode_panel_bf16_avx512(
-    const uint8_t* packed, int64_t nb, int64_t j, int64_t rows, int64_t k0, int64_t k1, uint32_t* panel) {
-  prefetch_next_panel(packed, nb, j, rows, k1, 4 * nb, (k1 - k0) / 4);
-  static const uint32_t kBf16[4] = {0x0000u, 0x3F80u, 0x4000u, 0x4040u};  // bf16 0, 1, 2, 3
-  alignas(64) uint32_t pairs[16];
-  for (int i = 0; i < 16; ++i) pairs[i] = kBf16[i & 3] | (kBf16[i >> 2] << 16);
-  const __m512i table = _mm512_load_si512(pairs);
-  const __m512i row_off = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                             _mm512_set1_epi32(static_cast<int>(nb)));
-  for (int h = 0; h < 2; ++h) {
-    const int64_t r0 = 16 * h;
-    const int64_t live = std::max<int64_t>(0, std::min<int64_t>(16, rows - r0));
-    const __mmask16 mk = static_cast<__mmask16>((1u << live) - 1u);
-    const uint8_t* base = packed + (j + r0) * nb;
-    for (int64_t k = k0; k < k1; k += 16) {
-      const __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mk, row_off, base + k / 4, 1);
-      uint32_t* out = panel + (k - k0) / 2 * 32 + r0;
-      for (int t = 0; t < 8; ++t)  // inputs k + 2t, k + 2t + 1: bits 4t .. 4t + 3 of the 4 code bytes
-        _mm512_storeu_si512(out + t * 32, _mm512_permutexvar_epi32(_mm512_srli_epi32(v, 4 * t), table));
-    }
-  }
-}
 
 // y[b, j:j+32] (+)= sum over the panel's input pairs, BT rows, zt[p * BT + b] = the bf16 pair of
 // row b; as panel_tile_avx512 otherwise.
@@ -769,7 +766,7 @@ void lc_gemm_rows(const float* zt, const float* c, int64_t B, int64_t n, const u
 #if LCQAT_X86
   if (isa == Isa::Avx512 && n % 16 == 0) {
     gemm_panels<kPanelAvx512>(
-        zt, c, B, n, tile_rows, packed, j0, j1, y, ldy, decode_panel_avx512,
+        zt, c, B, n, tile_rows, packed, j0, j1, y, ldy, decode_panel_avx512<float>,
         [](int64_t bt, const float* panel, int64_t kc, const float* zb, int64_t n, const float* cb, bool first,
            int64_t rows, float* yb, int64_t ldy) {
           LCQAT_DISPATCH_TILE(panel_tile_avx512, bt, panel, kc, zb, n, cb, first, rows, yb, ldy);
@@ -839,7 +836,7 @@ void lc_gemm_bf16_rows(const uint32_t* zt, const float* c, int64_t B, int64_t n,
                        int64_t j1, int64_t tile_rows, float* y, int64_t ldy) {
 #if LCQAT_X86
   gemm_panels<kPanelAvx512, 2, kKcBf16>(
-      zt, c, B, n, tile_rows, packed, j0, j1, y, ldy, decode_panel_bf16_avx512,
+      zt, c, B, n, tile_rows, packed, j0, j1, y, ldy, decode_panel_avx512<uint32_t>,
       [](int64_t bt, const uint32_t* panel, int64_t kc, const uint32_t* zb, int64_t n, const float* cb, bool first,
          int64_t rows, float* yb, int64_t ldy) {
         LCQAT_DISPATCH_TILE(panel_tile_bf16_avx512, bt, panel, kc, zb, n, cb, first, rows, yb, ldy);
@@ -881,10 +878,7 @@ template <int B, int R, int NA>
 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16"))) static void gemv_bf16_avx512(
     const uint32_t* zq, int64_t words, const float* c, int64_t n, const uint8_t* packed, int64_t j, int64_t rest,
     float* y, int64_t ldy) {
-  static const uint32_t kBf16[4] = {0x0000u, 0x3F80u, 0x4000u, 0x4040u};  // bf16 0, 1, 2, 3
-  alignas(64) uint32_t pairs[16];
-  for (int i = 0; i < 16; ++i) pairs[i] = kBf16[i & 3] | (kBf16[i >> 2] << 16);
-  const __m512i table = _mm512_load_si512(pairs);
+  const __m512i table = bf16_pair_table();
   const int64_t nb = n / 4;
   const int64_t nblk = (nb + 63) / 64;
   const int64_t tail = (nb % 64) / 4;  // live lanes of the last block (0: it is full)
