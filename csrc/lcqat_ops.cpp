@@ -16,8 +16,8 @@
 // activation's dtype), with one exception: bf16 activations on a CPU with AVX512_BF16 (row
 // counts alike) multiply in bf16 with fp32 accumulation, as dense bf16 layers do (the code values
 // are exact in bf16; the folded activations are rounded; LCQAT_CPU_BF16=0 turns it off).
-// No dense weight is ever built: 1-3 rows run the decode GEMV, more rows (serving batches,
-// prefill) the GEMM of cpu/kernels.cpp that decodes code panels into L1.
+// No dense weight is ever built: 1-3 rows (1-5 with bf16 products) run the decode GEMV, more
+// rows (serving batches, prefill) the GEMM of cpu/kernels.cpp that decodes code panels into L1.
 #include <Python.h>
 
 #include <ATen/ATen.h>
@@ -113,28 +113,29 @@ static void rotated_product(const float* xt, int64_t B, int64_t n, int64_t m, co
   } else if (B < kGemmMinRows) {
     K::prepare_activations(xt, B, n, A, beta, isa, zp, c);
     at::parallel_for(0, m, grain, [&](int64_t j0, int64_t j1) { K::lc_gemv_rows(zp, c, B, n, pk, j0, j1, isa, yp, m); });
-  } else if (bf16_dot) {
-    // bf16 pairs: B * n / 2 words, inside the B * zn floats of scratch
-    uint32_t* zb = reinterpret_cast<uint32_t*>(zp);
-    const int64_t bt = K::gemm_tile_rows(isa, n, B);
-    at::parallel_for(0, (B + bt - 1) / bt, std::max<int64_t>(1, 16384 / std::max<int64_t>(n * bt, 1)),
-                     [&](int64_t t0, int64_t t1) {
-                       const int64_t b0 = t0 * bt, b1 = std::min(B, t1 * bt);
-                       K::prepare_gemm_activations_bf16(xt + b0 * n, b1 - b0, n, A, beta, bt, zb + b0 * n / 2, c + b0);
-                     });
-    at::parallel_for(0, m, grain,
-                     [&](int64_t j0, int64_t j1) { K::lc_gemm_bf16_rows(zb, c, B, n, pk, j0, j1, bt, yp, m); });
   } else {
-    // fold and pack the activations tile by tile (tiles are independent: split across threads)
+    // the GEMM: fold and pack the activations tile by tile (tiles are independent: split across
+    // threads), then the weight rows split across threads
     const int64_t tile = K::gemm_tile_rows(isa, n, B);  // 0: the scalar fallback (natural rows)
     const int64_t bt = std::max<int64_t>(1, tile);
-    at::parallel_for(0, (B + bt - 1) / bt, std::max<int64_t>(1, 16384 / std::max<int64_t>(n * bt, 1)),
-                     [&](int64_t t0, int64_t t1) {
-                       const int64_t b0 = t0 * bt, b1 = std::min(B, t1 * bt);
-                       K::prepare_gemm_activations(xt + b0 * n, b1 - b0, n, A, beta, isa, tile, zp + b0 * n, c + b0);
-                     });
-    at::parallel_for(0, m, grain,
-                     [&](int64_t j0, int64_t j1) { K::lc_gemm_rows(zp, c, B, n, pk, j0, j1, isa, tile, yp, m); });
+    const auto by_tiles = [&](auto&& prepare) {  // prepare(b0, b1) for rows [b0, b1) of whole tiles
+      at::parallel_for(0, (B + bt - 1) / bt, std::max<int64_t>(1, 16384 / std::max<int64_t>(n * bt, 1)),
+                       [&](int64_t t0, int64_t t1) { prepare(t0 * bt, std::min(B, t1 * bt)); });
+    };
+    if (bf16_dot) {
+      uint32_t* zb = reinterpret_cast<uint32_t*>(zp);  // bf16 pairs: B * n / 2 words of the scratch
+      by_tiles([&](int64_t b0, int64_t b1) {
+        K::prepare_gemm_activations_bf16(xt + b0 * n, b1 - b0, n, A, beta, bt, zb + b0 * n / 2, c + b0);
+      });
+      at::parallel_for(0, m, grain,
+                       [&](int64_t j0, int64_t j1) { K::lc_gemm_bf16_rows(zb, c, B, n, pk, j0, j1, bt, yp, m); });
+    } else {
+      by_tiles([&](int64_t b0, int64_t b1) {
+        K::prepare_gemm_activations(xt + b0 * n, b1 - b0, n, A, beta, isa, tile, zp + b0 * n, c + b0);
+      });
+      at::parallel_for(0, m, grain,
+                       [&](int64_t j0, int64_t j1) { K::lc_gemm_rows(zp, c, B, n, pk, j0, j1, isa, tile, yp, m); });
+    }
   }
 }
 

@@ -540,6 +540,41 @@ __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl"))) static void decode
   }
 }
 
+// The accumulators of a 32-wide tile of BT rows: y's rows as they are (or c[b] on the first
+// pass), and back; rows of y past `rows` are neither read nor written. Shared by the fp32 and the
+// bf16 tile (always inlined: the accumulators stay in registers).
+struct TileMasks512 {
+  __mmask16 m0, m1;
+  explicit TileMasks512(int64_t rows)
+      : m0(static_cast<__mmask16>((1u << std::min<int64_t>(16, rows)) - 1u)),
+        m1(static_cast<__mmask16>((1u << std::max<int64_t>(0, std::min<int64_t>(16, rows - 16))) - 1u)) {}
+};
+
+template <int BT>
+__attribute__((target("avx512f"), always_inline)) static inline void tile_load_512(__m512 (&acc)[BT][2],
+                                                                                   const TileMasks512& mk,
+                                                                                   const float* c, bool first,
+                                                                                   const float* y, int64_t ldy) {
+  for (int b = 0; b < BT; ++b) {
+    if (first) {
+      acc[b][0] = acc[b][1] = _mm512_set1_ps(c[b]);
+    } else {
+      acc[b][0] = _mm512_maskz_loadu_ps(mk.m0, y + b * ldy);
+      acc[b][1] = _mm512_maskz_loadu_ps(mk.m1, y + b * ldy + 16);
+    }
+  }
+}
+
+template <int BT>
+__attribute__((target("avx512f"), always_inline)) static inline void tile_store_512(const __m512 (&acc)[BT][2],
+                                                                                    const TileMasks512& mk, float* y,
+                                                                                    int64_t ldy) {
+  for (int b = 0; b < BT; ++b) {
+    _mm512_mask_storeu_ps(y + b * ldy, mk.m0, acc[b][0]);
+    _mm512_mask_storeu_ps(y + b * ldy + 16, mk.m1, acc[b][1]);
+  }
+}
+
 // y[b, j:j+32] (+)= sum_k panel[k] * z[b, k0 + k] over the panel's inputs, BT rows, z packed
 // as zt[k * BT + b] (see gemm_panels); the first pass starts from c[b], later ones from y. Rows
 // of y past `rows` are not written.
@@ -547,17 +582,9 @@ template <int BT>
 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl"))) static void panel_tile_avx512(
     const float* panel, int64_t kc, const float* z, int64_t n, const float* c, bool first, int64_t rows, float* y,
     int64_t ldy) {
-  const __mmask16 m0 = static_cast<__mmask16>((1u << std::min<int64_t>(16, rows)) - 1u);
-  const __mmask16 m1 = static_cast<__mmask16>((1u << std::max<int64_t>(0, std::min<int64_t>(16, rows - 16))) - 1u);
+  const TileMasks512 mk(rows);
   __m512 acc[BT][2];
-  for (int b = 0; b < BT; ++b) {
-    if (first) {
-      acc[b][0] = acc[b][1] = _mm512_set1_ps(c[b]);
-    } else {
-      acc[b][0] = _mm512_maskz_loadu_ps(m0, y + b * ldy);
-      acc[b][1] = _mm512_maskz_loadu_ps(m1, y + b * ldy + 16);
-    }
-  }
+  tile_load_512<BT>(acc, mk, c, first, y, ldy);
   for (int64_t k = 0; k < kc; ++k) {
     const __m512 w0 = _mm512_loadu_ps(panel + k * 32), w1 = _mm512_loadu_ps(panel + k * 32 + 16);
     for (int b = 0; b < BT; ++b) {
@@ -566,10 +593,7 @@ __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl"))) static void panel_
       acc[b][1] = _mm512_fmadd_ps(w1, zb, acc[b][1]);
     }
   }
-  for (int b = 0; b < BT; ++b) {
-    _mm512_mask_storeu_ps(y + b * ldy, m0, acc[b][0]);
-    _mm512_mask_storeu_ps(y + b * ldy + 16, m1, acc[b][1]);
-  }
+  tile_store_512<BT>(acc, mk, y, ldy);
 }
 
 template <int BT>
@@ -626,17 +650,9 @@ template <int BT>
 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16"))) static void panel_tile_bf16_avx512(
     const uint32_t* panel, int64_t kc, const uint32_t* z, int64_t n, const float* c, bool first, int64_t rows,
     float* y, int64_t ldy) {
-  const __mmask16 m0 = static_cast<__mmask16>((1u << std::min<int64_t>(16, rows)) - 1u);
-  const __mmask16 m1 = static_cast<__mmask16>((1u << std::max<int64_t>(0, std::min<int64_t>(16, rows - 16))) - 1u);
+  const TileMasks512 mk(rows);
   __m512 acc[BT][2];
-  for (int b = 0; b < BT; ++b) {
-    if (first) {
-      acc[b][0] = acc[b][1] = _mm512_set1_ps(c[b]);
-    } else {
-      acc[b][0] = _mm512_maskz_loadu_ps(m0, y + b * ldy);
-      acc[b][1] = _mm512_maskz_loadu_ps(m1, y + b * ldy + 16);
-    }
-  }
+  tile_load_512<BT>(acc, mk, c, first, y, ldy);
   for (int64_t p = 0; p < kc / 2; ++p) {
     const __m512bh w0 = (__m512bh)_mm512_loadu_si512(panel + p * 32);
     const __m512bh w1 = (__m512bh)_mm512_loadu_si512(panel + p * 32 + 16);
@@ -646,10 +662,7 @@ __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16"))) static 
       acc[b][1] = _mm512_dpbf16_ps(acc[b][1], w1, zb);
     }
   }
-  for (int b = 0; b < BT; ++b) {
-    _mm512_mask_storeu_ps(y + b * ldy, m0, acc[b][0]);
-    _mm512_mask_storeu_ps(y + b * ldy + 16, m1, acc[b][1]);
-  }
+  tile_store_512<BT>(acc, mk, y, ldy);
 }
 #endif
 

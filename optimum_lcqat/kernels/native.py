@@ -15,7 +15,7 @@ Ops (schemas in csrc/lcqat_ops.cpp; CPU kernels in csrc/cpu, CUDA kernels in csr
 * ``lcqat.int8_linear(x, weight, scale, bias=None)``: weight-only int8 linear (per-row scale),
   used by the int8 lm_head :class:`optimum_lcqat.nn.int8_linear.Int8Linear` (CPU only).
 * ``lcqat.cpu_isa()``: the CPU kernel variant in use (``avx512``, ``avx2`` or ``scalar``);
-  ``lcqat.cpu_has_bf16_dot()``: whether bf16 activations multiply in bf16 (AVX512_BF16, 4+ rows).
+  ``lcqat.cpu_has_bf16_dot()``: whether bf16 activations multiply in bf16 (AVX512_BF16, any number of rows).
 
 Each tensor op has a fake implementation here (``torch.library.register_fake``) so that
 torch.compile traces through them with ``fullgraph=True``. The ops are inference-only (no
@@ -187,7 +187,7 @@ def cpu_has_vnni() -> bool:
 
 
 def cpu_has_bf16_dot() -> bool:
-    """Whether bf16 activations multiply in bf16 (fp32 accumulation) in the CPU GEMM (4+ rows):
+    """Whether bf16 activations multiply in bf16 (fp32 accumulation) in the CPU GEMV and GEMM:
     AVX512_BF16 present, AVX-512 kernels in use, LCQAT_CPU_BF16 not "0". fp32 activations never do."""
     return bool(torch.ops.lcqat.cpu_has_bf16_dot()) if available() else False
 
