@@ -13,19 +13,29 @@ context 512:
 
 and the PTQ wall time. Row ``fp32`` is the unquantized model, measured by the same code.
 
+QAT (``--qat-budgets 50000,200000``): from a row's PTQ model, LC-QAT with LCQATTrainer on the
+package's ``train`` split (batch 4 x 512, AdamW lr 1e-4, 2 warmup steps then constant, grad clip 1,
+seed 0: the settings of benchmarks/qat.py, so every row sees the same batches), both held-out
+perplexities at each budget. PTQ rows train with today's QAT settings; the QAT rows
+(``qat_*``) each change one QAT setting and start from the ``default`` row's PTQ model. PTQ
+models are cached under ~/.cache/optimum_lcqat/ablation/<row> (reused while the PTQ code and the
+row's effective config are unchanged).
+
 Rows accumulate: results are merged row by row into benchmarks/results/ablation.json (a row
 already there is kept unless ``--force``), and ablation.md is rendered from the JSON with the
-command of every row, so the table can grow over several runs. The QAT columns of the issue
-(perplexity after 50K and 200K QAT tokens per row) are not measured by this script yet.
+command of every row, so the table can grow over several runs.
 
     PYTHONPATH=$PWD python -P benchmarks/ablation.py --rows fp32 default hadamard_full
+    PYTHONPATH=$PWD python -P benchmarks/ablation.py --rows default qat_balance --qat-budgets 50000
     PYTHONPATH=$PWD python -P benchmarks/ablation.py --list
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -50,6 +60,23 @@ ROWS: dict[str, tuple[dict | None, str]] = {
     "calib128x1024": ({"model_seqlen": 1024}, "calibration: 128 x 1024 tokens (longer sequences)"),
 }
 
+# QAT knobs, each from the `default` row's PTQ model: name -> (settings, what the row tries).
+# settings: "callback" = LCQATCallback kwargs, "args" = TrainingArguments overrides.
+_NON_LATENT = ("scales", "codebook", "bias", "norm")
+QAT_ROWS: dict[str, tuple[dict, str]] = {
+    "qat_default": ({}, "today's QAT: AdamW lr 1e-4 on every trained category, beta2 0.999, no decay on LC parameters, clip 1"),
+    "qat_balance": ({"callback": {"balance_scales": True}}, "s_u / s_v rescaled to equal RMS before QAT (release)"),
+    "qat_lr3": ({"callback": {"lr_scale": {c: 3.0 for c in _NON_LATENT}}},
+                "lr 3e-4 on s_u, s_v, A, beta, bias, norms (latents stay at 1e-4)"),
+    "qat_balance_lr3": ({"callback": {"balance_scales": True, "lr_scale": {c: 3.0 for c in _NON_LATENT}}},
+                        "balance + lr 3e-4 on the non-latent parameters"),
+    "qat_optim": ({"callback": {"decay_categories": ["latent", *_NON_LATENT, "embedding", "other"]},
+                   "args": {"adam_beta2": 0.95, "weight_decay": 0.1}},
+                  "release optimizer: beta2 0.95, weight decay 0.1 on every trained category (clip 1 as before)"),
+}
+QAT_BATCH, QAT_SEQ, QAT_LR = 4, 512, 1e-4
+ALL_ROWS = {**ROWS, **QAT_ROWS}
+
 
 def licence_texts() -> list[str]:
     """The licence texts, each file once (several names are links to the same text)."""
@@ -65,31 +92,55 @@ def licence_texts() -> list[str]:
     return texts
 
 
-def run_row(name: str) -> dict:
+def _ptq_fingerprint(overrides: dict) -> str:
+    """What a cached PTQ model depends on: the PTQ code (init/, tensor/ file contents) and the
+    row's effective config."""
+    from optimum_lcqat import LCQATConfig
+
+    h = hashlib.sha256()
+    for sub in ("init", "tensor"):
+        for f in sorted((ROOT / "optimum_lcqat" / sub).glob("*.py")):
+            h.update(f.name.encode() + f.read_bytes())
+    cfg = {k: v for k, v in LCQATConfig(**overrides).to_dict().items() if k not in ("dataset", "tokenizer")}
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def ptq_model(name: str, tok):
+    """The PTQ model of PTQ row ``name`` (float32) and its PTQ seconds (None when loaded from the cache)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from optimum_lcqat import LCQATConfig
-    from optimum_lcqat.assets import smollm2_path
+    from optimum_lcqat._atomic import write_dir_atomic
+    from optimum_lcqat.assets import default_cache_dir, smollm2_path
+    from optimum_lcqat.data import split_texts
+
+    overrides = ROWS[name][0]
+    cache = default_cache_dir() / "ablation" / name
+    fp = _ptq_fingerprint(overrides)
+    meta = cache / "ablation_row.json"
+    if meta.is_file() and json.loads(meta.read_text()).get("fingerprint") == fp:
+        print(f"{name}: PTQ model from the cache {cache}", flush=True)
+        return AutoModelForCausalLM.from_pretrained(cache, dtype=torch.float32), None
+    qcfg = LCQATConfig(dataset=split_texts("calibration"), tokenizer=tok, **overrides)
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path(), quantization_config=qcfg, dtype=torch.float32)
+    secs = time.perf_counter() - t0
+
+    def save(d):
+        model.save_pretrained(d)
+        (Path(d) / "ablation_row.json").write_text(json.dumps({"row": name, "overrides": overrides, "fingerprint": fp}))
+
+    write_dir_atomic(cache, save)
+    return model, secs
+
+
+def evaluate(model, tok) -> dict:
     from optimum_lcqat.data import split_texts, token_stream
     from optimum_lcqat.evaluation import perplexity
 
-    torch.manual_seed(0)
-    overrides, _ = ROWS[name]
-    path = smollm2_path()
-    tok = AutoTokenizer.from_pretrained(path)
-    t0 = time.perf_counter()
-    if overrides is None:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        config = None
-    else:
-        qcfg = LCQATConfig(dataset=split_texts("calibration"), tokenizer=tok, **overrides)
-        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=qcfg, dtype=torch.float32)
-        config = {k: getattr(qcfg, k) for k in ("num_samples", "model_seqlen", "init_iters", "ptq_refine_passes",
-                                                 "ptq_finetune_steps", "ptq_finetune_lr", "ptq_damp",
-                                                 "hadamard_block_size", "codebook", "seed")}
-    ptq_s = time.perf_counter() - t0
-    out = {"row": name, "config": config, "ptq_seconds": ptq_s if overrides is not None else None}
+    out = {}
     for split, texts in (("heldout", split_texts("heldout")), ("licences", licence_texts())):
         tokens = token_stream(texts, tok, max_tokens=EVAL_TOKENS)
         r = perplexity(model, tokens, ctx=512, batch_size=4)
@@ -98,28 +149,117 @@ def run_row(name: str) -> dict:
     return out
 
 
+def run_qat(model, tok, settings: dict, budgets: list[int]) -> dict:
+    """LC-QAT of ``model`` with the row's settings; both perplexities at each budget."""
+    import tempfile
+
+    from qat import budget_eval_callback
+    from transformers import TrainingArguments
+
+    from optimum_lcqat.data import split_texts, token_windows
+    from optimum_lcqat.training import LCQATCallback, LCQATTrainer
+
+    steps = math.ceil(max(budgets) / (QAT_BATCH * QAT_SEQ))
+    train_ds = token_windows(split_texts("train"), tok, QAT_SEQ, max_tokens=max(budgets) + QAT_BATCH * QAT_SEQ * 2)
+    points: dict[str, dict] = {}
+
+    def record(budget, tokens, ppl, train_s, loss):
+        points[str(budget)] = {**ppl, "tokens": int(tokens), "train_seconds": train_s, "train_loss": loss}
+        print(f"QAT {tokens} tokens: {ppl} (train {train_s:.0f}s)", flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="lcqat-ablation-") as out:
+        args = TrainingArguments(
+            output_dir=out, per_device_train_batch_size=QAT_BATCH, max_steps=steps, learning_rate=QAT_LR,
+            lr_scheduler_type="constant_with_warmup", warmup_steps=2, weight_decay=0.0, max_grad_norm=1.0,
+            logging_steps=1, save_strategy="no", report_to=[], seed=0, data_seed=0, disable_tqdm=True,
+            use_cpu=True, dataloader_num_workers=0, include_num_input_tokens_seen="all", **settings.get("args", {}),
+        )
+        cb = LCQATCallback(**settings.get("callback", {}))
+        trainer = LCQATTrainer(model=model, args=args, train_dataset=train_ds,
+                               callbacks=[cb, budget_eval_callback(budgets, lambda m: evaluate(m, tok), record)])
+        trainer.train()
+    return {"budgets": points, "settings": settings, "batch": QAT_BATCH, "seq_len": QAT_SEQ, "lr": QAT_LR}
+
+
+def run_row(name: str, qat_budgets: list[int]) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from optimum_lcqat.assets import smollm2_path
+
+    torch.manual_seed(0)
+    path = smollm2_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    if name == "fp32":
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        return {"row": name, "config": None, "ptq_seconds": None, **evaluate(model, tok)}
+    if name in QAT_ROWS:
+        model, _ = ptq_model("default", tok)
+        return {"row": name, "qat": run_qat(model, tok, QAT_ROWS[name][0], qat_budgets)}
+    model, ptq_s = ptq_model(name, tok)
+    out = {"row": name, "config": {"overrides": ROWS[name][0]}, "ptq_seconds": ptq_s, **evaluate(model, tok)}
+    if qat_budgets:
+        out["qat"] = run_qat(model, tok, {}, qat_budgets)
+    return out
+
+
+def _x(r: dict, fp: dict, key: str) -> str:
+    return f"{r[key] / fp[key]:.2f}" if fp.get(key) and r.get(key) else ""
+
+
+def _qat_cells(r: dict, fp: dict) -> str:
+    """heldout / licences perplexity (x fp32) at 50K and 200K QAT tokens, blank where not run."""
+    pts = (r.get("qat") or {}).get("budgets", {})
+    cells = []
+    for b in ("50000", "200000"):
+        p = pts.get(b)
+        cells.append(f"{p['ppl_heldout']:.2f} ({_x(p, fp, 'ppl_heldout')}) / {p['ppl_licences']:.2f} "
+                     f"({_x(p, fp, 'ppl_licences')})" if p else "")
+    return " | ".join(cells)
+
+
+def _measured(r: dict) -> str:
+    return f"{r['time']}, {r['cpu']}, git {r['commit'][:7]}"
+
+
 def render(rows: dict, env_md: str) -> str:
     fp = rows.get("fp32", {})
-    lines = ["# Quality v2 ablation: SmolLM2-135M, PTQ knobs one at a time (#13)", "", env_md,
+    lines = ["# Quality v2 ablation: SmolLM2-135M, the recipe's knobs one at a time (#13)", "", env_md,
              "Perplexity at context 512 on the first 32768 tokens of two held-out texts, neither calibrated nor "
              "trained on: `heldout` = the Python tutorial (the figure of results/quality.md), `licences` = "
              "/usr/share/common-licenses (a second domain, plain English legal text). Calibration: pydoc topics. "
              "x = ratio to fp32 measured by the same script. PTQ s = wall time of the quantizing from_pretrained "
-             "(2 threads, one row at a time). QAT columns (50K / 200K tokens): not measured yet.", "",
-             "| row | what it tries | PTQ s | heldout ppl | x fp32 | licences ppl | x fp32 | measured | command |",
-             "|---|---|---:|---:|---:|---:|---:|---|---|"]
+             "(2 threads, one row at a time). QAT cells: heldout (x fp32) / licences (x fp32) after that many "
+             f"training tokens (batch {QAT_BATCH} x {QAT_SEQ}, AdamW lr {QAT_LR:g}, the `train` split, seed 0); "
+             "blank = not run.", "",
+             "## PTQ knobs", "",
+             "| row | what it tries | PTQ s | heldout ppl | x fp32 | licences ppl | x fp32 | QAT 50K | QAT 200K | measured | command |",
+             "|---|---|---:|---:|---:|---:|---:|---|---|---|---|"]
     for name in ROWS:
         r = rows.get(name)
         if r is None:
             continue
         if "error" in r:
-            lines.append(f"| {name} | {ROWS[name][1]} | error: {r['error'][:80]} | | | | | {r.get('time', '')} | |")
+            lines.append(f"| {name} | {ROWS[name][1]} | error: {r['error'][:80]} | | | | | | | {r.get('time', '')} | |")
             continue
-        xh = f"{r['ppl_heldout'] / fp['ppl_heldout']:.2f}" if fp.get("ppl_heldout") else ""
-        xl = f"{r['ppl_licences'] / fp['ppl_licences']:.2f}" if fp.get("ppl_licences") else ""
         ptq = f"{r['ptq_seconds']:.0f}" if r.get("ptq_seconds") is not None else "-"
-        lines.append(f"| {name} | {ROWS[name][1]} | {ptq} | {r['ppl_heldout']:.2f} | {xh} | {r['ppl_licences']:.2f} | "
-                     f"{xl} | {r['time']}, {r['cpu']}, git {r['commit'][:7]} | `{r['command']}` |")
+        lines.append(f"| {name} | {ROWS[name][1]} | {ptq} | {r['ppl_heldout']:.2f} | {_x(r, fp, 'ppl_heldout')} | "
+                     f"{r['ppl_licences']:.2f} | {_x(r, fp, 'ppl_licences')} | {_qat_cells(r, fp)} | {_measured(r)} | "
+                     f"`{r['command']}` |")
+    qat = [n for n in QAT_ROWS if n in rows]
+    if qat:
+        lines += ["", "## QAT knobs (each from the `default` row's PTQ model, same batches)", "",
+                  "| row | what it tries | QAT 50K | QAT 200K | train s (last budget) | measured | command |",
+                  "|---|---|---|---|---:|---|---|"]
+        for name in qat:
+            r = rows[name]
+            if "error" in r:
+                lines.append(f"| {name} | {QAT_ROWS[name][1]} | error: {r['error'][:80]} | | | {r.get('time', '')} | |")
+                continue
+            pts = r["qat"]["budgets"]
+            last = pts[max(pts, key=int)]["train_seconds"] if pts else None
+            ts = f"{last:.0f}" if last is not None else ""
+            lines.append(f"| {name} | {QAT_ROWS[name][1]} | {_qat_cells(r, fp)} | {ts} | {_measured(r)} | `{r['command']}` |")
     return "\n".join(lines) + "\n"
 
 
@@ -127,36 +267,53 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", nargs="+", default=None, help="rows to run (default: all not yet measured)")
     ap.add_argument("--force", action="store_true", help="run rows already in the JSON again")
+    ap.add_argument("--qat-budgets", default="", help="comma list of QAT token budgets, e.g. 50000,200000 "
+                    "(PTQ rows: QAT after PTQ; qat_* rows need it)")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    try:
+        budgets = sorted({int(b) for b in args.qat_budgets.split(",") if b.strip()})
+    except ValueError:
+        ap.error(f"--qat-budgets {args.qat_budgets!r}: give whole token counts separated by commas, e.g. 50000,200000")
     if args.list:
-        for name, (_, what) in ROWS.items():
-            print(f"{name:15s} {what}")
+        for name, (_, what) in ALL_ROWS.items():
+            print(f"{name:16s} {what}")
         return
     if args.worker:
         import torch
 
         torch.set_num_threads(2)
-        Path(args.worker_out).write_text(json.dumps(run_row(args.worker)))
+        Path(args.worker_out).write_text(json.dumps(run_row(args.worker, budgets)))
         return
 
     from _common import environment, md_env
 
     from optimum_lcqat._machine import cpu_info
 
-    unknown = [r for r in (args.rows or []) if r not in ROWS]
+    unknown = [r for r in (args.rows or []) if r not in ALL_ROWS]
     if unknown:
         ap.error(f"unknown rows {unknown}; --list shows them")
+    if not budgets and any(r in QAT_ROWS for r in args.rows or []):
+        ap.error("qat_* rows train: give --qat-budgets, e.g. --qat-budgets 50000,200000")
     path = RESULTS / "ablation.json"
     data = json.loads(path.read_text()) if path.is_file() else {"rows": {}}
-    todo = [r for r in (args.rows or ROWS) if args.force or r not in data["rows"]]
+    def measured(r: str) -> bool:
+        have = data["rows"].get(r)
+        if have is None or "error" in have:
+            return False
+        done = (have.get("qat") or {}).get("budgets", {})
+        return all(str(b) in done for b in budgets) if (budgets and r != "fp32") else r not in QAT_ROWS
+
+    todo = [r for r in (args.rows or ROWS) if args.force or not measured(r)]
     env = environment()
     for name in todo:
         tmp = RESULTS / f".ablation_{name}.json"
+        qflag = f" --qat-budgets {','.join(map(str, budgets))}" if budgets and name != "fp32" else ""
         cmd = [sys.executable, "-P", str(Path(__file__).resolve()), "--worker", name, "--worker-out", str(tmp)]
-        print(f"== {name}: {ROWS[name][1]}", flush=True)
+        cmd += ["--qat-budgets", ",".join(map(str, budgets))] if qflag else []
+        print(f"== {name}: {ALL_ROWS[name][1]}", flush=True)
         t = time.perf_counter()
         proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
         if tmp.is_file():
@@ -166,7 +323,7 @@ def main() -> None:
             res = {"row": name, "error": f"worker exited with {proc.returncode}: {proc.stderr[-2000:]}"}
         res.update(process_seconds=time.perf_counter() - t, time=time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()),
                    cpu=cpu_info()["model"], commit=env.get("git_commit") or "unknown",
-                   command=f"python -P benchmarks/ablation.py --rows {name}")
+                   command=f"python -P benchmarks/ablation.py --rows {name}{qflag}")
         print(json.dumps({k: v for k, v in res.items() if k != "config"}), flush=True)
         data["rows"][name] = res
         data["environment_last_run"] = env

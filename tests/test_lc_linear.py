@@ -157,3 +157,17 @@ def test_snap_to_storage_is_idempotent_and_fp16_exact():
     layer.snap_to_storage()
     for p in (layer.A, layer.beta, layer.s_u, layer.s_v):
         assert torch.equal(p.data, p.data.half().float())
+
+
+def test_balance_scales_keeps_the_function_and_equalises_rms():
+    layer, _ = make_layer(256, 128)
+    x = torch.randn(3, 256)
+    y = layer(x)
+    ru, rv = (float(p.detach().pow(2).mean().sqrt()) for p in (layer.s_u, layer.s_v))
+    assert ru / rv > 5  # the initialisers leave s_u ~1 and s_v ~ row RMS: far apart
+    c = layer.balance_scales_()
+    assert c == pytest.approx(math.sqrt(rv / ru), rel=1e-5)
+    ru2, rv2 = (float(p.detach().pow(2).mean().sqrt()) for p in (layer.s_u, layer.s_v))
+    assert ru2 == pytest.approx(rv2, rel=1e-5)
+    assert rel(layer(x), y) < 1e-5
+    assert layer.balance_scales_() == pytest.approx(1.0, rel=1e-5)  # balanced stays put

@@ -396,6 +396,36 @@ def test_distillation_and_param_groups(tmp_path):
     assert all(not p.requires_grad for p in teacher.parameters())
 
 
+def test_balanced_scales_and_decay_on_every_category(lc_dir, tmp_path):
+    """balance_scales rescales s_u/s_v once before training without changing the model's output;
+    decay_categories puts the Trainer's weight decay on the named groups only."""
+    model = load_lc(lc_dir)
+    ds = TokenDataset()
+    x = ds.ids[:4]
+    model.eval()
+    with torch.no_grad():
+        before = model(x).logits
+    cb = LCQATCallback(balance_scales=True, decay_categories=["latent", "scales", "codebook"])
+    tr = LCQATTrainer(model=model, args=targs(tmp_path / "b", max_steps=1, learning_rate=1e-9, weight_decay=0.1),
+                      train_dataset=ds, callbacks=[cb])
+    layers = [m for m in model.modules() if isinstance(m, LCLinear)]
+    for m in layers:  # balanced already (prepare runs at Trainer init), same function
+        ru, rv = (float(p.detach().pow(2).mean().sqrt()) for p in (m.s_u, m.s_v))
+        assert ru == pytest.approx(rv, rel=1e-4)
+    model.eval()
+    with torch.no_grad():
+        assert rel_err(model(x).logits, before) < 1e-4
+    tr.train()
+    groups = {g["name"]: g["weight_decay"] for g in tr.optimizer.param_groups}
+    assert groups == {"latent": 0.1, "scales": 0.1, "codebook": 0.1, "norm": 0.0}
+    with pytest.raises(ValueError, match="decay_categories: unknown categories.*'scale'"):
+        LCQATCallback(decay_categories=["scale"])
+
+
+def rel_err(a, b):
+    return float((a - b).norm() / b.norm())
+
+
 def test_peft_lora_on_frozen_lcqat_model(lc_dir, tmp_path):
     from optimum_lcqat.training.peft import LCLoraLinear, get_lcqat_lora_model, load_lcqat_lora
 

@@ -148,6 +148,25 @@ class LCLinear(nn.Module):
             for p in (self.A, self.beta, self.s_u, self.s_v):
                 p.copy_(p.to(STORAGE_DTYPE).to(p.dtype))
 
+    def balance_scales_(self) -> float:
+        """Rescale ``s_u`` by ``c`` and ``s_v`` by ``1/c`` so that both have the same RMS, in place;
+        returns ``c``. The weight ``diag(s_v) H_m^T C H_n diag(s_u)`` is bilinear in the two, so the
+        layer computes the same function (up to float rounding).
+
+        Why: Adam moves every element by about ``lr`` a step, whatever its size. The
+        initialisers leave ``s_u`` at +-1 and ``s_v`` at +-row RMS / 0.83 (~0.05 on SmolLM2), so at
+        one learning rate ``s_u`` changes ~20x less, relatively, than ``s_v``; the LC-QAT release
+        rescales both to equal norm before QAT (its create_qwen3_ckpt_from_quip.py)."""
+        with torch.no_grad():
+            ru = self.s_u.detach().float().pow(2).mean().sqrt()
+            rv = self.s_v.detach().float().pow(2).mean().sqrt()
+            if not (ru > 0 and rv > 0):
+                return 1.0
+            c = float((rv / ru).sqrt())
+            self.s_u.mul_(c)
+            self.s_v.div_(c)
+        return c
+
     def bits_per_weight(self) -> float:
         return storage_bits(self.out_features, self.in_features, self.vector_dim) / (self.out_features * self.in_features)
 

@@ -51,7 +51,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from ..convert import lc_layers
 from ..tensor.packing import unpack_codes
-from .params import resolve_trainable, select_trainable
+from .params import resolve_decay, resolve_trainable, select_trainable
 from .state import TRAINING_STATE_NAME, is_sharded, load_training_state, save_training_state, training_state_step
 
 logger = logging.getLogger(__name__)
@@ -164,6 +164,11 @@ class LCQATCallback(TrainerCallback):
             a cap of 1e-4 trains without blowing up, but its flips still cost quality at 200K
             tokens (24.7 against 20.5 with no flips), so it is off by default. Not with FSDP or
             DeepSpeed yet.
+        balance_scales: before training, rescale each LC layer's ``s_u`` and ``s_v`` to equal RMS
+            (:meth:`LCLinear.balance_scales_`; the weights are unchanged) so that Adam moves both
+            by the same relative amount a step, as the LC-QAT release does.
+        decay_categories: parameter categories that get the Trainer's ``weight_decay``
+            (default: only ``embedding`` and ``other``; the release decays everything it trains).
     """
 
     def __init__(
@@ -178,12 +183,16 @@ class LCQATCallback(TrainerCallback):
         resume_from_checkpoint: str | None = None,
         max_flip_share: float | None = None,
         max_skipped_steps: int = 32,
+        balance_scales: bool = False,
+        decay_categories=None,
     ):
         self.trainable = resolve_trainable(train, train_norms, train_embeddings)
         # Set by LCQATTrainer, whose save hands the Trainer's gathered FSDP state dict to the
         # quantizer (see FSDP2_NEEDS_LCQAT_TRAINER).
         self.saves_gathered_state_dict = False
         self.lr_scale = dict(lr_scale or {})
+        self.balance_scales = balance_scales
+        self.decay_categories = resolve_decay(decay_categories)
         if max_tokens is not None and max_tokens <= 0:
             raise ValueError(f"LCQATCallback: max_tokens must be positive, got {max_tokens}")
         self.max_tokens = max_tokens
@@ -219,6 +228,8 @@ class LCQATCallback(TrainerCallback):
                 "or from an lcqat checkpoint before creating the Trainer."
             )
         for _, layer in layers:
+            if self.balance_scales and layer.latent is None:  # once: prepare() is idempotent
+                layer.balance_scales_()
             layer.enable_training()
             if not getattr(layer, "_lcqat_load_hook", False):
                 layer.register_load_state_dict_pre_hook(_latent_from_loaded_codes)
@@ -235,7 +246,7 @@ class LCQATCallback(TrainerCallback):
         gives AdamW with one group per parameter category and ``lr_scale`` applied."""
         from .params import LCQATOptimizerFactory
 
-        return LCQATOptimizerFactory(args, self.lr_scale), {}
+        return LCQATOptimizerFactory(args, self.lr_scale, self.decay_categories), {}
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
         if model is None:

@@ -70,6 +70,17 @@ def parameter_categories(model: nn.Module) -> dict[str, str]:
     return cats
 
 
+def resolve_decay(categories=None) -> frozenset:
+    """The categories that get weight decay: ``None`` -> every category outside :data:`NO_DECAY`."""
+    if categories is None:
+        return frozenset(c for c in CATEGORIES if c not in NO_DECAY)
+    cats = frozenset(categories)
+    unknown = cats - set(CATEGORIES)
+    if unknown:
+        raise ValueError(f"decay_categories: unknown categories {sorted(unknown)}; choose from {CATEGORIES}")
+    return cats
+
+
 def resolve_trainable(train: Iterable[str] | None = None, train_norms: bool = True, train_embeddings: bool = False):
     """The set of trainable categories from the callback's arguments."""
     if train is not None:
@@ -109,17 +120,19 @@ def lcqat_param_groups(
     learning_rate: float,
     weight_decay: float = 0.0,
     lr_scale: dict[str, float] | None = None,
+    decay_categories=None,
 ) -> list[dict]:
     """Optimizer parameter groups, one per trainable category (in :data:`CATEGORIES` order).
 
     Each group has ``lr = learning_rate * lr_scale.get(category, 1.0)`` (the Trainer's scheduler
-    then scales every group by the same factor) and ``weight_decay`` only for the categories
-    outside :data:`NO_DECAY`. Groups carry their category under ``"name"``.
+    then scales every group by the same factor) and ``weight_decay`` only for ``decay_categories``
+    (default: the categories outside :data:`NO_DECAY`). Groups carry their category under ``"name"``.
     """
     lr_scale = dict(lr_scale or {})
     unknown = set(lr_scale) - set(CATEGORIES)
     if unknown:
         raise ValueError(f"lr_scale: unknown categories {sorted(unknown)}; choose from {CATEGORIES}")
+    decay = resolve_decay(decay_categories)
     cats = parameter_categories(model)
     by_cat: dict[str, list] = {c: [] for c in CATEGORIES}
     for name, p in model.named_parameters():
@@ -132,7 +145,7 @@ def lcqat_param_groups(
                 {
                     "params": by_cat[c],
                     "lr": learning_rate * lr_scale.get(c, 1.0),
-                    "weight_decay": 0.0 if c in NO_DECAY else weight_decay,
+                    "weight_decay": weight_decay if c in decay else 0.0,
                     "name": c,
                 }
             )
@@ -150,9 +163,10 @@ class LCQATOptimizerFactory:
     decay from its ``TrainingArguments``.
     """
 
-    def __init__(self, args=None, lr_scale: dict[str, float] | None = None):
+    def __init__(self, args=None, lr_scale: dict[str, float] | None = None, decay_categories=None):
         self.args = args
         self.lr_scale = lr_scale
+        self.decay_categories = decay_categories
 
     def __call__(self):
         return self._build
@@ -163,7 +177,7 @@ class LCQATOptimizerFactory:
         args = kwargs.pop("args", None) or self.args
         if args is None:
             raise ValueError("LCQATOptimizerFactory needs the TrainingArguments: LCQATOptimizerFactory(args, ...)")
-        groups = lcqat_param_groups(model, args.learning_rate, args.weight_decay, self.lr_scale)
+        groups = lcqat_param_groups(model, args.learning_rate, args.weight_decay, self.lr_scale, self.decay_categories)
         return torch.optim.AdamW(
             groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon
         )

@@ -125,7 +125,7 @@ class LCQATTrainer(Trainer):
     def create_optimizer(self, model=None):
         if self.optimizer is None and self.optimizer_cls_and_kwargs is None:
             opt_model = self.model if model is None else model
-            self.optimizer = LCQATOptimizerFactory(self.args, self.lcqat.lr_scale)()(opt_model)
+            self.optimizer = LCQATOptimizerFactory(self.args, self.lcqat.lr_scale, self.lcqat.decay_categories)()(opt_model)
         return super().create_optimizer(model)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
