@@ -227,7 +227,11 @@ def run_method(method, a, init_dir, fp_path, train_ds, heldout, log, teacher=Non
     max_b = max(a.budgets)
     if result is None:
         result = {}
-    result.update(method=method + a.label_suffix, points=points, lr=a.lr, lr_scale=a.lr_scale,
+    from optimum_lcqat.training.callback import DEFAULT_LR_SCALE
+
+    # the multipliers in force: the callback lays --lr-scale over its defaults
+    result.update(method=method + a.label_suffix, points=points, lr=a.lr,
+                  lr_scale={**DEFAULT_LR_SCALE, **a.lr_scale} if method != "scalar" else None,
                   kd_alpha=a.kd_alpha if method == "lcqat_kd" else None,
                   max_flip_share=a.max_flip_share if method != "scalar" else None)
     if max_b > 0:
