@@ -121,12 +121,24 @@ def cmd_quantize(args) -> int:
             hadamard_block_size=args.hadamard_block_size if args.hadamard_block_size == "full" else int(args.hadamard_block_size),
             dataset=calib, num_samples=args.num_samples, model_seqlen=args.seqlen, seed=args.seed,
             dense_dtype=args.dense_dtype, lm_head_int8=args.lm_head_int8,
+            **({} if args.e2e_steps is None else {"ptq_e2e_steps": args.e2e_steps}),
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     src = _resolve_model(args.model)
     if calib is not None and not args.in_memory and not args.qat_tokens and Path(src).is_dir():
-        return _quantize_streaming(args, cfg, src)
+        # the end-to-end PTQ stage trains the whole model at once: worth it for models that fit,
+        # while big ones take the streaming PTQ (one block in memory), which has no such stage
+        size = _weights_bytes(src)
+        if cfg.ptq_e2e_steps == 0 or size > STREAM_ABOVE_BYTES:
+            if cfg.ptq_e2e_steps:
+                logging.getLogger(__name__).info(
+                    "lcqat quantize: streaming PTQ (%.1f GiB of weights, above %d GiB), without the end-to-end "
+                    "stage; --in-memory keeps it", size / 2**30, STREAM_ABOVE_BYTES >> 30)
+            return _quantize_streaming(args, cfg, src)
+        logging.getLogger(__name__).info(
+            "lcqat quantize: in-memory PTQ with %d end-to-end steps (%.2f GiB of weights); --e2e-steps 0 "
+            "streams one block at a time instead", cfg.ptq_e2e_steps, size / 2**30)
     if args.device is not None:
         raise UsageError("--device applies to the streaming PTQ (calibration text, a local folder, no --in-memory/--qat-tokens)")
     if calib is not None and not args.in_memory:
@@ -154,6 +166,16 @@ def cmd_quantize(args) -> int:
     out = save_atomically(args.output, write, overwrite=args.overwrite)
     print(f"saved 2-bit lcqat checkpoint to {out}")
     return EXIT_OK
+
+
+# Local models with more weight bytes than this are quantized by the streaming PTQ (cmd_quantize)
+STREAM_ABOVE_BYTES = 4 << 30
+
+
+def _weights_bytes(folder: str) -> int:
+    """Bytes of the weight files (safetensors, else pytorch .bin) in a model folder."""
+    files = list(Path(folder).glob("*.safetensors")) or list(Path(folder).glob("*.bin"))
+    return sum(f.stat().st_size for f in files)
 
 
 def _quantize_streaming(args, cfg, src: str) -> int:
@@ -283,6 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--codebook", default="affine", choices=["affine", "scalar"], help="codebook (default affine)")
     q.add_argument("--vector-dim", type=int, default=4, help="weights per code vector (default 4)")
     q.add_argument("--hadamard-block-size", default="128", help="power of two or 'full' (default 128)")
+    q.add_argument("--e2e-steps", type=int, default=None,
+                   help="end-to-end fine-tune steps after the block-wise PTQ (default 16; 0: none). It needs the "
+                        "whole model in memory: local models with more than 4 GiB of weights, or --e2e-steps 0, "
+                        "take the streaming PTQ (one block in memory at a time) without it")
     q.add_argument("--qat-tokens", type=int, default=0, help="QAT for this many tokens after PTQ (default 0: none)")
     q.add_argument("--qat-text", nargs="+", metavar="FILE", help="QAT text files (default: the bundled train split)")
     q.add_argument("--seed", type=int, default=0)

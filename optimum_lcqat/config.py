@@ -54,6 +54,14 @@ class LCQATConfig(QuantizationConfigMixin):
         ptq_finetune_steps: PTQ block-wise fine-tuning Adam steps per decoder block (0: none).
         ptq_finetune_lr: PTQ fine-tuning learning rate, relative to each tensor's RMS.
         ptq_batch_size: calibration samples per forward batch during PTQ.
+        ptq_e2e_steps: PTQ end-to-end fine-tuning Adam steps after the last block (default 16;
+            0: none): codes fixed, the model's ``s_u``, ``s_v``, ``A``, ``beta`` and norms tuned
+            together on the next-token loss of the calibration samples
+            (:mod:`optimum_lcqat.init.e2e`). Measured on SmolLM2-135M (benchmarks/results/
+            ablation.md): held-out perplexity 2.57x -> 1.93x fp32, PTQ 592 s -> 690 s on 2 cores.
+            Not in streaming PTQ (the whole model is never in memory there).
+        ptq_e2e_lr: its learning rate, relative to each tensor's RMS (default 5e-3).
+        ptq_e2e_batch_size: calibration samples per end-to-end step.
         dense_dtype: storage dtype, in the saved checkpoint, of the float tensors that are not
             LC layers (embeddings, norms, a dense lm_head, modules kept in full precision):
             ``"bfloat16"``, ``"float16"`` or ``None`` (as they are in the model). Loading casts
@@ -84,6 +92,9 @@ class LCQATConfig(QuantizationConfigMixin):
         ptq_finetune_steps: int = 24,
         ptq_finetune_lr: float = 1e-3,
         ptq_batch_size: int = 8,
+        ptq_e2e_steps: int = 16,
+        ptq_e2e_lr: float = 5e-3,
+        ptq_e2e_batch_size: int = 4,
         dense_dtype: str | None = None,
         lm_head_int8: bool = False,
         format_version: int = FORMAT_VERSION,
@@ -108,6 +119,9 @@ class LCQATConfig(QuantizationConfigMixin):
         self.ptq_finetune_steps = ptq_finetune_steps
         self.ptq_finetune_lr = ptq_finetune_lr
         self.ptq_batch_size = ptq_batch_size
+        self.ptq_e2e_steps = ptq_e2e_steps
+        self.ptq_e2e_lr = ptq_e2e_lr
+        self.ptq_e2e_batch_size = ptq_e2e_batch_size
         self.dense_dtype = dense_dtype
         self.lm_head_int8 = lm_head_int8
         self.format_version = format_version
@@ -158,10 +172,11 @@ class LCQATConfig(QuantizationConfigMixin):
             "format_version", self.format_version,
             f"1..{FORMAT_VERSION} (a newer checkpoint needs a newer optimum-lcqat: pip install -U optimum-lcqat)",
         )
-        for name, minimum in (("ptq_refine_passes", 0), ("ptq_finetune_steps", 0), ("ptq_batch_size", 1)):
+        for name, minimum in (("ptq_refine_passes", 0), ("ptq_finetune_steps", 0), ("ptq_batch_size", 1),
+                              ("ptq_e2e_steps", 0), ("ptq_e2e_batch_size", 1)):
             v = getattr(self, name)
             _check(isinstance(v, int) and not isinstance(v, bool) and v >= minimum, name, v, f"an integer >= {minimum}")
-        for name in ("ptq_damp", "ptq_finetune_lr"):
+        for name in ("ptq_damp", "ptq_finetune_lr", "ptq_e2e_lr"):
             v = getattr(self, name)
             _check(
                 isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf"),

@@ -316,6 +316,12 @@ def quantize_streaming(
     cfg = config
     if not cfg.uses_calibration:
         raise ValueError("quantize_streaming is the PTQ path: the config needs calibration data (dataset=...)")
+    if cfg.ptq_e2e_steps > 0:
+        # the stage trains the whole model at once, which this path exists to never hold
+        logger.warning(
+            "streaming PTQ: ptq_e2e_steps=%d is not applied (end-to-end fine-tuning needs the whole "
+            "model in memory); the checkpoint is the block-wise PTQ only. Fine-tune it afterwards "
+            "with LCQATCallback, or quantize with from_pretrained where the model fits.", cfg.ptq_e2e_steps)
     device = torch.device(device) if device is not None else torch.device("cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise StreamingError(f"streaming PTQ: device {device} asked for, but torch sees no CUDA device; leave it unset for the CPU")

@@ -37,7 +37,7 @@ def test_help_explains_every_subcommand():
     for sub in ("quantize", "eval", "info", "push", "lm-eval", "demo"):
         assert sub in out.stdout
     q = cli("quantize", "--help").stdout
-    for opt in ("--text", "--split", "--dataset", "--num-samples", "--qat-tokens", "--overwrite", "--codebook"):
+    for opt in ("--text", "--split", "--dataset", "--num-samples", "--qat-tokens", "--overwrite", "--codebook", "--e2e-steps"):
         assert opt in q
 
 
@@ -67,6 +67,19 @@ def test_quantize_info_eval_and_refusals(tiny_with_tokenizer, tmp_path):
     assert ev.returncode == 0, ev.stderr
     res = json.loads(ev.stdout)
     assert res["ppl"] > 1 and res["tokens_scored"] > 0
+
+
+def test_quantize_with_calibration_runs_the_end_to_end_stage_in_memory(tiny_with_tokenizer, tmp_path):
+    """A local model that fits takes the in-memory PTQ with the default end-to-end stage (the
+    streaming PTQ has none: --e2e-steps 0 selects it, tested in test_streaming.py)."""
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"Sentence {i} says something about item {i % 7} and its colour." for i in range(400)))
+    out = tmp_path / "q"
+    r = cli("-v", "quantize", tiny_with_tokenizer, out, "--text", text, "--num-samples", "16", "--seqlen", "64")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "in-memory PTQ with 16 end-to-end steps" in r.stderr
+    assert "end-to-end fine-tune, 16 steps" in r.stderr
+    assert lc_names(AutoModelForCausalLM.from_pretrained(out))
 
 
 @pytest.mark.parametrize(

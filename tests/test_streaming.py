@@ -176,7 +176,7 @@ def test_errors_before_any_work(tmp_path, tok, texts):
     assert not (tmp_path / "out").exists() and not work_dir_for(tmp_path / "out").exists()
     calib = tmp_path / "calib.txt"
     calib.write_text(texts[0])
-    assert main(["quantize", str(src), str(tmp_path / "out"), "--text", str(calib)]) == 2
+    assert main(["quantize", str(src), str(tmp_path / "out"), "--text", str(calib), "--e2e-steps", "0"]) == 2
 
 
 def test_killed_and_resumed_gives_identical_checkpoint(tmp_path, tok, texts, caplog):
@@ -189,7 +189,7 @@ def test_killed_and_resumed_gives_identical_checkpoint(tmp_path, tok, texts, cap
     src = make_source(tmp_path / "src", tok, layers=2, shard=None)
     calib = tmp_path / "calib.txt"
     calib.write_text("\n\n".join(texts[:40]))
-    args = ["quantize", str(src), None, "--text", str(calib), "--num-samples", "4", "--seqlen", "32"]
+    args = ["quantize", str(src), None, "--text", str(calib), "--num-samples", "4", "--seqlen", "32", "--e2e-steps", "0"]
     ref, out = tmp_path / "ref", tmp_path / "out"
     assert main([a if a is not None else str(ref) for a in args]) == 0
     env = _same_package_env(**{KILL_ENV: "0"})

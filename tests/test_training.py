@@ -418,6 +418,10 @@ def test_balanced_scales_and_decay_on_every_category(lc_dir, tmp_path):
     tr.train()
     groups = {g["name"]: g["weight_decay"] for g in tr.optimizer.param_groups}
     assert groups == {"latent": 0.1, "scales": 0.1, "codebook": 0.1, "norm": 0.0}
+    # DEFAULT_LR_SCALE: the continuous parameters at 3x the latents' learning rate
+    lrs = {g["name"]: g["initial_lr"] for g in tr.optimizer.param_groups}
+    assert lrs["scales"] == lrs["codebook"] == lrs["norm"] == pytest.approx(3 * lrs["latent"])
+    assert LCQATCallback(lr_scale={"norm": 1.0}).lr_scale == {"scales": 3.0, "codebook": 3.0, "bias": 3.0, "norm": 1.0}
     with pytest.raises(ValueError, match="decay_categories: unknown categories.*'scale'"):
         LCQATCallback(decay_categories=["scale"])
 

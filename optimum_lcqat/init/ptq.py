@@ -31,6 +31,9 @@ data. One decoder block at a time:
 6. The LC layers are built (``lc_layer_from_weight`` rounds to 16-bit storage), swapped in, and
    ``X`` is propagated through the *final* quantized block: what the next block sees is what the
    saved model computes.
+7. **End-to-end fine-tuning** (``ptq_e2e_steps`` > 0, :mod:`.e2e`): after the last block, the
+   codes stay fixed and every LC layer's continuous parameters and the norms are tuned together
+   on the next-token loss of the calibration samples (kept only if held-out samples improve).
 
 Linears outside the decoder blocks (rare: ``lm_head`` is skipped by default) get the data-free
 initialisation. Peak memory (process RSS high-water mark, :func:`peak_rss_bytes`) is logged.
@@ -49,6 +52,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .._heap import retain_freed_memory
 from ..calibration import calibration_samples, load_calibration_texts, resolve_tokenizer
 from ..config import LCQATConfig
 from ..nn.lc_linear import LCLinear
@@ -90,6 +94,7 @@ class PTQReport:
     block_mse: dict  # block index -> (relative output MSE before fine-tune, after)
     seconds: float
     peak_rss_bytes: int
+    e2e_loss: tuple | None = None  # held-out calibration loss (before, after) of the end-to-end stage
 
 
 # ---------------------------------------------------------------------------------------------
@@ -675,6 +680,8 @@ def quantize_model_ptq(model: nn.Module, names: list[str], config: LCQATConfig) 
     outside = [n for n in names if n not in set(inside)]
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
+    if device.type == "cpu":
+        retain_freed_memory()  # every block allocates and frees the same large buffers (see _heap)
     was_training = model.training
     model.eval()
     bs = cfg.ptq_batch_size
@@ -697,6 +704,11 @@ def quantize_model_ptq(model: nn.Module, names: list[str], config: LCQATConfig) 
     if outside:
         logger.warning("lcqat PTQ: %d linear(s) outside the decoder blocks use the data-free init: %s", len(outside), outside)
         errors.update(quantize_linears_data_free(model, outside, cfg))
+    e2e = None
+    if cfg.ptq_e2e_steps > 0:
+        from .e2e import finetune_model_e2e
+
+        e2e = finetune_model_e2e(model, samples, cfg)
     if was_training:
         model.train()
     secs = time.perf_counter() - t0
@@ -704,6 +716,6 @@ def quantize_model_ptq(model: nn.Module, names: list[str], config: LCQATConfig) 
     if device.type == "cuda":  # pragma: no cover
         logger.info("lcqat PTQ: peak CUDA memory %.2f GiB", torch.cuda.max_memory_allocated(device) / 2**30)
     logger.info("lcqat PTQ: done in %.1fs; peak RSS (process high-water mark) %.2f GiB", secs, peak / 2**30)
-    report = PTQReport(errors, block_mse, secs, peak)
+    report = PTQReport(errors, block_mse, secs, peak, e2e)
     model._lcqat_ptq_report = report
     return report

@@ -1,0 +1,152 @@
+"""End-to-end PTQ fine-tuning: the last stage of the Hessian-aware PTQ (``ptq_e2e_steps``).
+
+After every block is quantized, the codes stay fixed and the model's continuous parameters are
+tuned together on the next-token loss of the calibration samples: each LC layer's ``s_u``,
+``s_v`` and (affine codebook) ``A``, ``beta``, and the model's 1-D parameters outside the
+embeddings (the norms). Embeddings, the dense ``lm_head``, and LC biases stay frozen.
+
+Why: the block-wise stages fit each block to the full-precision block's output in isolation;
+their errors compound through the depth of the model, and only a loss at the output sees that.
+This is QuIP#'s end-to-end fine-tuning, restricted to what PTQ may change (no code moves: that
+is QAT's job). It is cheap in parameters and costly in compute: one training step is a forward
+and backward of the whole model on ``ptq_e2e_batch_size`` calibration samples.
+
+The learning rate of each tensor is ``ptq_e2e_lr`` times its RMS (Adam's step is about the lr
+whatever the tensor's size; ``s_u`` ~ 1 and ``s_v`` ~ 0.05 need steps in proportion), with a
+cosine decay. The last eighth of the calibration samples (at most 8) is held out: the tuned
+values are kept only when they lower the held-out loss, so the stage can never make the model
+worse on calibration-like text.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import torch
+from torch import nn
+
+from .._heap import retain_freed_memory
+from ..config import LCQATConfig
+from ..nn.lc_linear import LCLinear
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["e2e_parameters", "finetune_model_e2e"]
+
+
+def e2e_parameters(model: nn.Module, train_codebook: bool) -> list[nn.Parameter]:
+    """The parameters the stage tunes (see the module docstring), each once (tied ones too)."""
+    embeddings = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    frozen = embeddings | ({id(p) for p in out_emb.parameters()} if out_emb is not None else set())
+    seen: set[int] = set()
+    params = []
+
+    def add(p):
+        if p is not None and id(p) not in seen and id(p) not in frozen and p.is_floating_point():
+            seen.add(id(p))
+            params.append(p)
+
+    lc_ids = set()
+    for m in model.modules():
+        if isinstance(m, LCLinear):
+            lc_ids.update(id(p) for p in m.parameters())
+            add(m.s_u)
+            add(m.s_v)
+            if train_codebook:
+                add(m.A)
+                add(m.beta)
+    for p in model.parameters():
+        if p.dim() == 1 and id(p) not in lc_ids:
+            add(p)
+    return params
+
+
+def _mean_loss(model, samples: torch.Tensor, batch_size: int, device) -> float:
+    total, n = 0.0, 0
+    for i in range(0, samples.shape[0], batch_size):
+        ids = samples[i:i + batch_size].to(device)
+        total += float(model(input_ids=ids, labels=ids, use_cache=False).loss) * ids.shape[0]
+        n += ids.shape[0]
+    return total / max(n, 1)
+
+
+def finetune_model_e2e(model: nn.Module, samples: torch.Tensor, cfg: LCQATConfig) -> tuple[float, float]:
+    """Tune the continuous parameters of the quantized ``model`` on the calibration ``samples``
+    [N, T] for ``cfg.ptq_e2e_steps`` Adam steps; returns the held-out loss (before, kept)."""
+    steps, bs = cfg.ptq_e2e_steps, cfg.ptq_e2e_batch_size
+    N = samples.shape[0]
+    if N < 2:
+        # nothing to hold out, so no way to know that the stage helps: skip it, and say so
+        logger.warning(
+            "lcqat PTQ: end-to-end fine-tuning skipped: it holds out calibration samples to keep only an "
+            "improvement, and num_samples=%d leaves none; raise num_samples or set ptq_e2e_steps=0", N)
+        return float("nan"), float("nan")
+    n_val = min(8, max(1, N // 8))
+    train, val = samples[: N - n_val], samples[N - n_val:]
+    param0 = next(model.parameters())
+    device, dtype = param0.device, param0.dtype
+    t0 = time.perf_counter()
+    if device.type == "cpu":
+        retain_freed_memory()  # steps reuse the heap instead of page-faulting (see _heap)
+    # float32 for the stage: Adam on 16-bit scales loses the small steps; cast back at the end
+    if dtype != torch.float32:
+        model.float()
+    params = e2e_parameters(model, cfg.codebook == "affine")
+    req = {id(p): p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    saved = [p.detach().clone() for p in params]
+    groups = [{"params": [p], "lr": cfg.ptq_e2e_lr * float(p.detach().float().pow(2).mean().sqrt().clamp_min(1e-6))}
+              for p in params]
+    base = [g["lr"] for g in groups]
+    opt = torch.optim.Adam(groups, betas=(0.9, 0.99))
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7)
+    was_training = model.training
+    model.eval()  # no dropout: the same function PTQ fitted
+    with torch.no_grad():
+        before = _mean_loss(model, val, bs, device)
+    order = torch.randperm(train.shape[0], generator=gen)
+    pos = 0
+    last = float("nan")
+    with torch.enable_grad():
+        for step in range(steps):
+            if pos + bs > order.numel():  # next epoch: reshuffle
+                order, pos = torch.randperm(train.shape[0], generator=gen), 0
+            ids = train[order[pos:pos + bs]].to(device)
+            pos += bs
+            for g, b in zip(groups, base):
+                g["lr"] = b * 0.5 * (1 + math.cos(math.pi * step / steps))
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            last = loss.item()
+            if not math.isfinite(last):
+                break
+    with torch.no_grad():
+        after = _mean_loss(model, val, bs, device) if math.isfinite(last) else float("nan")
+        keep = after < before
+        if not keep:  # never worse than the block-wise PTQ on held-out calibration text
+            for p, s in zip(params, saved):
+                p.copy_(s)
+    del opt, saved
+    for p in model.parameters():
+        p.requires_grad_(req[id(p)])
+    if dtype != torch.float32:
+        model.to(dtype)
+    for m in model.modules():
+        if isinstance(m, LCLinear):
+            m.snap_to_storage()  # what is saved is what was evaluated
+    model.train(was_training)
+    logger.info(
+        "lcqat PTQ: end-to-end fine-tune, %d steps x %d samples x %d tokens, %d tensors: held-out "
+        "calibration loss %.4f -> %.4f (%s) in %.1fs",
+        steps, bs, samples.shape[1], len(params), before, after, "kept" if keep else "discarded, worse",
+        time.perf_counter() - t0,
+    )
+    return before, (after if keep else before)
