@@ -51,30 +51,37 @@ LICENCES = Path("/usr/share/common-licenses")
 # name -> (LCQATConfig overrides, what the row tries: the aspect of the issue's table)
 ROWS: dict[str, tuple[dict | None, str]] = {
     "fp32": (None, "full precision, no quantization"),
-    "default": ({}, "today's defaults: 128 x 512 calibration tokens, 4 rounds x 1 refinement pass, 24 fine-tune steps a block, Hadamard blocks of 128"),
-    "refine10": ({"ptq_refine_passes": 10}, "LDLQ refinement: 10 coordinate-descent passes after each (A, beta) fit (official: 10)"),
-    "iters10": ({"init_iters": 10}, "10 rounds of assignment + (A, beta) fit (today 4)"),
-    "finetune96": ({"ptq_finetune_steps": 96}, "block fine-tune: 96 Adam steps a block (today 24)"),
-    "hadamard_full": ({"hadamard_block_size": "full"}, "full-dimension Hadamard (paper) instead of blocks of 128"),
-    "calib256": ({"num_samples": 256}, "calibration: 256 x 512 tokens (today 128 x 512)"),
-    "calib128x1024": ({"model_seqlen": 1024}, "calibration: 128 x 1024 tokens (longer sequences)"),
+    "default": ({}, "the defaults since #13: ptq_v1 + 16 end-to-end steps at lr 5e-3 (ptq_e2e_steps)"),
+    "fast": ({"ptq_finetune_steps": 0}, "LCQATConfig.fast(): the default without the block fine-tune (the end-to-end stage tunes the same parameters)"),
+    "ptq_v1": ({"ptq_e2e_steps": 0}, "the defaults before #13: 128 x 512 calibration tokens, 4 rounds x 1 refinement pass, 24 fine-tune steps a block, Hadamard blocks of 128, no end-to-end stage"),
+    "refine10": ({"ptq_refine_passes": 10, "ptq_e2e_steps": 0}, "LDLQ refinement: 10 coordinate-descent passes after each (A, beta) fit (official: 10)"),
+    "iters10": ({"init_iters": 10, "ptq_e2e_steps": 0}, "10 rounds of assignment + (A, beta) fit (ptq_v1: 4)"),
+    "finetune96": ({"ptq_finetune_steps": 96, "ptq_e2e_steps": 0}, "block fine-tune: 96 Adam steps a block (ptq_v1: 24)"),
+    "hadamard_full": ({"hadamard_block_size": "full", "ptq_e2e_steps": 0}, "full-dimension Hadamard (paper) instead of blocks of 128"),
+    "calib256": ({"num_samples": 256, "ptq_e2e_steps": 0}, "calibration: 256 x 512 tokens (ptq_v1: 128 x 512)"),
+    "calib128x1024": ({"model_seqlen": 1024, "ptq_e2e_steps": 0}, "calibration: 128 x 1024 tokens (longer sequences)"),
 }
 
 # QAT knobs, each from the `default` row's PTQ model: name -> (settings, what the row tries).
 # settings: "callback" = LCQATCallback kwargs, "args" = TrainingArguments overrides.
 _NON_LATENT = ("scales", "codebook", "bias", "norm")
+_LR1 = {"lr_scale": {c: 1.0 for c in _NON_LATENT}}  # one learning rate for every category
+_LR3 = {"lr_scale": {c: 3.0 for c in _NON_LATENT}}  # LCQATCallback's DEFAULT_LR_SCALE since #13
 QAT_ROWS: dict[str, tuple[dict, str]] = {
-    "qat_default": ({}, "today's QAT: AdamW lr 1e-4 on every trained category, beta2 0.999, no decay on LC parameters, clip 1"),
-    "qat_balance": ({"callback": {"balance_scales": True}}, "s_u / s_v rescaled to equal RMS before QAT (release)"),
-    "qat_lr3": ({"callback": {"lr_scale": {c: 3.0 for c in _NON_LATENT}}},
-                "lr 3e-4 on s_u, s_v, A, beta, bias, norms (latents stay at 1e-4)"),
-    "qat_balance_lr3": ({"callback": {"balance_scales": True, "lr_scale": {c: 3.0 for c in _NON_LATENT}}},
+    "qat_lr1": ({"callback": {**_LR1}},
+                "one lr 1e-4 for every trained category (the default before #13), beta2 0.999, no decay on LC parameters, clip 1"),
+    "qat_balance": ({"callback": {"balance_scales": True, **_LR1}},
+                    "s_u / s_v rescaled to equal RMS before QAT (release), one lr 1e-4"),
+    "qat_lr3": ({"callback": {**_LR3}},
+                "lr 3e-4 on s_u, s_v, A, beta, bias, norms, latents stay at 1e-4 (the default since #13)"),
+    "qat_balance_lr3": ({"callback": {"balance_scales": True, **_LR3}},
                         "balance + lr 3e-4 on the non-latent parameters"),
-    "qat_optim": ({"callback": {"decay_categories": ["latent", *_NON_LATENT, "embedding", "other"]},
+    "qat_optim": ({"callback": {"decay_categories": ["latent", *_NON_LATENT, "embedding", "other"], **_LR3},
                    "args": {"adam_beta2": 0.95, "weight_decay": 0.1}},
-                  "release optimizer: beta2 0.95, weight decay 0.1 on every trained category (clip 1 as before)"),
+                  "release optimizer on the lr3 default: beta2 0.95, weight decay 0.1 on every trained category (clip 1 as before)"),
 }
 QAT_BATCH, QAT_SEQ, QAT_LR = 4, 512, 1e-4
+QAT_BASE = "ptq_v1"  # the PTQ row every QAT row starts from (the QAT knobs were measured on it)
 ALL_ROWS = {**ROWS, **QAT_ROWS}
 
 
@@ -168,12 +175,14 @@ def run_qat(model, tok, settings: dict, budgets: list[int]) -> dict:
         print(f"QAT {tokens} tokens: {ppl} (train {train_s:.0f}s)", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="lcqat-ablation-") as out:
-        args = TrainingArguments(
+        # the row's "args" override these shared defaults (e.g. qat_optim's weight_decay)
+        arg_values = dict(
             output_dir=out, per_device_train_batch_size=QAT_BATCH, max_steps=steps, learning_rate=QAT_LR,
             lr_scheduler_type="constant_with_warmup", warmup_steps=2, weight_decay=0.0, max_grad_norm=1.0,
             logging_steps=1, save_strategy="no", report_to=[], seed=0, data_seed=0, disable_tqdm=True,
-            use_cpu=True, dataloader_num_workers=0, include_num_input_tokens_seen="all", **settings.get("args", {}),
+            use_cpu=True, dataloader_num_workers=0, include_num_input_tokens_seen="all",
         )
+        args = TrainingArguments(**{**arg_values, **settings.get("args", {})})
         cb = LCQATCallback(**settings.get("callback", {}))
         trainer = LCQATTrainer(model=model, args=args, train_dataset=train_ds,
                                callbacks=[cb, budget_eval_callback(budgets, lambda m: evaluate(m, tok), record)])
@@ -194,8 +203,8 @@ def run_row(name: str, qat_budgets: list[int]) -> dict:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         return {"row": name, "config": None, "ptq_seconds": None, **evaluate(model, tok)}
     if name in QAT_ROWS:
-        model, _ = ptq_model("default", tok)
-        return {"row": name, "qat": run_qat(model, tok, QAT_ROWS[name][0], qat_budgets)}
+        model, _ = ptq_model(QAT_BASE, tok)
+        return {"row": name, "base": QAT_BASE, "qat": run_qat(model, tok, QAT_ROWS[name][0], qat_budgets)}
     model, ptq_s = ptq_model(name, tok)
     out = {"row": name, "config": {"overrides": ROWS[name][0]}, "ptq_seconds": ptq_s, **evaluate(model, tok)}
     if qat_budgets:
@@ -222,6 +231,12 @@ def _measured(r: dict) -> str:
     return f"{r['time']}, {r['cpu']}, git {r['commit'][:7]}"
 
 
+def _last_line(error: str) -> str:
+    """A worker's error as one table cell: the last line of its stderr (the exception)."""
+    lines = [ln.strip() for ln in error.strip().splitlines() if ln.strip()]
+    return (lines[-1] if lines else error)[:160].replace("|", "/")
+
+
 def render(rows: dict, env_md: str) -> str:
     fp = rows.get("fp32", {})
     lines = ["# Quality v2 ablation: SmolLM2-135M, the recipe's knobs one at a time (#13)", "", env_md,
@@ -240,7 +255,7 @@ def render(rows: dict, env_md: str) -> str:
         if r is None:
             continue
         if "error" in r:
-            lines.append(f"| {name} | {ROWS[name][1]} | error: {r['error'][:80]} | | | | | | | {r.get('time', '')} | |")
+            lines.append(f"| {name} | {ROWS[name][1]} | error: {_last_line(r['error'])} | | | | | | | {r.get('time', '')} | |")
             continue
         ptq = f"{r['ptq_seconds']:.0f}" if r.get("ptq_seconds") is not None else "-"
         lines.append(f"| {name} | {ROWS[name][1]} | {ptq} | {r['ppl_heldout']:.2f} | {_x(r, fp, 'ppl_heldout')} | "
@@ -248,13 +263,13 @@ def render(rows: dict, env_md: str) -> str:
                      f"`{r['command']}` |")
     qat = [n for n in QAT_ROWS if n in rows]
     if qat:
-        lines += ["", "## QAT knobs (each from the `default` row's PTQ model, same batches)", "",
+        lines += ["", f"## QAT knobs (each from the `{QAT_BASE}` row's PTQ model, same batches)", "",
                   "| row | what it tries | QAT 50K | QAT 200K | train s (last budget) | measured | command |",
                   "|---|---|---|---|---:|---|---|"]
         for name in qat:
             r = rows[name]
             if "error" in r:
-                lines.append(f"| {name} | {QAT_ROWS[name][1]} | error: {r['error'][:80]} | | | {r.get('time', '')} | |")
+                lines.append(f"| {name} | {QAT_ROWS[name][1]} | error: {_last_line(r['error'])} | | | {r.get('time', '')} | |")
                 continue
             pts = r["qat"]["budgets"]
             last = pts[max(pts, key=int)]["train_seconds"] if pts else None

@@ -4,9 +4,9 @@ Why: one training step of an LC model on the CPU allocates and frees gigabytes o
 (SmolLM2-135M, 4 x 512 tokens: ~10 GB). By default glibc hands every block above 128 KiB-32 MiB
 back to the operating system when it is freed (mmap threshold, heap trimming), so the next step
 touches fresh pages and takes one page fault per 4 KiB: 2.6 million faults in the first step and
-0.4 million in every later one, a third of the step on these VMs (2-core VM, SmolLM2-135M, 4 x
-512 tokens: QAT step 17.9 s -> 12.3 s; benchmarks/results/ablation.md: 50K QAT tokens in 334 s
-against 491 s before). With mmap off and trimming off the heap keeps what it grew to and every
+0.4 million in every later one, about a third of the step on these VMs (2-core VM, SmolLM2-135M,
+4 x 512 tokens; benchmarks/results/ablation.md: the same 50K QAT tokens at the same settings in
+334 s, against 491 s before this). With mmap off and trimming off the heap keeps what it grew to and every
 step after the first two runs without a fault.
 
 The cost: the process keeps its peak heap until it exits (it is reused, not returned). Results

@@ -111,12 +111,31 @@ def test_e2e_finetune_lowers_heldout_loss_and_keeps_codes(tok, texts, caplog):
     assert loss(e2e) < loss(base), (loss(e2e), loss(base))
     with pytest.raises(ValueError, match="ptq_e2e_steps"):
         LCQATConfig(ptq_e2e_steps=-1)
+    fast = LCQATConfig.fast(num_samples=16)
+    assert (fast.ptq_finetune_steps, fast.ptq_e2e_steps, fast.num_samples) == (0, 16, 16)
     # one calibration sample leaves none to hold out: the stage is skipped, with the fix named
     one = copy.deepcopy(fp)
     with caplog.at_level(logging.WARNING, logger="optimum_lcqat.init.e2e"):
         r1 = quantize_model_ptq(one, names, ptq_config(texts["calib"], tok, num_samples=1, ptq_finetune_steps=0))
     assert all(math.isnan(v) for v in r1.e2e_loss)
     assert "raise num_samples or set ptq_e2e_steps=0" in caplog.text
+
+
+def test_e2e_stage_in_a_bf16_from_pretrained_keeps_dtypes(tok, texts, tmp_path):
+    """transformers refuses .float() on a quantized model: the stage casts tensor by tensor to
+    float32 and back, and every tensor ends in the dtype it had."""
+    from transformers import AutoModelForCausalLM
+
+    tiny_llama(tok).save_pretrained(tmp_path / "fp")
+    cfg = ptq_config(texts["calib"], tok, num_samples=8, ptq_finetune_steps=0, ptq_e2e_steps=2)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "fp", dtype=torch.bfloat16, quantization_config=cfg)
+    report = model._lcqat_ptq_report
+    assert all(math.isfinite(v) for v in report.e2e_loss), report.e2e_loss
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "fp", dtype=torch.bfloat16)
+    ref_dtypes = {n: t.dtype for n, t in ref.named_buffers()} | {n: p.dtype for n, p in ref.named_parameters()}
+    for n, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if n in ref_dtypes and t.is_floating_point():
+            assert t.dtype == ref_dtypes[n], (n, t.dtype, ref_dtypes[n])
 
 
 def test_layer_ptq_beats_data_free_on_hessian_proxy():

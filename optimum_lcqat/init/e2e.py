@@ -64,6 +64,25 @@ def e2e_parameters(model: nn.Module, train_codebook: bool) -> list[nn.Parameter]
     return params
 
 
+def _set_tensor(holder: nn.Module, name: str, t: torch.Tensor) -> None:
+    if name in holder._parameters:
+        holder._parameters[name].data = t
+    else:
+        holder._buffers[name] = t
+
+
+def _float32_tensors(model: nn.Module) -> list[tuple[nn.Module, str, torch.dtype]]:
+    """Cast every 16-bit float parameter and buffer of ``model`` to float32 in place; returns
+    what to cast back (module, name, dtype)."""
+    cast = []
+    for m in model.modules():
+        for name, t in list(m._parameters.items()) + list(m._buffers.items()):
+            if t is not None and t.is_floating_point() and t.dtype != torch.float32:
+                cast.append((m, name, t.dtype))
+                _set_tensor(m, name, t.detach().float())
+    return cast
+
+
 def _mean_loss(model, samples: torch.Tensor, batch_size: int, device) -> float:
     total, n = 0.0, 0
     for i in range(0, samples.shape[0], batch_size):
@@ -92,8 +111,8 @@ def finetune_model_e2e(model: nn.Module, samples: torch.Tensor, cfg: LCQATConfig
     if device.type == "cpu":
         retain_freed_memory()  # steps reuse the heap instead of page-faulting (see _heap)
     # float32 for the stage: Adam on 16-bit scales loses the small steps; cast back at the end
-    if dtype != torch.float32:
-        model.float()
+    # (tensor by tensor: transformers refuses model.float() on a quantized model)
+    cast = _float32_tensors(model)
     params = e2e_parameters(model, cfg.codebook == "affine")
     req = {id(p): p.requires_grad for p in model.parameters()}
     for p in model.parameters():
@@ -137,8 +156,8 @@ def finetune_model_e2e(model: nn.Module, samples: torch.Tensor, cfg: LCQATConfig
     del opt, saved
     for p in model.parameters():
         p.requires_grad_(req[id(p)])
-    if dtype != torch.float32:
-        model.to(dtype)
+    for holder, name, was in cast:
+        _set_tensor(holder, name, getattr(holder, name).to(was))
     for m in model.modules():
         if isinstance(m, LCLinear):
             m.snap_to_storage()  # what is saved is what was evaluated
