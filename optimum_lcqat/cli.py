@@ -126,23 +126,28 @@ def cmd_quantize(args) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     src = _resolve_model(args.model)
-    if calib is not None and not args.in_memory and not args.qat_tokens and Path(src).is_dir():
-        # the end-to-end PTQ stage trains the whole model at once: worth it for models that fit,
-        # while big ones take the streaming PTQ (one block in memory), which has no such stage
-        size = _weights_bytes(src)
-        if cfg.ptq_e2e_steps == 0 or size > STREAM_ABOVE_BYTES:
-            if cfg.ptq_e2e_steps:
-                logging.getLogger(__name__).info(
-                    "lcqat quantize: streaming PTQ (%.1f GiB of weights, above %d GiB), without the end-to-end "
-                    "stage; --in-memory keeps it", size / 2**30, STREAM_ABOVE_BYTES >> 30)
-            return _quantize_streaming(args, cfg, src)
-        logging.getLogger(__name__).info(
-            "lcqat quantize: in-memory PTQ with %d end-to-end steps (%.2f GiB of weights); --e2e-steps 0 "
-            "streams one block at a time instead", cfg.ptq_e2e_steps, size / 2**30)
-    if args.device is not None:
-        raise UsageError("--device applies to the streaming PTQ (calibration text, a local folder, no --in-memory/--qat-tokens)")
+    why = None  # why a PTQ runs in memory rather than streaming
     if calib is not None and not args.in_memory:
-        why = "QAT needs the whole model in memory" if args.qat_tokens else f"{src!r} is not a local folder"
+        if args.qat_tokens:
+            why = "QAT needs the whole model in memory"
+        elif not Path(src).is_dir():
+            why = f"{src!r} is not a local folder"
+        else:
+            # the end-to-end PTQ stage trains the whole model at once: worth it for models that fit,
+            # while big ones take the streaming PTQ (one block in memory), which has no such stage
+            size = _weights_bytes(src)
+            if cfg.ptq_e2e_steps == 0 or size > STREAM_ABOVE_BYTES:
+                if cfg.ptq_e2e_steps:
+                    logging.getLogger(__name__).info(
+                        "lcqat quantize: streaming PTQ (%.1f GiB of weights, above %d GiB), without the end-to-end "
+                        "stage; --in-memory keeps it", size / 2**30, STREAM_ABOVE_BYTES >> 30)
+                return _quantize_streaming(args, cfg, src)
+            why = (f"with {cfg.ptq_e2e_steps} end-to-end steps, {size / 2**30:.2f} GiB of weights; --e2e-steps 0 "
+                   "streams one block at a time instead")
+    if args.device is not None:
+        raise UsageError("--device applies to the streaming PTQ (calibration text, a local folder, no --in-memory/"
+                         "--qat-tokens; --e2e-steps 0 below 4 GiB of weights)")
+    if why is not None:
         logging.getLogger(__name__).info("lcqat quantize: in-memory PTQ (%s)", why)
     model, tok, path = _load_model(args.model, args.dtype, cfg if calib is None else None)
     if calib is not None:

@@ -77,7 +77,7 @@ def test_quantize_with_calibration_runs_the_end_to_end_stage_in_memory(tiny_with
     out = tmp_path / "q"
     r = cli("-v", "quantize", tiny_with_tokenizer, out, "--text", text, "--num-samples", "16", "--seqlen", "64")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "in-memory PTQ with 16 end-to-end steps" in r.stderr
+    assert "in-memory PTQ (with 16 end-to-end steps" in r.stderr
     assert "end-to-end fine-tune, 16 steps" in r.stderr
     assert lc_names(AutoModelForCausalLM.from_pretrained(out))
 

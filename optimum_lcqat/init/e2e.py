@@ -11,9 +11,8 @@ This is QuIP#'s end-to-end fine-tuning, restricted to what PTQ may change (no co
 is QAT's job). It is cheap in parameters and costly in compute: one training step is a forward
 and backward of the whole model on ``ptq_e2e_batch_size`` calibration samples.
 
-The learning rate of each tensor is ``ptq_e2e_lr`` times its RMS (Adam's step is about the lr
-whatever the tensor's size; ``s_u`` ~ 1 and ``s_v`` ~ 0.05 need steps in proportion), with a
-cosine decay. The last eighth of the calibration samples (at most 8) is held out: the tuned
+The learning rate of each tensor is ``ptq_e2e_lr`` times its RMS, with a cosine decay, as in the
+block fine-tune (:func:`.ptq.rms_relative_adam`). The last eighth of the calibration samples (at most 8) is held out: the tuned
 values are kept only when they lower the held-out loss, so the stage can never make the model
 worse on calibration-like text.
 """
@@ -30,6 +29,7 @@ from torch import nn
 from .._heap import retain_freed_memory
 from ..config import LCQATConfig
 from ..nn.lc_linear import LCLinear
+from .ptq import rms_relative_adam, set_cosine_lr
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def finetune_model_e2e(model: nn.Module, samples: torch.Tensor, cfg: LCQATConfig
     n_val = min(8, max(1, N // 8))
     train, val = samples[: N - n_val], samples[N - n_val:]
     param0 = next(model.parameters())
-    device, dtype = param0.device, param0.dtype
+    device = param0.device
     t0 = time.perf_counter()
     if device.type == "cpu":
         retain_freed_memory()  # steps reuse the heap instead of page-faulting (see _heap)
@@ -120,10 +120,7 @@ def finetune_model_e2e(model: nn.Module, samples: torch.Tensor, cfg: LCQATConfig
     for p in params:
         p.requires_grad_(True)
     saved = [p.detach().clone() for p in params]
-    groups = [{"params": [p], "lr": cfg.ptq_e2e_lr * float(p.detach().float().pow(2).mean().sqrt().clamp_min(1e-6))}
-              for p in params]
-    base = [g["lr"] for g in groups]
-    opt = torch.optim.Adam(groups, betas=(0.9, 0.99))
+    opt = rms_relative_adam(params, cfg.ptq_e2e_lr)
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7)
     was_training = model.training
     model.eval()  # no dropout: the same function PTQ fitted
@@ -138,8 +135,7 @@ def finetune_model_e2e(model: nn.Module, samples: torch.Tensor, cfg: LCQATConfig
                 order, pos = torch.randperm(train.shape[0], generator=gen), 0
             ids = train[order[pos:pos + bs]].to(device)
             pos += bs
-            for g, b in zip(groups, base):
-                g["lr"] = b * 0.5 * (1 + math.cos(math.pi * step / steps))
+            set_cosine_lr(opt, step, steps)
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -502,6 +502,23 @@ def _block_mse(block, X, Y, kwargs_per_batch, batch_size, idx) -> float:
     return num / max(den, 1e-30)
 
 
+def rms_relative_adam(params, lr: float) -> torch.optim.Adam:
+    """Adam with one group per tensor at ``lr`` times the tensor's RMS: Adam's step is about the
+    learning rate whatever the gradient's size, so tensors of very different magnitude (``s_u`` ~ 1,
+    ``s_v`` ~ 0.05) need learning rates in proportion. :func:`set_cosine_lr` decays them."""
+    groups = []
+    for p in params:
+        base = lr * float(p.detach().float().pow(2).mean().sqrt().clamp_min(1e-6))
+        groups.append({"params": [p], "lr": base, "base_lr": base})
+    return torch.optim.Adam(groups, betas=(0.9, 0.99))
+
+
+def set_cosine_lr(opt: torch.optim.Optimizer, step: int, steps: int) -> None:
+    """Cosine decay of every group's ``base_lr`` (see :func:`rms_relative_adam`) at ``step`` of ``steps``."""
+    for g in opt.param_groups:
+        g["lr"] = g["base_lr"] * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+
 def _finetune_block(block, tunables: dict, X, Y, kwargs_per_batch, batch_size, cfg: LCQATConfig, seed: int):
     """Adam on s_u, s_v, (A, beta) and the block's own 1-D parameters against the fp output."""
     N = X.shape[0]
@@ -516,9 +533,7 @@ def _finetune_block(block, tunables: dict, X, Y, kwargs_per_batch, batch_size, c
     req = [p.requires_grad for p in own]
     for p in own:
         p.requires_grad_(True)
-    groups = [{"params": [p], "lr": cfg.ptq_finetune_lr * float(p.detach().float().pow(2).mean().sqrt().clamp_min(1e-6))} for p in params]
-    opt = torch.optim.Adam(groups, betas=(0.9, 0.99))
-    base = [g["lr"] for g in groups]
+    opt = rms_relative_adam(params, cfg.ptq_finetune_lr)
     steps = cfg.ptq_finetune_steps
     gen = torch.Generator().manual_seed(seed)
     dev = _block_device(block)
@@ -529,8 +544,7 @@ def _finetune_block(block, tunables: dict, X, Y, kwargs_per_batch, batch_size, c
         i = train_idx[int(torch.randint(len(train_idx), (1,), generator=gen))]
         bi, off = divmod(i, batch_size)
         kw = _slice_batch(kwargs_per_batch[bi], slice(off, off + 1), min(batch_size, N - bi * batch_size))
-        for g, b in zip(groups, base):
-            g["lr"] = b * 0.5 * (1 + math.cos(math.pi * step / steps))
+        set_cosine_lr(opt, step, steps)
         y = _first_tensor(block(_rows(X, slice(i, i + 1), dev), **kw))
         loss = (y.float() - _rows(Y, slice(i, i + 1), dev, torch.float32)).pow(2).mean() / y_scale
         opt.zero_grad(set_to_none=True)
