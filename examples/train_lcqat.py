@@ -107,15 +107,16 @@ def main(argv=None):
     lr_scale = {k: float(v) for k, v in (kv.split("=") for kv in a.lr_scale.split(",") if kv)}
     trainer = LCQATTrainer(model=model, args=args, train_dataset=ds, teacher_model=teacher, kd_alpha=a.kd_alpha,
                            lr_scale=lr_scale)
+    backend, pids = None, [os.getpid()]
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed:
+        backend = torch.distributed.get_backend()
+        pids = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(pids, os.getpid())
     t0 = time.time()
     trainer.train(resume_from_checkpoint=a.resume)
     elapsed = time.time() - t0
     trainer.save_model(os.path.join(a.output, "final"))
-    backend, pids = None, [os.getpid()]
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        backend = torch.distributed.get_backend()
-        pids = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(pids, os.getpid())
     sharded = _sharded_parameters(trainer.model)
     if trainer.is_world_process_zero():
         info = {
@@ -128,6 +129,16 @@ def main(argv=None):
         with open(os.path.join(a.output, "run_info.json"), "w") as f:
             json.dump(info, f, indent=1)
         print(json.dumps(info))
+    # Every rank tears its process group down before the interpreter exits. Left to interpreter
+    # exit, gloo's worker threads abort the process (SIGABRT, "terminate called without an active
+    # exception", seen in CI after a finished, saved run). Torn down right after a collective on
+    # Python tensors it can deadlock instead: the main thread, holding the GIL, joins a gloo worker
+    # that waits for the GIL to free that collective's tensors (gdb, torch 2.13). So the pid gather
+    # runs before training, and every rank waits in a barrier (GIL released) for rank 0's save,
+    # which lets the workers finish with the last training step's collectives first.
+    if distributed:
+        torch.distributed.barrier()
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":
