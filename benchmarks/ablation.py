@@ -156,12 +156,28 @@ def evaluate(model, tok) -> dict:
     return out
 
 
-def run_qat(model, tok, settings: dict, budgets: list[int]) -> dict:
-    """LC-QAT of ``model`` with the row's settings; both perplexities at each budget."""
+def _qat_run_dir(row: str, settings: dict, budgets: list[int]) -> Path:
+    """Where a QAT run split into parts keeps its resumable Trainer checkpoint: one folder per
+    (row, settings, planned budgets), so a part resumes only the run it belongs to."""
+    from optimum_lcqat.assets import default_cache_dir
+
+    key = hashlib.sha256(json.dumps([row, settings, budgets], sort_keys=True).encode()).hexdigest()[:12]
+    return default_cache_dir() / "ablation" / f"{row}-qat-{key}"
+
+
+def run_qat(model, tok, settings: dict, budgets: list[int], row: str = "", stop_at: int | None = None) -> dict:
+    """LC-QAT of ``model`` with the row's settings; both perplexities at each budget.
+
+    The run is planned for max(budgets) tokens (steps, data, schedule). With ``stop_at`` it trains
+    only up to that many tokens, evaluating the budgets it passes, and saves a resumable Trainer
+    checkpoint (model, optimizer, RNG, LCQATCallback state); the next call with the same row,
+    settings and budgets resumes it, so the parts together are the one planned run (same batches
+    in the same order). Train seconds add up over the parts."""
     import tempfile
 
     from qat import budget_eval_callback
-    from transformers import TrainingArguments
+    from transformers import TrainerCallback, TrainingArguments
+    from transformers.trainer_utils import get_last_checkpoint
 
     from optimum_lcqat.data import split_texts, token_windows
     from optimum_lcqat.training import LCQATCallback, LCQATTrainer
@@ -169,28 +185,58 @@ def run_qat(model, tok, settings: dict, budgets: list[int]) -> dict:
     steps = math.ceil(max(budgets) / (QAT_BATCH * QAT_SEQ))
     train_ds = token_windows(split_texts("train"), tok, QAT_SEQ, max_tokens=max(budgets) + QAT_BATCH * QAT_SEQ * 2)
     points: dict[str, dict] = {}
+    parted = stop_at is not None
+    run_dir = _qat_run_dir(row, settings, budgets) if parted else None
+    resume, seconds_before, tokens_before = None, 0.0, 0
+    if parted and run_dir.is_dir():
+        resume = get_last_checkpoint(str(run_dir))
+        if resume:
+            part = json.loads((run_dir / "part.json").read_text())
+            seconds_before, tokens_before = part["train_seconds"], part["tokens"]
 
     def record(budget, tokens, ppl, train_s, loss):
-        points[str(budget)] = {**ppl, "tokens": int(tokens), "train_seconds": train_s, "train_loss": loss}
-        print(f"QAT {tokens} tokens: {ppl} (train {train_s:.0f}s)", flush=True)
+        points[str(budget)] = {**ppl, "tokens": int(tokens), "train_seconds": seconds_before + train_s,
+                               "train_loss": loss, **({"resumed_from": Path(resume).name} if resume else {})}
+        print(f"QAT {tokens} tokens: {ppl} (train {seconds_before + train_s:.0f}s)", flush=True)
 
-    with tempfile.TemporaryDirectory(prefix="lcqat-ablation-") as out:
+    budget_cb = budget_eval_callback(budgets, lambda m: evaluate(m, tok), record)
+    budget_cb.pending = [b for b in budget_cb.pending if b > tokens_before]  # earlier parts evaluated these
+
+    class _StopAndSave(TrainerCallback):
+        """Ends this part once it has trained ``stop_at`` tokens, with a checkpoint to resume."""
+
+        def on_step_end(self, args, state, control, **kw):
+            if state.num_input_tokens_seen >= stop_at and state.global_step < state.max_steps:
+                control.should_training_stop = True
+                control.should_save = True
+
+        def on_save(self, args, state, control, **kw):
+            part = {"train_seconds": seconds_before + budget_cb.train_time, "tokens": state.num_input_tokens_seen,
+                    "step": state.global_step}
+            (Path(args.output_dir) / "part.json").write_text(json.dumps(part))
+
+    with tempfile.TemporaryDirectory(prefix="lcqat-ablation-") as tmp:
+        out = str(run_dir) if parted else tmp
         # the row's "args" override these shared defaults (e.g. qat_optim's weight_decay)
         arg_values = dict(
             output_dir=out, per_device_train_batch_size=QAT_BATCH, max_steps=steps, learning_rate=QAT_LR,
             lr_scheduler_type="constant_with_warmup", warmup_steps=2, weight_decay=0.0, max_grad_norm=1.0,
-            logging_steps=1, save_strategy="no", report_to=[], seed=0, data_seed=0, disable_tqdm=True,
-            use_cpu=True, dataloader_num_workers=0, include_num_input_tokens_seen="all",
+            logging_steps=1, save_strategy="no", save_total_limit=1, report_to=[], seed=0, data_seed=0,
+            disable_tqdm=True, use_cpu=True, dataloader_num_workers=0, include_num_input_tokens_seen="all",
         )
         args = TrainingArguments(**{**arg_values, **settings.get("args", {})})
         cb = LCQATCallback(**settings.get("callback", {}))
-        trainer = LCQATTrainer(model=model, args=args, train_dataset=train_ds,
-                               callbacks=[cb, budget_eval_callback(budgets, lambda m: evaluate(m, tok), record)])
-        trainer.train()
-    return {"budgets": points, "settings": settings, "batch": QAT_BATCH, "seq_len": QAT_SEQ, "lr": QAT_LR}
+        # the budget callback ends the run at its last budget (the plan's end); a part ends earlier
+        callbacks = [cb, budget_cb] + ([_StopAndSave()] if parted else [])
+        trainer = LCQATTrainer(model=model, args=args, train_dataset=train_ds, callbacks=callbacks)
+        if resume:
+            print(f"QAT: resuming {resume} ({seconds_before:.0f} train seconds before)", flush=True)
+        trainer.train(resume_from_checkpoint=resume)
+    return {"budgets": points, "settings": settings, "batch": QAT_BATCH, "seq_len": QAT_SEQ, "lr": QAT_LR,
+            "planned_budgets": budgets, **({"run_dir": str(run_dir), "stopped_at_tokens": stop_at} if parted else {})}
 
 
-def run_row(name: str, qat_budgets: list[int]) -> dict:
+def run_row(name: str, qat_budgets: list[int], stop_at: int | None = None) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -204,12 +250,32 @@ def run_row(name: str, qat_budgets: list[int]) -> dict:
         return {"row": name, "config": None, "ptq_seconds": None, **evaluate(model, tok)}
     if name in QAT_ROWS:
         model, _ = ptq_model(QAT_BASE, tok)
-        return {"row": name, "base": QAT_BASE, "qat": run_qat(model, tok, QAT_ROWS[name][0], qat_budgets)}
+        return {"row": name, "base": QAT_BASE, "qat": run_qat(model, tok, QAT_ROWS[name][0], qat_budgets, name, stop_at)}
     model, ptq_s = ptq_model(name, tok)
     out = {"row": name, "config": {"overrides": ROWS[name][0]}, "ptq_seconds": ptq_s, **evaluate(model, tok)}
     if qat_budgets:
-        out["qat"] = run_qat(model, tok, {}, qat_budgets)
+        out["qat"] = run_qat(model, tok, {}, qat_budgets, name, stop_at)
     return out
+
+
+def _merge_parts(old: dict | None, new: dict) -> dict:
+    """A part of a QAT run split over several invocations (``--qat-stop-at``) adds its budget
+    points to the row's earlier parts of the same planned run, each point keeping when and from
+    which commit it was measured. A PTQ model read from the cache has no PTQ time: the time
+    measured when it was built stays."""
+    if not old or "error" in old or "error" in new:
+        return new
+    oq, nq = old.get("qat") or {}, new.get("qat") or {}
+    if new.get("ptq_seconds") is None and old.get("ptq_seconds") is not None and "ppl_heldout" in new:
+        new["ptq_seconds"] = old["ptq_seconds"]
+        new["ptq_seconds_measured"] = old.get("ptq_seconds_measured") or f"{old.get('time')}, git {old.get('commit', '')[:7]}"
+    same_run = nq.get("settings") == oq.get("settings") and nq.get("planned_budgets") == oq.get("planned_budgets")
+    if nq.get("run_dir") and same_run:
+        stamp = {"time": new.get("time"), "commit": new.get("commit"), "command": new.get("command")}
+        for pt in nq["budgets"].values():
+            pt.setdefault("measured", stamp)
+        nq["budgets"] = {**oq.get("budgets", {}), **nq["budgets"]}
+    return new
 
 
 def _x(r: dict, fp: dict, key: str) -> str:
@@ -275,6 +341,22 @@ def render(rows: dict, env_md: str) -> str:
             last = pts[max(pts, key=int)]["train_seconds"] if pts else None
             ts = f"{last:.0f}" if last is not None else ""
             lines.append(f"| {name} | {QAT_ROWS[name][1]} | {_qat_cells(r, fp)} | {ts} | {_measured(r)} | `{r['command']}` |")
+    long_runs = [n for n in ALL_ROWS if n in rows and "error" not in rows[n]
+                 and any(int(b) > 200000 for b in (rows[n].get("qat") or {}).get("budgets", {}))]
+    for name in long_runs:
+        q = rows[name]["qat"]
+        lines += ["", f"## Long QAT: `{name}` row, every budget point (batch {q['batch']} x {q['seq_len']}, "
+                  f"planned to {max(q.get('planned_budgets') or [0]):,} tokens)", "",
+                  "| QAT tokens | heldout ppl | x fp32 | licences ppl | x fp32 | train s (cumulative) | part | measured | command |",
+                  "|---:|---:|---:|---:|---:|---:|---|---|---|"]
+        for b in sorted(q["budgets"], key=int):
+            p = q["budgets"][b]
+            m = p.get("measured") or {"time": rows[name].get("time"), "commit": rows[name].get("commit", ""),
+                                      "command": rows[name].get("command")}
+            part = f"resumed from {p['resumed_from']}" if p.get("resumed_from") else "first"
+            lines.append(f"| {int(b):,} | {p['ppl_heldout']:.2f} | {_x(p, fp, 'ppl_heldout')} | {p['ppl_licences']:.2f} | "
+                         f"{_x(p, fp, 'ppl_licences')} | {p['train_seconds']:.0f} | {part} | {m['time']}, git "
+                         f"{(m['commit'] or '')[:7]} | `{m['command']}` |")
     return "\n".join(lines) + "\n"
 
 
@@ -284,6 +366,10 @@ def main() -> None:
     ap.add_argument("--force", action="store_true", help="run rows already in the JSON again")
     ap.add_argument("--qat-budgets", default="", help="comma list of QAT token budgets, e.g. 50000,200000 "
                     "(PTQ rows: QAT after PTQ; qat_* rows need it)")
+    ap.add_argument("--qat-stop-at", type=int, default=None, metavar="TOKENS",
+                    help="train this invocation only up to TOKENS of the run planned by --qat-budgets, then save a "
+                    "resumable checkpoint; the next call with the same rows and budgets resumes it (give it on every "
+                    "part, the last one with the largest budget). Points merge into the row's earlier ones")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
@@ -300,7 +386,7 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(2)
-        Path(args.worker_out).write_text(json.dumps(run_row(args.worker, budgets)))
+        Path(args.worker_out).write_text(json.dumps(run_row(args.worker, budgets, args.qat_stop_at)))
         return
 
     from _common import environment, md_env
@@ -326,8 +412,9 @@ def main() -> None:
     for name in todo:
         tmp = RESULTS / f".ablation_{name}.json"
         qflag = f" --qat-budgets {','.join(map(str, budgets))}" if budgets and name != "fp32" else ""
+        qflag += f" --qat-stop-at {args.qat_stop_at}" if qflag and args.qat_stop_at is not None else ""
         cmd = [sys.executable, "-P", str(Path(__file__).resolve()), "--worker", name, "--worker-out", str(tmp)]
-        cmd += ["--qat-budgets", ",".join(map(str, budgets))] if qflag else []
+        cmd += qflag.split()
         print(f"== {name}: {ALL_ROWS[name][1]}", flush=True)
         t = time.perf_counter()
         proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
@@ -340,7 +427,7 @@ def main() -> None:
                    cpu=cpu_info()["model"], commit=env.get("git_commit") or "unknown",
                    command=f"python -P benchmarks/ablation.py --rows {name}{qflag}")
         print(json.dumps({k: v for k, v in res.items() if k != "config"}), flush=True)
-        data["rows"][name] = res
+        data["rows"][name] = _merge_parts(data["rows"].get(name), res)
         data["environment_last_run"] = env
         tmp_json = path.with_suffix(".json.tmp")
         tmp_json.write_text(json.dumps(data, indent=1))
