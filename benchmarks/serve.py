@@ -196,7 +196,41 @@ def smollm2_dirs() -> dict[str, Path]:
         model = AutoModelForCausalLM.from_pretrained(fp, dtype=torch.float32, quantization_config=LCQATConfig())
         model.save_pretrained(lc)
         AutoTokenizer.from_pretrained(fp).save_pretrained(lc)
-    return {"dense": Path(fp), "lcqat": lc}
+    return {"dense": Path(fp), "lcqat": lc, "lcqat_int8head": with_int8_head(lc)}
+
+
+def with_int8_head(lc: Path) -> Path:
+    """``lc`` with its tied output projection also stored as int8 (``lm_head_int8``): what
+    ``LCQATConfig(lm_head_int8=True)`` saves for a tied model (the embedding as it is, for the
+    lookup, plus ``lm_head.weight_int8`` and ``lm_head.scale`` per row), built from ``lc``'s
+    tensors in seconds. Cached beside ``lc``."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from optimum_lcqat.nn.int8_linear import quantize_rows_int8
+
+    out = lc.parent / (lc.name + "-int8head")
+    if (out / "config.json").exists():
+        return out
+    conf = json.loads((lc / "config.json").read_text())
+    if not conf.get("tie_word_embeddings", False):
+        raise SystemExit(f"{lc}: with_int8_head builds the int8 head of a tied model only")
+    with safe_open(str(lc / "model.safetensors"), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if "lm_head.weight" in tensors:
+        raise SystemExit(f"{lc}: tied model with an lm_head.weight tensor; not the layout with_int8_head expects")
+    q, scale = quantize_rows_int8(tensors["model.embed_tokens.weight"])
+    tensors.update({"lm_head.weight_int8": q, "lm_head.scale": scale})
+    tmp = Path(tempfile.mkdtemp(dir=lc.parent, prefix=".int8head-"))
+    save_file(tensors, str(tmp / "model.safetensors"), metadata=meta)
+    conf["quantization_config"]["lm_head_int8"] = True
+    (tmp / "config.json").write_text(json.dumps(conf, indent=1))
+    for f in lc.iterdir():  # tokenizer and generation config as they are
+        if f.is_file() and f.name not in ("model.safetensors", "config.json"):
+            (tmp / f.name).write_bytes(f.read_bytes())
+    os.replace(tmp, out)
+    return out
 
 
 def llama1b_dirs() -> dict[str, Path]:
@@ -254,7 +288,7 @@ def llama1b_dirs() -> dict[str, Path]:
         conf["quantization_config"] = qc
         (lc / "config.json").write_text(json.dumps(conf, indent=1))
         tok.save_pretrained(lc)
-    return {"dense": dense, "lcqat": lc}
+    return {"dense": dense, "lcqat": lc, "lcqat_int8head": with_int8_head(lc)}
 
 
 # ---------------------------------------------------------------------------- transformers
@@ -278,7 +312,8 @@ def hf_decode(model_dir: Path, dtype, new_tokens: int = 48) -> float:
 
 
 VARIANTS = {"fp32": ("dense", "float32"), "bf16": ("dense", "bfloat16"), "lcqat": ("lcqat", "float32"),
-            "lcqat-bf16": ("lcqat", "bfloat16")}  # LC weights, the rest of the model (attention, norms) in bf16
+            "lcqat-bf16": ("lcqat", "bfloat16"),  # LC weights, the rest of the model (attention, norms) in bf16
+            "lcqat-bf16-int8head": ("lcqat_int8head", "bfloat16")}  # and the tied head also stored int8 (lm_head_int8)
 
 
 def main() -> None:
@@ -335,7 +370,9 @@ def render(rows, env, args) -> str:
              "/ wall time (offline LLM.generate). x = ratio to the faster dense dtype in the same engine and mode. "
              "LC checkpoints: data-free (SmolLM2) / random codes (1B shapes); speed does not depend on values. "
              "lcqat-bf16: LC linears, the rest of the model in bf16 (bf16 activations: bf16 products where the CPU "
-             "has AVX512_BF16). vLLM's CPU worker binds its OpenMP threads to the cores it does not reserve for its "
+             "has AVX512_BF16). lcqat-bf16-int8head: the same with the output projection read from an int8 copy of the "
+             "tied embedding (LCQATConfig(lm_head_int8=True); one fp32 scale per row), the embedding lookup unchanged. "
+             "vLLM's CPU worker binds its OpenMP threads to the cores it does not reserve for its "
              "scheduler process: on a 2-core machine every variant computes on one thread.\n"]
     for model in args.models:
         lines += [f"## {model}", "", "| engine | mode | variant | decode tok/s | x best dense | TTFT ms | "

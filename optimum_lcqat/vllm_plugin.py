@@ -22,8 +22,10 @@ What this adapter does, and nothing more (the maths is :class:`~optimum_lcqat.te
   split raises, naming the fix).
 * **Compute.** ``apply`` is ``LCWeight.apply`` per part (native CPU/CUDA kernels or the
   reference), the parts' outputs concatenated in vLLM's fused order.
-* **int8 head.** A head saved with ``lm_head_int8`` (untied models) is served by
-  :class:`LCQATInt8HeadMethod` from its ``weight_int8`` and ``scale``, vocabulary-sharded.
+* **int8 head.** A head saved with ``lm_head_int8`` is served by :class:`LCQATInt8HeadMethod`
+  from its ``weight_int8`` and ``scale``, vocabulary-sharded. For a tied model vLLM still ties
+  (the base method's ``tie_weights`` shares the embedding's weight with the head module), but
+  the head computes from its int8 copy; the embedding lookup stays dense.
 """
 
 from __future__ import annotations

@@ -112,7 +112,7 @@ def test_llm_greedy_matches_transformers(smollm2_lcqat, smollm2_dir, tmp_path, v
     print("common prefix / max logprob diff per prompt:", report)
 
 
-def make_tiny_llama(path: Path, tokenizer_dir: Path, **cfg_kw) -> Path:
+def make_tiny_llama(path: Path, tokenizer_dir: Path, tie_word_embeddings: bool = False, **cfg_kw) -> Path:
     """A random-weight Llama whose head counts divide by 2 (SmolLM2's 9 heads do not), widths on
     whole Hadamard blocks per tensor-parallel rank, quantized data-free and saved with a tokenizer."""
     import transformers as tf
@@ -123,7 +123,7 @@ def make_tiny_llama(path: Path, tokenizer_dir: Path, **cfg_kw) -> Path:
     torch.manual_seed(0)
     cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
                          num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
-                         tie_word_embeddings=False, initializer_range=0.08)
+                         tie_word_embeddings=tie_word_embeddings, initializer_range=0.08)
     dense = tf.LlamaForCausalLM(cfg)
     dense.save_pretrained(path / "fp")
     model = tf.AutoModelForCausalLM.from_pretrained(path / "fp", dtype=torch.float32,
@@ -136,17 +136,19 @@ def make_tiny_llama(path: Path, tokenizer_dir: Path, **cfg_kw) -> Path:
 def test_tensor_parallel_2_equals_one_process(tmp_path, smollm2_dir, vllm_python):
     """The same lcqat checkpoint served with tensor_parallel_size=2 (two worker processes over
     gloo; q/k/v and gate/up split by output rows, o/down by input columns through
-    LCWeight.shard; the untied head saved as int8 (lm_head_int8) split by vocabulary rows) gives
+    LCWeight.shard; the head tied to the embedding, as in SmolLM2 and Llama-3.2-1B, and saved as
+    an int8 copy (lm_head_int8) split by vocabulary rows, the embedding lookup left dense) gives
     the tokens one process gives: transformers' greedy decode of the checkpoint here
     (test_llm_greedy_matches_transformers ties vLLM's single-process output to it; a vLLM TP1
     engine as the reference would cost another ~45 s engine start)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    lc_dir = make_tiny_llama(tmp_path, smollm2_dir, lm_head_int8=True)
+    lc_dir = make_tiny_llama(tmp_path, smollm2_dir, tie_word_embeddings=True, lm_head_int8=True)
     from safetensors import safe_open
 
     with safe_open(str(lc_dir / "model.safetensors"), "pt") as f:
-        assert "lm_head.weight_int8" in f.keys()
+        assert {"lm_head.weight_int8", "model.embed_tokens.weight"} <= set(f.keys()) and "lm_head.weight" not in f.keys()
+    assert json.loads((lc_dir / "config.json").read_text())["tie_word_embeddings"] is True
     prompts = held_out_prompts(AutoTokenizer.from_pretrained(smollm2_dir))
     one = hf_greedy(AutoModelForCausalLM.from_pretrained(lc_dir, dtype=torch.float32), prompts, 16)
     two = run_llm(vllm_python, {"model": str(lc_dir), "prompts": prompts, "max_tokens": 16, "tp": 2})
