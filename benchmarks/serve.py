@@ -218,8 +218,9 @@ def with_int8_head(lc: Path) -> Path:
     with safe_open(str(lc / "model.safetensors"), "pt") as f:
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if "lm_head.weight" in tensors:
-        raise SystemExit(f"{lc}: tied model with an lm_head.weight tensor; not the layout with_int8_head expects")
+    # a tied model's head is its embedding (the random 1B checkpoint also holds a stray, unused
+    # lm_head.weight: to_empty() broke the tie before it was saved; vLLM and transformers ignore it)
+    tensors.pop("lm_head.weight", None)
     q, scale = quantize_rows_int8(tensors["model.embed_tokens.weight"])
     tensors.update({"lm_head.weight_int8": q, "lm_head.scale": scale})
     tmp = Path(tempfile.mkdtemp(dir=lc.parent, prefix=".int8head-"))
