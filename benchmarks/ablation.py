@@ -396,6 +396,9 @@ def main() -> None:
     unknown = [r for r in (args.rows or []) if r not in ALL_ROWS]
     if unknown:
         ap.error(f"unknown rows {unknown}; --list shows them")
+    if args.qat_stop_at is not None and (not budgets or args.qat_stop_at <= 0):
+        ap.error(f"--qat-stop-at {args.qat_stop_at}: give a positive token count inside the run that --qat-budgets "
+                 "plans, e.g. --qat-budgets 50000,400000,1000000 --qat-stop-at 400000")
     if not budgets and any(r in QAT_ROWS for r in args.rows or []):
         ap.error("qat_* rows train: give --qat-budgets, e.g. --qat-budgets 50000,200000")
     path = RESULTS / "ablation.json"

@@ -196,7 +196,7 @@ def smollm2_dirs() -> dict[str, Path]:
         model = AutoModelForCausalLM.from_pretrained(fp, dtype=torch.float32, quantization_config=LCQATConfig())
         model.save_pretrained(lc)
         AutoTokenizer.from_pretrained(fp).save_pretrained(lc)
-    return {"dense": Path(fp), "lcqat": lc, "lcqat_int8head": with_int8_head(lc)}
+    return {"dense": Path(fp), "lcqat": lc}
 
 
 def with_int8_head(lc: Path) -> Path:
@@ -207,6 +207,7 @@ def with_int8_head(lc: Path) -> Path:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    from optimum_lcqat._atomic import write_dir_atomic
     from optimum_lcqat.nn.int8_linear import quantize_rows_int8
 
     out = lc.parent / (lc.name + "-int8head")
@@ -223,15 +224,16 @@ def with_int8_head(lc: Path) -> Path:
     tensors.pop("lm_head.weight", None)
     q, scale = quantize_rows_int8(tensors["model.embed_tokens.weight"])
     tensors.update({"lm_head.weight_int8": q, "lm_head.scale": scale})
-    tmp = Path(tempfile.mkdtemp(dir=lc.parent, prefix=".int8head-"))
-    save_file(tensors, str(tmp / "model.safetensors"), metadata=meta)
     conf["quantization_config"]["lm_head_int8"] = True
-    (tmp / "config.json").write_text(json.dumps(conf, indent=1))
-    for f in lc.iterdir():  # tokenizer and generation config as they are
-        if f.is_file() and f.name not in ("model.safetensors", "config.json"):
-            (tmp / f.name).write_bytes(f.read_bytes())
-    os.replace(tmp, out)
-    return out
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata=meta)
+        (tmp / "config.json").write_text(json.dumps(conf, indent=1))
+        for f in lc.iterdir():  # tokenizer and generation config as they are
+            if f.is_file() and f.name not in ("model.safetensors", "config.json"):
+                (tmp / f.name).write_bytes(f.read_bytes())
+
+    return write_dir_atomic(out, write)
 
 
 def llama1b_dirs() -> dict[str, Path]:
@@ -289,7 +291,7 @@ def llama1b_dirs() -> dict[str, Path]:
         conf["quantization_config"] = qc
         (lc / "config.json").write_text(json.dumps(conf, indent=1))
         tok.save_pretrained(lc)
-    return {"dense": dense, "lcqat": lc, "lcqat_int8head": with_int8_head(lc)}
+    return {"dense": dense, "lcqat": lc}
 
 
 # ---------------------------------------------------------------------------- transformers
@@ -335,6 +337,8 @@ def main() -> None:
     rows = []
     for model in args.models:
         dirs = smollm2_dirs() if model == "smollm2" else llama1b_dirs()
+        if any(VARIANTS[v][0] == "lcqat_int8head" for v in args.variants):  # built only when asked for
+            dirs["lcqat_int8head"] = with_int8_head(dirs["lcqat"])
         runs = [("vllm", m, run_vllm) for m in args.modes] + [("vllm-server", m, run_server) for m in args.server_modes]
         for engine, mode, runner in runs:
             for var in args.variants:
