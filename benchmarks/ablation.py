@@ -79,6 +79,8 @@ QAT_ROWS: dict[str, tuple[dict, str]] = {
     "qat_optim": ({"callback": {"decay_categories": ["latent", *_NON_LATENT, "embedding", "other"], **_LR3},
                    "args": {"adam_beta2": 0.95, "weight_decay": 0.1}},
                   "release optimizer on the lr3 default: beta2 0.95, weight decay 0.1 on every trained category (clip 1 as before)"),
+    "qat_embed": ({"callback": {"train_embeddings": True, "lr_scale": {**_LR3["lr_scale"], "embedding": 0.1}}},
+                  "the lr3 default + the (tied) embedding / lm_head trained at lr 1e-5 (release: trained)"),
 }
 QAT_BATCH, QAT_SEQ, QAT_LR = 4, 512, 1e-4
 QAT_BASE = "ptq_v1"  # the PTQ row every QAT row starts from (the QAT knobs were measured on it)
@@ -177,7 +179,7 @@ def run_qat(model, tok, settings: dict, budgets: list[int], row: str = "", stop_
 
     from qat import budget_eval_callback
     from transformers import TrainerCallback, TrainingArguments
-    from transformers.trainer_utils import get_last_checkpoint
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
     from optimum_lcqat.data import split_texts, token_windows
     from optimum_lcqat.training import LCQATCallback, LCQATTrainer
@@ -191,7 +193,14 @@ def run_qat(model, tok, settings: dict, budgets: list[int], row: str = "", stop_
     if parted and run_dir.is_dir():
         resume = get_last_checkpoint(str(run_dir))
         if resume:
-            part = json.loads((run_dir / "part.json").read_text())
+            # the part's record sits in its checkpoint folder (older runs: beside it, one per run)
+            record_file = next((f for f in (Path(resume) / "part.json", run_dir / "part.json") if f.is_file()), None)
+            if record_file is None:
+                raise SystemExit(
+                    f"QAT part: checkpoint {resume} has no part.json (its train time and tokens): the part was "
+                    f"stopped between saving the checkpoint and recording it. Delete {run_dir} to start the "
+                    "planned run over, or remove that checkpoint folder to resume from an earlier one.")
+            part = json.loads(record_file.read_text())
             seconds_before, tokens_before = part["train_seconds"], part["tokens"]
 
     def record(budget, tokens, ppl, train_s, loss):
@@ -213,7 +222,11 @@ def run_qat(model, tok, settings: dict, budgets: list[int], row: str = "", stop_
         def on_save(self, args, state, control, **kw):
             part = {"train_seconds": seconds_before + budget_cb.train_time, "tokens": state.num_input_tokens_seen,
                     "step": state.global_step}
-            (Path(args.output_dir) / "part.json").write_text(json.dumps(part))
+            # into the checkpoint just written (transformers' checkpoint-<step>), through a temporary
+            # name: a checkpoint either has its record or visibly lacks it
+            dest = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}" / "part.json"
+            dest.with_suffix(".json.tmp").write_text(json.dumps(part))
+            os.replace(dest.with_suffix(".json.tmp"), dest)
 
     with tempfile.TemporaryDirectory(prefix="lcqat-ablation-") as tmp:
         out = str(run_dir) if parted else tmp
