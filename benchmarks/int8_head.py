@@ -5,13 +5,18 @@ Both compute y = x @ (w_int8 * scale[:, None]).T for an int8 weight [out, in] wi
 output row (the compact lm_head's format); the shape is SmolLM2-135M's lm_head, 49152 x 576, the
 weight is SmolLM2's tied embedding quantized per row (absmax / 127) when the bundled checkpoint
 is at hand, else random int8 (``--weights random``; speed does not depend on the values).
+``--shape llama1b``: Llama-3.2-1B's head, 128256 x 2048 (random int8), where the head is half of
+a 2-bit model's bytes per decoded token.
 
 Variants, timed in one process with torch.utils.benchmark.Timer, round by round (median of the
 rounds' medians), so that other load on the machine hits them alike:
 * ``lcqat_fp32``: ``torch.ops.lcqat.int8_linear`` with fp32 activations (its compute is fp32);
 * ``aten_fp32``: ``torch.ops.aten._weight_int8pack_mm`` with fp32 activations and scales;
-* ``lcqat_bf16`` / ``aten_bf16``: the same two with bf16 activations (aten: bf16 scales too;
-  lcqat converts to fp32 inside), the dtype aten's int8 kernel is mostly used with.
+* ``lcqat_bf16`` / ``aten_bf16``: the same two with bf16 activations (aten: bf16 scales too),
+  the dtype aten's int8 kernel is mostly used with. lcqat: on AVX-512 VNNI CPUs 16-bit
+  fixed-point activations and exact integer sums (csrc/cpu/kernels.h), else fp32 compute;
+* ``dense_bf16``: the head it replaces, ``F.linear`` with the dense bf16 weight (w * scale):
+  what a bf16 model reads per token (2 bytes a weight).
 Before timing, every variant's output is compared with an fp64 oracle of the same int8 weight
 (relative error = max |y - y_ref| / max |y_ref|), and the two fp32 variants with each other; an
 fp32 variant off by more than --tol stops the script.
@@ -35,7 +40,8 @@ from torch.utils import benchmark
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import environment, md_env, write  # noqa: E402
 
-OUT, IN = 49152, 576  # SmolLM2-135M lm_head (vocab x hidden)
+SHAPES = {"smollm2": (49152, 576), "llama1b": (128256, 2048)}  # lm_head (vocab x hidden)
+OUT, IN = SHAPES["smollm2"]
 
 
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,8 +85,14 @@ def main():
     ap.add_argument("--min-run-time", type=float, default=0.3, help="seconds per Timer.blocked_autorange")
     ap.add_argument("--weights", choices=["smollm2", "random"], default="smollm2")
     ap.add_argument("--tol", type=float, default=1e-4, help="largest relative error of an fp32 variant")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="smollm2",
+                    help="llama1b: Llama-3.2-1B's head shape, random int8 weights")
     ap.add_argument("--tag", default="", help="suffix of the result files (int8_head<tag>.json)")
     args = ap.parse_args()
+    global OUT, IN
+    OUT, IN = SHAPES[args.shape]
+    if args.shape != "smollm2":
+        args.weights = "random"
 
     torch.set_num_threads(args.threads[0])
     from optimum_lcqat.kernels import native
@@ -93,6 +105,7 @@ def main():
     except (ImportError, FileNotFoundError) as exc:
         sys.exit(f"cannot load the SmolLM2 lm_head ({exc}); run with --weights random")
     scale16 = scale.bfloat16()
+    dense16 = (w.float() * scale[:, None]).bfloat16()
     wbytes = OUT * IN + 4 * OUT  # int8 weight + fp32 scales
     print(f"lm_head {OUT} x {IN} ({wdesc}), threads {args.threads}, CPU kernels {env['lcqat_cpu_isa']}")
 
@@ -108,6 +121,7 @@ def main():
                 "aten_fp32": lambda x=x: torch.ops.aten._weight_int8pack_mm(x, w, scale),
                 "lcqat_bf16": lambda x16=x16: torch.ops.lcqat.int8_linear(x16, w, scale, None),
                 "aten_bf16": lambda x16=x16: torch.ops.aten._weight_int8pack_mm(x16, w, scale16),
+                "dense_bf16": lambda x16=x16: torch.nn.functional.linear(x16, dense16),
             }
             ref = x.double() @ ref_w.T
             ref16x = x16.double() @ ref_w.T
@@ -119,6 +133,7 @@ def main():
                 # bf16 activations: against the product of the bf16-rounded inputs
                 "lcqat_bf16": rel_err(outs["lcqat_bf16"], ref16x),
                 "aten_bf16": rel_err(outs["aten_bf16"], ref16),
+                "dense_bf16": rel_err(outs["dense_bf16"], ref16x),
                 "lcqat_fp32_vs_aten_fp32": rel_err(outs["lcqat_fp32"], outs["aten_fp32"]),
             }
             for k in ("lcqat_fp32", "aten_fp32", "lcqat_fp32_vs_aten_fp32"):
@@ -145,12 +160,15 @@ def main():
                             "rounds_us": [v * 1e6 for v in times[k]]}
                 r["aten_fp32_over_lcqat_fp32"] = r["aten_fp32"]["us"] / r["lcqat_fp32"]["us"]
                 r["aten_bf16_over_lcqat_bf16"] = r["aten_bf16"]["us"] / r["lcqat_bf16"]["us"]
+                r["dense_bf16"]["gbps"] = 2 * OUT * IN / statistics.median(times["dense_bf16"]) / 1e9
+                r["dense_bf16_over_lcqat_bf16"] = r["dense_bf16"]["us"] / r["lcqat_bf16"]["us"]
                 rows.append(r)
                 print(
                     f"{nt} thr, batch {B:3d}: lcqat int8_linear {r['lcqat_fp32']['us']:9.1f} us "
                     f"({r['lcqat_fp32']['gbps']:5.2f} GB/s) | aten fp32 {r['aten_fp32']['us']:9.1f} us | "
                     f"aten/lcqat {r['aten_fp32_over_lcqat_fp32']:.2f} | lcqat bf16 {r['lcqat_bf16']['us']:9.1f} us | "
                     f"aten bf16 {r['aten_bf16']['us']:9.1f} us | aten/lcqat {r['aten_bf16_over_lcqat_bf16']:.2f} | "
+                    f"dense bf16 {r['dense_bf16']['us']:9.1f} us | dense/lcqat {r['dense_bf16_over_lcqat_bf16']:.2f} | "
                     f"rel err lcqat {errs['lcqat_fp32']:.1e} aten {errs['aten_fp32']:.1e} "
                     f"between {errs['lcqat_fp32_vs_aten_fp32']:.1e}",
                     flush=True,
@@ -162,7 +180,7 @@ def main():
     faster = {f"{r['threads']} threads, batch {r['batch']}": which(r["aten_fp32_over_lcqat_fp32"]) for r in rows}
     faster_bf16 = {f"{r['threads']} threads, batch {r['batch']}": which(r["aten_bf16_over_lcqat_bf16"]) for r in rows}
     md = [
-        "# int8 lm_head: aten._weight_int8pack_mm vs lcqat.int8_linear\n\n", md_env(env),
+        "# int8 lm_head: aten._weight_int8pack_mm vs lcqat.int8_linear (and the dense bf16 head)\n\n", md_env(env),
         f"- weight: {OUT} x {IN} ({wdesc}), {wbytes / 2**20:.1f} MiB read per call (int8 + fp32 scales)\n",
         f"- torch.utils.benchmark.Timer, median of {args.rounds} interleaved rounds of "
         f"blocked_autorange(min_run_time={args.min_run_time}); best = fastest block of all rounds\n\n",
@@ -183,11 +201,18 @@ def main():
             f"{r['aten_fp32_over_lcqat_fp32']:.2f} | {r['lcqat_bf16']['us']:.0f} | {r['lcqat_bf16']['best_us']:.0f} | "
             f"{r['aten_bf16']['us']:.0f} | {r['aten_bf16']['best_us']:.0f} | {r['aten_bf16_over_lcqat_bf16']:.2f} |\n"
         )
-    md.append("\n| batch | rel err lcqat fp32 | aten fp32 | lcqat vs aten fp32 | lcqat bf16 | aten bf16 |\n"
-              "|---:|---:|---:|---:|---:|---:|\n")
+    md.append("\nAgainst the dense bf16 head it replaces (F.linear, bf16 weight; GB/s of its 2 bytes a weight), "
+              "bf16 activations; x = dense time / lcqat time:\n\n"
+              "| threads | batch | lcqat bf16 us | lcqat GB/s | dense bf16 us | dense GB/s | x |\n"
+              "|---:|---:|---:|---:|---:|---:|---:|\n")
+    for r in rows:
+        md.append(f"| {r['threads']} | {r['batch']} | {r['lcqat_bf16']['us']:.0f} | {r['lcqat_bf16']['gbps']:.2f} | "
+                  f"{r['dense_bf16']['us']:.0f} | {r['dense_bf16']['gbps']:.2f} | {r['dense_bf16_over_lcqat_bf16']:.2f} |\n")
+    md.append("\n| batch | rel err lcqat fp32 | aten fp32 | lcqat vs aten fp32 | lcqat bf16 | aten bf16 | dense bf16 |\n"
+              "|---:|---:|---:|---:|---:|---:|---:|\n")
     for B, _, e in cases:
         md.append(f"| {B} | {e['lcqat_fp32']:.1e} | {e['aten_fp32']:.1e} | {e['lcqat_fp32_vs_aten_fp32']:.1e} | "
-                  f"{e['lcqat_bf16']:.1e} | {e['aten_bf16']:.1e} |\n")
+                  f"{e['lcqat_bf16']:.1e} | {e['aten_bf16']:.1e} | {e['dense_bf16']:.1e} |\n")
     md.append("\nFaster (medians): fp32 " + "; ".join(f"{b}: {v}" for b, v in faster.items())
               + ". bf16 " + "; ".join(f"{b}: {v}" for b, v in faster_bf16.items()) + ".\n")
     payload = {"env": env, "args": vars(args), "weight": wdesc, "shape": [OUT, IN], "weight_bytes": wbytes,

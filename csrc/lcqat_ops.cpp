@@ -8,7 +8,10 @@
 //       y = s_v * H_out^T(What @ H_in(x * s_u)) + bias, the whole LC layer in one call
 //   lc_linear_a8(same arguments)                                  lc_linear with int8 activations (opt-in;
 //       the rotated, codebook-folded activations are rounded per row to int8, AVX-512 VNNI GEMV)
-//   int8_linear(x, weight int8 [m, n], scale [m], bias?)          weight-only int8 (compact lm_head)
+//   int8_linear(x, weight int8 [m, n], scale [m], bias?)          weight-only int8 (compact lm_head);
+//                                                                 bf16/fp16 x on AVX-512 VNNI CPUs: 16-bit
+//                                                                 fixed-point x, exact integer sums (kernels.h)
+//   cpu_has_int8_a16() -> bool                                    whether int8_linear takes that path
 //   cpu_isa() -> str                                              the CPU kernel variant in use
 //   cpu_has_bf16_dot() -> bool                                    whether bf16 activations multiply in bf16
 // H = L (x) H_block (L = identity when `left` is None; else the K x K matrix `left`, n = K*block).
@@ -301,6 +304,7 @@ Tensor lc_linear_a8_cpu(const Tensor& x, const Tensor& packed, const Tensor& A, 
 
 bool cpu_has_vnni() { return K::has_vnni(); }
 bool cpu_has_bf16_dot() { return K::has_bf16_dot(); }
+bool cpu_has_int8_a16() { return K::has_int8_a16(); }
 
 // ------------------------------------------------------------------ int8 weight-only linear (compact lm_head)
 Tensor int8_linear_cpu(const Tensor& x, const Tensor& w, const Tensor& scale, const c10::optional<Tensor>& bias) {
@@ -317,18 +321,44 @@ Tensor int8_linear_cpu(const Tensor& x, const Tensor& w, const Tensor& scale, co
   const int64_t B = x2.size(0);
   auto y = at::empty({B, m}, x2.options());
   const auto isa = K::detect_isa();
+  // half-precision activations: 16-bit fixed point and exact integer sums (see kernels.h)
+  const bool a16 = (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf) && B <= 64 &&
+                   n <= K::kA16MaxInputs && K::has_int8_a16();
   if (B <= 64) {
     const int8_t* wp = wc.data_ptr<int8_t>();
     const float* sp = sc.data_ptr<float>();
-    for (int64_t b0 = 0; b0 < B; b0 += K::kMaxGemvBatch) {
-      const int64_t bs = std::min<int64_t>(K::kMaxGemvBatch, B - b0);
-      const float* xp = x2.data_ptr<float>() + b0 * n;
-      float* yp = y.data_ptr<float>() + b0 * m;
-      const int64_t grain = std::max<int64_t>(16, (1 << 16) / std::max<int64_t>(n * bs, 1));
-      at::parallel_for(0, m, grain, [&](int64_t j0, int64_t j1) {
-        K::int8_gemv_rows(xp, bs, n, wp, sp, j0, j1, isa, yp, m);
-      });
+    const float* xp = x2.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    const int64_t rb = K::a16_row_bytes(n);
+    thread_local std::vector<int8_t> parts;  // a16: [B, 2, rb] activation parts, steps, part sums
+    thread_local std::vector<float> steps;
+    thread_local std::vector<int32_t> sums;
+    if (a16) {
+      if (parts.size() < static_cast<size_t>(B * 2 * rb)) parts.resize(B * 2 * rb);
+      if (steps.size() < static_cast<size_t>(B)) steps.resize(B), sums.resize(2 * B);
+      K::a16_prepare(xp, B, n, parts.data(), steps.data(), sums.data());
     }
+    const int8_t* hp = parts.data();
+    const float* st = steps.data();
+    const int32_t* su = sums.data();
+    // The GEMV takes kMaxGemvBatch activation rows a call. With more, each thread walks its
+    // weight rows in tiles of ~128 KiB and runs every batch slice over a tile while it is in L2:
+    // the weight streams from DRAM once a call, not once a slice (a 1B model's 263 MB head was
+    // read 8 times at 64 rows). Tiles are multiples of 4 rows (the batch-1 GEMVs take 4 a step).
+    const int64_t tile = B <= K::kMaxGemvBatch ? m : std::max<int64_t>(4, ((1 << 17) / std::max<int64_t>(n, 1)) / 4 * 4);
+    const int64_t grain = std::max<int64_t>(16, (1 << 16) / std::max<int64_t>(n * std::min<int64_t>(B, K::kMaxGemvBatch), 1));
+    at::parallel_for(0, m, grain, [&](int64_t j0, int64_t j1) {
+      for (int64_t t0 = j0; t0 < j1; t0 += tile) {
+        const int64_t t1 = std::min(j1, t0 + tile);
+        for (int64_t b0 = 0; b0 < B; b0 += K::kMaxGemvBatch) {
+          const int64_t bs = std::min<int64_t>(K::kMaxGemvBatch, B - b0);
+          if (a16)
+            K::int8_gemv_a16_rows(hp + b0 * 2 * rb, st + b0, su + 2 * b0, bs, n, wp, sp, t0, t1, yp + b0 * m, m);
+          else
+            K::int8_gemv_rows(xp + b0 * n, bs, n, wp, sp, t0, t1, isa, yp + b0 * m, m);
+        }
+      }
+    });
   } else {  // prefill: dequantize row tiles, at::mm
     const int64_t tr = std::max<int64_t>(256, (1 << 18) / std::max<int64_t>(n, 1));
     for (int64_t j0 = 0; j0 < m; j0 += tr) {
@@ -355,6 +385,7 @@ TORCH_LIBRARY(lcqat, m) {
   m.def("cpu_has_vnni() -> bool", &cpu_has_vnni);
   m.def("cpu_isa() -> str", &cpu_isa);
   m.def("cpu_has_bf16_dot() -> bool", &cpu_has_bf16_dot);
+  m.def("cpu_has_int8_a16() -> bool", &cpu_has_int8_a16);
 }
 
 TORCH_LIBRARY_IMPL(lcqat, CPU, m) {

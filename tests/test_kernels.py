@@ -476,3 +476,83 @@ def test_int8_head_matches_dequantized_linear(batch, dtype, n):
     opcheck(torch.ops.lcqat.int8_linear.default, (x[0].float(), head.weight_int8, head.scale, lin.bias.detach()))
     with pytest.raises(RuntimeError, match="weight must be int8"):
         torch.ops.lcqat.int8_linear(x, head.weight_int8.float(), head.scale, None)
+
+
+def _int8_a16_emulation(x, w, scale, bias):
+    """What lcqat.int8_linear computes for bf16/fp16 x where cpu_has_int8_a16() (csrc/cpu/kernels.h):
+    each row rounded to 16-bit fixed point (the same fp32 operations), split q = 256 h + l, the
+    integer sums exact (int64 here), scaled in double, rounded once to fp32."""
+    xf = x.float().reshape(-1, x.shape[-1])
+    amax = xf.abs().amax(dim=1, keepdim=True)
+    s = torch.where(amax > 0, amax / 32639, torch.ones_like(amax))
+    q = torch.round(xf * (1 / s)).clamp(-32639, 32639).to(torch.int64)
+    hi = torch.div(q + 128, 256, rounding_mode="floor")
+    lo = q - 256 * hi
+    assert hi.abs().max() <= 127 and lo.min() >= -128 and lo.max() <= 127
+    w64 = w.to(torch.int64)
+    total = 256 * (hi @ w64.T) + lo @ w64.T
+    y = (total.double() * s.double() * scale.double()[None]).float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
+
+
+needs_a16 = pytest.mark.skipif(not native.cpu_has_int8_a16(),
+                               reason="int8_linear's 16-bit activation path needs AVX-512 VNNI")
+
+
+@needs_a16
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n", [100, 576, 2048])
+def test_int8_head_half_activations_are_exact_integer_sums(dtype, n):
+    from optimum_lcqat.nn import Int8Linear
+
+    # 1, 3 (rows-by-four tail), 8, 20 (several GEMV batches) and 64 (the largest GEMV batch) rows;
+    # 333 output rows, none a multiple of 4; n = 100 ends in a masked chunk of 36
+    g = torch.Generator().manual_seed(n)
+    lin = torch.nn.Linear(n, 333, bias=True)
+    head = Int8Linear.from_linear(lin)
+    x = (torch.randn(64, n, generator=g) * torch.logspace(-3, 1, n)[torch.randperm(n, generator=g)]).to(dtype)
+    w, sc, b = head.weight_int8, head.scale, lin.bias.detach()
+    full = torch.ops.lcqat.int8_linear(x, w, sc, b)
+    assert torch.equal(full, _int8_a16_emulation(x, w, sc, b))
+    for rows in (1, 3, 8, 20):  # a row's output does not depend on the rows beside it
+        assert torch.equal(torch.ops.lcqat.int8_linear(x[:rows], w, sc, b), full[:rows])
+    # against the exact product of the half-precision inputs: the 16-bit rounding is far below
+    # the final rounding to the activation dtype
+    ref = torch.nn.functional.linear(x.double(), head.dequantize_weight().double(), b.double())
+    exact32 = ref.float()
+    err = (torch.ops.lcqat.int8_linear(x, w, sc, None).float() + b - exact32).abs().max() / exact32.abs().max()
+    assert err < (1e-2 if dtype == torch.bfloat16 else 2e-3)
+    # before that final rounding (the emulation on the same values in fp32, which the kernel
+    # rounds to the activation dtype at the end): the 16-bit fixed point alone
+    y32 = _int8_a16_emulation(x.float(), w, sc, b).double()
+    assert ((y32 - ref).abs().max() / ref.abs().max()) < 2e-4
+
+
+@needs_a16
+def test_int8_head_half_activations_non_finite_rows():
+    lin = torch.nn.Linear(128, 40)
+    from optimum_lcqat.nn import Int8Linear
+
+    head = Int8Linear.from_linear(lin)
+    x = torch.randn(3, 128).bfloat16()
+    x[1, 5] = float("nan")
+    x[2, 7] = float("inf")
+    y = torch.ops.lcqat.int8_linear(x, head.weight_int8, head.scale, None)
+    assert torch.isnan(y[1]).all() and torch.isnan(y[2]).all()
+    assert torch.equal(y[0], torch.ops.lcqat.int8_linear(x[:1], head.weight_int8, head.scale, None)[0])
+
+
+@needs_native
+def test_cpu_bf16_switch_off_turns_off_half_precision_paths():
+    # LCQAT_CPU_BF16=0: bf16 activations compute as fp32 ones in the LC layers and the int8 head
+    code = ("import torch, optimum_lcqat.kernels.native as n; assert n.available(); "
+            "from optimum_lcqat.nn import Int8Linear; lin = torch.nn.Linear(96, 40); h = Int8Linear.from_linear(lin); "
+            "x = torch.randn(2, 96).bfloat16(); "
+            "ok = torch.equal(torch.ops.lcqat.int8_linear(x, h.weight_int8, h.scale, None), "
+            "torch.ops.lcqat.int8_linear(x.float(), h.weight_int8, h.scale, None).bfloat16()); "
+            "print(torch.ops.lcqat.cpu_has_int8_a16(), torch.ops.lcqat.cpu_has_bf16_dot(), ok)")
+    out = subprocess.run([sys.executable, "-P", "-c", code], env={**os.environ, "LCQAT_CPU_BF16": "0"},
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False", "True"], out

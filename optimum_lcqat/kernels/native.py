@@ -192,6 +192,12 @@ def cpu_has_bf16_dot() -> bool:
     return bool(torch.ops.lcqat.cpu_has_bf16_dot()) if available() else False
 
 
+def cpu_has_int8_a16() -> bool:
+    """Whether ``int8_linear`` computes bf16/fp16 activations as 16-bit fixed point with exact
+    integer sums (AVX-512 VNNI; LCQAT_CPU_BF16 not "0"); see csrc/cpu/kernels.h."""
+    return bool(torch.ops.lcqat.cpu_has_int8_a16()) if available() else False
+
+
 def hadamard(x, plan: RotationPlan, scale_in=None, scale_out=None, transpose: bool = False):
     """``H(x * scale_in) * scale_out`` (``H^T`` with ``transpose``) for a rotation plan."""
     return torch.ops.lcqat.hadamard(x, plan.right, left_factor(plan, x.device), scale_in, scale_out, transpose)
