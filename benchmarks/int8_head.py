@@ -85,6 +85,8 @@ def main():
     ap.add_argument("--min-run-time", type=float, default=0.3, help="seconds per Timer.blocked_autorange")
     ap.add_argument("--weights", choices=["smollm2", "random"], default="smollm2")
     ap.add_argument("--tol", type=float, default=1e-4, help="largest relative error of an fp32 variant")
+    ap.add_argument("--no-aten", action="store_true",
+                    help="leave out aten._weight_int8pack_mm (its fp32 path takes seconds a call on the 1B head)")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="smollm2",
                     help="llama1b: Llama-3.2-1B's head shape, random int8 weights")
     ap.add_argument("--tag", default="", help="suffix of the result files (int8_head<tag>.json)")
@@ -126,7 +128,12 @@ def main():
             ref = x.double() @ ref_w.T
             ref16x = x16.double() @ ref_w.T
             ref16 = x16.double() @ (w.double() * scale16.double()[:, None]).T
+            if args.no_aten:
+                variants = {k: v for k, v in variants.items() if not k.startswith("aten")}
             outs = {k: fn() for k, fn in variants.items()}
+            nan = float("nan")
+            outs.setdefault("aten_fp32", torch.full_like(outs["lcqat_fp32"], nan))
+            outs.setdefault("aten_bf16", torch.full_like(outs["lcqat_bf16"], nan))
             errs = {
                 "lcqat_fp32": rel_err(outs["lcqat_fp32"], ref),
                 "aten_fp32": rel_err(outs["aten_fp32"], ref),
@@ -136,7 +143,7 @@ def main():
                 "dense_bf16": rel_err(outs["dense_bf16"], ref16x),
                 "lcqat_fp32_vs_aten_fp32": rel_err(outs["lcqat_fp32"], outs["aten_fp32"]),
             }
-            for k in ("lcqat_fp32", "aten_fp32", "lcqat_fp32_vs_aten_fp32"):
+            for k in ("lcqat_fp32",) + (() if args.no_aten else ("aten_fp32", "lcqat_fp32_vs_aten_fp32")):
                 if not errs[k] <= args.tol:
                     sys.exit(f"batch {B}: {k} relative error {errs[k]:.3g} exceeds --tol {args.tol}")
             cases.append((B, variants, errs))
@@ -158,6 +165,8 @@ def main():
                     t = statistics.median(times[k])
                     r[k] = {"us": t * 1e6, "gbps": wbytes / t / 1e9, "best_us": min(blocks[k]) * 1e6,
                             "rounds_us": [v * 1e6 for v in times[k]]}
+                for k in ("aten_fp32", "aten_bf16"):  # --no-aten: not timed
+                    r.setdefault(k, {"us": float("nan"), "gbps": float("nan"), "best_us": float("nan"), "rounds_us": []})
                 r["aten_fp32_over_lcqat_fp32"] = r["aten_fp32"]["us"] / r["lcqat_fp32"]["us"]
                 r["aten_bf16_over_lcqat_bf16"] = r["aten_bf16"]["us"] / r["lcqat_bf16"]["us"]
                 r["dense_bf16"]["gbps"] = 2 * OUT * IN / statistics.median(times["dense_bf16"]) / 1e9
@@ -175,6 +184,8 @@ def main():
                 )
 
     def which(ratio):
+        if ratio != ratio:  # NaN: aten left out (--no-aten)
+            return "aten not measured"
         return "lcqat.int8_linear" if ratio > 1 else "aten._weight_int8pack_mm"
 
     faster = {f"{r['threads']} threads, batch {r['batch']}": which(r["aten_fp32_over_lcqat_fp32"]) for r in rows}
