@@ -226,8 +226,15 @@ def main():
                   f"{e['lcqat_bf16']:.1e} | {e['aten_bf16']:.1e} | {e['dense_bf16']:.1e} |\n")
     md.append("\nFaster (medians): fp32 " + "; ".join(f"{b}: {v}" for b, v in faster.items())
               + ". bf16 " + "; ".join(f"{b}: {v}" for b, v in faster_bf16.items()) + ".\n")
+    def no_nan(v):  # --no-aten leaves NaN figures: null in the JSON (NaN is not JSON)
+        if isinstance(v, dict):
+            return {k: no_nan(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [no_nan(x) for x in v]
+        return None if isinstance(v, float) and v != v else v
+
     payload = {"env": env, "args": vars(args), "weight": wdesc, "shape": [OUT, IN], "weight_bytes": wbytes,
-               "results": rows, "faster_fp32": faster, "faster_bf16": faster_bf16}
+               "results": no_nan(rows), "faster_fp32": faster, "faster_bf16": faster_bf16}
     paths = write("int8_head" + args.tag, payload, "".join(md))
     print("faster (fp32):", faster)
     print("faster (bf16):", faster_bf16)

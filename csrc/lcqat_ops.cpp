@@ -9,16 +9,18 @@
 //   lc_linear_a8(same arguments)                                  lc_linear with int8 activations (opt-in;
 //       the rotated, codebook-folded activations are rounded per row to int8, AVX-512 VNNI GEMV)
 //   int8_linear(x, weight int8 [m, n], scale [m], bias?)          weight-only int8 (compact lm_head);
-//                                                                 bf16/fp16 x on AVX-512 VNNI CPUs: 16-bit
+//                                                                 bf16 x on AVX-512 VNNI CPUs: 16-bit
 //                                                                 fixed-point x, exact integer sums (kernels.h)
 //   cpu_has_int8_a16() -> bool                                    whether int8_linear takes that path
 //   cpu_isa() -> str                                              the CPU kernel variant in use
 //   cpu_has_bf16_dot() -> bool                                    whether bf16 activations multiply in bf16
 // H = L (x) H_block (L = identity when `left` is None; else the K x K matrix `left`, n = K*block).
 // Compute is fp32 whatever the activation dtype (fp32, bf16, fp16 accepted; outputs have the
-// activation's dtype), with one exception: bf16 activations on a CPU with AVX512_BF16 (row
-// counts alike) multiply in bf16 with fp32 accumulation, as dense bf16 layers do (the code values
-// are exact in bf16; the folded activations are rounded; LCQAT_CPU_BF16=0 turns it off).
+// activation's dtype), with exceptions for bf16 activations (LCQAT_CPU_BF16=0 turns them off):
+// on a CPU with AVX512_BF16 they multiply in bf16 with fp32 accumulation, as dense bf16 layers do
+// (the code values are exact in bf16; the folded activations are rounded); on an AVX-512 VNNI CPU
+// the decode GEMV (1-5 rows) and int8_linear instead round them to 16-bit fixed point and sum
+// exact integers (a finer rounding than bf16's for all but the smallest elements; kernels.h).
 // No dense weight is ever built: 1-3 rows (1-5 with bf16 products) run the decode GEMV, more
 // rows (serving batches, prefill) the GEMM of cpu/kernels.cpp that decodes code panels into L1.
 #include <Python.h>
@@ -93,8 +95,10 @@ static void rotated_product(const float* xt, int64_t B, int64_t n, int64_t m, co
   const auto isa = K::detect_isa();
   // bf16 products (see kernels.h): the GEMV up to kBf16GemvMaxRows rows, then the GEMM
   const bool bf16_dot = bf16 && !act_int8 && n % 16 == 0 && K::has_bf16_dot();
-  const int64_t zn = act_int8 ? n : std::max(K::prepared_size(n, isa), bf16_dot ? K::gemv_bf16_row_words(n) : 0);
-  const int64_t qn = act_int8 ? K::a8_row_bytes(n) : 0;
+  // bf16 activations on VNNI CPUs, GEMV sizes: 16-bit fixed point, exact integer sums (kernels.h)
+  const bool a16 = bf16 && !act_int8 && B <= kBf16GemvMaxRows && K::has_int8_a16();
+  const int64_t zn = (act_int8 || a16) ? n : std::max(K::prepared_size(n, isa), bf16_dot ? K::gemv_bf16_row_words(n) : 0);
+  const int64_t qn = act_int8 ? K::a8_row_bytes(n) : (a16 ? 2 * K::a8_row_bytes(n) : 0);
   // [B, zn] prepared activations | [B] constants | [B] int8 scales | [B, qn] int8 activations
   // (as floats' worth of bytes)
   thread_local std::vector<float> scratch;
@@ -109,6 +113,10 @@ static void rotated_product(const float* xt, int64_t B, int64_t n, int64_t m, co
     K::prepare_activations(xt, B, n, A, beta, K::Isa::Scalar, zp, c);  // natural order
     K::a8_prepare(zp, B, n, zq, qs);
     at::parallel_for(0, m, grain, [&](int64_t j0, int64_t j1) { K::lc_gemv_a8_rows(zq, qs, c, B, n, pk, j0, j1, yp, m); });
+  } else if (a16) {
+    K::prepare_activations(xt, B, n, A, beta, K::Isa::Scalar, zp, c);  // natural order
+    K::lc_a16_prepare(zp, B, n, zq, qs);
+    at::parallel_for(0, m, grain, [&](int64_t j0, int64_t j1) { K::lc_gemv_a16_rows(zq, qs, c, B, n, pk, j0, j1, yp, m); });
   } else if (B <= kBf16GemvMaxRows && bf16_dot) {
     uint32_t* zb = reinterpret_cast<uint32_t*>(zp);  // [B, gemv_bf16_row_words(n)] words
     K::prepare_gemv_bf16(xt, B, n, A, beta, zb, c);
@@ -321,9 +329,8 @@ Tensor int8_linear_cpu(const Tensor& x, const Tensor& w, const Tensor& scale, co
   const int64_t B = x2.size(0);
   auto y = at::empty({B, m}, x2.options());
   const auto isa = K::detect_isa();
-  // half-precision activations: 16-bit fixed point and exact integer sums (see kernels.h)
-  const bool a16 = (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf) && B <= 64 &&
-                   n <= K::kA16MaxInputs && K::has_int8_a16();
+  // bf16 activations: 16-bit fixed point and exact integer sums (see kernels.h)
+  const bool a16 = x.scalar_type() == at::kBFloat16 && B <= 64 && n <= K::kA16MaxInputs && K::has_int8_a16();
   if (B <= 64) {
     const int8_t* wp = wc.data_ptr<int8_t>();
     const float* sp = sc.data_ptr<float>();

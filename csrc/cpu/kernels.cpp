@@ -1264,11 +1264,13 @@ void lc_gemv_a8_rows(const int8_t* zq, const float* scale, const float* c, int64
   gemv_a8_scalar(zq, scale, c, B, n, packed, j0, j1, y, ldy);
 }
 
-// ------------------------------------------------------------------ int8 weights x 16-bit activations
-// Half-precision activations of the int8 head (see kernels.h). The weight-only loop above spends
-// three vector instructions on 16 weights (sign-extend, convert, FMA) and reads ~20 GB/s on one
-// Zen 4 core, half what a dense bf16 GEMV streams; here 64 weights take one XOR and one vpdpbusd
-// per activation part, so the loop is bound by the bytes again.
+// ------------------------------------------------------------------ 16-bit activations (VNNI)
+// bf16 activations of the int8 head and of the LC decode GEMV (see kernels.h). The int8 head's
+// weight-only loop spends three vector instructions on 16 weights (sign-extend, convert, FMA) and
+// read ~20 GB/s on one Zen 4 core, about half what a dense bf16 GEMV streams; here 64 weights take
+// one XOR and one vpdpbusd per activation part. The LC bf16 GEMV spends a shift, a permute and a
+// vdpbf16ps on 32 codes; here 256 codes take four masks, three shifts and eight vpdpbusd.
+// has_int8_a16() implies AVX-512 (has_vnni() does), so every function here is AVX-512 code.
 int64_t a16_row_bytes(int64_t n) { return (n + 63) / 64 * 64; }
 
 bool has_int8_a16() {
@@ -1280,75 +1282,85 @@ bool has_int8_a16() {
   return ok;
 }
 
-void a16_prepare(const float* x, int64_t B, int64_t n, int8_t* hl, float* s, int32_t* sums) {
+#if LCQAT_X86
+#define LCQAT_TARGET_A16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")))
+
+// The row's step s and its inverse (kernels.h): s = max|x| / kA16Max in fp32; a row with a NaN or
+// inf gets s = NaN (NaN outputs); a row below kA16Tiny counts as zero (inv = 0: every q is 0),
+// where 1 / s would overflow fp32.
+LCQAT_TARGET_A16 static void a16_row_step(const float* x, int64_t n, float* s, float* inv) {
+  __m512 vmax = _mm512_setzero_ps();
+  __mmask16 finite = 0xFFFF;
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 mk = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1u);
+    const __m512 v = _mm512_maskz_loadu_ps(mk, x + i);
+    finite &= _mm512_cmp_ps_mask(_mm512_sub_ps(v, v), zero, _CMP_EQ_OQ);  // v - v is NaN for NaN and inf
+    vmax = _mm512_max_ps(vmax, _mm512_abs_ps(v));
+  }
+  const float amax = _mm512_reduce_max_ps(vmax);
+  if (finite != 0xFFFF) {
+    *s = std::numeric_limits<float>::quiet_NaN();
+    *inv = 0.f;
+  } else if (amax < kA16Tiny) {
+    *s = 1.f;
+    *inv = 0.f;
+  } else {
+    *s = amax / static_cast<float>(kA16Max);
+    *inv = 1.f / *s;
+  }
+}
+
+// q = round(v * inv) (ties to even, as torch.round), |q| <= kA16Max, split q = 256 h + l
+LCQAT_TARGET_A16 static inline void a16_split(__m512 v, __m512 inv, __m512i* h, __m512i* l) {
+  const __m512 lim = _mm512_set1_ps(static_cast<float>(kA16Max));
+  __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(v, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  r = _mm512_min_ps(_mm512_max_ps(r, _mm512_sub_ps(_mm512_setzero_ps(), lim)), lim);
+  const __m512i q = _mm512_cvtps_epi32(r);  // exact: r is an integer
+  *h = _mm512_srai_epi32(_mm512_add_epi32(q, _mm512_set1_epi32(128)), 8);  // floor((q + 128) / 256)
+  *l = _mm512_sub_epi32(q, _mm512_slli_epi32(*h, 8));
+}
+
+LCQAT_TARGET_A16 static void a16_prepare_avx512(const float* x, int64_t B, int64_t n, int8_t* hl, float* s,
+                                                int32_t* sums) {
   const int64_t rb = a16_row_bytes(n);
   for (int64_t b = 0; b < B; ++b) {
     const float* xb = x + b * n;
     int8_t* h = hl + b * 2 * rb;
-    int8_t* l = h + rb;
     std::memset(h, 0, 2 * rb);
-    float amax = 0.f;
-    bool finite = true;
-    for (int64_t i = 0; i < n; ++i) {
-      finite = finite && std::isfinite(xb[i]);
-      amax = std::max(amax, std::fabs(xb[i]));
+    float inv;
+    a16_row_step(xb, n, s + b, &inv);
+    const __m512 vinv = _mm512_set1_ps(inv);
+    __m512i sh = _mm512_setzero_si512(), sl = _mm512_setzero_si512();
+    for (int64_t i = 0; i < n; i += 16) {
+      const __mmask16 mk = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1u);
+      __m512i hi, lo;
+      a16_split(_mm512_maskz_loadu_ps(mk, xb + i), vinv, &hi, &lo);  // lanes past n: 0 -> h = l = 0
+      _mm512_mask_cvtepi32_storeu_epi8(h + i, mk, hi);
+      _mm512_mask_cvtepi32_storeu_epi8(h + rb + i, mk, lo);
+      sh = _mm512_add_epi32(sh, hi);
+      sl = _mm512_add_epi32(sl, lo);
     }
-    if (!finite) {  // a NaN or inf input: every output of the row is NaN (no integer stands for it)
-      s[b] = std::numeric_limits<float>::quiet_NaN();
-      sums[2 * b] = sums[2 * b + 1] = 0;
-      continue;
-    }
-    const float sb = amax > 0.f ? amax / static_cast<float>(kA16Max) : 1.f;
-    const float inv = 1.f / sb;
-    int32_t sh = 0, sl = 0;
-    for (int64_t i = 0; i < n; ++i) {
-      const float v = round_even(xb[i] * inv);
-      const int32_t q = static_cast<int32_t>(std::max(-static_cast<float>(kA16Max), std::min(static_cast<float>(kA16Max), v)));
-      const int32_t hi = (q + 128) >> 8;  // floor((q + 128) / 256): [-127, 127] for |q| <= kA16Max
-      const int32_t lo = q - 256 * hi;    // [-128, 127]
-      h[i] = static_cast<int8_t>(hi);
-      l[i] = static_cast<int8_t>(lo);
-      sh += hi;
-      sl += lo;
-    }
-    s[b] = sb;
-    sums[2 * b] = sh;
-    sums[2 * b + 1] = sl;
+    sums[2 * b] = _mm512_reduce_add_epi32(sh);
+    sums[2 * b + 1] = _mm512_reduce_add_epi32(sl);
   }
 }
 
-// The row's output from its two integer sums over the offset weights (w + 128): subtracting
-// 128 * (sum of the part) removes the offset; the combination is an integer below 2^47, exact in
-// double, and so is its order-free value: the result does not depend on batch or thread split.
+// The int8 head row's output from its two integer sums over the offset weights (w + 128):
+// subtracting 128 * (sum of the part) takes the offset back; the combination is an integer below
+// 2^47, exact in double, so the result does not depend on summation order, batch or thread split.
 static inline float a16_output(int64_t dh, int64_t dl, const int32_t* sums, float s, float scale) {
   const int64_t q = 256 * (dh - 128 * static_cast<int64_t>(sums[0])) + (dl - 128 * static_cast<int64_t>(sums[1]));
   return static_cast<float>(static_cast<double>(q) * static_cast<double>(s) * static_cast<double>(scale));
 }
 
-static void int8_a16_scalar(const int8_t* hl, const float* s, const int32_t* sums, int64_t B, int64_t n,
-                            const int8_t* w, const float* scale, int64_t j0, int64_t j1, float* y, int64_t ldy) {
-  const int64_t rb = a16_row_bytes(n);
-  for (int64_t j = j0; j < j1; ++j) {
-    const int8_t* wr = w + j * n;
-    for (int64_t b = 0; b < B; ++b) {
-      const int8_t* h = hl + b * 2 * rb;
-      int64_t dh = 0, dl = 0;
-      for (int64_t i = 0; i < n; ++i) {
-        dh += (wr[i] + 128) * h[i];
-        dl += (wr[i] + 128) * h[rb + i];
-      }
-      y[b * ldy + j] = a16_output(dh, dl, sums + 2 * b, s[b], scale[j]);
-    }
-  }
-}
-
-#if LCQAT_X86
-// Rows [j0, j1), B activation rows. Bytes past n (the last chunk) are loaded as 0 and become 128
-// after the offset; their activations are 0.
+// Rows [j0, j1), B activation rows. Bytes past n (the last chunk) load as 0 and become 128 after
+// the offset; their activations are 0. Per lane at most n/16 products of 255 x 128: the 16 lanes
+// sum to at most 32640 n, an int32 for n <= kA16MaxInputs.
 template <int B>
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) static void int8_a16_vnni(
-    const int8_t* hl, const float* s, const int32_t* sums, int64_t n, const int8_t* w, const float* scale, int64_t j0,
-    int64_t j1, float* y, int64_t ldy) {
+LCQAT_TARGET_A16 static void int8_a16_vnni(const int8_t* hl, const float* s, const int32_t* sums, int64_t n,
+                                           const int8_t* w, const float* scale, int64_t j0, int64_t j1, float* y,
+                                           int64_t ldy) {
   const int64_t rb = a16_row_bytes(n), nch = rb / 64;
   const __mmask64 last = (n % 64) ? ((1ULL << (n % 64)) - 1) : ~0ULL;
   const __m512i off = _mm512_set1_epi8(static_cast<char>(0x80));
@@ -1362,7 +1374,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void int8_a16_vnni
           k + 1 < nch ? _mm512_loadu_si512(wr + 64 * k) : _mm512_maskz_loadu_epi8(last, wr + 64 * k), off);
       for (int b = 0; b < B; ++b) {
         const int8_t* h = hl + b * 2 * rb + 64 * k;
-        ah[b] = _mm512_dpbusd_epi32(ah[b], v, _mm512_loadu_si512(h));
+        ah[b] = _mm512_dpbusd_epi32(ah[b], v, _mm512_loadu_si512(h));  // unsigned weights x signed parts
         al[b] = _mm512_dpbusd_epi32(al[b], v, _mm512_loadu_si512(h + rb));
       }
     }
@@ -1374,9 +1386,8 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void int8_a16_vnni
 
 // Batch 1, four rows per step: the activation chunks are loaded once for four rows and the eight
 // accumulator chains keep vpdpbusd's latency covered.
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) static void int8_a16_vnni_rows4(
-    const int8_t* hl, float s, const int32_t* sums, int64_t n, const int8_t* w, const float* scale, int64_t j0,
-    int64_t j1, float* y) {
+LCQAT_TARGET_A16 static void int8_a16_vnni_rows4(const int8_t* hl, float s, const int32_t* sums, int64_t n,
+                                                 const int8_t* w, const float* scale, int64_t j0, int64_t j1, float* y) {
   const int64_t rb = a16_row_bytes(n), nch = rb / 64;
   const __mmask64 last = (n % 64) ? ((1ULL << (n % 64)) - 1) : ~0ULL;
   const __m512i off = _mm512_set1_epi8(static_cast<char>(0x80));
@@ -1386,9 +1397,9 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void int8_a16_vnni
     for (int r = 0; r < 4; ++r) ah[r] = al[r] = _mm512_setzero_si512();
     for (int64_t k = 0; k < nch; ++k) {
       const __m512i h = _mm512_loadu_si512(hl + 64 * k), l = _mm512_loadu_si512(hl + rb + 64 * k);
-      const __mmask64 mk = k + 1 < nch ? ~0ULL : last;
       for (int r = 0; r < 4; ++r) {
-        const __m512i v = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, w + (j + r) * n + 64 * k), off);
+        const int8_t* pr = w + (j + r) * n + 64 * k;
+        const __m512i v = _mm512_xor_si512(k + 1 < nch ? _mm512_loadu_si512(pr) : _mm512_maskz_loadu_epi8(last, pr), off);
         ah[r] = _mm512_dpbusd_epi32(ah[r], v, h);
         al[r] = _mm512_dpbusd_epi32(al[r], v, l);
       }
@@ -1399,21 +1410,153 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void int8_a16_vnni
 }
 #endif
 
+void a16_prepare(const float* x, int64_t B, int64_t n, int8_t* hl, float* s, int32_t* sums) {
+  if (!has_int8_a16()) std::abort();  // the caller checks; never reached
+#if LCQAT_X86
+  a16_prepare_avx512(x, B, n, hl, s, sums);
+#else
+  (void)x, (void)B, (void)n, (void)hl, (void)s, (void)sums;
+#endif
+}
+
 void int8_gemv_a16_rows(const int8_t* hl, const float* s, const int32_t* sums, int64_t B, int64_t n,
                         const int8_t* w, const float* scale, int64_t j0, int64_t j1, float* y, int64_t ldy) {
-  if (B < 1 || B > kMaxGemvBatch || n > kA16MaxInputs) std::abort();  // the caller checks; never reached
+  if (B < 1 || B > kMaxGemvBatch || n > kA16MaxInputs || !has_int8_a16()) std::abort();  // the caller checks
 #if LCQAT_X86
-  if (has_vnni() && B == 1) {
+  if (B == 1) {
     rows_by_four(j0, j1, [&](int64_t r0, int64_t r1) { int8_a16_vnni_rows4(hl, s[0], sums, n, w, scale, r0, r1, y); },
                  [&](int64_t r0, int64_t r1) { int8_a16_vnni<1>(hl, s, sums, n, w, scale, r0, r1, y, ldy); });
     return;
   }
-  if (has_vnni()) {
-    LCQAT_DISPATCH_B(int8_a16_vnni, B, hl, s, sums, n, w, scale, j0, j1, y, ldy);
+  LCQAT_DISPATCH_B(int8_a16_vnni, B, hl, s, sums, n, w, scale, j0, j1, y, ldy);
+#else
+  (void)hl, (void)s, (void)sums, (void)w, (void)scale, (void)j0, (void)j1, (void)y, (void)ldy;
+#endif
+}
+
+// ---- the LC decode GEMV with 16-bit activations. Parts in the a8 layout (part[256k + 64f + t] =
+// the part of z[256k + 4t + f]: field f of code byte t meets it at the same byte position), h at
+// 0 and l at a8_row_bytes(n) of a row; gathered 16 at a time from the natural-order row.
+#if LCQAT_X86
+LCQAT_TARGET_A16 static void lc_a16_prepare_avx512(const float* z, int64_t B, int64_t n, int8_t* zq, float* s) {
+  const int64_t rb = a8_row_bytes(n);
+  const __m512i lane4 = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                           _mm512_set1_epi32(4));
+  for (int64_t b = 0; b < B; ++b) {
+    const float* zb = z + b * n;
+    int8_t* o = zq + b * 2 * rb;
+    float inv;
+    a16_row_step(zb, n, s + b, &inv);
+    const __m512 vinv = _mm512_set1_ps(inv);
+    for (int64_t k = 0; k < rb / 256; ++k)
+      for (int f = 0; f < 4; ++f)
+        for (int64_t t0 = 0; t0 < 64; t0 += 16) {
+          // inputs 256k + 4(t0 + lane) + f; past n: 0
+          const __m512i idx = _mm512_add_epi32(lane4, _mm512_set1_epi32(static_cast<int>(256 * k + 4 * t0 + f)));
+          const __mmask16 live = _mm512_cmplt_epi32_mask(idx, _mm512_set1_epi32(static_cast<int>(n)));
+          const __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, idx, zb, 4);
+          __m512i hi, lo;
+          a16_split(v, vinv, &hi, &lo);
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 256 * k + 64 * f + t0), _mm512_cvtepi32_epi8(hi));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(o + rb + 256 * k + 64 * f + t0), _mm512_cvtepi32_epi8(lo));
+        }
+  }
+}
+
+// y = s (256 sum q h + sum q l) + c: the integer is exact, one rounding to fp32 before c is added
+static inline float a16_lc_output(int64_t th, int64_t tl, float s, float c) {
+  return static_cast<float>(static_cast<double>(256 * th + tl) * static_cast<double>(s)) + c;
+}
+
+// Per lane and vpdpbusd at most 4 x 3 x 128: the 16 lanes of an accumulator sum to at most 384 n,
+// an int32 for any n below 5.5 million.
+template <int B>
+LCQAT_TARGET_A16 static void gemv_a16_vnni(const int8_t* zq, const float* s, const float* c, int64_t n,
+                                           const uint8_t* packed, int64_t j0, int64_t j1, float* y, int64_t ldy) {
+  const int64_t nb = n / 4, rb = a8_row_bytes(n), nch = (nb + 63) / 64;
+  const __mmask64 last = (nb % 64) ? ((1ULL << (nb % 64)) - 1) : ~0ULL;
+  const __m512i m3 = _mm512_set1_epi8(3);
+  for (int64_t j = j0; j < j1; ++j) {
+    const uint8_t* p = packed + j * nb;
+    prefetch_ahead(p, nb, j1 - j, nb);
+    __m512i ah[B], al[B];
+    for (int b = 0; b < B; ++b) ah[b] = al[b] = _mm512_setzero_si512();
+    for (int64_t k = 0; k < nch; ++k) {
+      const __m512i v = k + 1 < nch ? _mm512_loadu_si512(p + 64 * k) : _mm512_maskz_loadu_epi8(last, p + 64 * k);
+      // field f of every byte as 0..3 (16-bit shifts: the & 3 keeps each byte's own bits)
+      const __m512i q[4] = {_mm512_and_si512(v, m3), _mm512_and_si512(_mm512_srli_epi16(v, 2), m3),
+                            _mm512_and_si512(_mm512_srli_epi16(v, 4), m3),
+                            _mm512_and_si512(_mm512_srli_epi16(v, 6), m3)};
+      for (int b = 0; b < B; ++b) {
+        const int8_t* zb = zq + b * 2 * rb + 256 * k;
+        for (int f = 0; f < 4; ++f) {
+          ah[b] = _mm512_dpbusd_epi32(ah[b], q[f], _mm512_loadu_si512(zb + 64 * f));  // unsigned codes x signed parts
+          al[b] = _mm512_dpbusd_epi32(al[b], q[f], _mm512_loadu_si512(zb + rb + 64 * f));
+        }
+      }
+    }
+    for (int b = 0; b < B; ++b)
+      y[b * ldy + j] = a16_lc_output(_mm512_reduce_add_epi32(ah[b]), _mm512_reduce_add_epi32(al[b]), s[b], c[b]);
+  }
+}
+
+// Batch 1, four rows per step: the eight activation vectors of a chunk are loaded once for four
+// rows; eight accumulator chains.
+LCQAT_TARGET_A16 static void gemv1_a16_vnni_rows4(const int8_t* zq, float s, float c, int64_t n,
+                                                  const uint8_t* packed, int64_t j0, int64_t j1, float* y) {
+  const int64_t nb = n / 4, rb = a8_row_bytes(n), nch = (nb + 63) / 64;
+  const __mmask64 last = (nb % 64) ? ((1ULL << (nb % 64)) - 1) : ~0ULL;
+  const __m512i m3 = _mm512_set1_epi8(3);
+  for (int64_t j = j0; j < j1; j += 4) {
+    prefetch_ahead(packed + j * nb, 4 * nb, (j1 - j) / 4, 4 * nb);
+    __m512i ah[4], al[4];
+    for (int r = 0; r < 4; ++r) ah[r] = al[r] = _mm512_setzero_si512();
+    for (int64_t k = 0; k < nch; ++k) {
+      const int8_t* zb = zq + 256 * k;
+      __m512i hz[4], lz[4];
+      for (int f = 0; f < 4; ++f) {
+        hz[f] = _mm512_loadu_si512(zb + 64 * f);
+        lz[f] = _mm512_loadu_si512(zb + rb + 64 * f);
+      }
+      for (int r = 0; r < 4; ++r) {
+        const uint8_t* pr = packed + (j + r) * nb + 64 * k;
+        // masked only on the last chunk (a masked load of every chunk ran slower from DRAM in the bf16 GEMV)
+        const __m512i v = k + 1 < nch ? _mm512_loadu_si512(pr) : _mm512_maskz_loadu_epi8(last, pr);
+        for (int f = 0; f < 4; ++f) {
+          const __m512i q = _mm512_and_si512(f ? _mm512_srli_epi16(v, 2 * f) : v, m3);
+          ah[r] = _mm512_dpbusd_epi32(ah[r], q, hz[f]);
+          al[r] = _mm512_dpbusd_epi32(al[r], q, lz[f]);
+        }
+      }
+    }
+    for (int r = 0; r < 4; ++r)
+      y[j + r] = a16_lc_output(_mm512_reduce_add_epi32(ah[r]), _mm512_reduce_add_epi32(al[r]), s, c);
+  }
+}
+#endif
+
+void lc_a16_prepare(const float* z, int64_t B, int64_t n, int8_t* zq, float* s) {
+  if (!has_int8_a16()) std::abort();  // the caller checks; never reached
+#if LCQAT_X86
+  lc_a16_prepare_avx512(z, B, n, zq, s);
+#else
+  (void)z, (void)B, (void)n, (void)zq, (void)s;
+#endif
+}
+
+void lc_gemv_a16_rows(const int8_t* zq, const float* s, const float* c, int64_t B, int64_t n, const uint8_t* packed,
+                      int64_t j0, int64_t j1, float* y, int64_t ldy) {
+  if (B < 1 || B > kMaxGemvBatch || !has_int8_a16()) std::abort();  // the caller checks; never reached
+#if LCQAT_X86
+  if (B == 1) {
+    rows_by_four(j0, j1, [&](int64_t r0, int64_t r1) { gemv1_a16_vnni_rows4(zq, s[0], c[0], n, packed, r0, r1, y); },
+                 [&](int64_t r0, int64_t r1) { gemv_a16_vnni<1>(zq, s, c, n, packed, r0, r1, y, ldy); });
     return;
   }
+  LCQAT_DISPATCH_B(gemv_a16_vnni, B, zq, s, c, n, packed, j0, j1, y, ldy);
+#else
+  (void)zq, (void)s, (void)c, (void)n, (void)packed, (void)j0, (void)j1, (void)y, (void)ldy;
 #endif
-  int8_a16_scalar(hl, s, sums, B, n, w, scale, j0, j1, y, ldy);
 }
 
 }  // namespace cpu

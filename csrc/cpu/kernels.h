@@ -76,25 +76,40 @@ void a8_prepare(const float* z, int64_t B, int64_t n, int8_t* zq /* [B, a8_row_b
 void lc_gemv_a8_rows(const int8_t* zq, const float* scale, const float* c, int64_t B, int64_t n,
                      const uint8_t* packed, int64_t j0, int64_t j1, float* y, int64_t ldy);
 
-// ---- weight-only int8 GEMV for half-precision (bf16/fp16) activations, B <= kMaxGemvBatch, on
-// AVX-512 VNNI CPUs (has_int8_a16(); LCQAT_CPU_BF16=0 turns it off, as the bf16 products of the
-// LC layers). Each activation row is rounded to 16-bit fixed point, q = round(x / s) with
-// s = max|x| / kA16Max, split as q = 256 h + l (h in [-127, 127], l in [-128, 127]); the sums
-// sum_i w h, sum_i w l are exact integers (vpdpbusd, the weights offset to unsigned by +128) and
+// ---- weight-only int8 GEMV for bf16 activations (int8_linear), B <= kMaxGemvBatch, on AVX-512
+// VNNI CPUs (has_int8_a16(); LCQAT_CPU_BF16=0 turns it off, as the bf16 products of the LC
+// layers). Each activation row is rounded to 16-bit fixed point, q = round(x / s) with
+// s = max|x| / kA16Max (fp32), split as q = 256 h + l (h in [-127, 127], l in [-128, 127]); the
+// sums sum_i w h, sum_i w l are exact integers (vpdpbusd, the weights offset to unsigned by +128)
+// and
 //   y[b, j] = scale[j] * s_b * (256 sum_i w_ji h_bi + sum_i w_ji l_bi)
-// in double before the final rounding to fp32, so a row's output does not depend on the batch
-// or the thread split. The only error against the exact product of the fp32 input is the
-// rounding of x: |x - s q| <= max|x| / 65278, below bf16's own rounding of every input larger
-// than max|x| / 256. A row with a NaN or inf input gives NaN outputs. n <= kA16MaxInputs
-// (int32 lane sums cannot overflow).
+// in double before the one rounding to fp32, so a row's output does not depend on the rows beside
+// it (int8_linear takes this path up to 64 rows; more rows run its fp32 prefill GEMM). The only
+// error against the exact product of the input is the rounding of x, at most max|x| / 65278 an
+// element: below bf16's own rounding of every element above max|x| / 128. A row with a NaN or inf
+// gives NaN outputs; a row whose max|x| is below kA16Tiny (2^-100) counts as zero.
+// n <= kA16MaxInputs (int32 lane sums cannot overflow).
 constexpr int32_t kA16Max = 32639;
 constexpr int64_t kA16MaxInputs = 65536;
+constexpr float kA16Tiny = 0x1p-100f;
 bool has_int8_a16();
 int64_t a16_row_bytes(int64_t n);  // int8 per activation part (n rounded up to 64)
 void a16_prepare(const float* x, int64_t B, int64_t n, int8_t* hl /* [B, 2, a16_row_bytes] */, float* s /* [B] */,
                  int32_t* sums /* [B, 2]: sum h, sum l */);
 void int8_gemv_a16_rows(const int8_t* hl, const float* s, const int32_t* sums, int64_t B, int64_t n,
                         const int8_t* w, const float* scale, int64_t j0, int64_t j1, float* y, int64_t ldy);
+
+// ---- the LC decode GEMV for bf16 activations on the same CPUs (has_int8_a16()), B <= kMaxGemvBatch:
+// z = the codebook-folded rotated activations (natural order, fp32, prepare_activations with
+// Isa::Scalar) rounded per row to 16-bit fixed point as in a16_prepare (q = 256 h + l), both parts in
+// the a8 layout, and
+//   y[b, j] = s_b * (256 sum_i q_{j,i} h_{b,i} + sum_i q_{j,i} l_{b,i}) + c[b]
+// with exact integer sums (vpdpbusd: the 2-bit codes unsigned, the parts signed). Against the
+// bf16 GEMV (z rounded to bf16, relative 2^-9 an element) the rounding is max|z| / 65278 an
+// element: smaller for every element above max|z| / 128.
+void lc_a16_prepare(const float* z, int64_t B, int64_t n, int8_t* zq /* [B, 2, a8_row_bytes] */, float* s /* [B] */);
+void lc_gemv_a16_rows(const int8_t* zq, const float* s, const float* c, int64_t B, int64_t n, const uint8_t* packed,
+                      int64_t j0, int64_t j1, float* y, int64_t ldy);
 
 }  // namespace cpu
 }  // namespace lcqat

@@ -187,13 +187,14 @@ def cpu_has_vnni() -> bool:
 
 
 def cpu_has_bf16_dot() -> bool:
-    """Whether bf16 activations multiply in bf16 (fp32 accumulation) in the CPU GEMV and GEMM:
-    AVX512_BF16 present, AVX-512 kernels in use, LCQAT_CPU_BF16 not "0". fp32 activations never do."""
+    """Whether bf16 activations multiply in bf16 (fp32 accumulation) in the CPU GEMM, and in the
+    GEMV where :func:`cpu_has_int8_a16` is false: AVX512_BF16 present, AVX-512 kernels in use,
+    LCQAT_CPU_BF16 not "0". fp32 activations never do."""
     return bool(torch.ops.lcqat.cpu_has_bf16_dot()) if available() else False
 
 
 def cpu_has_int8_a16() -> bool:
-    """Whether ``int8_linear`` computes bf16/fp16 activations as 16-bit fixed point with exact
+    """Whether ``int8_linear`` and the LC decode GEMV compute bf16 activations as 16-bit fixed point with exact
     integer sums (AVX-512 VNNI; LCQAT_CPU_BF16 not "0"); see csrc/cpu/kernels.h."""
     return bool(torch.ops.lcqat.cpu_has_int8_a16()) if available() else False
 

@@ -3,11 +3,12 @@
 For a small model the lm_head is a large share of the bytes read per decoded token
 (SmolLM2-135M: 49152 x 576, 113 MB in fp32, more than a quarter of the 2-bit model's traffic).
 Storing it as int8 (per-output-row absmax scale) reads 4x fewer bytes than fp32; the kernel is
-``torch.ops.lcqat.int8_linear`` (CPU, AVX-512/AVX2) with a pure-PyTorch fallback. bf16/fp16
-activations on an AVX-512 VNNI CPU are rounded per row to 16-bit fixed point and multiplied as
-exact integers (error below the activation dtype's own rounding; a row's result does not depend on
-the rows beside it), where the weight-only fp32 loop was bound by its int8 -> fp32 conversions;
-``LCQAT_CPU_BF16=0`` computes them in fp32 instead (csrc/cpu/kernels.h).
+``torch.ops.lcqat.int8_linear`` (CPU, AVX-512/AVX2) with a pure-PyTorch fallback. bf16
+activations on an AVX-512 VNNI CPU, up to 64 rows a call, are rounded per row to 16-bit fixed
+point and multiplied as exact integers (an error below bf16's own rounding for every element above
+max|x| / 128; a row's result does not depend on the rows beside it), where the weight-only fp32
+loop was bound by its int8 -> fp32 conversions; ``LCQAT_CPU_BF16=0`` computes them in fp32
+instead (csrc/cpu/kernels.h).
 
 Two ways to get one:
 
