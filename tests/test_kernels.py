@@ -562,7 +562,7 @@ def test_int8_head_bf16_activations_non_finite_rows():
 
 
 @needs_native
-def test_cpu_bf16_switch_off_turns_off_half_precision_paths():
+def test_cpu_bf16_and_a16_switches():
     # LCQAT_CPU_BF16=0: bf16 activations compute as fp32 ones in the LC layers and the int8 head
     code = ("import torch, optimum_lcqat.kernels.native as n; assert n.available(); "
             "from optimum_lcqat.nn import Int8Linear; lin = torch.nn.Linear(96, 40); h = Int8Linear.from_linear(lin); "
@@ -573,3 +573,7 @@ def test_cpu_bf16_switch_off_turns_off_half_precision_paths():
     out = subprocess.run([sys.executable, "-P", "-c", code], env={**os.environ, "LCQAT_CPU_BF16": "0"},
                          capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False", "True"], out
+    # LCQAT_CPU_A16=0: only the 16-bit path off (bf16 products stay where the CPU has them)
+    out = subprocess.run([sys.executable, "-P", "-c", code], env={**os.environ, "LCQAT_CPU_A16": "0"},
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", str(native.cpu_has_bf16_dot()), "True"], out

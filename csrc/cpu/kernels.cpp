@@ -1276,8 +1276,11 @@ int64_t a16_row_bytes(int64_t n) { return (n + 63) / 64 * 64; }
 bool has_int8_a16() {
   static const bool ok = [] {
     if (!has_vnni()) return false;
-    const char* env = std::getenv("LCQAT_CPU_BF16");
-    return !(env && std::string(env) == "0");
+    for (const char* name : {"LCQAT_CPU_BF16", "LCQAT_CPU_A16"}) {
+      const char* env = std::getenv(name);
+      if (env && std::string(env) == "0") return false;
+    }
+    return true;
   }();
   return ok;
 }

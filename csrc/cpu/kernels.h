@@ -77,8 +77,8 @@ void lc_gemv_a8_rows(const int8_t* zq, const float* scale, const float* c, int64
                      const uint8_t* packed, int64_t j0, int64_t j1, float* y, int64_t ldy);
 
 // ---- weight-only int8 GEMV for bf16 activations (int8_linear), B <= kMaxGemvBatch, on AVX-512
-// VNNI CPUs (has_int8_a16(); LCQAT_CPU_BF16=0 turns it off, as the bf16 products of the LC
-// layers). Each activation row is rounded to 16-bit fixed point, q = round(x / s) with
+// VNNI CPUs (has_int8_a16(); LCQAT_CPU_BF16=0 turns it off with the bf16 products of the LC
+// layers, LCQAT_CPU_A16=0 alone: bf16 activations then take the bf16 GEMV, or fp32). Each activation row is rounded to 16-bit fixed point, q = round(x / s) with
 // s = max|x| / kA16Max (fp32), split as q = 256 h + l (h in [-127, 127], l in [-128, 127]); the
 // sums sum_i w h, sum_i w l are exact integers (vpdpbusd, the weights offset to unsigned by +128)
 // and

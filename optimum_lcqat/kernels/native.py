@@ -195,7 +195,7 @@ def cpu_has_bf16_dot() -> bool:
 
 def cpu_has_int8_a16() -> bool:
     """Whether ``int8_linear`` and the LC decode GEMV compute bf16 activations as 16-bit fixed point with exact
-    integer sums (AVX-512 VNNI; LCQAT_CPU_BF16 not "0"); see csrc/cpu/kernels.h."""
+    integer sums (AVX-512 VNNI; neither LCQAT_CPU_BF16 nor LCQAT_CPU_A16 is "0"); see csrc/cpu/kernels.h."""
     return bool(torch.ops.lcqat.cpu_has_int8_a16()) if available() else False
 
 
