@@ -1471,6 +1471,12 @@ static inline float a16_lc_output(int64_t th, int64_t tl, float s, float c) {
   return static_cast<float>(static_cast<double>(256 * th + tl) * static_cast<double>(s)) + c;
 }
 
+// Field f (0..3) of every code byte as an unsigned byte 0..3: 16-bit shifts are enough because the
+// & 3 keeps each byte's own bits.
+LCQAT_TARGET_A16 static inline __m512i a16_code_field(__m512i v, int f) {
+  return _mm512_and_si512(f ? _mm512_srli_epi16(v, 2 * f) : v, _mm512_set1_epi8(3));
+}
+
 // Per lane and vpdpbusd at most 4 x 3 x 128: the 16 lanes of an accumulator sum to at most 384 n,
 // an int32 for any n below 5.5 million.
 template <int B>
@@ -1478,7 +1484,6 @@ LCQAT_TARGET_A16 static void gemv_a16_vnni(const int8_t* zq, const float* s, con
                                            const uint8_t* packed, int64_t j0, int64_t j1, float* y, int64_t ldy) {
   const int64_t nb = n / 4, rb = a8_row_bytes(n), nch = (nb + 63) / 64;
   const __mmask64 last = (nb % 64) ? ((1ULL << (nb % 64)) - 1) : ~0ULL;
-  const __m512i m3 = _mm512_set1_epi8(3);
   for (int64_t j = j0; j < j1; ++j) {
     const uint8_t* p = packed + j * nb;
     prefetch_ahead(p, nb, j1 - j, nb);
@@ -1486,10 +1491,7 @@ LCQAT_TARGET_A16 static void gemv_a16_vnni(const int8_t* zq, const float* s, con
     for (int b = 0; b < B; ++b) ah[b] = al[b] = _mm512_setzero_si512();
     for (int64_t k = 0; k < nch; ++k) {
       const __m512i v = k + 1 < nch ? _mm512_loadu_si512(p + 64 * k) : _mm512_maskz_loadu_epi8(last, p + 64 * k);
-      // field f of every byte as 0..3 (16-bit shifts: the & 3 keeps each byte's own bits)
-      const __m512i q[4] = {_mm512_and_si512(v, m3), _mm512_and_si512(_mm512_srli_epi16(v, 2), m3),
-                            _mm512_and_si512(_mm512_srli_epi16(v, 4), m3),
-                            _mm512_and_si512(_mm512_srli_epi16(v, 6), m3)};
+      const __m512i q[4] = {a16_code_field(v, 0), a16_code_field(v, 1), a16_code_field(v, 2), a16_code_field(v, 3)};
       for (int b = 0; b < B; ++b) {
         const int8_t* zb = zq + b * 2 * rb + 256 * k;
         for (int f = 0; f < 4; ++f) {
@@ -1509,7 +1511,6 @@ LCQAT_TARGET_A16 static void gemv1_a16_vnni_rows4(const int8_t* zq, float s, flo
                                                   const uint8_t* packed, int64_t j0, int64_t j1, float* y) {
   const int64_t nb = n / 4, rb = a8_row_bytes(n), nch = (nb + 63) / 64;
   const __mmask64 last = (nb % 64) ? ((1ULL << (nb % 64)) - 1) : ~0ULL;
-  const __m512i m3 = _mm512_set1_epi8(3);
   for (int64_t j = j0; j < j1; j += 4) {
     prefetch_ahead(packed + j * nb, 4 * nb, (j1 - j) / 4, 4 * nb);
     __m512i ah[4], al[4];
@@ -1526,7 +1527,7 @@ LCQAT_TARGET_A16 static void gemv1_a16_vnni_rows4(const int8_t* zq, float s, flo
         // masked only on the last chunk (a masked load of every chunk ran slower from DRAM in the bf16 GEMV)
         const __m512i v = k + 1 < nch ? _mm512_loadu_si512(pr) : _mm512_maskz_loadu_epi8(last, pr);
         for (int f = 0; f < 4; ++f) {
-          const __m512i q = _mm512_and_si512(f ? _mm512_srli_epi16(v, 2 * f) : v, m3);
+          const __m512i q = a16_code_field(v, f);
           ah[r] = _mm512_dpbusd_epi32(ah[r], q, hz[f]);
           al[r] = _mm512_dpbusd_epi32(al[r], q, lz[f]);
         }
