@@ -280,7 +280,46 @@ def cmd_lm_eval(args, rest: list[str]) -> int:
 
     sys.argv = ["lm-eval"] + rest
     cli_evaluate()
+    if _uses_vllm_backend(rest):
+        # vLLM's engine (a spawned core process plus C++ threads) can abort the interpreter at
+        # teardown ("terminate called without an active exception") after the results are written:
+        # the run has succeeded by now, so stop the engine's processes ourselves and leave without
+        # running the interpreter's finalisers (skipping them alone orphans the engine core, which
+        # keeps our stdout open and runs on).
+        _stop_child_processes()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(EXIT_OK)
     return EXIT_OK
+
+
+def _stop_child_processes(timeout: float = 15.0) -> None:
+    """SIGTERM every process this one started (vLLM's engine core and its workers), then SIGKILL
+    what is still there after ``timeout`` seconds. psutil is one of vLLM's own dependencies."""
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        try:
+            child.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(children, timeout=timeout)
+    for child in alive:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def _uses_vllm_backend(rest: list[str]) -> bool:
+    for i, arg in enumerate(rest):
+        if arg == "--model" and i + 1 < len(rest) and rest[i + 1] == "vllm":
+            return True
+        if arg == "--model=vllm":
+            return True
+    return False
 
 
 def cmd_demo(args) -> int:
