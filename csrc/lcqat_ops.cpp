@@ -12,6 +12,8 @@
 //                                                                 bf16 x on AVX-512 VNNI CPUs: 16-bit
 //                                                                 fixed-point x, exact integer sums (kernels.h)
 //   cpu_has_int8_a16() -> bool                                    whether int8_linear takes that path
+//   cpu_has_amx_bf16() -> bool                                    whether bf16 activations of 5+ rows
+//                                                                 multiply on AMX tiles (lc_gemm_amx.cpp)
 //   cpu_isa() -> str                                              the CPU kernel variant in use
 //   cpu_has_bf16_dot() -> bool                                    whether bf16 activations multiply in bf16
 // H = L (x) H_block (L = identity when `left` is None; else the K x K matrix `left`, n = K*block).
@@ -22,7 +24,9 @@
 // the decode GEMV (1-5 rows) and int8_linear instead round them to 16-bit fixed point and sum
 // exact integers (a finer rounding than bf16's for all but the smallest elements; kernels.h).
 // No dense weight is ever built: 1-3 rows (1-5 with bf16 products) run the decode GEMV, more
-// rows (serving batches, prefill) the GEMM of cpu/kernels.cpp that decodes code panels into L1.
+// rows (serving batches, prefill) the GEMM of cpu/kernels.cpp that decodes code panels into L1;
+// bf16 activations of 5+ rows on AMX CPUs the AMX GEMM (cpu/lc_gemm_amx.cpp: codes decoded into
+// one 16 x 32 tile at a time; LCQAT_CPU_AMX=0 turns it off).
 #include <Python.h>
 
 #include <ATen/ATen.h>
@@ -83,6 +87,11 @@ constexpr int64_t kGemmMinRows = 4;
 // With bf16 products the GEMV decodes 32 codes a permute and stays ahead of the GEMM up to 5 rows
 // (one thread, 8192x2048: 4 rows 0.37 vs 0.79 ms hot, 0.44 vs 1.69 ms from DRAM).
 constexpr int64_t kBf16GemvMaxRows = 5;
+// On AMX CPUs the AMX GEMM (lc_gemm_amx.cpp) takes bf16 activations from 5 rows: its cost is the
+// code decode, nearly flat in rows (one thread, 4096x4096 hot: ~1.05 ms at 1-5 rows, where the
+// 16-bit GEMV takes 0.27 ms at 1 row, 0.89 at 4 and 1.08 at 5; SmolLM2's 1536x576 at 5 rows
+// 60 vs 101 us; at 8-64 rows 1.5-2.1x dense bf16 on AMX, where the AVX512_BF16 GEMM fell to 0.2x).
+constexpr int64_t kAmxMinRows = 5;
 
 // Rotated-domain product with the codes read directly: B rotated fp32 rows xt [B, n] -> yp [B, m]
 // (B <= kMaxGemvBatch for the GEMV and when act_int8). The codebook is folded into the
@@ -96,8 +105,9 @@ static void rotated_product(const float* xt, int64_t B, int64_t n, int64_t m, co
   // bf16 products (see kernels.h): the GEMV up to kBf16GemvMaxRows rows, then the GEMM
   const bool bf16_dot = bf16 && !act_int8 && n % 16 == 0 && K::has_bf16_dot();
   // bf16 activations on VNNI CPUs, GEMV sizes: 16-bit fixed point, exact integer sums (kernels.h)
-  const bool a16 = bf16 && !act_int8 && B <= kBf16GemvMaxRows && K::has_int8_a16();
-  const int64_t zn = (act_int8 || a16) ? n : std::max(K::prepared_size(n, isa), bf16_dot ? K::gemv_bf16_row_words(n) : 0);
+  const bool amx = bf16_dot && B >= kAmxMinRows && n % 32 == 0 && K::has_amx_bf16();
+  const bool a16 = bf16 && !act_int8 && !amx && B <= kBf16GemvMaxRows && K::has_int8_a16();
+  const int64_t zn = (act_int8 || a16 || amx) ? n : std::max(K::prepared_size(n, isa), bf16_dot ? K::gemv_bf16_row_words(n) : 0);
   const int64_t qn = act_int8 ? K::a8_row_bytes(n) : (a16 ? 2 * K::a8_row_bytes(n) : 0);
   // [B, zn] prepared activations | [B] constants | [B] int8 scales | [B, qn] int8 activations
   // (as floats' worth of bytes)
@@ -117,6 +127,19 @@ static void rotated_product(const float* xt, int64_t B, int64_t n, int64_t m, co
     K::prepare_activations(xt, B, n, A, beta, K::Isa::Scalar, zp, c);  // natural order
     K::lc_a16_prepare(zp, B, n, zq, qs);
     at::parallel_for(0, m, grain, [&](int64_t j0, int64_t j1) { K::lc_gemv_a16_rows(zq, qs, c, B, n, pk, j0, j1, yp, m); });
+  } else if (amx) {
+    // AMX tiles (lc_gemm_amx.cpp): z in natural order, rounded to bf16 into a second scratch
+    thread_local std::vector<uint16_t> zb_scratch;
+    const size_t zb_need = static_cast<size_t>(K::amx_rows_padded(B) * n);
+    if (zb_scratch.size() < zb_need) zb_scratch.resize(zb_need);
+    uint16_t* zb = zb_scratch.data();  // this thread's: the workers below read it through the pointer
+    K::prepare_activations(xt, B, n, A, beta, K::Isa::Scalar, zp, c);
+    K::prepare_amx_activations(zp, B, n, zb);
+    // whole groups of 16 weight rows per thread (one B tile each)
+    const int64_t groups = (m + 15) / 16;
+    at::parallel_for(0, groups, std::max<int64_t>(1, kMinWeightsPerThread / (16 * n)), [&](int64_t g0, int64_t g1) {
+      K::lc_gemm_amx_rows(zb, c, B, n, pk, 16 * g0, std::min(m, 16 * g1), yp, m);
+    });
   } else if (B <= kBf16GemvMaxRows && bf16_dot) {
     uint32_t* zb = reinterpret_cast<uint32_t*>(zp);  // [B, gemv_bf16_row_words(n)] words
     K::prepare_gemv_bf16(xt, B, n, A, beta, zb, c);
@@ -313,6 +336,7 @@ Tensor lc_linear_a8_cpu(const Tensor& x, const Tensor& packed, const Tensor& A, 
 bool cpu_has_vnni() { return K::has_vnni(); }
 bool cpu_has_bf16_dot() { return K::has_bf16_dot(); }
 bool cpu_has_int8_a16() { return K::has_int8_a16(); }
+bool cpu_has_amx_bf16() { return K::has_amx_bf16(); }
 
 // ------------------------------------------------------------------ int8 weight-only linear (compact lm_head)
 Tensor int8_linear_cpu(const Tensor& x, const Tensor& w, const Tensor& scale, const c10::optional<Tensor>& bias) {
@@ -393,6 +417,7 @@ TORCH_LIBRARY(lcqat, m) {
   m.def("cpu_isa() -> str", &cpu_isa);
   m.def("cpu_has_bf16_dot() -> bool", &cpu_has_bf16_dot);
   m.def("cpu_has_int8_a16() -> bool", &cpu_has_int8_a16);
+  m.def("cpu_has_amx_bf16() -> bool", &cpu_has_amx_bf16);
 }
 
 TORCH_LIBRARY_IMPL(lcqat, CPU, m) {

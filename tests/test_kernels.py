@@ -179,7 +179,8 @@ def test_bf16_activations_multiply_in_bf16_only_where_the_cpu_has_it(batch, n):
     assert out.dtype == torch.bfloat16
     same_bf16 = float((out == bf16_products.bfloat16()).double().mean())
     same_exact = float((out == exact.bfloat16()).double().mean())
-    if native.cpu_has_int8_a16() and batch <= 5:
+    # (on AMX CPUs the AMX GEMM takes 5 rows and more: bf16 products, lc_gemm_amx.cpp)
+    if native.cpu_has_int8_a16() and batch <= (4 if native.cpu_has_amx_bf16() else 5):
         # the decode GEMV on VNNI CPUs: 16-bit fixed point, exact integer sums (kernels.h). Beyond
         # the final rounding to bf16 (half a step) its error stays below 1.5e-4 of the largest
         # output (measured <= 3e-5), where bf16 products leave 6e-4 to 1.4e-3
@@ -577,3 +578,53 @@ def test_cpu_bf16_and_a16_switches():
     out = subprocess.run([sys.executable, "-P", "-c", code], env={**os.environ, "LCQAT_CPU_A16": "0"},
                          capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", str(native.cpu_has_bf16_dot()), "True"], out
+
+
+@needs_native
+@pytest.mark.skipif(not native.cpu_has_amx_bf16(), reason="needs a CPU with AMX-BF16 (csrc/cpu/lc_gemm_amx.cpp)")
+@pytest.mark.parametrize("batch", [5, 16, 17, 64, 65, 130])
+@pytest.mark.parametrize("m,n", [(16, 2048), (77, 576), (200, 1088)])
+def test_amx_gemm_rounds_like_bf16_products(batch, m, n):
+    # The AMX GEMM (bf16 activations, 5 rows and more, n a multiple of 32): the exact codes times the
+    # folded activations rounded to bf16, fp32 sums. Against that product in float64, beyond the
+    # output's rounding to bf16 (half a step), the kernel's z (fp32, then bf16) differs from the
+    # emulation's (float64 to bf16) in an element's last bit now and then, and the fp32 sums in
+    # order: measured at most 1.6e-4 of the largest output, the same as the AVX512_BF16 GEMM's.
+    # Row groups of 16 with a tail (77, 200), activation blocks of 64 rows with a tail (65, 130).
+    w, _ = make_layer(m, n, seed=batch + m)
+    xt = torch.randn(batch, n, generator=torch.Generator().manual_seed(batch)).bfloat16()
+    z, c = fold_activations(xt.double(), w.A.double(), w.beta.double())
+    q = reference.integer_codes(w, torch.float64)
+    bf16_products = z.bfloat16().double() @ q.T + c
+    out = native.lc_matmul(xt, w.codes, w.A, w.beta)
+    assert out.dtype == torch.bfloat16 and out.shape == (batch, m)
+    excess = ((out.double() - bf16_products).abs() - bf16_products.abs() * 2.0 ** -8).clamp(min=0).max()
+    assert excess <= 5e-4 * bf16_products.abs().max(), float(excess / bf16_products.abs().max())
+    assert float((out == bf16_products.bfloat16()).double().mean()) > 0.97
+    # rows are independent: the last 5 rows alone (another padding of the 16-row tiles) end alike
+    alone = native.lc_matmul(xt[-5:], w.codes, w.A, w.beta)
+    assert torch.equal(alone, out[-5:])
+
+
+@needs_native
+@pytest.mark.skipif(not native.cpu_has_amx_bf16(), reason="needs a CPU with AMX-BF16")
+def test_amx_switch_keeps_the_avx512_bf16_gemm(tmp_path):
+    # LCQAT_CPU_AMX=0 turns only the AMX GEMM off: the AVX512_BF16 GEMM then runs, with the same
+    # rounding of the activations (outputs within the fp32 summation order, after bf16 rounding)
+    w, _ = make_layer(77, 576, seed=3)
+    xt = torch.randn(16, 576, generator=torch.Generator().manual_seed(3)).bfloat16()
+    amx = native.lc_matmul(xt, w.codes, w.A, w.beta)
+    code = ("import sys, torch, optimum_lcqat.kernels.native as n; assert n.available(); "
+            "d = torch.load(sys.argv[1]); "
+            "print(n.cpu_has_amx_bf16(), n.cpu_has_bf16_dot()); "
+            "torch.save(n.lc_matmul(d['x'], d['codes'], d['A'], d['beta']), sys.argv[1])")
+    path = str(tmp_path / "io.pt")
+    torch.save({"x": xt, "codes": w.codes, "A": w.A, "beta": w.beta}, path)
+    out = subprocess.run([sys.executable, "-P", "-c", code, path], env={**os.environ, "LCQAT_CPU_AMX": "0"},
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "True"], out
+    other = torch.load(path)
+    # at most one bf16 step apart (fp32 sums in another order, then each rounded to bf16)
+    assert float((amx == other).double().mean()) > 0.97
+    step = (other.double().abs() * 2.0 ** -7).clamp(min=1e-6 * other.double().abs().max())
+    assert ((amx.double() - other.double()).abs() <= step).all()

@@ -111,5 +111,17 @@ void lc_a16_prepare(const float* z, int64_t B, int64_t n, int8_t* zq /* [B, 2, a
 void lc_gemv_a16_rows(const int8_t* zq, const float* s, const float* c, int64_t B, int64_t n, const uint8_t* packed,
                       int64_t j0, int64_t j1, float* y, int64_t ldy);
 
+// ---- the LC GEMM on AMX tiles for bf16 activations (lc_gemm_amx.cpp), on CPUs with AMX-BF16
+// (has_amx_bf16(): has_bf16_dot() as well, the OS grants the tile state; LCQAT_CPU_AMX=0 turns it
+// off). The same product as lc_gemm_bf16_rows, with the same rounding (z to bf16, nearest even;
+// fp32 accumulation, in another order). z = the folded activations in natural order (fp32, from
+// prepare_activations with Isa::Scalar); zb holds them in bf16, [amx_rows_padded(B), n], the
+// padding rows zero. n a multiple of 32. Rows [j0, j1) of the weight, 16 at a time.
+bool has_amx_bf16();
+int64_t amx_rows_padded(int64_t B);
+void prepare_amx_activations(const float* z, int64_t B, int64_t n, uint16_t* zb);
+void lc_gemm_amx_rows(const uint16_t* zb, const float* c, int64_t B, int64_t n, const uint8_t* packed, int64_t j0,
+                      int64_t j1, float* y /* [B, m] */, int64_t ldy);
+
 }  // namespace cpu
 }  // namespace lcqat

@@ -193,6 +193,13 @@ def cpu_has_bf16_dot() -> bool:
     return bool(torch.ops.lcqat.cpu_has_bf16_dot()) if available() else False
 
 
+def cpu_has_amx_bf16() -> bool:
+    """Whether bf16 activations of 5 rows and more multiply on AMX tiles (Intel AMX-BF16, the OS granting
+    the tile state, :func:`cpu_has_bf16_dot`, LCQAT_CPU_AMX not "0"; csrc/cpu/lc_gemm_amx.cpp): the
+    same rounding as the AVX512_BF16 GEMM, for layers whose input dimension is a multiple of 32."""
+    return bool(torch.ops.lcqat.cpu_has_amx_bf16()) if available() else False
+
+
 def cpu_has_int8_a16() -> bool:
     """Whether ``int8_linear`` and the LC decode GEMV compute bf16 activations as 16-bit fixed point with exact
     integer sums (AVX-512 VNNI; neither LCQAT_CPU_BF16 nor LCQAT_CPU_A16 is "0"); see csrc/cpu/kernels.h."""
