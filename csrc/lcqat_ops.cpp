@@ -13,7 +13,9 @@
 //                                                                 fixed-point x, exact integer sums (kernels.h)
 //   cpu_has_int8_a16() -> bool                                    whether int8_linear takes that path
 //   cpu_has_amx_bf16() -> bool                                    whether bf16 activations of 5+ rows
-//                                                                 multiply on AMX tiles (lc_gemm_amx.cpp)
+//                                                                 multiply on AMX tiles (amx.cpp)
+//   cpu_has_amx_int8() -> bool                                    whether int8_linear's 16-bit path
+//                                                                 sums on AMX tiles from 2 rows
 //   cpu_isa() -> str                                              the CPU kernel variant in use
 //   cpu_has_bf16_dot() -> bool                                    whether bf16 activations multiply in bf16
 // H = L (x) H_block (L = identity when `left` is None; else the K x K matrix `left`, n = K*block).
@@ -25,7 +27,7 @@
 // exact integers (a finer rounding than bf16's for all but the smallest elements; kernels.h).
 // No dense weight is ever built: 1-3 rows (1-5 with bf16 products) run the decode GEMV, more
 // rows (serving batches, prefill) the GEMM of cpu/kernels.cpp that decodes code panels into L1;
-// bf16 activations of 5+ rows on AMX CPUs the AMX GEMM (cpu/lc_gemm_amx.cpp: codes decoded into
+// bf16 activations of 5+ rows on AMX CPUs the AMX GEMM (cpu/amx.cpp: codes decoded into
 // one 16 x 32 tile at a time; LCQAT_CPU_AMX=0 turns it off).
 #include <Python.h>
 
@@ -87,7 +89,7 @@ constexpr int64_t kGemmMinRows = 4;
 // With bf16 products the GEMV decodes 32 codes a permute and stays ahead of the GEMM up to 5 rows
 // (one thread, 8192x2048: 4 rows 0.37 vs 0.79 ms hot, 0.44 vs 1.69 ms from DRAM).
 constexpr int64_t kBf16GemvMaxRows = 5;
-// On AMX CPUs the AMX GEMM (lc_gemm_amx.cpp) takes bf16 activations from 5 rows: its cost is the
+// On AMX CPUs the AMX GEMM (amx.cpp) takes bf16 activations from 5 rows: its cost is the
 // code decode, nearly flat in rows (one thread, 4096x4096 hot: ~1.05 ms at 1-5 rows, where the
 // 16-bit GEMV takes 0.27 ms at 1 row, 0.89 at 4 and 1.08 at 5; SmolLM2's 1536x576 at 5 rows
 // 60 vs 101 us; at 8-64 rows 1.5-2.1x dense bf16 on AMX, where the AVX512_BF16 GEMM fell to 0.2x).
@@ -128,7 +130,7 @@ static void rotated_product(const float* xt, int64_t B, int64_t n, int64_t m, co
     K::lc_a16_prepare(zp, B, n, zq, qs);
     at::parallel_for(0, m, grain, [&](int64_t j0, int64_t j1) { K::lc_gemv_a16_rows(zq, qs, c, B, n, pk, j0, j1, yp, m); });
   } else if (amx) {
-    // AMX tiles (lc_gemm_amx.cpp): z in natural order, rounded to bf16 into a second scratch
+    // AMX tiles (amx.cpp): z in natural order, rounded to bf16 into a second scratch
     thread_local std::vector<uint16_t> zb_scratch;
     const size_t zb_need = static_cast<size_t>(K::amx_rows_padded(B) * n);
     if (zb_scratch.size() < zb_need) zb_scratch.resize(zb_need);
@@ -337,6 +339,7 @@ bool cpu_has_vnni() { return K::has_vnni(); }
 bool cpu_has_bf16_dot() { return K::has_bf16_dot(); }
 bool cpu_has_int8_a16() { return K::has_int8_a16(); }
 bool cpu_has_amx_bf16() { return K::has_amx_bf16(); }
+bool cpu_has_amx_int8() { return K::has_amx_int8(); }
 
 // ------------------------------------------------------------------ int8 weight-only linear (compact lm_head)
 Tensor int8_linear_cpu(const Tensor& x, const Tensor& w, const Tensor& scale, const c10::optional<Tensor>& bias) {
@@ -355,7 +358,30 @@ Tensor int8_linear_cpu(const Tensor& x, const Tensor& w, const Tensor& scale, co
   const auto isa = K::detect_isa();
   // bf16 activations: 16-bit fixed point and exact integer sums (see kernels.h)
   const bool a16 = x.scalar_type() == at::kBFloat16 && B <= 64 && n <= K::kA16MaxInputs && K::has_int8_a16();
-  if (B <= 64) {
+  // AMX-INT8 CPUs: the same integer sums on tiles from 2 rows (amx.cpp; bit-identical outputs).
+  // One thread, Llama-3.2-1B's 128256 x 2048 head: 20.9 / 24.1 / 24.1 / 80.8 ms at 2 / 8 / 16 / 64
+  // rows where the VNNI GEMV took 30.2 / 53.6 / 89.5 / 306 (and a dense bf16 head 45-83 ms).
+  constexpr int64_t kInt8AmxMinRows = 2;
+  const bool amx = a16 && B >= kInt8AmxMinRows && n % 64 == 0 && K::has_amx_int8();
+  if (amx) {
+    thread_local std::vector<int8_t> parts, tiles;
+    thread_local std::vector<float> steps;
+    thread_local std::vector<int32_t> sums;
+    const int64_t rb = K::a16_row_bytes(n);
+    if (parts.size() < static_cast<size_t>(B * 2 * rb)) parts.resize(B * 2 * rb);
+    if (steps.size() < static_cast<size_t>(B)) steps.resize(B), sums.resize(2 * B);
+    if (tiles.size() < static_cast<size_t>(K::int8_amx_tile_bytes(B, n))) tiles.resize(K::int8_amx_tile_bytes(B, n));
+    K::a16_prepare(x2.data_ptr<float>(), B, n, parts.data(), steps.data(), sums.data());
+    K::int8_amx_prepare(parts.data(), B, n, tiles.data());
+    const int8_t* tp = tiles.data();  // this thread's: the workers read them through the pointers
+    const float* st = steps.data();
+    const int8_t* wp = wc.data_ptr<int8_t>();
+    const float* sp = sc.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, (m + 15) / 16, std::max<int64_t>(1, (1 << 16) / (16 * n)), [&](int64_t g0, int64_t g1) {
+      K::int8_amx_rows(tp, st, B, n, wp, sp, m, 16 * g0, std::min(m, 16 * g1), yp, m);
+    });
+  } else if (B <= 64) {
     const int8_t* wp = wc.data_ptr<int8_t>();
     const float* sp = sc.data_ptr<float>();
     const float* xp = x2.data_ptr<float>();
@@ -418,6 +444,7 @@ TORCH_LIBRARY(lcqat, m) {
   m.def("cpu_has_bf16_dot() -> bool", &cpu_has_bf16_dot);
   m.def("cpu_has_int8_a16() -> bool", &cpu_has_int8_a16);
   m.def("cpu_has_amx_bf16() -> bool", &cpu_has_amx_bf16);
+  m.def("cpu_has_amx_int8() -> bool", &cpu_has_amx_int8);
 }
 
 TORCH_LIBRARY_IMPL(lcqat, CPU, m) {

@@ -179,7 +179,7 @@ def test_bf16_activations_multiply_in_bf16_only_where_the_cpu_has_it(batch, n):
     assert out.dtype == torch.bfloat16
     same_bf16 = float((out == bf16_products.bfloat16()).double().mean())
     same_exact = float((out == exact.bfloat16()).double().mean())
-    # (on AMX CPUs the AMX GEMM takes 5 rows and more: bf16 products, lc_gemm_amx.cpp)
+    # (on AMX CPUs the AMX GEMM takes 5 rows and more: bf16 products, amx.cpp)
     if native.cpu_has_int8_a16() and batch <= (4 if native.cpu_has_amx_bf16() else 5):
         # the decode GEMV on VNNI CPUs: 16-bit fixed point, exact integer sums (kernels.h). Beyond
         # the final rounding to bf16 (half a step) its error stays below 1.5e-4 of the largest
@@ -581,7 +581,7 @@ def test_cpu_bf16_and_a16_switches():
 
 
 @needs_native
-@pytest.mark.skipif(not native.cpu_has_amx_bf16(), reason="needs a CPU with AMX-BF16 (csrc/cpu/lc_gemm_amx.cpp)")
+@pytest.mark.skipif(not native.cpu_has_amx_bf16(), reason="needs a CPU with AMX-BF16 (csrc/cpu/amx.cpp)")
 @pytest.mark.parametrize("batch", [5, 16, 17, 64, 65, 130])
 @pytest.mark.parametrize("m,n", [(16, 2048), (77, 576), (200, 1088)])
 def test_amx_gemm_rounds_like_bf16_products(batch, m, n):
@@ -628,3 +628,31 @@ def test_amx_switch_keeps_the_avx512_bf16_gemm(tmp_path):
     assert float((amx == other).double().mean()) > 0.97
     step = (other.double().abs() * 2.0 ** -7).clamp(min=1e-6 * other.double().abs().max())
     assert ((amx.double() - other.double()).abs() <= step).all()
+
+
+@needs_native
+@pytest.mark.skipif(not native.cpu_has_amx_int8(), reason="needs a CPU with AMX-INT8 (csrc/cpu/amx.cpp)")
+@pytest.mark.parametrize("m,n", [(40, 576), (77, 128), (33, 64)])
+def test_int8_head_on_amx_tiles_equals_the_gemv(m, n):
+    # int8_linear with bf16 activations: from 2 rows on AMX-INT8 CPUs the integer sums run on tiles
+    # (the weight as the A tile, the activations' 16-bit parts as B tiles); the sums are the same
+    # integers as the VNNI GEMV's (which a single row takes), so every output has the same bits.
+    # m: weight rows past the last whole 16 (zero-padded tile); batches across 16-column blocks.
+    w = torch.randint(-127, 128, (m, n), dtype=torch.int8, generator=torch.Generator().manual_seed(m))
+    scale = torch.rand(m, generator=torch.Generator().manual_seed(n)) / 100
+    for batch in (2, 16, 17, 33, 64):
+        x = torch.randn(batch, n, generator=torch.Generator().manual_seed(batch)).bfloat16()
+        y = torch.ops.lcqat.int8_linear(x, w, scale, None)
+        rows = torch.cat([torch.ops.lcqat.int8_linear(x[b:b + 1], w, scale, None) for b in range(batch)])
+        assert torch.equal(y, rows), batch
+        assert torch.equal(y, _int8_a16_emulation(x, w, scale, None)), batch
+
+
+@needs_native
+@pytest.mark.skipif(not native.cpu_has_amx_int8(), reason="needs a CPU with AMX-INT8")
+def test_amx_switch_turns_off_both_amx_paths():
+    code = ("import torch, optimum_lcqat.kernels.native as n; assert n.available(); "
+            "print(n.cpu_has_amx_bf16(), n.cpu_has_amx_int8(), n.cpu_has_int8_a16(), n.cpu_has_bf16_dot())")
+    out = subprocess.run([sys.executable, "-P", "-c", code], env={**os.environ, "LCQAT_CPU_AMX": "0"},
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False", "True", "True"], out

@@ -111,7 +111,7 @@ void lc_a16_prepare(const float* z, int64_t B, int64_t n, int8_t* zq /* [B, 2, a
 void lc_gemv_a16_rows(const int8_t* zq, const float* s, const float* c, int64_t B, int64_t n, const uint8_t* packed,
                       int64_t j0, int64_t j1, float* y, int64_t ldy);
 
-// ---- the LC GEMM on AMX tiles for bf16 activations (lc_gemm_amx.cpp), on CPUs with AMX-BF16
+// ---- the LC GEMM on AMX tiles for bf16 activations (amx.cpp), on CPUs with AMX-BF16
 // (has_amx_bf16(): has_bf16_dot() as well, the OS grants the tile state; LCQAT_CPU_AMX=0 turns it
 // off). The same product as lc_gemm_bf16_rows, with the same rounding (z to bf16, nearest even;
 // fp32 accumulation, in another order). z = the folded activations in natural order (fp32, from
@@ -122,6 +122,17 @@ int64_t amx_rows_padded(int64_t B);
 void prepare_amx_activations(const float* z, int64_t B, int64_t n, uint16_t* zb);
 void lc_gemm_amx_rows(const uint16_t* zb, const float* c, int64_t B, int64_t n, const uint8_t* packed, int64_t j0,
                       int64_t j1, float* y /* [B, m] */, int64_t ldy);
+
+// ---- int8_linear for bf16 activations on AMX tiles (amx.cpp), on CPUs with AMX-INT8 (has_amx_int8():
+// has_int8_a16() as well; LCQAT_CPU_AMX=0 turns it off): the activations rounded to 16-bit fixed
+// point by a16_prepare, the integer sums exact (tdpbssd), y as in int8_gemv_a16_rows: the same
+// bits. n a multiple of 64, n <= kA16MaxInputs. tiles: int8_amx_tile_bytes(B, n) bytes from
+// int8_amx_prepare; rows [j0, j1) of the weight (a multiple of 16 apart, except at m).
+bool has_amx_int8();
+int64_t int8_amx_tile_bytes(int64_t B, int64_t n);
+void int8_amx_prepare(const int8_t* hl /* a16_prepare's parts */, int64_t B, int64_t n, int8_t* tiles);
+void int8_amx_rows(const int8_t* tiles, const float* s, int64_t B, int64_t n, const int8_t* w, const float* scale,
+                   int64_t m, int64_t j0, int64_t j1, float* y, int64_t ldy);
 
 }  // namespace cpu
 }  // namespace lcqat

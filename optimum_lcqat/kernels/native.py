@@ -195,9 +195,15 @@ def cpu_has_bf16_dot() -> bool:
 
 def cpu_has_amx_bf16() -> bool:
     """Whether bf16 activations of 5 rows and more multiply on AMX tiles (Intel AMX-BF16, the OS granting
-    the tile state, :func:`cpu_has_bf16_dot`, LCQAT_CPU_AMX not "0"; csrc/cpu/lc_gemm_amx.cpp): the
+    the tile state, :func:`cpu_has_bf16_dot`, LCQAT_CPU_AMX not "0"; csrc/cpu/amx.cpp): the
     same rounding as the AVX512_BF16 GEMM, for layers whose input dimension is a multiple of 32."""
     return bool(torch.ops.lcqat.cpu_has_amx_bf16()) if available() else False
+
+
+def cpu_has_amx_int8() -> bool:
+    """Whether ``int8_linear``'s 16-bit path (:func:`cpu_has_int8_a16`) sums on AMX tiles from 2 rows
+    (Intel AMX-INT8, LCQAT_CPU_AMX not "0"; csrc/cpu/amx.cpp): the same integers, the same outputs."""
+    return bool(torch.ops.lcqat.cpu_has_amx_int8()) if available() else False
 
 
 def cpu_has_int8_a16() -> bool:

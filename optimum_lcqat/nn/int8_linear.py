@@ -7,8 +7,9 @@ Storing it as int8 (per-output-row absmax scale) reads 4x fewer bytes than fp32;
 activations on an AVX-512 VNNI CPU, up to 64 rows a call, are rounded per row to 16-bit fixed
 point and multiplied as exact integers (an error below bf16's own rounding for every element above
 max|x| / 128; a row's result does not depend on the rows beside it), where the weight-only fp32
-loop was bound by its int8 -> fp32 conversions; ``LCQAT_CPU_BF16=0`` computes them in fp32
-instead (csrc/cpu/kernels.h).
+loop was bound by its int8 -> fp32 conversions; on AMX-INT8 CPUs the same integer sums run on
+AMX tiles from 2 rows (csrc/cpu/amx.cpp: the same outputs, the head read once a call at any row
+count up to 64); ``LCQAT_CPU_BF16=0`` computes them in fp32 instead (csrc/cpu/kernels.h).
 
 Two ways to get one:
 

@@ -1,0 +1,296 @@
+// Kernels on AMX tiles (Intel Sapphire Rapids and later): the LC GEMM for bf16 activations (5 rows
+// and more) and the int8 head's product for bf16 activations (several rows).
+//
+// Why: on AMX CPUs a dense bf16 layer multiplies through oneDNN's AMX kernels, 16x16x32 products an
+// instruction, and at 16-64 rows it left the AVX512_BF16 GEMM of kernels.cpp (32 products an
+// instruction) 2.5-5x behind, and the int8 head's VNNI GEMV 2-4x behind a dense bf16 head.
+//
+// LC GEMM: the 2-bit codes of 16 weight rows x 32 inputs are decoded straight into one AMX B tile
+// (codes 0..3 are exact in bf16) and multiplied with up to four 16-row tiles of bf16 activations:
+// the decode is paid once per 64 activation rows, and no dense weight exists beyond the 1 KB tile.
+// The B tile of tdpbf16ps holds, in its row r, 16 dwords whose dword j is the pair
+// (W[j, 2r], W[j, 2r + 1]) of a 32-input chunk. Code byte t of a weight row's chunk carries the
+// codes of inputs 4t..4t+3 (field f = bits 2f..2f+1), so tile row r = 2t + h is nibble h of byte
+// t of each of the 16 rows: one 16-entry dword table (nibble -> two bf16 codes) per row of the
+// tile, after a 16-row dword gather that brings 4 code bytes of every row into its lane. The
+// activations therefore stay in natural order: A tile row b is simply z[b, 32k : 32k + 32].
+//
+// int8 head: the roles swap, C^T = W X^T, so the int8 weight is the A tile as it lies in memory
+// (16 rows x 64 inputs, row stride n: no decode at all) and the activations' 16-bit parts h and l
+// (a16_prepare) are B tiles in the VNNI layout, built once a call. tdpbssd sums exact integers,
+// the very sums of the VNNI GEMV, so the outputs are bit-identical to it.
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define LCQAT_AMX 1
+#else
+#define LCQAT_AMX 0
+#endif
+
+namespace lcqat {
+namespace cpu {
+
+// The CPU has AMX tiles and the given AMX compute (cpuid 7.0 EDX bit: 22 bf16, 25 int8), the OS
+// grants the tile state, and LCQAT_CPU_AMX is not "0".
+static bool amx_usable(int compute_bit) {
+#if LCQAT_AMX
+  const char* env = std::getenv("LCQAT_CPU_AMX");
+  if (env && std::string(env) == "0") return false;
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  if (!((d >> 24) & 1) || !((d >> compute_bit) & 1)) return false;
+  // Linux hands out the 8 KB tile state only on request (ARCH_REQ_XCOMP_PERM, XTILEDATA);
+  // process-wide, and harmless when oneDNN asked already.
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  (void)compute_bit;
+  return false;
+#endif
+}
+
+bool has_amx_bf16() {
+  // with bf16 products at all (AVX-512 + AVX512_BF16, LCQAT_CPU_BF16 not 0): this path rounds the
+  // activations to bf16 exactly as the AVX512_BF16 GEMM does
+  static const bool ok = has_bf16_dot() && amx_usable(22);
+  return ok;
+}
+
+bool has_amx_int8() {
+  // with the 16-bit activation path (its parts and its exact sums; LCQAT_CPU_A16 not 0)
+  static const bool ok = has_int8_a16() && amx_usable(25);
+  return ok;
+}
+
+int64_t amx_rows_padded(int64_t B) { return (B + 15) / 16 * 16; }
+
+#if LCQAT_AMX
+#define LCQAT_TARGET_AMX \
+  __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,amx-tile,amx-bf16,amx-int8")))
+
+struct alignas(64) TileConfig {
+  uint8_t palette;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+LCQAT_TARGET_AMX static void prepare_amx_bf16(const float* z, int64_t B, int64_t n, uint16_t* zb) {
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < n; i += 16) {  // n is a multiple of 32
+      const __m256bh v = _mm512_cvtneps_pbh(_mm512_loadu_ps(z + b * n + i));  // round to nearest even
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(zb + b * n + i), (__m256i)v);
+    }
+  std::memset(zb + B * n, 0, sizeof(uint16_t) * (amx_rows_padded(B) - B) * n);
+}
+
+// The B tile of one 32-input chunk of 16 weight rows (rows past the layer's end as zeros).
+// p: row 0's code byte 8k; lane j of `rows` = j * n/4.
+LCQAT_TARGET_AMX static inline void decode_b_tile(const uint8_t* p, __m512i rows, __mmask16 live, __m512i table,
+                                                  uint8_t* tile) {
+  for (int half = 0; half < 2; ++half) {
+    const __m512i g = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, rows, p + 4 * half, 1);
+    for (int t = 0; t < 4; ++t)
+      for (int h = 0; h < 2; ++h)  // vpermd reads the low 4 bits of each lane: the nibble
+        _mm512_store_si512(tile + 64 * (2 * (4 * half + t) + h),
+                           _mm512_permutexvar_epi32(_mm512_srli_epi32(g, 8 * t + 4 * h), table));
+  }
+}
+
+// C tiles 0-3 (16 activation rows each), A tiles 4, 6, 7 (alternating, so a load need not wait
+// for the product before it), B tile 5.
+#define LCQAT_AMX_STEP(C, A, blk)                                          \
+  do {                                                                     \
+    _tile_loadd(A, zb + (b0 + 16 * (blk)) * n + 32 * k, 2 * n);            \
+    _tile_dpbf16ps(C, A, 5);                                               \
+  } while (0)
+
+LCQAT_TARGET_AMX static void gemm_amx(const uint16_t* zb, const float* c, int64_t B, int64_t n, const uint8_t* packed,
+                                      int64_t j0, int64_t j1, float* y, int64_t ldy) {
+  TileConfig cfg;
+  std::memset(&cfg, 0, sizeof(cfg));
+  cfg.palette = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+  alignas(64) uint8_t tile[1024];
+  alignas(64) float out[16 * 16];
+  const int64_t nb = n / 4, kch = n / 32;
+  const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                          _mm512_set1_epi32(static_cast<int>(nb)));
+  // nibble v -> (bf16(v & 3), bf16(v >> 2)); bf16 of 0, 1, 2, 3
+  alignas(64) uint32_t tab[16];
+  const uint32_t code_bf16[4] = {0x0000u, 0x3F80u, 0x4000u, 0x4040u};
+  for (int v = 0; v < 16; ++v) tab[v] = code_bf16[v & 3] | (code_bf16[v >> 2] << 16);
+  const __m512i table = _mm512_load_si512(tab);
+  for (int64_t b0 = 0; b0 < B; b0 += 64) {
+    const int nblk = static_cast<int>(std::min<int64_t>(4, (B - b0 + 15) / 16));
+    for (int64_t j = j0; j < j1; j += 16) {
+      const int live_rows = static_cast<int>(std::min<int64_t>(16, j1 - j));
+      const __mmask16 live = live_rows == 16 ? 0xFFFF : static_cast<__mmask16>((1u << live_rows) - 1);
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      const uint8_t* p = packed + j * nb;
+      for (int64_t k = 0; k < kch; ++k) {
+        decode_b_tile(p + 8 * k, rows, live, table, tile);
+        _tile_loadd(5, tile, 64);
+        LCQAT_AMX_STEP(0, 4, 0);
+        if (nblk > 1) LCQAT_AMX_STEP(1, 6, 1);
+        if (nblk > 2) LCQAT_AMX_STEP(2, 7, 2);
+        if (nblk > 3) LCQAT_AMX_STEP(3, 4, 3);
+      }
+      for (int blk = 0; blk < nblk; ++blk) {
+        switch (blk) {  // tile numbers are immediates
+          case 0: _tile_stored(0, out, 64); break;
+          case 1: _tile_stored(1, out, 64); break;
+          case 2: _tile_stored(2, out, 64); break;
+          default: _tile_stored(3, out, 64); break;
+        }
+        const int64_t bs = b0 + 16 * blk, be = std::min<int64_t>(B, bs + 16);
+        for (int64_t b = bs; b < be; ++b)
+          for (int jj = 0; jj < live_rows; ++jj) y[b * ldy + j + jj] = out[(b - bs) * 16 + jj] + c[b];
+      }
+    }
+  }
+  _tile_release();
+}
+#undef LCQAT_AMX_STEP
+
+// The activations' parts as int8 B tiles: [part h/l][16-row column block][64-input chunk] of
+// 1 KB, tile row r = inputs 4r..4r+3, dword c = activation row 16 cb + c (zeros past B).
+static void int8_amx_b_tiles(const int8_t* hl, int64_t B, int64_t n, int8_t* tiles) {
+  const int64_t rb = a16_row_bytes(n), nch = n / 64, ncb = (B + 15) / 16;
+  std::memset(tiles, 0, static_cast<size_t>(2 * ncb * nch * 1024));
+  for (int64_t b = 0; b < B; ++b)
+    for (int part = 0; part < 2; ++part) {
+      const int8_t* src = hl + b * 2 * rb + part * rb;
+      int8_t* dst = tiles + ((part * ncb + b / 16) * nch) * 1024 + 4 * (b % 16);
+      for (int64_t k = 0; k < nch; ++k)
+        for (int r = 0; r < 16; ++r) std::memcpy(dst + k * 1024 + 64 * r, src + 64 * k + 4 * r, 4);
+    }
+}
+
+// C tiles 0-3: (h, l) sums of column blocks cb and cb + 1; A tile 4 (weight rows); B tiles 5-7.
+LCQAT_TARGET_AMX static void int8_amx(const int8_t* tiles, const float* s, int64_t B, int64_t n, const int8_t* w,
+                                      const float* scale, int64_t m, int64_t j0, int64_t j1, float* y, int64_t ldy) {
+  TileConfig cfg;
+  std::memset(&cfg, 0, sizeof(cfg));
+  cfg.palette = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+  alignas(64) int32_t ch[16 * 16], cl[16 * 16];
+  const int64_t nch = n / 64, ncb = (B + 15) / 16;
+  const int8_t* hpart = tiles;
+  const int8_t* lpart = tiles + ncb * nch * 1024;
+  std::vector<int8_t> tail;  // the last rows of the weight, zero-padded to 16 (tileloadd reads 16)
+  for (int64_t j = j0; j < j1; j += 16) {
+    const int live = static_cast<int>(std::min<int64_t>(16, m - j));
+    const int8_t* a = w + j * n;
+    if (live < 16) {
+      tail.assign(static_cast<size_t>(16 * n), 0);
+      std::memcpy(tail.data(), a, static_cast<size_t>(live * n));
+      a = tail.data();
+    }
+    for (int64_t cb = 0; cb < ncb; cb += 2) {
+      const bool two = cb + 1 < ncb;
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t k = 0; k < nch; ++k) {
+        _tile_loadd(4, a + 64 * k, n);
+        _tile_loadd(5, hpart + (cb * nch + k) * 1024, 64);
+        _tile_dpbssd(0, 4, 5);
+        _tile_loadd(6, lpart + (cb * nch + k) * 1024, 64);
+        _tile_dpbssd(1, 4, 6);
+        if (two) {
+          _tile_loadd(7, hpart + ((cb + 1) * nch + k) * 1024, 64);
+          _tile_dpbssd(2, 4, 7);
+          _tile_loadd(5, lpart + ((cb + 1) * nch + k) * 1024, 64);
+          _tile_dpbssd(3, 4, 5);
+        }
+      }
+      for (int64_t half = 0; half < (two ? 2 : 1); ++half) {
+        if (half == 0) {
+          _tile_stored(0, ch, 64);
+          _tile_stored(1, cl, 64);
+        } else {
+          _tile_stored(2, ch, 64);
+          _tile_stored(3, cl, 64);
+        }
+        const int64_t bs = 16 * (cb + half), be = std::min<int64_t>(B, bs + 16);
+        for (int jj = 0; jj < live; ++jj)
+          for (int64_t b = bs; b < be; ++b) {
+            // C[j][c]: weight row j, activation column c; the same integer as the VNNI GEMV's
+            const int64_t q = 256 * static_cast<int64_t>(ch[jj * 16 + (b - bs)]) + cl[jj * 16 + (b - bs)];
+            y[b * ldy + j + jj] =
+                static_cast<float>(static_cast<double>(q) * static_cast<double>(s[b]) * static_cast<double>(scale[j + jj]));
+          }
+      }
+    }
+  }
+  _tile_release();
+}
+#endif
+
+int64_t int8_amx_tile_bytes(int64_t B, int64_t n) { return 2 * ((B + 15) / 16) * (n / 64) * 1024; }
+
+void int8_amx_prepare(const int8_t* hl, int64_t B, int64_t n, int8_t* tiles) {
+  if (!has_amx_int8() || n % 64 || n > kA16MaxInputs) std::abort();  // the caller checks; never reached
+#if LCQAT_AMX
+  int8_amx_b_tiles(hl, B, n, tiles);
+#else
+  (void)hl, (void)B, (void)n, (void)tiles;
+#endif
+}
+
+void int8_amx_rows(const int8_t* tiles, const float* s, int64_t B, int64_t n, const int8_t* w, const float* scale,
+                   int64_t m, int64_t j0, int64_t j1, float* y, int64_t ldy) {
+  if (!has_amx_int8() || n % 64 || n > kA16MaxInputs) std::abort();  // the caller checks; never reached
+#if LCQAT_AMX
+  int8_amx(tiles, s, B, n, w, scale, m, j0, j1, y, ldy);
+#else
+  (void)tiles, (void)s, (void)B, (void)n, (void)w, (void)scale, (void)m, (void)j0, (void)j1, (void)y, (void)ldy;
+#endif
+}
+
+void prepare_amx_activations(const float* z, int64_t B, int64_t n, uint16_t* zb) {
+  if (!has_amx_bf16() || n % 32) std::abort();  // the caller checks; never reached
+#if LCQAT_AMX
+  prepare_amx_bf16(z, B, n, zb);
+#else
+  (void)z, (void)B, (void)n, (void)zb;
+#endif
+}
+
+void lc_gemm_amx_rows(const uint16_t* zb, const float* c, int64_t B, int64_t n, const uint8_t* packed, int64_t j0,
+                      int64_t j1, float* y, int64_t ldy) {
+  if (!has_amx_bf16() || n % 32) std::abort();  // the caller checks; never reached
+#if LCQAT_AMX
+  gemm_amx(zb, c, B, n, packed, j0, j1, y, ldy);
+#else
+  (void)zb, (void)c, (void)B, (void)n, (void)packed, (void)j0, (void)j1, (void)y, (void)ldy;
+#endif
+}
+
+}  // namespace cpu
+}  // namespace lcqat
