@@ -163,8 +163,9 @@ LCQAT_TARGET_AMX static void gemm_amx(const uint16_t* zb, const float* c, int64_
           default: _tile_stored(3, out, 64); break;
         }
         const int64_t bs = b0 + 16 * blk, be = std::min<int64_t>(B, bs + 16);
-        for (int64_t b = bs; b < be; ++b)
-          for (int jj = 0; jj < live_rows; ++jj) y[b * ldy + j + jj] = out[(b - bs) * 16 + jj] + c[b];
+        for (int64_t b = bs; b < be; ++b)  // output row b, weight rows j..j+15: one vector
+          _mm512_mask_storeu_ps(y + b * ldy + j, live,
+                                _mm512_add_ps(_mm512_load_ps(out + (b - bs) * 16), _mm512_set1_ps(c[b])));
       }
     }
   }
@@ -238,13 +239,26 @@ LCQAT_TARGET_AMX static void int8_amx(const int8_t* tiles, const float* s, int64
           _tile_stored(3, cl, 64);
         }
         const int64_t bs = 16 * (cb + half), be = std::min<int64_t>(B, bs + 16);
-        for (int jj = 0; jj < live; ++jj)
-          for (int64_t b = bs; b < be; ++b) {
-            // C[j][c]: weight row j, activation column c; the same integer as the VNNI GEMV's
-            const int64_t q = 256 * static_cast<int64_t>(ch[jj * 16 + (b - bs)]) + cl[jj * 16 + (b - bs)];
-            y[b * ldy + j + jj] =
-                static_cast<float>(static_cast<double>(q) * static_cast<double>(s[b]) * static_cast<double>(scale[j + jj]));
-          }
+        const __mmask16 cols = be - bs == 16 ? 0xFFFF : static_cast<__mmask16>((1u << (be - bs)) - 1);
+        // activation rows bs.. in the lanes: their steps, and where their outputs go
+        const __m512d s_lo = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(static_cast<__mmask8>(cols), s + bs));
+        const __m512d s_hi = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(static_cast<__mmask8>(cols >> 8), s + bs + 8));
+        const __m512i rows_at = _mm512_mullo_epi32(
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(static_cast<int>(ldy)));
+        for (int jj = 0; jj < live; ++jj) {
+          // C[jj][c]: weight row j + jj, activation column c; the same integers as the VNNI GEMV's,
+          // q = 256 h + l exact in double, then (q * s_b) * scale_j as a16_output rounds them
+          const __m512i h = _mm512_load_si512(ch + 16 * jj), l = _mm512_load_si512(cl + 16 * jj);
+          const __m512d sc = _mm512_set1_pd(static_cast<double>(scale[j + jj]));
+          const __m512d q_lo = _mm512_fmadd_pd(_mm512_cvtepi32_pd(_mm512_castsi512_si256(h)), _mm512_set1_pd(256.0),
+                                               _mm512_cvtepi32_pd(_mm512_castsi512_si256(l)));
+          const __m512d q_hi = _mm512_fmadd_pd(_mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(h, 1)), _mm512_set1_pd(256.0),
+                                               _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(l, 1)));
+          const __m256 y_lo = _mm512_cvtpd_ps(_mm512_mul_pd(_mm512_mul_pd(q_lo, s_lo), sc));
+          const __m256 y_hi = _mm512_cvtpd_ps(_mm512_mul_pd(_mm512_mul_pd(q_hi, s_hi), sc));
+          _mm512_mask_i32scatter_ps(y + bs * ldy + j + jj, cols, rows_at,
+                                    _mm512_insertf32x8(_mm512_castps256_ps512(y_lo), y_hi, 1), 4);
+        }
       }
     }
   }
