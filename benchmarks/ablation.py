@@ -60,6 +60,7 @@ ROWS: dict[str, tuple[dict | None, str]] = {
     "hadamard_full": ({"hadamard_block_size": "full", "ptq_e2e_steps": 0}, "full-dimension Hadamard (paper) instead of blocks of 128"),
     "calib256": ({"num_samples": 256, "ptq_e2e_steps": 0}, "calibration: 256 x 512 tokens (ptq_v1: 128 x 512)"),
     "calib128x1024": ({"model_seqlen": 1024, "ptq_e2e_steps": 0}, "calibration: 128 x 1024 tokens (longer sequences)"),
+    "e2e64": ({"ptq_e2e_steps": 64}, "the default with 64 end-to-end steps instead of 16 (a thorough preset's candidate)"),
 }
 
 # QAT knobs, each from the `default` row's PTQ model: name -> (settings, what the row tries).
