@@ -23,8 +23,9 @@
 // activation's dtype), with exceptions for bf16 activations (LCQAT_CPU_BF16=0 turns them off):
 // on a CPU with AVX512_BF16 they multiply in bf16 with fp32 accumulation, as dense bf16 layers do
 // (the code values are exact in bf16; the folded activations are rounded); on an AVX-512 VNNI CPU
-// the decode GEMV (1-5 rows) and int8_linear instead round them to 16-bit fixed point and sum
-// exact integers (a finer rounding than bf16's for all but the smallest elements; kernels.h).
+// the decode GEMV (1-5 rows; 1-4 where the AMX GEMM takes 5) and int8_linear instead round them to
+// 16-bit fixed point and sum exact integers (a finer rounding than bf16's for all but the smallest
+// elements; kernels.h).
 // No dense weight is ever built: 1-3 rows (1-5 with bf16 products) run the decode GEMV, more
 // rows (serving batches, prefill) the GEMM of cpu/kernels.cpp that decodes code panels into L1;
 // bf16 activations of 5+ rows on AMX CPUs the AMX GEMM (cpu/amx.cpp: codes decoded into
@@ -106,8 +107,9 @@ static void rotated_product(const float* xt, int64_t B, int64_t n, int64_t m, co
   const auto isa = K::detect_isa();
   // bf16 products (see kernels.h): the GEMV up to kBf16GemvMaxRows rows, then the GEMM
   const bool bf16_dot = bf16 && !act_int8 && n % 16 == 0 && K::has_bf16_dot();
-  // bf16 activations on VNNI CPUs, GEMV sizes: 16-bit fixed point, exact integer sums (kernels.h)
+  // bf16 products on AMX tiles from kAmxMinRows rows (amx.cpp)
   const bool amx = bf16_dot && B >= kAmxMinRows && n % 32 == 0 && K::has_amx_bf16();
+  // bf16 activations on VNNI CPUs, GEMV sizes: 16-bit fixed point, exact integer sums (kernels.h)
   const bool a16 = bf16 && !act_int8 && !amx && B <= kBf16GemvMaxRows && K::has_int8_a16();
   const int64_t zn = (act_int8 || a16 || amx) ? n : std::max(K::prepared_size(n, isa), bf16_dot ? K::gemv_bf16_row_words(n) : 0);
   const int64_t qn = act_int8 ? K::a8_row_bytes(n) : (a16 ? 2 * K::a8_row_bytes(n) : 0);

@@ -649,6 +649,33 @@ def test_int8_head_on_amx_tiles_equals_the_gemv(m, n):
 
 
 @needs_native
+@pytest.mark.skipif(not native.cpu_has_amx_int8(), reason="needs a CPU with AMX-INT8 (csrc/cpu/amx.cpp)")
+def test_int8_head_on_amx_tiles_extremes_and_thread_chunks():
+    # Many 16-row groups (several parallel chunks, chunks starting past row 0, a 12-row tail), the
+    # weight's -128, and activations whose 16-bit parts reach h = +-127 and l = -128: still the
+    # GEMV's bits, and the exact product within the input rounding.
+    m, n = 1100, 64
+    w = torch.randint(-128, 128, (m, n), dtype=torch.int8, generator=torch.Generator().manual_seed(1))
+    w[:, 0] = -128
+    scale = torch.rand(m, generator=torch.Generator().manual_seed(2)) / 100 + 1e-3
+    x = torch.randn(24, n, generator=torch.Generator().manual_seed(3)).clamp(-3.9, 3.9)
+    sign = torch.where(torch.arange(24) % 2 == 0, 1.0, -1.0)
+    x[:, 0] = 4.0 * sign  # the row's max: q = +-32639, h = +-127
+    x[:, 1] = (4.0 - 2.0 ** -5) * sign  # exact in bf16: q = +-32384 = 256 h - 128, l = -128
+    x = x.bfloat16()
+    y = torch.ops.lcqat.int8_linear(x, w, scale, None)
+    rows = torch.cat([torch.ops.lcqat.int8_linear(x[b:b + 1], w, scale, None) for b in range(x.shape[0])])
+    assert torch.equal(y, rows)
+    assert torch.equal(y, _int8_a16_emulation(x, w, scale, None))
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)  # the row groups split across threads
+        assert torch.equal(torch.ops.lcqat.int8_linear(x, w, scale, None), y)
+    finally:
+        torch.set_num_threads(old)
+
+
+@needs_native
 @pytest.mark.skipif(not native.cpu_has_amx_int8(), reason="needs a CPU with AMX-INT8")
 def test_amx_switch_turns_off_both_amx_paths():
     code = ("import torch, optimum_lcqat.kernels.native as n; assert n.available(); "

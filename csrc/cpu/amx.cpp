@@ -18,7 +18,8 @@
 // int8 head: the roles swap, C^T = W X^T, so the int8 weight is the A tile as it lies in memory
 // (16 rows x 64 inputs, row stride n: no decode at all) and the activations' 16-bit parts h and l
 // (a16_prepare) are B tiles in the VNNI layout, built once a call. tdpbssd sums exact integers,
-// the very sums of the VNNI GEMV, so the outputs are bit-identical to it.
+// the same integers as the VNNI GEMV's (which sums offset weights and takes the offset back), so the
+// outputs are bit-identical to it.
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
@@ -28,7 +29,10 @@
 
 #include "kernels.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+// AMX intrinsics and target attributes: GCC 11+ or clang 12+ (and their binutils); older compilers
+// build the extension without these paths.
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__) && \
+    ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11))
 #include <cpuid.h>
 #include <immintrin.h>
 #include <sys/syscall.h>
@@ -62,7 +66,8 @@ static bool amx_usable(int compute_bit) {
 
 bool has_amx_bf16() {
   // with bf16 products at all (AVX-512 + AVX512_BF16, LCQAT_CPU_BF16 not 0): this path rounds the
-  // activations to bf16 exactly as the AVX512_BF16 GEMM does
+  // activations to bf16 as the AVX512_BF16 GEMM does (nearest even; the two differ only for fp32
+  // denormals, flushed to zero here, and in NaN payloads)
   static const bool ok = has_bf16_dot() && amx_usable(22);
   return ok;
 }
@@ -78,6 +83,11 @@ int64_t amx_rows_padded(int64_t B) { return (B + 15) / 16 * 16; }
 #if LCQAT_AMX
 #define LCQAT_TARGET_AMX \
   __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,amx-tile,amx-bf16,amx-int8")))
+
+// GCC's _tile_loadd / _tile_loadconfig are asm statements that do not tell the compiler they read
+// memory: a fence keeps the stores of a buffer that a tile load reads (the decoded B tile, the
+// padded weight tail, the tile config) before the load.
+#define LCQAT_MEMORY_FENCE() __asm__ __volatile__("" ::: "memory")
 
 struct alignas(64) TileConfig {
   uint8_t palette;
@@ -126,6 +136,7 @@ LCQAT_TARGET_AMX static void gemm_amx(const uint16_t* zb, const float* c, int64_
     cfg.rows[t] = 16;
     cfg.colsb[t] = 64;
   }
+  LCQAT_MEMORY_FENCE();
   _tile_loadconfig(&cfg);
   alignas(64) uint8_t tile[1024];
   alignas(64) float out[16 * 16];
@@ -149,6 +160,7 @@ LCQAT_TARGET_AMX static void gemm_amx(const uint16_t* zb, const float* c, int64_
       const uint8_t* p = packed + j * nb;
       for (int64_t k = 0; k < kch; ++k) {
         decode_b_tile(p + 8 * k, rows, live, table, tile);
+        LCQAT_MEMORY_FENCE();
         _tile_loadd(5, tile, 64);
         LCQAT_AMX_STEP(0, 4, 0);
         if (nblk > 1) LCQAT_AMX_STEP(1, 6, 1);
@@ -197,6 +209,7 @@ LCQAT_TARGET_AMX static void int8_amx(const int8_t* tiles, const float* s, int64
     cfg.rows[t] = 16;
     cfg.colsb[t] = 64;
   }
+  LCQAT_MEMORY_FENCE();
   _tile_loadconfig(&cfg);
   alignas(64) int32_t ch[16 * 16], cl[16 * 16];
   const int64_t nch = n / 64, ncb = (B + 15) / 16;
@@ -204,11 +217,13 @@ LCQAT_TARGET_AMX static void int8_amx(const int8_t* tiles, const float* s, int64
   const int8_t* lpart = tiles + ncb * nch * 1024;
   std::vector<int8_t> tail;  // the last rows of the weight, zero-padded to 16 (tileloadd reads 16)
   for (int64_t j = j0; j < j1; j += 16) {
-    const int live = static_cast<int>(std::min<int64_t>(16, m - j));
+    const int live = static_cast<int>(std::min<int64_t>(16, j1 - j));  // outputs written
+    const int64_t rows_left = m - j;                                     // rows that exist
     const int8_t* a = w + j * n;
-    if (live < 16) {
+    if (rows_left < 16) {  // the tile load reads 16 rows: past the weight's end, zeros
       tail.assign(static_cast<size_t>(16 * n), 0);
-      std::memcpy(tail.data(), a, static_cast<size_t>(live * n));
+      std::memcpy(tail.data(), a, static_cast<size_t>(rows_left * n));
+      LCQAT_MEMORY_FENCE();
       a = tail.data();
     }
     for (int64_t cb = 0; cb < ncb; cb += 2) {

@@ -113,7 +113,7 @@ void lc_gemv_a16_rows(const int8_t* zq, const float* s, const float* c, int64_t 
 
 // ---- the LC GEMM on AMX tiles for bf16 activations (amx.cpp), on CPUs with AMX-BF16
 // (has_amx_bf16(): has_bf16_dot() as well, the OS grants the tile state; LCQAT_CPU_AMX=0 turns it
-// off). The same product as lc_gemm_bf16_rows, with the same rounding (z to bf16, nearest even;
+// off). The same product as lc_gemm_bf16_rows, with the same rounding for normal z (to bf16, nearest even;
 // fp32 accumulation, in another order). z = the folded activations in natural order (fp32, from
 // prepare_activations with Isa::Scalar); zb holds them in bf16, [amx_rows_padded(B), n], the
 // padding rows zero. n a multiple of 32. Rows [j0, j1) of the weight, 16 at a time.
