@@ -142,6 +142,15 @@ class LCQATConfig(QuantizationConfigMixin):
         held-out perplexity, against 690 s and 1.93x for ``LCQATConfig()``. ``kwargs`` override."""
         return cls(**{"ptq_finetune_steps": 0, **kwargs})
 
+    @classmethod
+    def thorough(cls, **kwargs) -> "LCQATConfig":
+        """The thorough PTQ preset: the defaults with 64 end-to-end steps instead of 16
+        (``ptq_e2e_steps=64``). SmolLM2-135M on 2 cores of an Intel Xeon VM
+        (benchmarks/results/ablation.md, rows ``e2e64`` and ``default``): 1126 s and 1.82x fp32
+        held-out perplexity (licence texts 2.63x), against 682 s and 1.95x (2.73x) for
+        ``LCQATConfig()``. ``kwargs`` override."""
+        return cls(**{"ptq_e2e_steps": 64, **kwargs})
+
     def post_init(self) -> None:
         _check(self.bits in _ALLOWED_BITS, "bits", self.bits, "2")
         _check(

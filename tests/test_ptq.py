@@ -113,6 +113,9 @@ def test_e2e_finetune_lowers_heldout_loss_and_keeps_codes(tok, texts, caplog):
         LCQATConfig(ptq_e2e_steps=-1)
     fast = LCQATConfig.fast(num_samples=16)
     assert (fast.ptq_finetune_steps, fast.ptq_e2e_steps, fast.num_samples) == (0, 16, 16)
+    thorough = LCQATConfig.thorough(num_samples=16)
+    assert (thorough.ptq_finetune_steps, thorough.ptq_e2e_steps, thorough.num_samples) == (24, 64, 16)
+    assert LCQATConfig.thorough(ptq_e2e_steps=32).ptq_e2e_steps == 32
     # one calibration sample leaves none to hold out: the stage is skipped, with the fix named
     one = copy.deepcopy(fp)
     with caplog.at_level(logging.WARNING, logger="optimum_lcqat.init.e2e"):
