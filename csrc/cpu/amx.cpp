@@ -97,6 +97,19 @@ struct alignas(64) TileConfig {
   uint8_t rows[16];
 };
 
+// This thread's tiles: all eight 16 rows x 64 bytes (palette 1); _tile_release() gives them back.
+LCQAT_TARGET_AMX static void load_tile_config() {
+  TileConfig cfg;
+  std::memset(&cfg, 0, sizeof(cfg));
+  cfg.palette = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  LCQAT_MEMORY_FENCE();
+  _tile_loadconfig(&cfg);
+}
+
 LCQAT_TARGET_AMX static void prepare_amx_bf16(const float* z, int64_t B, int64_t n, uint16_t* zb) {
   for (int64_t b = 0; b < B; ++b)
     for (int64_t i = 0; i < n; i += 16) {  // n is a multiple of 32
@@ -129,15 +142,7 @@ LCQAT_TARGET_AMX static inline void decode_b_tile(const uint8_t* p, __m512i rows
 
 LCQAT_TARGET_AMX static void gemm_amx(const uint16_t* zb, const float* c, int64_t B, int64_t n, const uint8_t* packed,
                                       int64_t j0, int64_t j1, float* y, int64_t ldy) {
-  TileConfig cfg;
-  std::memset(&cfg, 0, sizeof(cfg));
-  cfg.palette = 1;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
-  LCQAT_MEMORY_FENCE();
-  _tile_loadconfig(&cfg);
+  load_tile_config();
   alignas(64) uint8_t tile[1024];
   alignas(64) float out[16 * 16];
   const int64_t nb = n / 4, kch = n / 32;
@@ -202,15 +207,7 @@ static void int8_amx_b_tiles(const int8_t* hl, int64_t B, int64_t n, int8_t* til
 // C tiles 0-3: (h, l) sums of column blocks cb and cb + 1; A tile 4 (weight rows); B tiles 5-7.
 LCQAT_TARGET_AMX static void int8_amx(const int8_t* tiles, const float* s, int64_t B, int64_t n, const int8_t* w,
                                       const float* scale, int64_t m, int64_t j0, int64_t j1, float* y, int64_t ldy) {
-  TileConfig cfg;
-  std::memset(&cfg, 0, sizeof(cfg));
-  cfg.palette = 1;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
-  LCQAT_MEMORY_FENCE();
-  _tile_loadconfig(&cfg);
+  load_tile_config();
   alignas(64) int32_t ch[16 * 16], cl[16 * 16];
   const int64_t nch = n / 64, ncb = (B + 15) / 16;
   const int8_t* hpart = tiles;
