@@ -365,41 +365,33 @@ Tensor int8_linear_cpu(const Tensor& x, const Tensor& w, const Tensor& scale, co
   // rows where the VNNI GEMV took 30.2 / 53.6 / 89.5 / 306 (and a dense bf16 head 45-83 ms).
   constexpr int64_t kInt8AmxMinRows = 2;
   const bool amx = a16 && B >= kInt8AmxMinRows && n % 64 == 0 && K::has_amx_int8();
-  if (amx) {
-    thread_local std::vector<int8_t> parts, tiles;
-    thread_local std::vector<float> steps;
-    thread_local std::vector<int32_t> sums;
-    const int64_t rb = K::a16_row_bytes(n);
+  // the 16-bit parts, shared by the AMX tiles and the GEMV (a16: [B, 2, rb] parts, steps, part sums)
+  const int64_t rb = K::a16_row_bytes(n);
+  thread_local std::vector<int8_t> parts;
+  thread_local std::vector<float> steps;
+  thread_local std::vector<int32_t> sums;
+  if (a16) {
     if (parts.size() < static_cast<size_t>(B * 2 * rb)) parts.resize(B * 2 * rb);
     if (steps.size() < static_cast<size_t>(B)) steps.resize(B), sums.resize(2 * B);
-    if (tiles.size() < static_cast<size_t>(K::int8_amx_tile_bytes(B, n))) tiles.resize(K::int8_amx_tile_bytes(B, n));
     K::a16_prepare(x2.data_ptr<float>(), B, n, parts.data(), steps.data(), sums.data());
-    K::int8_amx_prepare(parts.data(), B, n, tiles.data());
-    const int8_t* tp = tiles.data();  // this thread's: the workers read them through the pointers
-    const float* st = steps.data();
-    const int8_t* wp = wc.data_ptr<int8_t>();
-    const float* sp = sc.data_ptr<float>();
-    float* yp = y.data_ptr<float>();
+  }
+  // this thread's buffers: the workers below read them through these pointers
+  const int8_t* hp = parts.data();
+  const float* st = steps.data();
+  const int32_t* su = sums.data();
+  const int8_t* wp = wc.data_ptr<int8_t>();
+  const float* sp = sc.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  if (amx) {
+    thread_local std::vector<int8_t> tiles;
+    if (tiles.size() < static_cast<size_t>(K::int8_amx_tile_bytes(B, n))) tiles.resize(K::int8_amx_tile_bytes(B, n));
+    K::int8_amx_prepare(hp, B, n, tiles.data());
+    const int8_t* tp = tiles.data();
     at::parallel_for(0, (m + 15) / 16, std::max<int64_t>(1, (1 << 16) / (16 * n)), [&](int64_t g0, int64_t g1) {
       K::int8_amx_rows(tp, st, B, n, wp, sp, m, 16 * g0, std::min(m, 16 * g1), yp, m);
     });
   } else if (B <= 64) {
-    const int8_t* wp = wc.data_ptr<int8_t>();
-    const float* sp = sc.data_ptr<float>();
     const float* xp = x2.data_ptr<float>();
-    float* yp = y.data_ptr<float>();
-    const int64_t rb = K::a16_row_bytes(n);
-    thread_local std::vector<int8_t> parts;  // a16: [B, 2, rb] activation parts, steps, part sums
-    thread_local std::vector<float> steps;
-    thread_local std::vector<int32_t> sums;
-    if (a16) {
-      if (parts.size() < static_cast<size_t>(B * 2 * rb)) parts.resize(B * 2 * rb);
-      if (steps.size() < static_cast<size_t>(B)) steps.resize(B), sums.resize(2 * B);
-      K::a16_prepare(xp, B, n, parts.data(), steps.data(), sums.data());
-    }
-    const int8_t* hp = parts.data();
-    const float* st = steps.data();
-    const int32_t* su = sums.data();
     // The GEMV takes kMaxGemvBatch activation rows a call. With more, each thread walks its
     // weight rows in tiles of ~128 KiB and runs every batch slice over a tile while it is in L2:
     // the weight streams from DRAM once a call, not once a slice (a 1B model's 263 MB head was
