@@ -307,12 +307,91 @@ static Tensor decode_call(const Tensor& x, int64_t B, const LcArgs& a, int64_t b
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
+// The whole layer on AMX tiles for bf16 activations of more rows than the decode path takes (serving
+// batches, prefill). Two parallel passes instead of the general path's four passes and serial folding:
+// (1) over the activation rows: bf16 -> fp32, input scale, Hadamard, codebook folding and rounding to
+// bf16, one row at a time while it is in L1; (2) over the weight rows, in whole output Hadamard blocks:
+// the AMX GEMM into an fp32 scratch, then, while those outputs are in cache, the output Hadamard, scale,
+// bias and rounding to bf16 straight into the output. Per row the same operations in the same order as
+// the decode path's AMX branch (so a row's result does not depend on the batch); the outputs round to
+// bf16 with vcvtneps2bf16 (denormals flush to zero) instead of at::to. A full-dimension output rotation
+// (a left factor: every output of a row mixes) runs as a third pass after the GEMM.
+static Tensor amx_call(const Tensor& x, int64_t B, const LcArgs& a, int64_t block_in, int64_t block_out) {
+  const int64_t n = a.n, m = a.m;
+  const Tensor xc = x.is_contiguous() ? x : x.contiguous();
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
+  Tensor out = at::empty(out_shape(x, m), x.options());
+  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  // this thread's buffers, read and written by the workers through the pointers:
+  // [amx_rows_padded(B), n] bf16 activations | [B] folding constants | [B, m] fp32 products
+  thread_local std::vector<uint16_t> zb_scratch;
+  thread_local std::vector<float> f_scratch;
+  const int64_t Bp = K::amx_rows_padded(B);
+  if (zb_scratch.size() < static_cast<size_t>(Bp * n)) zb_scratch.resize(Bp * n);
+  if (f_scratch.size() < static_cast<size_t>(B + B * m)) f_scratch.resize(B + B * m);
+  uint16_t* zb = zb_scratch.data();
+  float* c = f_scratch.data();
+  float* y = c + B;
+  const float *su = a.su.data_ptr<float>(), *sv = a.sv.data_ptr<float>(), *bias = a.bias();
+  const float *A = a.A32.data_ptr<float>(), *beta = a.b32.data_ptr<float>();
+
+  at::parallel_for(0, B, std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)), [&](int64_t b0, int64_t b1) {
+    thread_local std::vector<float> row;  // [n] row | [n] folded row | [n] Hadamard work
+    if (row.size() < static_cast<size_t>(3 * n)) row.resize(3 * n);
+    float *r = row.data(), *z = r + n, *work = z + n;
+    for (int64_t b = b0; b < b1; ++b) {
+      const uint16_t* xb = xp + b * n;
+      for (int64_t i = 0; i < n; ++i) {  // bf16 -> fp32 is exact: the bits above 16 zeros
+        const uint32_t u = static_cast<uint32_t>(xb[i]) << 16;
+        float f;
+        std::memcpy(&f, &u, sizeof(f));
+        r[i] = f * su[i];
+      }
+      K::hadamard_row(r, n, block_in, a.left_in(), a.Kin, false, work);
+      K::prepare_activations(r, 1, n, A, beta, K::Isa::Scalar, z, c + b);
+      K::round_bf16(z, n, zb + b * n);
+    }
+  });
+  if (Bp > B) std::memset(zb + B * n, 0, sizeof(uint16_t) * (Bp - B) * n);
+
+  // block-diagonal output rotation: a thread's weight rows cover whole blocks (and whole 16-row tiles)
+  const bool fused_out = a.Kout <= 1;
+  const int64_t unit = fused_out ? std::max<int64_t>(16, block_out) : 16;
+  const auto finish_rows = [&](int64_t j0, int64_t j1) {  // y[:, j0:j1) -> the output, rotated, scaled
+    for (int64_t b = 0; b < B; ++b) {
+      float* r = y + b * m + j0;
+      if (fused_out) K::hadamard_row(r, j1 - j0, block_out, nullptr, 1, true, nullptr);
+      for (int64_t j = 0; j < j1 - j0; ++j) r[j] *= sv[j0 + j];
+      if (bias)
+        for (int64_t j = 0; j < j1 - j0; ++j) r[j] += bias[j0 + j];
+      K::round_bf16(r, j1 - j0, op + b * m + j0);
+    }
+  };
+  // a thread's share: kMinWeightsPerThread weight-row work units, where a 16-row activation tile
+  // multiplies the decoded weights once more (at 64 rows a k/v projection, 110K weights, splits)
+  const int64_t tiles = (B + 15) / 16;
+  at::parallel_for(0, (m + unit - 1) / unit, std::max<int64_t>(1, kMinWeightsPerThread / (unit * n * tiles)),
+                   [&](int64_t u0, int64_t u1) {
+                     const int64_t j0 = u0 * unit, j1 = std::min(m, u1 * unit);
+                     K::lc_gemm_amx_rows(zb, c, B, n, a.pk.data_ptr<uint8_t>(), j0, j1, y, m);
+                     if (fused_out) finish_rows(j0, j1);
+                   });
+  if (!fused_out) {
+    rotate_rows_f32(y, B, m, block_out, a.left_out(), a.Kout, true, nullptr, nullptr, nullptr);
+    at::parallel_for(0, m, std::max<int64_t>(16, 16384 / std::max<int64_t>(B, 1)),
+                     [&](int64_t j0, int64_t j1) { finish_rows(j0, j1); });
+  }
+  return out;
+}
+
 Tensor lc_linear_cpu(const Tensor& x, const Tensor& packed, const Tensor& A, const Tensor& beta, const Tensor& s_u,
                      const Tensor& s_v, const c10::optional<Tensor>& bias, int64_t block_in,
                      const c10::optional<Tensor>& left_in, int64_t block_out, const c10::optional<Tensor>& left_out) {
   const LcArgs a = check_lc_args("lc_linear", x, packed, A, beta, s_u, s_v, bias, block_in, left_in, block_out, left_out);
   const int64_t B = a.n ? x.numel() / a.n : 0;
   if (B >= 1 && B <= K::kMaxGemvBatch) return decode_call(x, B, a, block_in, block_out, false);
+  if (B > 0 && x.scalar_type() == at::kBFloat16 && a.n % 32 == 0 && K::has_amx_bf16())
+    return amx_call(x, B, a, block_in, block_out);
 
   auto xt = rows_f32(x, a.n);
   rotate_rows_f32(xt.data_ptr<float>(), B, a.n, block_in, a.left_in(), a.Kin, false, a.su.data_ptr<float>(), nullptr,

@@ -110,13 +110,18 @@ LCQAT_TARGET_AMX static void load_tile_config() {
   _tile_loadconfig(&cfg);
 }
 
-LCQAT_TARGET_AMX static void prepare_amx_bf16(const float* z, int64_t B, int64_t n, uint16_t* zb) {
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t i = 0; i < n; i += 16) {  // n is a multiple of 32
-      const __m256bh v = _mm512_cvtneps_pbh(_mm512_loadu_ps(z + b * n + i));  // round to nearest even
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(zb + b * n + i), (__m256i)v);
-    }
-  std::memset(zb + B * n, 0, sizeof(uint16_t) * (amx_rows_padded(B) - B) * n);
+// count floats -> bf16, round to nearest even (vcvtneps2bf16)
+LCQAT_TARGET_AMX static void round_bf16_avx512(const float* x, int64_t count, uint16_t* out) {
+  int64_t i = 0;
+  for (; i + 16 <= count; i += 16) {
+    const __m256bh v = _mm512_cvtneps_pbh(_mm512_loadu_ps(x + i));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), (__m256i)v);
+  }
+  if (i < count) {
+    const __mmask16 k = static_cast<__mmask16>((1u << (count - i)) - 1);
+    const __m256bh v = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(k, x + i));
+    _mm256_mask_storeu_epi16(out + i, k, (__m256i)v);
+  }
 }
 
 // The B tile of one 32-input chunk of 16 weight rows (rows past the layer's end as zeros).
@@ -299,13 +304,19 @@ void int8_amx_rows(const int8_t* tiles, const float* s, int64_t B, int64_t n, co
 #endif
 }
 
-void prepare_amx_activations(const float* z, int64_t B, int64_t n, uint16_t* zb) {
-  if (!has_amx_bf16() || n % 32) std::abort();  // the caller checks; never reached
+void round_bf16(const float* x, int64_t count, uint16_t* out) {
+  if (!has_amx_bf16()) std::abort();  // the caller checks; never reached
 #if LCQAT_AMX
-  prepare_amx_bf16(z, B, n, zb);
+  round_bf16_avx512(x, count, out);
 #else
-  (void)z, (void)B, (void)n, (void)zb;
+  (void)x, (void)count, (void)out;
 #endif
+}
+
+void prepare_amx_activations(const float* z, int64_t B, int64_t n, uint16_t* zb) {
+  if (n % 32) std::abort();  // the caller checks; never reached
+  round_bf16(z, B * n, zb);
+  std::memset(zb + B * n, 0, sizeof(uint16_t) * (amx_rows_padded(B) - B) * n);
 }
 
 void lc_gemm_amx_rows(const uint16_t* zb, const float* c, int64_t B, int64_t n, const uint8_t* packed, int64_t j0,

@@ -120,6 +120,9 @@ void lc_gemv_a16_rows(const int8_t* zq, const float* s, const float* c, int64_t 
 bool has_amx_bf16();
 int64_t amx_rows_padded(int64_t B);
 void prepare_amx_activations(const float* z, int64_t B, int64_t n, uint16_t* zb);
+// count floats -> bf16 (round to nearest even, as the activations above; vcvtneps2bf16 flushes
+// denormals to zero), on CPUs with has_amx_bf16(): the AMX layer's bf16 outputs
+void round_bf16(const float* x, int64_t count, uint16_t* out);
 void lc_gemm_amx_rows(const uint16_t* zb, const float* c, int64_t B, int64_t n, const uint8_t* packed, int64_t j0,
                       int64_t j1, float* y /* [B, m] */, int64_t ldy);
 
