@@ -137,7 +137,9 @@ static void rotated_product(const float* xt, int64_t B, int64_t n, int64_t m, co
     const size_t zb_need = static_cast<size_t>(K::amx_rows_padded(B) * n);
     if (zb_scratch.size() < zb_need) zb_scratch.resize(zb_need);
     uint16_t* zb = zb_scratch.data();  // this thread's: the workers below read it through the pointer
-    K::prepare_activations(xt, B, n, A, beta, K::Isa::Scalar, zp, c);
+    float cb[4];  // the products multiply centred codes (kernels.h)
+    K::centred_beta(A, beta, cb);
+    K::prepare_activations(xt, B, n, A, cb, K::Isa::Scalar, zp, c);
     K::prepare_amx_activations(zp, B, n, zb);
     // whole groups of 16 weight rows per thread (one B tile each)
     const int64_t groups = (m + 15) / 16;
@@ -333,7 +335,9 @@ static Tensor amx_call(const Tensor& x, int64_t B, const LcArgs& a, int64_t bloc
   float* c = f_scratch.data();
   float* y = c + B;
   const float *su = a.su.data_ptr<float>(), *sv = a.sv.data_ptr<float>(), *bias = a.bias();
-  const float *A = a.A32.data_ptr<float>(), *beta = a.b32.data_ptr<float>();
+  const float* A = a.A32.data_ptr<float>();
+  float beta[4];  // the products multiply centred codes (kernels.h)
+  K::centred_beta(A, a.b32.data_ptr<float>(), beta);
 
   at::parallel_for(0, B, std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)), [&](int64_t b0, int64_t b1) {
     thread_local std::vector<float> row;  // [n] row | [n] folded row | [n] Hadamard work

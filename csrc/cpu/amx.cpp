@@ -6,8 +6,9 @@
 // instruction) 2.5-5x behind, and the int8 head's VNNI GEMV 2-4x behind a dense bf16 head.
 //
 // LC GEMM: the 2-bit codes of 16 weight rows x 32 inputs are decoded straight into one AMX B tile
-// (codes 0..3 are exact in bf16) and multiplied with up to four 16-row tiles of bf16 activations:
-// the decode is paid once per 64 activation rows, and no dense weight exists beyond the 1 KB tile.
+// (as the centred codes -1.5..1.5, exact in bf16: kernels.h) and multiplied with up to four 16-row
+// tiles of bf16 activations: the decode is paid once per 64 activation rows, and no dense weight
+// exists beyond the 1 KB tile.
 // The B tile of tdpbf16ps holds, in its row r, 16 dwords whose dword j is the pair
 // (W[j, 2r], W[j, 2r + 1]) of a 32-input chunk. Code byte t of a weight row's chunk carries the
 // codes of inputs 4t..4t+3 (field f = bits 2f..2f+1), so tile row r = 2t + h is nibble h of byte
@@ -153,10 +154,9 @@ LCQAT_TARGET_AMX static void gemm_amx(const uint16_t* zb, const float* c, int64_
   const int64_t nb = n / 4, kch = n / 32;
   const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                           _mm512_set1_epi32(static_cast<int>(nb)));
-  // nibble v -> (bf16(v & 3), bf16(v >> 2)); bf16 of 0, 1, 2, 3
+  // nibble v -> the centred codes (v & 3, v >> 2) in bf16 (kCentredCodeBf16)
   alignas(64) uint32_t tab[16];
-  const uint32_t code_bf16[4] = {0x0000u, 0x3F80u, 0x4000u, 0x4040u};
-  for (int v = 0; v < 16; ++v) tab[v] = code_bf16[v & 3] | (code_bf16[v >> 2] << 16);
+  for (int v = 0; v < 16; ++v) tab[v] = kCentredCodeBf16[v & 3] | (uint32_t{kCentredCodeBf16[v >> 2]} << 16);
   const __m512i table = _mm512_load_si512(tab);
   for (int64_t b0 = 0; b0 < B; b0 += 64) {
     const int nblk = static_cast<int>(std::min<int64_t>(4, (B - b0 + 15) / 16));

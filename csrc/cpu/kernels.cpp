@@ -496,11 +496,10 @@ static inline void prefetch_next_panel(const uint8_t* packed, int64_t nb, int64_
 }
 
 // The 16 bf16 pairs a 4-bit field (q_even | q_odd << 2) of the codes stands for: entry i holds
-// bf16(i & 3) in its low half and bf16(i >> 2) in its high half (0, 1, 2, 3 are exact in bf16).
+// the centred code i & 3 in its low half and i >> 2 in its high half (kCentredCodeBf16).
 __attribute__((target("avx512f"))) static inline __m512i bf16_pair_table() {
-  static const uint32_t kBf16[4] = {0x0000u, 0x3F80u, 0x4000u, 0x4040u};  // bf16 0, 1, 2, 3
   alignas(64) uint32_t pairs[16];
-  for (int i = 0; i < 16; ++i) pairs[i] = kBf16[i & 3] | (kBf16[i >> 2] << 16);
+  for (int i = 0; i < 16; ++i) pairs[i] = kCentredCodeBf16[i & 3] | (uint32_t{kCentredCodeBf16[i >> 2]} << 16);
   return _mm512_load_si512(pairs);
 }
 
@@ -639,9 +638,9 @@ __attribute__((target("avx2,fma"))) static void panel_tile_avx2(const float* pan
 // ---- bf16 products (bf16 activations on CPUs with AVX512_BF16). Dense bf16 layers multiply in
 // bf16 with fp32 accumulation (oneDNN's vdpbf16ps GEMM: twice the fp32 FMA rate), which left the
 // fp32 GEMM above at 0.3-0.6x of them from 16 rows. The same instruction here: the panel holds
-// the code values q in {0, 1, 2, 3}, exact in bf16, so the weights lose nothing; only the
-// codebook-folded activations z are rounded to bf16 (relative 2^-9, as a bf16 activation already
-// is). Inputs go in pairs: a 32-bit lane holds (input 2p in the low half, 2p + 1 in the high
+// the centred code values q - 1.5 in {-1.5, -0.5, 0.5, 1.5}, exact in bf16, so the weights lose
+// nothing; only the codebook-folded activations z are rounded to bf16 (relative 2^-9, as a bf16
+// activation already is), and the row constant carries 1.5 * sum z unrounded (kernels.h). Inputs go in pairs: a 32-bit lane holds (input 2p in the low half, 2p + 1 in the high
 // half) of one weight row in the panel, of one activation row in zt, and vdpbf16ps adds
 // q[j, 2p] z[b, 2p] + q[j, 2p + 1] z[b, 2p + 1] to lane j.
 
@@ -826,15 +825,21 @@ static inline uint32_t bf16_bits(float f) {
   return (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
 }
 
+void centred_beta(const float* A, const float* beta, float* out) {
+  for (int t = 0; t < 4; ++t) out[t] = beta[t] + kCodeCentre * (A[4 * t] + A[4 * t + 1] + A[4 * t + 2] + A[4 * t + 3]);
+}
+
 void prepare_gemm_activations_bf16(const float* x, int64_t B, int64_t n, const float* A, const float* beta,
                                    int64_t bt_max, uint32_t* zt, float* c) {
 #if LCQAT_X86
   thread_local std::vector<float> rows;  // one tile of folded rows, natural order
   if (rows.size() < static_cast<size_t>(bt_max * n)) rows.resize(bt_max * n);
   const int64_t np = n / 2;
+  float cb[4];
+  centred_beta(A, beta, cb);
   for (int64_t b0 = 0; b0 < B; b0 += bt_max) {
     const int64_t bt = std::min(bt_max, B - b0);
-    prepare_activations(x + b0 * n, bt, n, A, beta, Isa::Scalar, rows.data(), c + b0);
+    prepare_activations(x + b0 * n, bt, n, A, cb, Isa::Scalar, rows.data(), c + b0);
     uint32_t* o = zt + b0 * np;
     for (int64_t p = 0; p < np; ++p)
       for (int64_t b = 0; b < bt; ++b)
@@ -876,8 +881,10 @@ void prepare_gemv_bf16(const float* x, int64_t B, int64_t n, const float* A, con
   thread_local std::vector<float> row;  // one folded row, natural order
   if (row.size() < static_cast<size_t>(n)) row.resize(n);
   const int64_t words = gemv_bf16_row_words(n);
+  float cb[4];
+  centred_beta(A, beta, cb);
   for (int64_t b = 0; b < B; ++b) {
-    prepare_activations(x + b * n, 1, n, A, beta, Isa::Scalar, row.data(), c + b);
+    prepare_activations(x + b * n, 1, n, A, cb, Isa::Scalar, row.data(), c + b);
     uint32_t* o = zq + b * words;
     std::memset(o, 0, sizeof(uint32_t) * words);
     for (int64_t i = 0; i < n; i += 2)
