@@ -183,7 +183,7 @@ def main():
     md = ["# Per-layer kernel benchmark (" + args.device + ")\n", md_env(env),
           "\nTimes are medians of interleaved rounds (us per call, whole layer incl. both Hadamards for LC). "
           "x = dense time / LC time, same activation dtype (> 1: LC faster). "
-          + ("LC bf16: bf16 products, fp32 accumulation (this CPU has AVX512_BF16; code values exact, "
+          + ("LC bf16: bf16 products, fp32 accumulation (this CPU has AVX512_BF16; centred code values exact, "
              "folded activations rounded to bf16). " if args.device == "cpu" and native.cpu_has_bf16_dot() else
              "LC bf16: fp32 products (bf16 activations widened). ") +
           "hot: one layer called repeatedly (its dense weight stays in L2: dense at its best). "
