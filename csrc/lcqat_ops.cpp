@@ -324,15 +324,13 @@ static Tensor amx_call(const Tensor& x, int64_t B, const LcArgs& a, int64_t bloc
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
   Tensor out = at::empty(out_shape(x, m), x.options());
   uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-  // this thread's buffers, read and written by the workers through the pointers:
-  // [amx_rows_padded(B), n] bf16 activations | [B] folding constants | [B, m] fp32 products
-  thread_local std::vector<uint16_t> zb_scratch;
-  thread_local std::vector<float> f_scratch;
+  // the call's buffers (per call, not thread-local: a prefill's would stay allocated):
+  // [amx_rows_padded(B), n] bf16 activations; [B] folding constants | [B, m] fp32 products
   const int64_t Bp = K::amx_rows_padded(B);
-  if (zb_scratch.size() < static_cast<size_t>(Bp * n)) zb_scratch.resize(Bp * n);
-  if (f_scratch.size() < static_cast<size_t>(B + B * m)) f_scratch.resize(B + B * m);
-  uint16_t* zb = zb_scratch.data();
-  float* c = f_scratch.data();
+  Tensor zb_t = at::empty({Bp * n}, x.options().dtype(at::kShort));
+  Tensor f_t = at::empty({B + B * m}, x.options().dtype(at::kFloat));
+  uint16_t* zb = reinterpret_cast<uint16_t*>(zb_t.data_ptr<int16_t>());
+  float* c = f_t.data_ptr<float>();
   float* y = c + B;
   const float *su = a.su.data_ptr<float>(), *sv = a.sv.data_ptr<float>(), *bias = a.bias();
   const float* A = a.A32.data_ptr<float>();
