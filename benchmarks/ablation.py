@@ -85,10 +85,10 @@ QAT_ROWS: dict[str, tuple[dict, str]] = {
                   "release optimizer on the lr3 default: beta2 0.95, weight decay 0.1 on every trained category (clip 1 as before)"),
     "qat_embed": ({"callback": {"train_embeddings": True, "lr_scale": {**_LR3["lr_scale"], "embedding": 0.1}}},
                   "the lr3 default + the (tied) embedding / lm_head trained at lr 1e-5 (release: trained)"),
-    # the schedule the package's own recipe uses (training/recipes.py run_qat: the CLI's `qat` and the
-    # demo), from the `default` PTQ; the other rows keep a constant lr so one run gives every budget
+    # the schedule the package's own recipe used until this row was measured (training/recipes.py
+    # run_qat: the CLI's `qat` and the demo; now 2 warmup steps and a constant lr, as every other row)
     "qat_cosine": ({"base": "default", "args": {"lr_scheduler_type": "cosine", "warmup_steps": 0.1}},
-                   "the package's QAT recipe (run_qat): cosine decay over the planned run after 10% warmup, "
+                   "cosine decay over the planned run after 10% warmup (run_qat's schedule before this row), "
                    "from the `default` PTQ (the long `default` run: constant lr)"),
 }
 QAT_BATCH, QAT_SEQ, QAT_LR = 4, 512, 1e-4
