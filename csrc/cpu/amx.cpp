@@ -168,7 +168,13 @@ LCQAT_TARGET_AMX static void gemm_amx(const uint16_t* zb, const float* c, int64_
       _tile_zero(2);
       _tile_zero(3);
       const uint8_t* p = packed + j * nb;
+      // the next group's 16 code rows into L2, a row or two a chunk: a serving step streams every
+      // layer's codes from the L3 or DRAM, where the 16-row gathers otherwise wait on misses
+      const uint8_t* next = j + 16 < j1 ? p + 16 * nb : nullptr;
       for (int64_t k = 0; k < kch; ++k) {
+        if (next)
+          for (int64_t r = k; r < 16; r += kch)
+            for (int64_t o = 0; o < nb + 63; o += 64) _mm_prefetch(reinterpret_cast<const char*>(next + r * nb + std::min(o, nb - 1)), _MM_HINT_T1);
         decode_b_tile(p + 8 * k, rows, live, table, tile);
         LCQAT_MEMORY_FENCE();
         _tile_loadd(5, tile, 64);
