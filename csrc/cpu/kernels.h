@@ -46,7 +46,8 @@ void lc_gemm_rows(const float* zt, const float* c, int64_t B, int64_t n, const u
 // cost, and it sees the unrounded z. Why: z is rounded to bf16 for the products, and with codes
 // 0..3 the rounding errors add up with weights up to 3 around an offset the constant cancels again;
 // centred, a SmolLM2-shaped layer's error fell from 1.9% to 0.16% of its largest output
-// (float64 emulation; a dense bf16 layer: 0.35%).
+// (float64 emulation; a dense bf16 layer: 0.35%). The model's perplexity did not move with it
+// (benchmarks/results/bf16_quality*.md): a per-layer gain at no cost, not a quality fix.
 constexpr float kCodeCentre = 1.5f;
 constexpr uint16_t kCentredCodeBf16[4] = {0xBFC0u, 0xBF00u, 0x3F00u, 0x3FC0u};  // bf16 -1.5, -0.5, 0.5, 1.5
 // beta + kCodeCentre * (row sums of A): the beta the bf16-product paths fold with
