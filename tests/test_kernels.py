@@ -746,3 +746,17 @@ def test_bf16_layer_is_as_accurate_as_a_dense_bf16_layer(batch):
         return float((y.double() - exact).abs().max() / exact.abs().max())
 
     assert err(native.lc_linear(w, x)) <= 1.5 * err(dense) + 1e-3, (err(native.lc_linear(w, x)), err(dense))
+
+
+@needs_native
+@pytest.mark.skipif(not native.cpu_has_amx_bf16(), reason="needs a CPU with AMX-BF16 (csrc/cpu/amx.cpp)")
+def test_amx_layer_prefill_sized_call_takes_its_own_buffers_and_rows_stay_equal():
+    # Above 4 MiB of buffers (here 1904 rows x 576) amx_call takes memory for the call instead of the
+    # thread's kept buffers; then a serving-sized call reuses the kept ones again. Rows equal the
+    # decode path's (8-row calls) in both.
+    w, bias = make_layer(576, 576, seed=7)
+    x = torch.randn(1904, 576, generator=torch.Generator().manual_seed(7)).bfloat16()
+    big = native.lc_linear(w, x, bias)
+    chunks = torch.cat([native.lc_linear(w, x[i:i + 8], bias) for i in range(0, x.shape[0], 8)])
+    assert torch.equal(big, chunks)
+    assert torch.equal(native.lc_linear(w, x[:64], bias), big[:64])
