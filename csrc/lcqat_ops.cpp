@@ -370,19 +370,25 @@ static Tensor amx_call(const Tensor& x, int64_t B, const LcArgs& a, int64_t bloc
   });
   if (Bp > B) std::memset(zb + B * n, 0, sizeof(uint16_t) * (Bp - B) * n);
 
-  // block-diagonal output rotation: a thread's weight rows cover whole blocks (and whole 16-row tiles)
-  const bool fused_out = a.Kout <= 1;
-  const int64_t unit = fused_out ? std::max<int64_t>(16, block_out) : 16;
-  const auto finish_rows = [&](int64_t j0, int64_t j1) {  // y[:, j0:j1) -> the output, rotated, scaled
-    for (int64_t b = 0; b < B; ++b) {
-      float* r = y + b * m + j0;
-      if (fused_out) K::hadamard_row(r, j1 - j0, block_out, nullptr, 1, true, nullptr);
+  // The output stage (Hadamard, s_v, bias, bf16) of outputs [j0, j1) of row b; the same arithmetic,
+  // in the same order, as decode_rows' (so a row's result does not depend on the path).
+  const auto finish = [&](int64_t b, int64_t j0, int64_t j1, int64_t block, const float* left, int64_t K,
+                          float* work) {
+    float* r = y + b * m + j0;
+    K::hadamard_row(r, j1 - j0, block, left, K, true, work);
+    if (bias)
+      for (int64_t j = 0; j < j1 - j0; ++j) r[j] = r[j] * sv[j0 + j] + bias[j0 + j];
+    else
       for (int64_t j = 0; j < j1 - j0; ++j) r[j] *= sv[j0 + j];
-      if (bias)
-        for (int64_t j = 0; j < j1 - j0; ++j) r[j] += bias[j0 + j];
-      K::round_bf16(r, j1 - j0, op + b * m + j0);
-    }
+    K::round_bf16(r, j1 - j0, op + b * m + j0);
   };
+  // Fused output stage: a thread's weight rows cover whole output blocks (and whole 16-row tiles),
+  // finished while in cache. Only with a block-diagonal output rotation, and with enough blocks to
+  // share among the threads (a full-dimension rotation of a power-of-two m is one block of m); else
+  // the GEMM splits in 16-row groups and the output stage runs as a pass over the rows after it.
+  const int64_t fused_unit = std::max<int64_t>(16, block_out);
+  const bool fused_out = a.Kout <= 1 && (m + fused_unit - 1) / fused_unit >= at::get_num_threads();
+  const int64_t unit = fused_out ? fused_unit : 16;
   // a thread's share: kMinWeightsPerThread weight-row work units, where a 16-row activation tile
   // multiplies the decoded weights once more (at 64 rows a k/v projection, 110K weights, splits)
   const int64_t tiles = (B + 15) / 16;
@@ -390,13 +396,15 @@ static Tensor amx_call(const Tensor& x, int64_t B, const LcArgs& a, int64_t bloc
                    [&](int64_t u0, int64_t u1) {
                      const int64_t j0 = u0 * unit, j1 = std::min(m, u1 * unit);
                      K::lc_gemm_amx_rows(zb, c, B, n, a.pk.data_ptr<uint8_t>(), j0, j1, y, m);
-                     if (fused_out) finish_rows(j0, j1);
+                     if (fused_out)
+                       for (int64_t b = 0; b < B; ++b) finish(b, j0, j1, block_out, nullptr, 1, nullptr);
                    });
-  if (!fused_out) {
-    rotate_rows_f32(y, B, m, block_out, a.left_out(), a.Kout, true, nullptr, nullptr, nullptr);
-    at::parallel_for(0, m, std::max<int64_t>(16, 16384 / std::max<int64_t>(B, 1)),
-                     [&](int64_t j0, int64_t j1) { finish_rows(j0, j1); });
-  }
+  if (!fused_out)
+    at::parallel_for(0, B, std::max<int64_t>(1, 16384 / std::max<int64_t>(m, 1)), [&](int64_t b0, int64_t b1) {
+      thread_local std::vector<float> work;  // the left factor's product (hadamard_row)
+      if (work.size() < static_cast<size_t>(m)) work.resize(m);
+      for (int64_t b = b0; b < b1; ++b) finish(b, 0, m, block_out, a.left_out(), a.Kout, work.data());
+    });
   return out;
 }
 

@@ -696,15 +696,16 @@ def test_amx_switch_turns_off_both_amx_paths():
 
 @needs_native
 @pytest.mark.skipif(not native.cpu_has_amx_bf16(), reason="needs a CPU with AMX-BF16 (csrc/cpu/amx.cpp)")
-@pytest.mark.parametrize("m,n,block", [(1536, 576, 128), (192, 576, 128), (77, 576, 128), (40, 64, 8), (96, 320, "full")])
+@pytest.mark.parametrize("m,n,block", [(1536, 576, 128), (192, 576, 128), (77, 576, 128), (40, 64, 8), (96, 320, "full"),
+                                       (128, 64, "full")])
 @pytest.mark.parametrize("batch", [16, 64, 70])
 def test_amx_layer_rows_equal_the_decode_path_and_round_like_bf16_products(m, n, block, batch):
     # lc_linear with bf16 activations of more than 8 rows on AMX CPUs: one pass over the rows (scale,
     # Hadamard, folding, bf16), then the AMX GEMM with the output Hadamard, scale and bias fused per
     # block of output rows (lcqat_ops.cpp amx_call). A row's result equals the same row in an 8-row
     # call (the decode path's AMX branch: 5-8 rows), bit for bit; block 8 outputs (tiles of 16 rows
-    # hold two blocks), an output tail (77), and a full-dimension rotation (left factors: the output
-    # rotation runs after the GEMM) included. Against the layer emulated in float64 with the folded
+    # hold two blocks), an output tail (77), and full-dimension rotations (left factors, or one block
+    # of 128 for fewer blocks than threads: the output stage runs as a pass over the rows) included. Against the layer emulated in float64 with the folded
     # activations rounded to bf16, the gap is the fp32 sums and the last bits of z (see
     # test_amx_gemm_rounds_like_bf16_products) plus the output's rounding to bf16.
     w = LCWeight.from_dense(torch.randn(m, n, generator=torch.Generator().manual_seed(m)) / n**0.5,

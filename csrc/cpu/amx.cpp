@@ -125,7 +125,8 @@ LCQAT_TARGET_AMX static void round_bf16_avx512(const float* x, int64_t count, ui
   }
 }
 
-// The B tile of one 32-input chunk of 16 weight rows (rows past the layer's end as zeros).
+// The B tile of one 32-input chunk of 16 weight rows (rows past the range decode as code 0, the
+// centred -1.5: their outputs are never stored).
 // p: row 0's code byte 8k; lane j of `rows` = j * n/4.
 LCQAT_TARGET_AMX static inline void decode_b_tile(const uint8_t* p, __m512i rows, __mmask16 live, __m512i table,
                                                   uint8_t* tile) {
@@ -170,10 +171,11 @@ LCQAT_TARGET_AMX static void gemm_amx(const uint16_t* zb, const float* c, int64_
       const uint8_t* p = packed + j * nb;
       // the next group's 16 code rows into L2, a row or two a chunk: a serving step streams every
       // layer's codes from the L3 or DRAM, where the 16-row gathers otherwise wait on misses
-      const uint8_t* next = j + 16 < j1 ? p + 16 * nb : nullptr;
+      const uint8_t* next = p + 16 * nb;
+      const int64_t next_rows = std::min<int64_t>(16, j1 - j - 16);  // <= 0: none (the range ends)
       for (int64_t k = 0; k < kch; ++k) {
-        if (next)
-          for (int64_t r = k; r < 16; r += kch)
+        if (next_rows > 0)
+          for (int64_t r = k; r < next_rows; r += kch)
             for (int64_t o = 0; o < nb + 63; o += 64) _mm_prefetch(reinterpret_cast<const char*>(next + r * nb + std::min(o, nb - 1)), _MM_HINT_T1);
         decode_b_tile(p + 8 * k, rows, live, table, tile);
         LCQAT_MEMORY_FENCE();

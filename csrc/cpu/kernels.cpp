@@ -504,7 +504,7 @@ __attribute__((target("avx512f"))) static inline __m512i bf16_pair_table() {
 }
 
 // Panel of weight rows [j, j + rows), inputs [k0, k1) (k0, k1 multiples of 16, rows <= 32;
-// absent rows decode as 0). One 32-bit gather per 16 rows reads 4 code bytes (16 inputs) of
+// absent rows decode as code 0: 0 in fp32, -1.5 centred in bf16; never stored). One 32-bit gather per 16 rows reads 4 code bytes (16 inputs) of
 // each row, then
 // - fp32 (T = float): panel [k1 - k0][32] of q values; a shift and a permute (lo[i] = i & 3 on
 //   the low 4 bits) turn each 2-bit field into 16 floats;

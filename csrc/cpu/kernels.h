@@ -128,8 +128,10 @@ void lc_gemv_a16_rows(const int8_t* zq, const float* s, const float* c, int64_t 
 // (has_amx_bf16(): has_bf16_dot() as well, the OS grants the tile state; LCQAT_CPU_AMX=0 turns it
 // off). The same product as lc_gemm_bf16_rows, with the same rounding for normal z (to bf16, nearest even;
 // fp32 accumulation, in another order). z = the folded activations in natural order (fp32, from
-// prepare_activations with Isa::Scalar); zb holds them in bf16, [amx_rows_padded(B), n], the
-// padding rows zero. n a multiple of 32. Rows [j0, j1) of the weight, 16 at a time.
+// prepare_activations with Isa::Scalar and the centred beta: the caller folds with centred_beta,
+// since the tiles hold centred codes; the bf16 GEMM's and GEMV's prepare functions centre inside);
+// zb holds them in bf16, [amx_rows_padded(B), n], the padding rows zero. n a multiple of 32. Rows
+// [j0, j1) of the weight, 16 at a time.
 bool has_amx_bf16();
 int64_t amx_rows_padded(int64_t B);
 void prepare_amx_activations(const float* z, int64_t B, int64_t n, uint16_t* zb);
