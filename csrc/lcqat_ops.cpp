@@ -316,8 +316,9 @@ static Tensor decode_call(const Tensor& x, int64_t B, const LcArgs& a, int64_t b
 // the AMX GEMM into an fp32 scratch, then, while those outputs are in cache, the output Hadamard, scale,
 // bias and rounding to bf16 straight into the output. Per row the same operations in the same order as
 // the decode path's AMX branch (so a row's result does not depend on the batch); the outputs round to
-// bf16 with vcvtneps2bf16 (denormals flush to zero) instead of at::to. A full-dimension output rotation
-// (a left factor: every output of a row mixes) runs as a third pass after the GEMM.
+// bf16 with vcvtneps2bf16 (denormals flush to zero) instead of at::to. With a full-dimension output
+// rotation (a left factor: every output of a row mixes), or fewer output blocks than threads, the
+// output stage runs as a third pass over the rows after the GEMM.
 static Tensor amx_call(const Tensor& x, int64_t B, const LcArgs& a, int64_t block_in, int64_t block_out) {
   const int64_t n = a.n, m = a.m;
   const Tensor xc = x.is_contiguous() ? x : x.contiguous();
