@@ -358,6 +358,7 @@ static Tensor amx_call(const Tensor& x, int64_t B, const LcArgs& a, int64_t bloc
     float *r = row.data(), *z = r + n, *work = z + n;
     for (int64_t b = b0; b < b1; ++b) {
       const uint16_t* xb = xp + b * n;
+      if (K::input_stage_bf16(xb, n, su, block_in, a.Kin, A, beta, zb + b * n, c + b)) continue;
       for (int64_t i = 0; i < n; ++i) {  // bf16 -> fp32 is exact: the bits above 16 zeros
         const uint32_t u = static_cast<uint32_t>(xb[i]) << 16;
         float f;
@@ -376,6 +377,7 @@ static Tensor amx_call(const Tensor& x, int64_t B, const LcArgs& a, int64_t bloc
   const auto finish = [&](int64_t b, int64_t j0, int64_t j1, int64_t block, const float* left, int64_t K,
                           float* work) {
     float* r = y + b * m + j0;
+    if (K::output_stage_bf16(r, j1 - j0, block, K, sv + j0, bias ? bias + j0 : nullptr, op + b * m + j0)) return;
     K::hadamard_row(r, j1 - j0, block, left, K, true, work);
     if (bias)
       for (int64_t j = 0; j < j1 - j0; ++j) r[j] = r[j] * sv[j0 + j] + bias[j0 + j];

@@ -726,6 +726,24 @@ def test_amx_layer_rows_equal_the_decode_path_and_round_like_bf16_products(m, n,
 
 
 @needs_native
+@pytest.mark.skipif(not native.cpu_has_amx_bf16(), reason="needs a CPU with AMX-BF16 (csrc/cpu/amx.cpp)")
+@pytest.mark.parametrize("m,n,block", [(1536, 576, 128), (576, 1536, 64)])
+def test_amx_layer_equals_the_decode_path_on_many_rows(m, n, block):
+    # A one-ulp fp32 difference before the outputs' rounding to bf16 changes about one output in 2^16:
+    # enough rows (here ~600K outputs; 400 rows take the AMX GEMM's 32 x 32 tiles, 22 rows its 64 x 16
+    # ones) make such a difference between the fused row stages of the AMX layer
+    # and the decode path's passes visible (an FMA-contracted r * s_v + bias once did).
+    w = LCWeight.from_dense(torch.randn(m, n, generator=torch.Generator().manual_seed(5)) / n**0.5,
+                            hadamard_block_size=block)
+    bias = torch.randn(m, generator=torch.Generator().manual_seed(6))
+    x = torch.randn(400, n, generator=torch.Generator().manual_seed(7)).bfloat16()
+    for rows in (x, x[:22]):  # (the decode path's chunks: 8 rows, or 6; 1-4 rows take its GEMV, other sums)
+        out = native.lc_linear(w, rows, bias)
+        chunks = torch.cat([native.lc_linear(w, rows[i:i + 8], bias) for i in range(0, rows.shape[0], 8)])
+        assert torch.equal(out, chunks)
+
+
+@needs_native
 @pytest.mark.skipif(not native.cpu_has_bf16_dot(), reason="needs a CPU with AVX512_BF16 (bf16 products)")
 @pytest.mark.parametrize("batch", [1, 8, 64])
 def test_bf16_layer_is_as_accurate_as_a_dense_bf16_layer(batch):

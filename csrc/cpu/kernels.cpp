@@ -90,7 +90,49 @@ static void fwht_scalar(float* v, int64_t r) {
 // r a multiple of 16: stages 1, 2, 4, 8 inside each 16-float vector (partner = a permute of the
 // vector, new = v * sign + partner gives a + b in the lower and a - b in the upper half of each
 // pair: the same sums as the scalar code, bit for bit), then stages >= 16 between vectors.
+// The stages of one block held in registers, its r / 16 <= 16 vectors in v: the same operations in
+// the same order as the loops below (so the same bits), without storing and reloading the block
+// between stages. The block's product ends with the multiplication by norm (vn).
+template <int V>
+__attribute__((target("avx512f,avx512dq"), always_inline)) static inline void fwht_regs(__m512 (&v)[V], __m512 vn) {
+  const __m512 s1 = _mm512_setr_ps(1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1);
+  const __m512 s2 = _mm512_setr_ps(1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, -1);
+  const __m512 s4 = _mm512_setr_ps(1, 1, 1, 1, -1, -1, -1, -1, 1, 1, 1, 1, -1, -1, -1, -1);
+  const __m512 s8 = _mm512_setr_ps(1, 1, 1, 1, 1, 1, 1, 1, -1, -1, -1, -1, -1, -1, -1, -1);
+  for (int i = 0; i < V; ++i) {
+    __m512 x = v[i];
+    x = _mm512_fmadd_ps(x, s1, _mm512_permute_ps(x, 0xB1));
+    x = _mm512_fmadd_ps(x, s2, _mm512_permute_ps(x, 0x4E));
+    x = _mm512_fmadd_ps(x, s4, _mm512_shuffle_f32x4(x, x, 0xB1));
+    v[i] = _mm512_fmadd_ps(x, s8, _mm512_shuffle_f32x4(x, x, 0x4E));
+  }
+  for (int h = 1; h < V; h *= 2)
+    for (int i = 0; i < V; i += 2 * h)
+      for (int k = i; k < i + h; ++k) {
+        const __m512 a = v[k], b = v[k + h];
+        v[k] = _mm512_add_ps(a, b);
+        v[k + h] = _mm512_sub_ps(a, b);
+      }
+  for (int i = 0; i < V; ++i) v[i] = _mm512_mul_ps(v[i], vn);
+}
+
+template <int V>
+__attribute__((target("avx512f,avx512dq"))) static void fwht_block_regs(float* p, float norm) {
+  __m512 v[V];
+  for (int i = 0; i < V; ++i) v[i] = _mm512_loadu_ps(p + 16 * i);
+  fwht_regs<V>(v, _mm512_set1_ps(norm));
+  for (int i = 0; i < V; ++i) _mm512_storeu_ps(p + 16 * i, v[i]);
+}
+
 __attribute__((target("avx512f,avx512dq"))) static void fwht_avx512(float* v, int64_t r, float norm) {
+  switch (r) {  // blocks up to 256: the register version, which the AMX layer's fused stages run too
+    case 16: return fwht_block_regs<1>(v, norm);
+    case 32: return fwht_block_regs<2>(v, norm);
+    case 64: return fwht_block_regs<4>(v, norm);
+    case 128: return fwht_block_regs<8>(v, norm);
+    case 256: return fwht_block_regs<16>(v, norm);
+    default: break;
+  }
   const __m512 s1 = _mm512_setr_ps(1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1);
   const __m512 s2 = _mm512_setr_ps(1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, -1);
   const __m512 s4 = _mm512_setr_ps(1, 1, 1, 1, -1, -1, -1, -1, 1, 1, 1, 1, -1, -1, -1, -1);
@@ -248,6 +290,117 @@ void prepare_activations(const float* x, int64_t B, int64_t n, const float* A, c
         for (int s = 0; s < 4; ++s) zb[base + s * blk + k] = tmp[4 * k + s];
     }
   }
+}
+
+// ------------------------------------------------------------------ the AMX layer's row stages
+// One pass per Hadamard block with the block in registers, where hadamard_row, the folding and the
+// bf16 rounding each pass over the row (at 64 rows these passes took about as long as the AMX product
+// of a k/v projection). The same operations in the same order as the unfused passes: the same bits.
+#if LCQAT_X86
+#define LCQAT_TARGET_STAGE __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")))
+
+LCQAT_TARGET_STAGE static inline void store_bf16x16(uint16_t* out, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+// x (bf16) * s_u, Hadamard blocks of 16 V, folding as fold_row_avx512 (n a multiple of 16: no
+// scalar tail, whose sum is +0), z rounded to bf16; returns the row constant.
+template <int V>
+LCQAT_TARGET_STAGE static float input_stage_row(const uint16_t* x, int64_t n, const float* su, const float* A,
+                                                const float* beta, uint16_t* zb) {
+  const __m512 vn = _mm512_set1_ps(1.0f / std::sqrt(static_cast<float>(16 * V)));  // hadamard_row's norm
+  const __m512 a0 = _mm512_broadcast_f32x4(_mm_loadu_ps(A)), a1 = _mm512_broadcast_f32x4(_mm_loadu_ps(A + 4));
+  const __m512 a2 = _mm512_broadcast_f32x4(_mm_loadu_ps(A + 8)), a3 = _mm512_broadcast_f32x4(_mm_loadu_ps(A + 12));
+  const __m512 bv = _mm512_broadcast_f32x4(_mm_loadu_ps(beta));
+  __m512 cacc = _mm512_setzero_ps();
+  for (int64_t base = 0; base < n; base += 16 * V) {
+    __m512 v[V];
+    for (int i = 0; i < V; ++i) {  // bf16 -> fp32 is exact: the bits above 16 zeros
+      const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + base + 16 * i)));
+      v[i] = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(w, 16)), _mm512_loadu_ps(su + base + 16 * i));
+    }
+    fwht_regs<V>(v, vn);
+    for (int i = 0; i < V; ++i) {
+      const __m512 xv = v[i];
+      __m512 zv = _mm512_mul_ps(_mm512_permute_ps(xv, 0x00), a0);
+      zv = _mm512_fmadd_ps(_mm512_permute_ps(xv, 0x55), a1, zv);
+      zv = _mm512_fmadd_ps(_mm512_permute_ps(xv, 0xAA), a2, zv);
+      zv = _mm512_fmadd_ps(_mm512_permute_ps(xv, 0xFF), a3, zv);
+      store_bf16x16(zb + base + 16 * i, zv);
+      cacc = _mm512_fmadd_ps(xv, bv, cacc);
+    }
+  }
+  const float tail = 0.0f;
+  return _mm512_reduce_add_ps(cacc) + tail;
+}
+
+// r (fp32 products), Hadamard blocks of 16 V, * s_v (+ bias), rounded to bf16 into out.
+template <int V>
+LCQAT_TARGET_STAGE static void output_stage_row(const float* r, int64_t len, const float* sv, const float* bias,
+                                                uint16_t* out) {
+  const __m512 vn = _mm512_set1_ps(1.0f / std::sqrt(static_cast<float>(16 * V)));
+  for (int64_t base = 0; base < len; base += 16 * V) {
+    __m512 v[V];
+    for (int i = 0; i < V; ++i) v[i] = _mm512_loadu_ps(r + base + 16 * i);
+    fwht_regs<V>(v, vn);
+    for (int i = 0; i < V; ++i) {
+      __m512 y = _mm512_mul_ps(v[i], _mm512_loadu_ps(sv + base + 16 * i));
+      // GCC contracts a product and a sum into an FMA in C++ (-ffp-contract=fast), which rounds once:
+      // the empty asm keeps the rounded product, as the unfused (baseline ISA) code computes it
+      __asm__("" : "+v"(y));
+      if (bias) y = _mm512_add_ps(y, _mm512_loadu_ps(bias + base + 16 * i));
+      store_bf16x16(out + base + 16 * i, y);
+    }
+  }
+}
+#undef LCQAT_TARGET_STAGE
+#endif
+
+// V = block / 16 for the blocks the fused stages take (16..256), else 0
+static int stage_vectors(int64_t block, int64_t len, int64_t K) {
+  if (K > 1 || !has_bf16_dot() || len % block) return 0;
+  switch (block) {
+    case 16: return 1;
+    case 32: return 2;
+    case 64: return 4;
+    case 128: return 8;
+    case 256: return 16;
+    default: return 0;
+  }
+}
+
+bool input_stage_bf16(const uint16_t* x, int64_t n, const float* su, int64_t block, int64_t K, const float* A,
+                      const float* beta, uint16_t* zb, float* c) {
+#if LCQAT_X86
+  switch (stage_vectors(block, n, K)) {
+    case 1: *c = input_stage_row<1>(x, n, su, A, beta, zb); return true;
+    case 2: *c = input_stage_row<2>(x, n, su, A, beta, zb); return true;
+    case 4: *c = input_stage_row<4>(x, n, su, A, beta, zb); return true;
+    case 8: *c = input_stage_row<8>(x, n, su, A, beta, zb); return true;
+    case 16: *c = input_stage_row<16>(x, n, su, A, beta, zb); return true;
+    default: return false;
+  }
+#else
+  (void)x, (void)n, (void)su, (void)block, (void)K, (void)A, (void)beta, (void)zb, (void)c;
+  return false;
+#endif
+}
+
+bool output_stage_bf16(const float* r, int64_t len, int64_t block, int64_t K, const float* sv, const float* bias,
+                       uint16_t* out) {
+#if LCQAT_X86
+  switch (stage_vectors(block, len, K)) {
+    case 1: output_stage_row<1>(r, len, sv, bias, out); return true;
+    case 2: output_stage_row<2>(r, len, sv, bias, out); return true;
+    case 4: output_stage_row<4>(r, len, sv, bias, out); return true;
+    case 8: output_stage_row<8>(r, len, sv, bias, out); return true;
+    case 16: output_stage_row<16>(r, len, sv, bias, out); return true;
+    default: return false;
+  }
+#else
+  (void)r, (void)len, (void)block, (void)K, (void)sv, (void)bias, (void)out;
+  return false;
+#endif
 }
 
 // ------------------------------------------------------------------ GEMV kernels

@@ -138,6 +138,16 @@ void prepare_amx_activations(const float* z, int64_t B, int64_t n, uint16_t* zb)
 // count floats -> bf16 (round to nearest even, as the activations above; vcvtneps2bf16 flushes
 // denormals to zero), on CPUs with has_amx_bf16(): the AMX layer's bf16 outputs
 void round_bf16(const float* x, int64_t count, uint16_t* out);
+// The AMX layer's per-row stages in one pass per Hadamard block (kernels.cpp), for blocks of 16..256
+// (a power of two) without a left factor (K <= 1) on CPUs with has_bf16_dot(); false: not taken,
+// nothing written. Bit-identical to the passes they fuse:
+// input: x (bf16) * su, hadamard_row, prepare_activations (Isa::Scalar, the given beta), round_bf16
+//   -> zb [n] bf16, *c the row constant;
+// output: hadamard_row (transposed), r * sv (+ bias), round_bf16 -> out [len] bf16 (r is not written).
+bool input_stage_bf16(const uint16_t* x, int64_t n, const float* su, int64_t block, int64_t K, const float* A,
+                      const float* beta, uint16_t* zb, float* c);
+bool output_stage_bf16(const float* r, int64_t len, int64_t block, int64_t K, const float* sv, const float* bias,
+                       uint16_t* out);
 void lc_gemm_amx_rows(const uint16_t* zb, const float* c, int64_t B, int64_t n, const uint8_t* packed, int64_t j0,
                       int64_t j1, float* y /* [B, m] */, int64_t ldy);
 
