@@ -6,10 +6,11 @@
 // instruction) 2.5-5x behind, and the int8 head's VNNI GEMV 2-4x behind a dense bf16 head.
 //
 // LC GEMM: the 2-bit codes of 16 weight rows x 32 inputs are decoded straight into one AMX B tile
-// (as the centred codes -1.5..1.5, exact in bf16: kernels.h) and multiplied with up to four 16-row
-// tiles of bf16 activations: the decode is paid once per 64 activation rows, and no dense weight
-// exists beyond the 1 KB tile. Above 32 rows, gemm_amx_2x2 multiplies 32 x 32 C blocks from a panel of
-// decoded tiles instead (fewer activation tile loads, one decode per call).
+// (as the centred codes -1.5..1.5, exact in bf16: kernels.h), and no dense weight exists beyond a
+// few 1 KB tiles. Up to 32 activation rows, gemm_amx_1x4 multiplies 16 rows with 4 such tiles at a
+// time; above, gemm_amx_2x2 multiplies 32 x 32 C blocks from a panel of decoded tiles (fewer
+// activation tile loads, one decode per call). Both sum every output over the same 32-input chunks in
+// the same order: a row's result does not depend on which one ran.
 // The B tile of tdpbf16ps holds, in its row r, 16 dwords whose dword j is the pair
 // (W[j, 2r], W[j, 2r + 1]) of a 32-input chunk. Code byte t of a weight row's chunk carries the
 // codes of inputs 4t..4t+3 (field f = bits 2f..2f+1), so tile row r = 2t + h is nibble h of byte
@@ -148,18 +149,16 @@ LCQAT_TARGET_AMX static inline void store_c_tile(const float* out, const float* 
     _mm512_mask_storeu_ps(y + b * ldy + j, live, _mm512_add_ps(_mm512_load_ps(out + (b - bs) * 16), _mm512_set1_ps(c[b])));
 }
 
-// C tiles 0-3 (16 activation rows each), A tiles 4, 6, 7 (alternating, so a load need not wait
-// for the product before it), B tile 5.
-#define LCQAT_AMX_STEP(C, A, blk)                                          \
-  do {                                                                     \
-    _tile_loadd(A, zb + (b0 + 16 * (blk)) * n + 32 * k, 2 * n);            \
-    _tile_dpbf16ps(C, A, 5);                                               \
-  } while (0)
-
-LCQAT_TARGET_AMX static void gemm_amx(const uint16_t* zb, const float* c, int64_t B, int64_t n, const uint8_t* packed,
-                                      int64_t j0, int64_t j1, float* y, int64_t ldy) {
+// Up to 32 activation rows: C tiles of 16 activation rows x 4 groups of 16 weight rows (C 0-3, A tile
+// 4, B tiles 5, 6, 7 and 5 again), the 4 B tiles of each 32-input chunk decoded just before their
+// products. Four independent accumulation chains: with one C tile a group (16 x 16 tiles), each
+// product waited for the previous one into the same tile, and 8-16 rows ran 35-45% slower
+// (SmolLM2 shapes, one thread: 576x576 at 16 rows 19.8 -> 11.9 us, 576x1536 60 -> 32 us). Above 16
+// rows each 16-row block decodes the codes again (gemm_amx_2x2 takes over above 32).
+LCQAT_TARGET_AMX static void gemm_amx_1x4(const uint16_t* zb, const float* c, int64_t B, int64_t n,
+                                          const uint8_t* packed, int64_t j0, int64_t j1, float* y, int64_t ldy) {
   load_tile_config();
-  alignas(64) uint8_t tile[1024];
+  alignas(64) uint8_t tile[4][1024];
   alignas(64) float out[16 * 16];
   const int64_t nb = n / 4, kch = n / 32;
   const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
@@ -168,55 +167,68 @@ LCQAT_TARGET_AMX static void gemm_amx(const uint16_t* zb, const float* c, int64_
   alignas(64) uint32_t tab[16];
   for (int v = 0; v < 16; ++v) tab[v] = kCentredCodeBf16[v & 3] | (uint32_t{kCentredCodeBf16[v >> 2]} << 16);
   const __m512i table = _mm512_load_si512(tab);
-  for (int64_t b0 = 0; b0 < B; b0 += 64) {
-    const int nblk = static_cast<int>(std::min<int64_t>(4, (B - b0 + 15) / 16));
-    for (int64_t j = j0; j < j1; j += 16) {
-      const int live_rows = static_cast<int>(std::min<int64_t>(16, j1 - j));
-      const __mmask16 live = live_rows == 16 ? 0xFFFF : static_cast<__mmask16>((1u << live_rows) - 1);
+  for (int64_t b0 = 0; b0 < B; b0 += 16) {
+    for (int64_t j = j0; j < j1; j += 64) {
+      const int groups = static_cast<int>(std::min<int64_t>(4, (j1 - j + 15) / 16));
+      __mmask16 live[4];
+      for (int g = 0; g < groups; ++g) {
+        const int64_t r = std::min<int64_t>(16, j1 - j - 16 * g);
+        live[g] = r == 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << r) - 1);
+      }
       _tile_zero(0);
       _tile_zero(1);
       _tile_zero(2);
       _tile_zero(3);
       const uint8_t* p = packed + j * nb;
-      // the next group's 16 code rows into L2, a row or two a chunk: a serving step streams every
-      // layer's codes from the L3 or DRAM, where the 16-row gathers otherwise wait on misses
-      const uint8_t* next = p + 16 * nb;
-      const int64_t next_rows = std::min<int64_t>(16, j1 - j - 16);  // <= 0: none (the range ends)
+      // the next 64 code rows into L2, a row or two a chunk: a serving step streams every layer's
+      // codes from the L3 or DRAM, where the 16-row gathers otherwise wait on misses
+      const uint8_t* next = p + 64 * nb;
+      const int64_t next_rows = std::min<int64_t>(64, j1 - j - 64);  // <= 0: none (the range ends)
       for (int64_t k = 0; k < kch; ++k) {
         if (next_rows > 0)
           for (int64_t r = k; r < next_rows; r += kch)
-            for (int64_t o = 0; o < nb + 63; o += 64) _mm_prefetch(reinterpret_cast<const char*>(next + r * nb + std::min(o, nb - 1)), _MM_HINT_T1);
-        decode_b_tile(p + 8 * k, rows, live, table, tile);
+            for (int64_t o = 0; o < nb + 63; o += 64)
+              _mm_prefetch(reinterpret_cast<const char*>(next + r * nb + std::min(o, nb - 1)), _MM_HINT_T1);
+        for (int g = 0; g < groups; ++g) decode_b_tile(p + 16 * g * nb + 8 * k, rows, live[g], table, tile[g]);
         LCQAT_MEMORY_FENCE();
-        _tile_loadd(5, tile, 64);
-        LCQAT_AMX_STEP(0, 4, 0);
-        if (nblk > 1) LCQAT_AMX_STEP(1, 6, 1);
-        if (nblk > 2) LCQAT_AMX_STEP(2, 7, 2);
-        if (nblk > 3) LCQAT_AMX_STEP(3, 4, 3);
+        _tile_loadd(4, zb + b0 * n + 32 * k, 2 * n);
+        _tile_loadd(5, tile[0], 64);
+        _tile_dpbf16ps(0, 4, 5);
+        if (groups > 1) {
+          _tile_loadd(6, tile[1], 64);
+          _tile_dpbf16ps(1, 4, 6);
+        }
+        if (groups > 2) {
+          _tile_loadd(7, tile[2], 64);
+          _tile_dpbf16ps(2, 4, 7);
+        }
+        if (groups > 3) {
+          _tile_loadd(5, tile[3], 64);
+          _tile_dpbf16ps(3, 4, 5);
+        }
       }
-      for (int blk = 0; blk < nblk; ++blk) {
-        switch (blk) {  // tile numbers are immediates
+      for (int g = 0; g < groups; ++g) {
+        switch (g) {  // tile numbers are immediates
           case 0: _tile_stored(0, out, 64); break;
           case 1: _tile_stored(1, out, 64); break;
           case 2: _tile_stored(2, out, 64); break;
           default: _tile_stored(3, out, 64); break;
         }
-        store_c_tile(out, c, B, b0 + 16 * blk, y, ldy, j, live);
+        store_c_tile(out, c, B, b0, y, ldy, j + 16 * g, live[g]);
       }
     }
   }
   _tile_release();
 }
-#undef LCQAT_AMX_STEP
 
 // More than 32 activation rows: C tiles of 32 activation rows x 32 weight rows (C 0-3, A tiles 4 and
 // 6, B tiles 5 and 7), the B tiles of the 32 weight rows decoded into a panel during the first 32-row
 // pass (interleaved with its products, which hides the decode) and read back by the others. Against
-// gemm_amx's 64 x 16 tiles: half the activation tile loads per product, and the decode paid once per
-// call rather than once per 64 rows. SmolLM2 shapes, one thread, 64 rows: down 177 -> 102 us, gate/up
-// 167 -> 122 us, q/o and k/v equal; at 16-32 rows gemm_amx was ahead on 576 x 576.
-// (Decoding the whole panel first ran ~30% slower: the decode then no longer overlaps the products.)
-// Each C element sums the same 32-input chunks in the same order as in gemm_amx: the same bits.
+// the 64 x 16 C tiles used before (4 activation tiles per decoded tile): half the activation tile
+// loads per product, and the decode paid once per call rather than once per 64 rows. SmolLM2 shapes,
+// one thread, 64 rows: down 177 -> 102 us, gate/up 167 -> 122 us, q/o and k/v equal (and 10-40%
+// ahead of gemm_amx_1x4 at 48 rows). (Decoding the whole panel first ran ~30% slower: the decode then
+// no longer overlaps the products.)
 LCQAT_TARGET_AMX static void gemm_amx_2x2(const uint16_t* zb, const float* c, int64_t B, int64_t n,
                                           const uint8_t* packed, int64_t j0, int64_t j1, float* y, int64_t ldy) {
   load_tile_config();
@@ -238,7 +250,7 @@ LCQAT_TARGET_AMX static void gemm_amx_2x2(const uint16_t* zb, const float* c, in
   for (int64_t j = j0; j < j1; j += 32) {
     const __mmask16 live0 = live_of(j), live1 = live_of(j + 16);
     const uint8_t* p = packed + j * nb;
-    const uint8_t* next = p + 32 * nb;  // the next 32 code rows into L2 during the first pass (as gemm_amx)
+    const uint8_t* next = p + 32 * nb;  // the next 32 code rows into L2 during the first pass (as gemm_amx_1x4)
     const int64_t next_rows = std::min<int64_t>(32, j1 - j - 32);
     for (int64_t b0 = 0; b0 < B; b0 += 32) {
       const uint16_t* a0 = zb + b0 * n;
@@ -419,7 +431,7 @@ void lc_gemm_amx_rows(const uint16_t* zb, const float* c, int64_t B, int64_t n, 
   if (!has_amx_bf16() || n % 32) std::abort();  // the caller checks; never reached
 #if LCQAT_AMX
   if (B > 32) return gemm_amx_2x2(zb, c, B, n, packed, j0, j1, y, ldy);
-  gemm_amx(zb, c, B, n, packed, j0, j1, y, ldy);
+  gemm_amx_1x4(zb, c, B, n, packed, j0, j1, y, ldy);
 #else
   (void)zb, (void)c, (void)B, (void)n, (void)packed, (void)j0, (void)j1, (void)y, (void)ldy;
 #endif
