@@ -85,6 +85,10 @@ QAT_ROWS: dict[str, tuple[dict, str]] = {
                   "release optimizer on the lr3 default: beta2 0.95, weight decay 0.1 on every trained category (clip 1 as before)"),
     "qat_embed": ({"callback": {"train_embeddings": True, "lr_scale": {**_LR3["lr_scale"], "embedding": 0.1}}},
                   "the lr3 default + the (tied) embedding / lm_head trained at lr 1e-5 (release: trained)"),
+    # the latents' learning rate: codes flip only once a latent crosses a decision boundary, which at
+    # lr 1e-4 hardly happens within 400K tokens (lr 1e-3, `qat_part_lat10`, diverged)
+    "qat_lat3": ({"base": "default", "callback": {"lr_scale": {c: 3.0 for c in (*_NON_LATENT, "latent")}}},
+                 "the default + the latents at lr 3e-4 too (every LC category at 3e-4), from the `default` PTQ"),
     # the schedule the package's own recipe used until this row was measured (training/recipes.py
     # run_qat: the CLI's `qat` and the demo; now 2 warmup steps and a constant lr, as every other row)
     "qat_cosine": ({"base": "default", "args": {"lr_scheduler_type": "cosine", "warmup_steps": 0.1}},
