@@ -141,6 +141,35 @@ LCQAT_TARGET_AMX static inline void decode_b_tile(const uint8_t* p, __m512i rows
   }
 }
 
+// Lane j: the offset of weight row j's code bytes (j * n/4), for decode_b_tile's gathers.
+LCQAT_TARGET_AMX static inline __m512i code_row_offsets(int64_t nb) {
+  return _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                            _mm512_set1_epi32(static_cast<int>(nb)));
+}
+
+// nibble v -> the centred codes (v & 3, v >> 2) in bf16 (kCentredCodeBf16), for decode_b_tile
+LCQAT_TARGET_AMX static inline __m512i centred_pair_table() {
+  alignas(64) uint32_t tab[16];
+  for (int v = 0; v < 16; ++v) tab[v] = kCentredCodeBf16[v & 3] | (uint32_t{kCentredCodeBf16[v >> 2]} << 16);
+  return _mm512_load_si512(tab);
+}
+
+// The mask of weight rows [j, j + 16) below j1 (none when j >= j1).
+static inline __mmask16 live_rows(int64_t j, int64_t j1) {
+  const int64_t r = std::max<int64_t>(0, std::min<int64_t>(16, j1 - j));
+  return r == 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << r) - 1);
+}
+
+// The next code rows into L2, a row or two per 32-input chunk k of the current products: a serving step
+// streams every layer's codes from the L3 or DRAM, where the 16-row gathers otherwise wait on misses.
+// next_rows <= 0: none (the range ends there).
+LCQAT_TARGET_AMX static inline void prefetch_code_rows(const uint8_t* next, int64_t next_rows, int64_t k, int64_t kch,
+                                                      int64_t nb) {
+  for (int64_t r = k; r < next_rows; r += kch)
+    for (int64_t o = 0; o < nb + 63; o += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(next + r * nb + std::min(o, nb - 1)), _MM_HINT_T1);
+}
+
 // A stored C tile `out` (activation rows bs.., below B; weight rows j.., the live ones) into y, plus
 // the row constants: one vector a row.
 LCQAT_TARGET_AMX static inline void store_c_tile(const float* out, const float* c, int64_t B, int64_t bs, float* y,
@@ -161,34 +190,22 @@ LCQAT_TARGET_AMX static void gemm_amx_1x4(const uint16_t* zb, const float* c, in
   alignas(64) uint8_t tile[4][1024];
   alignas(64) float out[16 * 16];
   const int64_t nb = n / 4, kch = n / 32;
-  const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                          _mm512_set1_epi32(static_cast<int>(nb)));
-  // nibble v -> the centred codes (v & 3, v >> 2) in bf16 (kCentredCodeBf16)
-  alignas(64) uint32_t tab[16];
-  for (int v = 0; v < 16; ++v) tab[v] = kCentredCodeBf16[v & 3] | (uint32_t{kCentredCodeBf16[v >> 2]} << 16);
-  const __m512i table = _mm512_load_si512(tab);
+  const __m512i rows = code_row_offsets(nb);
+  const __m512i table = centred_pair_table();
   for (int64_t b0 = 0; b0 < B; b0 += 16) {
     for (int64_t j = j0; j < j1; j += 64) {
       const int groups = static_cast<int>(std::min<int64_t>(4, (j1 - j + 15) / 16));
       __mmask16 live[4];
-      for (int g = 0; g < groups; ++g) {
-        const int64_t r = std::min<int64_t>(16, j1 - j - 16 * g);
-        live[g] = r == 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << r) - 1);
-      }
+      for (int g = 0; g < groups; ++g) live[g] = live_rows(j + 16 * g, j1);
       _tile_zero(0);
       _tile_zero(1);
       _tile_zero(2);
       _tile_zero(3);
       const uint8_t* p = packed + j * nb;
-      // the next 64 code rows into L2, a row or two a chunk: a serving step streams every layer's
-      // codes from the L3 or DRAM, where the 16-row gathers otherwise wait on misses
-      const uint8_t* next = p + 64 * nb;
+      const uint8_t* next = p + 64 * nb;  // the next 64 code rows (prefetch_code_rows)
       const int64_t next_rows = std::min<int64_t>(64, j1 - j - 64);  // <= 0: none (the range ends)
       for (int64_t k = 0; k < kch; ++k) {
-        if (next_rows > 0)
-          for (int64_t r = k; r < next_rows; r += kch)
-            for (int64_t o = 0; o < nb + 63; o += 64)
-              _mm_prefetch(reinterpret_cast<const char*>(next + r * nb + std::min(o, nb - 1)), _MM_HINT_T1);
+        prefetch_code_rows(next, next_rows, k, kch, nb);
         for (int g = 0; g < groups; ++g) decode_b_tile(p + 16 * g * nb + 8 * k, rows, live[g], table, tile[g]);
         LCQAT_MEMORY_FENCE();
         _tile_loadd(4, zb + b0 * n + 32 * k, 2 * n);
@@ -238,17 +255,10 @@ LCQAT_TARGET_AMX static void gemm_amx_2x2(const uint16_t* zb, const float* c, in
   const size_t panel_bytes = static_cast<size_t>(2 * kch * 1024);
   if (panel_buf.size() < panel_bytes + 64) panel_buf.resize(panel_bytes + 64);
   uint8_t* panel = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(panel_buf.data()) + 63) & ~uintptr_t{63});
-  const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                          _mm512_set1_epi32(static_cast<int>(nb)));
-  alignas(64) uint32_t tab[16];
-  for (int v = 0; v < 16; ++v) tab[v] = kCentredCodeBf16[v & 3] | (uint32_t{kCentredCodeBf16[v >> 2]} << 16);
-  const __m512i table = _mm512_load_si512(tab);
-  const auto live_of = [&](int64_t j) -> __mmask16 {  // weight rows [j, j + 16) below j1
-    const int64_t r = std::max<int64_t>(0, std::min<int64_t>(16, j1 - j));
-    return r == 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << r) - 1);
-  };
+  const __m512i rows = code_row_offsets(nb);
+  const __m512i table = centred_pair_table();
   for (int64_t j = j0; j < j1; j += 32) {
-    const __mmask16 live0 = live_of(j), live1 = live_of(j + 16);
+    const __mmask16 live0 = live_rows(j, j1), live1 = live_rows(j + 16, j1);
     const uint8_t* p = packed + j * nb;
     const uint8_t* next = p + 32 * nb;  // the next 32 code rows into L2 during the first pass (as gemm_amx_1x4)
     const int64_t next_rows = std::min<int64_t>(32, j1 - j - 32);
@@ -262,10 +272,7 @@ LCQAT_TARGET_AMX static void gemm_amx_2x2(const uint16_t* zb, const float* c, in
       for (int64_t k = 0; k < kch; ++k) {
         uint8_t* t = panel + 2 * k * 1024;
         if (b0 == 0) {
-          if (next_rows > 0)
-            for (int64_t r = k; r < next_rows; r += kch)
-              for (int64_t o = 0; o < nb + 63; o += 64)
-                _mm_prefetch(reinterpret_cast<const char*>(next + r * nb + std::min(o, nb - 1)), _MM_HINT_T1);
+          prefetch_code_rows(next, next_rows, k, kch, nb);
           decode_b_tile(p + 8 * k, rows, live0, table, t);
           if (live1) decode_b_tile(p + 16 * nb + 8 * k, rows, live1, table, t + 1024);
           LCQAT_MEMORY_FENCE();

@@ -87,25 +87,26 @@ static void fwht_scalar(float* v, int64_t r) {
 }
 
 #if LCQAT_X86
-// r a multiple of 16: stages 1, 2, 4, 8 inside each 16-float vector (partner = a permute of the
-// vector, new = v * sign + partner gives a + b in the lower and a - b in the upper half of each
-// pair: the same sums as the scalar code, bit for bit), then stages >= 16 between vectors.
+// Stages 1, 2, 4, 8 inside one 16-float vector (partner = a permute of the vector, new = v * sign +
+// partner gives a + b in the lower and a - b in the upper half of each pair: the same sums as the
+// scalar code, bit for bit).
+__attribute__((target("avx512f,avx512dq"), always_inline)) static inline __m512 fwht16(__m512 x) {
+  const __m512 s1 = _mm512_setr_ps(1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1);
+  const __m512 s2 = _mm512_setr_ps(1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, -1);
+  const __m512 s4 = _mm512_setr_ps(1, 1, 1, 1, -1, -1, -1, -1, 1, 1, 1, 1, -1, -1, -1, -1);
+  const __m512 s8 = _mm512_setr_ps(1, 1, 1, 1, 1, 1, 1, 1, -1, -1, -1, -1, -1, -1, -1, -1);
+  x = _mm512_fmadd_ps(x, s1, _mm512_permute_ps(x, 0xB1));
+  x = _mm512_fmadd_ps(x, s2, _mm512_permute_ps(x, 0x4E));
+  x = _mm512_fmadd_ps(x, s4, _mm512_shuffle_f32x4(x, x, 0xB1));
+  return _mm512_fmadd_ps(x, s8, _mm512_shuffle_f32x4(x, x, 0x4E));
+}
+
 // The stages of one block held in registers, its r / 16 <= 16 vectors in v: the same operations in
 // the same order as the loops below (so the same bits), without storing and reloading the block
 // between stages. The block's product ends with the multiplication by norm (vn).
 template <int V>
 __attribute__((target("avx512f,avx512dq"), always_inline)) static inline void fwht_regs(__m512 (&v)[V], __m512 vn) {
-  const __m512 s1 = _mm512_setr_ps(1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1);
-  const __m512 s2 = _mm512_setr_ps(1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, -1);
-  const __m512 s4 = _mm512_setr_ps(1, 1, 1, 1, -1, -1, -1, -1, 1, 1, 1, 1, -1, -1, -1, -1);
-  const __m512 s8 = _mm512_setr_ps(1, 1, 1, 1, 1, 1, 1, 1, -1, -1, -1, -1, -1, -1, -1, -1);
-  for (int i = 0; i < V; ++i) {
-    __m512 x = v[i];
-    x = _mm512_fmadd_ps(x, s1, _mm512_permute_ps(x, 0xB1));
-    x = _mm512_fmadd_ps(x, s2, _mm512_permute_ps(x, 0x4E));
-    x = _mm512_fmadd_ps(x, s4, _mm512_shuffle_f32x4(x, x, 0xB1));
-    v[i] = _mm512_fmadd_ps(x, s8, _mm512_shuffle_f32x4(x, x, 0x4E));
-  }
+  for (int i = 0; i < V; ++i) v[i] = fwht16(v[i]);
   for (int h = 1; h < V; h *= 2)
     for (int i = 0; i < V; i += 2 * h)
       for (int k = i; k < i + h; ++k) {
@@ -133,18 +134,8 @@ __attribute__((target("avx512f,avx512dq"))) static void fwht_avx512(float* v, in
     case 256: return fwht_block_regs<16>(v, norm);
     default: break;
   }
-  const __m512 s1 = _mm512_setr_ps(1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1);
-  const __m512 s2 = _mm512_setr_ps(1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, -1);
-  const __m512 s4 = _mm512_setr_ps(1, 1, 1, 1, -1, -1, -1, -1, 1, 1, 1, 1, -1, -1, -1, -1);
-  const __m512 s8 = _mm512_setr_ps(1, 1, 1, 1, 1, 1, 1, 1, -1, -1, -1, -1, -1, -1, -1, -1);
-  for (int64_t i = 0; i < r; i += 16) {
-    __m512 x = _mm512_loadu_ps(v + i);
-    x = _mm512_fmadd_ps(x, s1, _mm512_permute_ps(x, 0xB1));
-    x = _mm512_fmadd_ps(x, s2, _mm512_permute_ps(x, 0x4E));
-    x = _mm512_fmadd_ps(x, s4, _mm512_shuffle_f32x4(x, x, 0xB1));
-    x = _mm512_fmadd_ps(x, s8, _mm512_shuffle_f32x4(x, x, 0x4E));
-    _mm512_storeu_ps(v + i, x);
-  }
+  // r a multiple of 16, larger blocks: stages 1-8 in each vector, then stages >= 16 between vectors
+  for (int64_t i = 0; i < r; i += 16) _mm512_storeu_ps(v + i, fwht16(_mm512_loadu_ps(v + i)));
   for (int64_t h = 16; h < r; h *= 2)
     for (int64_t i = 0; i < r; i += 2 * h)
       for (int64_t k = i; k < i + h; k += 16) {
@@ -245,6 +236,15 @@ static float fold_row_scalar(const float* x, int64_t g0, int64_t nb, const float
 // Four groups per vector: element t of every group broadcast inside its 128-bit lane
 // (vpermilps) times column t of A repeated four times. ~0.1 us a 576-row where the scalar loop
 // took ~1.2 us (a visible share of a 256-row layer call).
+// z = A^T x for the four 4-groups of one vector (a_t: row t of A in each 128-bit lane)
+__attribute__((target("avx512f,avx512dq"), always_inline)) static inline __m512 fold16(__m512 xv, __m512 a0, __m512 a1,
+                                                                                       __m512 a2, __m512 a3) {
+  __m512 zv = _mm512_mul_ps(_mm512_permute_ps(xv, 0x00), a0);
+  zv = _mm512_fmadd_ps(_mm512_permute_ps(xv, 0x55), a1, zv);
+  zv = _mm512_fmadd_ps(_mm512_permute_ps(xv, 0xAA), a2, zv);
+  return _mm512_fmadd_ps(_mm512_permute_ps(xv, 0xFF), a3, zv);
+}
+
 __attribute__((target("avx512f,avx512dq"))) static float fold_row_avx512(const float* x, int64_t nb, const float* A,
                                                                         const float* beta, float* z) {
   // The tail first: a call into baseline (SSE) code while a zmm register is live runs it with a
@@ -257,11 +257,7 @@ __attribute__((target("avx512f,avx512dq"))) static float fold_row_avx512(const f
   __m512 cacc = _mm512_setzero_ps();
   for (int64_t g = 0; g < g4; g += 4) {
     const __m512 xv = _mm512_loadu_ps(x + 4 * g);
-    __m512 zv = _mm512_mul_ps(_mm512_permute_ps(xv, 0x00), a0);
-    zv = _mm512_fmadd_ps(_mm512_permute_ps(xv, 0x55), a1, zv);
-    zv = _mm512_fmadd_ps(_mm512_permute_ps(xv, 0xAA), a2, zv);
-    zv = _mm512_fmadd_ps(_mm512_permute_ps(xv, 0xFF), a3, zv);
-    _mm512_storeu_ps(z + 4 * g, zv);
+    _mm512_storeu_ps(z + 4 * g, fold16(xv, a0, a1, a2, a3));
     cacc = _mm512_fmadd_ps(xv, bv, cacc);
   }
   return _mm512_reduce_add_ps(cacc) + tail;
@@ -321,13 +317,8 @@ LCQAT_TARGET_STAGE static float input_stage_row(const uint16_t* x, int64_t n, co
     }
     fwht_regs<V>(v, vn);
     for (int i = 0; i < V; ++i) {
-      const __m512 xv = v[i];
-      __m512 zv = _mm512_mul_ps(_mm512_permute_ps(xv, 0x00), a0);
-      zv = _mm512_fmadd_ps(_mm512_permute_ps(xv, 0x55), a1, zv);
-      zv = _mm512_fmadd_ps(_mm512_permute_ps(xv, 0xAA), a2, zv);
-      zv = _mm512_fmadd_ps(_mm512_permute_ps(xv, 0xFF), a3, zv);
-      store_bf16x16(zb + base + 16 * i, zv);
-      cacc = _mm512_fmadd_ps(xv, bv, cacc);
+      store_bf16x16(zb + base + 16 * i, fold16(v[i], a0, a1, a2, a3));
+      cacc = _mm512_fmadd_ps(v[i], bv, cacc);
     }
   }
   const float tail = 0.0f;
