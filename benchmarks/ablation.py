@@ -89,6 +89,10 @@ QAT_ROWS: dict[str, tuple[dict, str]] = {
     # lr 1e-4 hardly happens within 400K tokens (lr 1e-3, `qat_part_lat10`, diverged)
     "qat_lat3": ({"base": "default", "callback": {"lr_scale": {c: 3.0 for c in (*_NON_LATENT, "latent")}}},
                  "the default + the latents at lr 3e-4 too (every LC category at 3e-4), from the `default` PTQ"),
+    # the same settings planned to 1M tokens: the `default` row's 1M run has that plan, so both see the
+    # same batches in the same order at every budget (a 400K plan draws another order: a second sample)
+    "qat_lat3_1m": ({"base": "default", "callback": {"lr_scale": {c: 3.0 for c in (*_NON_LATENT, "latent")}}},
+                    "qat_lat3 planned to 1M tokens: the same batches as the `default` row's 1M run"),
     # the schedule the package's own recipe used until this row was measured (training/recipes.py
     # run_qat: the CLI's `qat` and the demo; now 2 warmup steps and a constant lr, as every other row)
     "qat_cosine": ({"base": "default", "args": {"lr_scheduler_type": "cosine", "warmup_steps": 0.1}},
