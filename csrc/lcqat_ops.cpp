@@ -29,7 +29,8 @@
 // No dense weight is ever built: 1-3 rows (1-5 with bf16 products) run the decode GEMV, more
 // rows (serving batches, prefill) the GEMM of cpu/kernels.cpp that decodes code panels into L1;
 // bf16 activations of 5+ rows on AMX CPUs the AMX GEMM (cpu/amx.cpp: codes decoded into
-// one 16 x 32 tile at a time; LCQAT_CPU_AMX=0 turns it off).
+// one 16 x 32 tile at a time; LCQAT_CPU_AMX=0 turns it off), and fp32 activations of 4+ rows the
+// same GEMM as three bf16 parts a row (hi + mid + lo = x exactly: exact products, fp32 sums).
 #include <Python.h>
 
 #include <ATen/ATen.h>
@@ -95,6 +96,9 @@ constexpr int64_t kBf16GemvMaxRows = 5;
 // 16-bit GEMV takes 0.27 ms at 1 row, 0.89 at 4 and 1.08 at 5; SmolLM2's 1536x576 at 5 rows
 // 60 vs 101 us; at 8-64 rows 1.5-2.1x dense bf16 on AMX, where the AVX512_BF16 GEMM fell to 0.2x).
 constexpr int64_t kAmxMinRows = 5;
+// fp32 activations take the AMX layer (amx_call: three bf16 parts a row, kernels.h) from this many
+// rows: three times the bf16 tile work, still ahead of the fp32 GEMM's FMAs (benchmarks/kernels.py).
+constexpr int64_t kAmxF32MinRows = 4;
 
 // Rotated-domain product with the codes read directly: B rotated fp32 rows xt [B, n] -> yp [B, m]
 // (B <= kMaxGemvBatch for the GEMV and when act_int8). The codebook is folded into the
@@ -310,29 +314,32 @@ static Tensor decode_call(const Tensor& x, int64_t B, const LcArgs& a, int64_t b
 }
 
 // The whole layer on AMX tiles for bf16 activations of more rows than the decode path takes (serving
-// batches, prefill). Two parallel passes instead of the general path's four passes and serial folding:
-// (1) over the activation rows: bf16 -> fp32, input scale, Hadamard, codebook folding and rounding to
-// bf16, one row at a time while it is in L1; (2) over the weight rows, in whole output Hadamard blocks:
-// the AMX GEMM into an fp32 scratch, then, while those outputs are in cache, the output Hadamard, scale,
-// bias and rounding to bf16 straight into the output. Per row the same operations in the same order as
-// the decode path's AMX branch (so a row's result does not depend on the batch); the outputs round to
-// bf16 with vcvtneps2bf16 (denormals flush to zero) instead of at::to. With a full-dimension output
-// rotation (a left factor: every output of a row mixes), or fewer output blocks than threads, the
-// output stage runs as a third pass over the rows after the GEMM.
+// batches, prefill), and for fp32 activations from kAmxF32MinRows rows as three bf16 parts a row
+// (kernels.h: the parts' rows 3b, 3b + 1, 3b + 2 multiply as rows of their own; the row constant goes
+// with hi, and the output stage sums the three products first). Two parallel passes instead of the
+// general path's four passes and serial folding:
+// (1) over the activation rows: to fp32, input scale, Hadamard, codebook folding and rounding to
+// bf16 (or splitting), one row at a time while it is in L1; (2) over the weight rows, in whole output
+// Hadamard blocks: the AMX GEMM into an fp32 scratch, then, while those outputs are in cache, the output
+// Hadamard, scale, bias (and rounding to bf16) straight into the output. For bf16, per row the same
+// operations in the same order as the decode path's AMX branch (so a row's result does not depend on
+// the batch); the outputs round to bf16 with vcvtneps2bf16 (denormals flush to zero) instead of at::to.
+// With a full-dimension output rotation (a left factor: every output of a row mixes), or fewer output
+// blocks than threads, the output stage runs as a third pass over the rows after the GEMM.
 static Tensor amx_call(const Tensor& x, int64_t B, const LcArgs& a, int64_t block_in, int64_t block_out) {
   const int64_t n = a.n, m = a.m;
+  const bool f32 = x.scalar_type() == at::kFloat;
+  const int64_t parts = f32 ? 3 : 1, R = parts * B;  // R rows of bf16 activations multiply
   const Tensor xc = x.is_contiguous() ? x : x.contiguous();
-  const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
   Tensor out = at::empty(out_shape(x, m), x.options());
-  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-  // the call's buffers: [amx_rows_padded(B), n] bf16 activations | [B, m] fp32 products | [B] folding
+  // the call's buffers: [amx_rows_padded(R), n] bf16 activations | [R, m] fp32 products | [R] folding
   // constants (the products start a multiple of 1 KiB in). Serving batches reuse this thread's, 64-byte
   // aligned (the tile loads read 64-byte rows; unaligned, the layer ran ~30% slower at 64 rows): a fresh
   // allocation of a few hundred KiB a call is at the mercy of malloc's trimming and page faults. A
   // prefill's take memory for the call only, so that it does not stay allocated. The workers read and
   // write them through the pointers.
-  const int64_t Bp = K::amx_rows_padded(B);
-  const size_t words = static_cast<size_t>((Bp * n + 1) / 2 + B * m + B);  // 4-byte words
+  const int64_t Rp = K::amx_rows_padded(R);
+  const size_t words = static_cast<size_t>((Rp * n + 1) / 2 + R * m + R);  // 4-byte words
   constexpr size_t kKeptWords = size_t{1} << 20;                           // 4 MiB
   thread_local std::vector<float> kept;
   Tensor fresh;
@@ -345,8 +352,8 @@ static Tensor amx_call(const Tensor& x, int64_t B, const LcArgs& a, int64_t bloc
     buf = fresh.data_ptr<float>();
   }
   uint16_t* zb = reinterpret_cast<uint16_t*>(buf);
-  float* y = buf + (Bp * n + 1) / 2;
-  float* c = y + B * m;
+  float* y = buf + (Rp * n + 1) / 2;
+  float* c = y + R * m;
   const float *su = a.su.data_ptr<float>(), *sv = a.sv.data_ptr<float>(), *bias = a.bias();
   const float* A = a.A32.data_ptr<float>();
   float beta[4];  // the products multiply centred codes (kernels.h)
@@ -357,33 +364,58 @@ static Tensor amx_call(const Tensor& x, int64_t B, const LcArgs& a, int64_t bloc
     if (row.size() < static_cast<size_t>(3 * n)) row.resize(3 * n);
     float *r = row.data(), *z = r + n, *work = z + n;
     for (int64_t b = b0; b < b1; ++b) {
-      const uint16_t* xb = xp + b * n;
-      if (K::input_stage_bf16(xb, n, su, block_in, a.Kin, A, beta, zb + b * n, c + b)) continue;
-      for (int64_t i = 0; i < n; ++i) {  // bf16 -> fp32 is exact: the bits above 16 zeros
-        const uint32_t u = static_cast<uint32_t>(xb[i]) << 16;
-        float f;
-        std::memcpy(&f, &u, sizeof(f));
-        r[i] = f * su[i];
+      uint16_t* zr = zb + parts * b * n;
+      float* cr = c + parts * b;
+      if (f32) {
+        cr[1] = cr[2] = 0.0f;  // the row constant goes with hi
+        const float* xb = xc.data_ptr<float>() + b * n;
+        if (K::input_stage_f32x3(xb, n, su, block_in, a.Kin, A, beta, zr, cr)) continue;
+        for (int64_t i = 0; i < n; ++i) r[i] = xb[i] * su[i];
+      } else {
+        const uint16_t* xb = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()) + b * n;
+        if (K::input_stage_bf16(xb, n, su, block_in, a.Kin, A, beta, zr, cr)) continue;
+        for (int64_t i = 0; i < n; ++i) {  // bf16 -> fp32 is exact: the bits above 16 zeros
+          const uint32_t u = static_cast<uint32_t>(xb[i]) << 16;
+          float f;
+          std::memcpy(&f, &u, sizeof(f));
+          r[i] = f * su[i];
+        }
       }
       K::hadamard_row(r, n, block_in, a.left_in(), a.Kin, false, work);
-      K::prepare_activations(r, 1, n, A, beta, K::Isa::Scalar, z, c + b);
-      K::round_bf16(z, n, zb + b * n);
+      K::prepare_activations(r, 1, n, A, beta, K::Isa::Scalar, z, cr);
+      if (f32)
+        K::split_bf16x3(z, n, zr);
+      else
+        K::round_bf16(z, n, zr);
     }
   });
-  if (Bp > B) std::memset(zb + B * n, 0, sizeof(uint16_t) * (Bp - B) * n);
+  if (Rp > R) std::memset(zb + R * n, 0, sizeof(uint16_t) * (Rp - R) * n);
 
-  // The output stage (Hadamard, s_v, bias, bf16) of outputs [j0, j1) of row b; the same arithmetic,
-  // in the same order, as decode_rows' (so a row's result does not depend on the path).
+  // The output stage (Hadamard, s_v, bias, and for bf16 the rounding) of outputs [j0, j1) of row b; for
+  // bf16 the same arithmetic, in the same order, as decode_rows' (so a row's result does not depend on
+  // the path). fp32: the parts' products summed hi + (mid + lo) first.
   const auto finish = [&](int64_t b, int64_t j0, int64_t j1, int64_t block, const float* left, int64_t K,
                           float* work) {
-    float* r = y + b * m + j0;
-    if (K::output_stage_bf16(r, j1 - j0, block, K, sv + j0, bias ? bias + j0 : nullptr, op + b * m + j0)) return;
+    float* r = y + parts * b * m + j0;
+    const float* svj = sv + j0;
+    const float* bj = bias ? bias + j0 : nullptr;
+    if (f32) {
+      float* ob = out.data_ptr<float>() + b * m + j0;
+      if (K::output_stage_f32x3(r, m, j1 - j0, block, K, svj, bj, ob)) return;
+      for (int64_t j = 0; j < j1 - j0; ++j) r[j] = r[j] + (r[m + j] + r[2 * m + j]);
+    } else {
+      uint16_t* ob = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) + b * m + j0;
+      if (K::output_stage_bf16(r, j1 - j0, block, K, svj, bj, ob)) return;
+    }
     K::hadamard_row(r, j1 - j0, block, left, K, true, work);
     if (bias)
-      for (int64_t j = 0; j < j1 - j0; ++j) r[j] = r[j] * sv[j0 + j] + bias[j0 + j];
+      for (int64_t j = 0; j < j1 - j0; ++j) r[j] = r[j] * svj[j] + bj[j];
     else
-      for (int64_t j = 0; j < j1 - j0; ++j) r[j] *= sv[j0 + j];
-    K::round_bf16(r, j1 - j0, op + b * m + j0);
+      for (int64_t j = 0; j < j1 - j0; ++j) r[j] *= svj[j];
+    if (f32)
+      std::memcpy(out.data_ptr<float>() + b * m + j0, r, sizeof(float) * (j1 - j0));
+    else
+      K::round_bf16(r, j1 - j0, reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) + b * m + j0);
   };
   // Fused output stage: a thread's weight rows cover whole output blocks (and whole 16-row tiles),
   // finished while in cache. Only with a block-diagonal output rotation, and with enough blocks to
@@ -394,11 +426,11 @@ static Tensor amx_call(const Tensor& x, int64_t B, const LcArgs& a, int64_t bloc
   const int64_t unit = fused_out ? fused_unit : 16;
   // a thread's share: kMinWeightsPerThread weight-row work units, where a 16-row activation tile
   // multiplies the decoded weights once more (at 64 rows a k/v projection, 110K weights, splits)
-  const int64_t tiles = (B + 15) / 16;
+  const int64_t tiles = (R + 15) / 16;
   at::parallel_for(0, (m + unit - 1) / unit, std::max<int64_t>(1, kMinWeightsPerThread / (unit * n * tiles)),
                    [&](int64_t u0, int64_t u1) {
                      const int64_t j0 = u0 * unit, j1 = std::min(m, u1 * unit);
-                     K::lc_gemm_amx_rows(zb, c, B, n, a.pk.data_ptr<uint8_t>(), j0, j1, y, m);
+                     K::lc_gemm_amx_rows(zb, c, R, n, a.pk.data_ptr<uint8_t>(), j0, j1, y, m);
                      if (fused_out)
                        for (int64_t b = 0; b < B; ++b) finish(b, j0, j1, block_out, nullptr, 1, nullptr);
                    });
@@ -416,9 +448,10 @@ Tensor lc_linear_cpu(const Tensor& x, const Tensor& packed, const Tensor& A, con
                      const c10::optional<Tensor>& left_in, int64_t block_out, const c10::optional<Tensor>& left_out) {
   const LcArgs a = check_lc_args("lc_linear", x, packed, A, beta, s_u, s_v, bias, block_in, left_in, block_out, left_out);
   const int64_t B = a.n ? x.numel() / a.n : 0;
+  const bool amx = B > 0 && a.n % 32 == 0 && K::has_amx_bf16();
+  if (amx && x.scalar_type() == at::kFloat && B >= kAmxF32MinRows) return amx_call(x, B, a, block_in, block_out);
   if (B >= 1 && B <= K::kMaxGemvBatch) return decode_call(x, B, a, block_in, block_out, false);
-  if (B > 0 && x.scalar_type() == at::kBFloat16 && a.n % 32 == 0 && K::has_amx_bf16())
-    return amx_call(x, B, a, block_in, block_out);
+  if (amx && x.scalar_type() == at::kBFloat16) return amx_call(x, B, a, block_in, block_out);
 
   auto xt = rows_f32(x, a.n);
   rotate_rows_f32(xt.data_ptr<float>(), B, a.n, block_in, a.left_in(), a.Kin, false, a.su.data_ptr<float>(), nullptr,

@@ -730,9 +730,9 @@ def test_amx_layer_rows_equal_the_decode_path_and_round_like_bf16_products(m, n,
 @pytest.mark.parametrize("m,n,block", [(1536, 576, 128), (576, 1536, 64)])
 def test_amx_layer_equals_the_decode_path_on_many_rows(m, n, block):
     # A one-ulp fp32 difference before the outputs' rounding to bf16 changes about one output in 2^16:
-    # enough rows (here ~600K outputs; 400 rows take the AMX GEMM's 32 x 32 tiles, 22 rows its 64 x 16
-    # ones) make such a difference between the fused row stages of the AMX layer
-    # and the decode path's passes visible (an FMA-contracted r * s_v + bias once did).
+    # enough rows (here ~600K outputs; 400 and 22 rows take the AMX GEMM's 32 x 32 C blocks, the decode
+    # path's 8-row chunks its 16 x 64 ones) make such a difference between the fused row stages of the
+    # AMX layer and the decode path's passes visible (an FMA-contracted r * s_v + bias once did).
     w = LCWeight.from_dense(torch.randn(m, n, generator=torch.Generator().manual_seed(5)) / n**0.5,
                             hadamard_block_size=block)
     bias = torch.randn(m, generator=torch.Generator().manual_seed(6))
@@ -741,6 +741,39 @@ def test_amx_layer_equals_the_decode_path_on_many_rows(m, n, block):
         out = native.lc_linear(w, rows, bias)
         chunks = torch.cat([native.lc_linear(w, rows[i:i + 8], bias) for i in range(0, rows.shape[0], 8)])
         assert torch.equal(out, chunks)
+
+
+def _split_bf16(z, parts):
+    """z (float64 of fp32 values) as the sum of `parts` bf16 parts, each the remainder rounded."""
+    out, r = torch.zeros_like(z), z.float()
+    for _ in range(parts):
+        p = r.bfloat16().float()
+        out, r = out + p.double(), r - p
+    return out
+
+
+@needs_native
+@pytest.mark.parametrize("m,n,block", [(576, 576, 128), (1536, 576, 64), (576, 576, "full")])
+@pytest.mark.parametrize("batch", [4, 13, 64, 300])
+def test_fp32_activations_keep_fp32_accuracy(m, n, block, batch):
+    # fp32 activations of 4+ rows on AMX CPUs multiply as three bf16 parts a row (hi + mid + lo = z
+    # exactly; lcqat_ops.cpp amx_call), elsewhere in the fp32 GEMM: either way as accurate as fp32 sums.
+    # Measured <= 4.6e-7 of the largest output. Two parts (hi + mid, 16 bits) would leave 1.9e-6 to
+    # 3.8e-6 (emulated below: the bound tells them apart); "full": the unfused row stages.
+    w, bias = make_layer(m, n, seed=batch, block=block)
+    w = dataclasses.replace(w, beta=-1.5 * w.A.sum(1) + 0.05 * torch.randn(4, generator=torch.Generator().manual_seed(1)))
+    x = torch.randn(batch, n, generator=torch.Generator().manual_seed(batch))
+    exact = oracle(w, x, bias)
+
+    def err(y):
+        return float((y.double() - exact).abs().max() / exact.abs().max())
+
+    assert err(native.lc_linear(w, x, bias)) < 1e-6
+    xt = rotate(x.double() * w.s_u.double(), w.plan_in)
+    z, c = fold_activations(xt, w.A.double(), w.beta.double())
+    q = reference.integer_codes(w, torch.float64)
+    two_parts = _split_bf16(z, 2) @ (q - 1.5).T + c + 1.5 * z.sum(-1, keepdim=True)
+    assert err(rotate(two_parts, w.plan_out, transpose=True) * w.s_v.double() + bias.double()) > 1.5e-6
 
 
 @needs_native

@@ -7,7 +7,7 @@
 //
 // LC GEMM: the 2-bit codes of 16 weight rows x 32 inputs are decoded straight into one AMX B tile
 // (as the centred codes -1.5..1.5, exact in bf16: kernels.h), and no dense weight exists beyond a
-// few 1 KB tiles. Up to 32 activation rows, gemm_amx_1x4 multiplies 16 rows with 4 such tiles at a
+// few 1 KB tiles. Up to 16 activation rows, gemm_amx_1x4 multiplies them with 4 such tiles at a
 // time; above, gemm_amx_2x2 multiplies 32 x 32 C blocks from a panel of decoded tiles (fewer
 // activation tile loads, one decode per call). Both sum every output over the same 32-input chunks in
 // the same order: a row's result does not depend on which one ran.
@@ -178,12 +178,13 @@ LCQAT_TARGET_AMX static inline void store_c_tile(const float* out, const float* 
     _mm512_mask_storeu_ps(y + b * ldy + j, live, _mm512_add_ps(_mm512_load_ps(out + (b - bs) * 16), _mm512_set1_ps(c[b])));
 }
 
-// Up to 32 activation rows: C tiles of 16 activation rows x 4 groups of 16 weight rows (C 0-3, A tile
+// Up to 16 activation rows: C tiles of 16 activation rows x 4 groups of 16 weight rows (C 0-3, A tile
 // 4, B tiles 5, 6, 7 and 5 again), the 4 B tiles of each 32-input chunk decoded just before their
 // products. Four independent accumulation chains: with one C tile a group (16 x 16 tiles), each
 // product waited for the previous one into the same tile, and 8-16 rows ran 35-45% slower
 // (SmolLM2 shapes, one thread: 576x576 at 16 rows 19.8 -> 11.9 us, 576x1536 60 -> 32 us). Above 16
-// rows each 16-row block decodes the codes again (gemm_amx_2x2 takes over above 32).
+// rows each 16-row block would decode the codes again: gemm_amx_2x2 takes over (at 24 and 32 rows it
+// ran 5-15% ahead on SmolLM2's shapes, one thread; until then this loop took up to 32).
 LCQAT_TARGET_AMX static void gemm_amx_1x4(const uint16_t* zb, const float* c, int64_t B, int64_t n,
                                           const uint8_t* packed, int64_t j0, int64_t j1, float* y, int64_t ldy) {
   load_tile_config();
@@ -238,7 +239,7 @@ LCQAT_TARGET_AMX static void gemm_amx_1x4(const uint16_t* zb, const float* c, in
   _tile_release();
 }
 
-// More than 32 activation rows: C tiles of 32 activation rows x 32 weight rows (C 0-3, A tiles 4 and
+// More than 16 activation rows: C tiles of 32 activation rows x 32 weight rows (C 0-3, A tiles 4 and
 // 6, B tiles 5 and 7), the B tiles of the 32 weight rows decoded into a panel during the first 32-row
 // pass (interleaved with its products, which hides the decode) and read back by the others. Against
 // the 64 x 16 C tiles used before (4 activation tiles per decoded tile): half the activation tile
@@ -437,7 +438,7 @@ void lc_gemm_amx_rows(const uint16_t* zb, const float* c, int64_t B, int64_t n, 
                       int64_t j1, float* y, int64_t ldy) {
   if (!has_amx_bf16() || n % 32) std::abort();  // the caller checks; never reached
 #if LCQAT_AMX
-  if (B > 32) return gemm_amx_2x2(zb, c, B, n, packed, j0, j1, y, ldy);
+  if (B > 16) return gemm_amx_2x2(zb, c, B, n, packed, j0, j1, y, ldy);
   gemm_amx_1x4(zb, c, B, n, packed, j0, j1, y, ldy);
 #else
   (void)zb, (void)c, (void)B, (void)n, (void)packed, (void)j0, (void)j1, (void)y, (void)ldy;

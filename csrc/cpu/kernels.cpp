@@ -299,10 +299,46 @@ LCQAT_TARGET_STAGE static inline void store_bf16x16(uint16_t* out, __m512 v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), (__m256i)_mm512_cvtneps_pbh(v));
 }
 
-// x (bf16) * s_u, Hadamard blocks of 16 V, folding as fold_row_avx512 (n a multiple of 16: no
-// scalar tail, whose sum is +0), z rounded to bf16; returns the row constant.
-template <int V>
-LCQAT_TARGET_STAGE static float input_stage_row(const uint16_t* x, int64_t n, const float* su, const float* A,
+// 16 bf16 -> fp32, exact: the bits above 16 zeros
+LCQAT_TARGET_STAGE static inline __m512 widen(__m256i h) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// 16 floats -> bf16 parts at out, out + ld, ...: Parts 1, rounded to nearest even; Parts 3, hi, mid
+// and lo with v = hi + mid + lo exactly for normal v (hi = v rounded, mid = the remainder rounded,
+// lo = what is left: v - hi has at most 16 significant bits and v - hi - mid at most 8, so both
+// subtractions are exact and lo is exact in bf16).
+template <int Parts>
+LCQAT_TARGET_STAGE static inline void store_bf16_parts(uint16_t* out, int64_t ld, __m512 v) {
+  if constexpr (Parts == 1) {
+    store_bf16x16(out, v);
+  } else {
+    static_assert(Parts == 3, "one part or three");
+    const __m256i hi = (__m256i)_mm512_cvtneps_pbh(v);
+    const __m512 r1 = _mm512_sub_ps(v, widen(hi));
+    const __m256i mid = (__m256i)_mm512_cvtneps_pbh(r1);
+    const __m256i lo = (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(r1, widen(mid)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), hi);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + ld), mid);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 2 * ld), lo);
+  }
+}
+
+LCQAT_TARGET_STAGE static void split_bf16x3_avx512(const float* z, int64_t n, uint16_t* out) {
+  for (int64_t i = 0; i < n; i += 16) store_bf16_parts<3>(out + i, n, _mm512_loadu_ps(z + i));
+}
+
+// 16 activations from x + i: bf16 (widened, exact: the bits above 16 zeros) or fp32
+LCQAT_TARGET_STAGE static inline __m512 load16(const uint16_t* x, int64_t i) {
+  return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i)));
+}
+LCQAT_TARGET_STAGE static inline __m512 load16(const float* x, int64_t i) { return _mm512_loadu_ps(x + i); }
+
+// x (bf16 or fp32) * s_u, Hadamard blocks of 16 V, folding as fold_row_avx512 (n a multiple of 16:
+// no scalar tail, whose sum is +0), z as Parts bf16 parts (store_bf16_parts: rows zb, zb + n, ...);
+// returns the row constant.
+template <int V, int Parts, typename T>
+LCQAT_TARGET_STAGE static float input_stage_row(const T* x, int64_t n, const float* su, const float* A,
                                                 const float* beta, uint16_t* zb) {
   const __m512 vn = _mm512_set1_ps(1.0f / std::sqrt(static_cast<float>(16 * V)));  // hadamard_row's norm
   const __m512 a0 = _mm512_broadcast_f32x4(_mm_loadu_ps(A)), a1 = _mm512_broadcast_f32x4(_mm_loadu_ps(A + 4));
@@ -311,13 +347,10 @@ LCQAT_TARGET_STAGE static float input_stage_row(const uint16_t* x, int64_t n, co
   __m512 cacc = _mm512_setzero_ps();
   for (int64_t base = 0; base < n; base += 16 * V) {
     __m512 v[V];
-    for (int i = 0; i < V; ++i) {  // bf16 -> fp32 is exact: the bits above 16 zeros
-      const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + base + 16 * i)));
-      v[i] = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(w, 16)), _mm512_loadu_ps(su + base + 16 * i));
-    }
+    for (int i = 0; i < V; ++i) v[i] = _mm512_mul_ps(load16(x, base + 16 * i), _mm512_loadu_ps(su + base + 16 * i));
     fwht_regs<V>(v, vn);
     for (int i = 0; i < V; ++i) {
-      store_bf16x16(zb + base + 16 * i, fold16(v[i], a0, a1, a2, a3));
+      store_bf16_parts<Parts>(zb + base + 16 * i, n, fold16(v[i], a0, a1, a2, a3));
       cacc = _mm512_fmadd_ps(v[i], bv, cacc);
     }
   }
@@ -325,14 +358,24 @@ LCQAT_TARGET_STAGE static float input_stage_row(const uint16_t* x, int64_t n, co
   return _mm512_reduce_add_ps(cacc) + tail;
 }
 
-// r (fp32 products), Hadamard blocks of 16 V, * s_v (+ bias), rounded to bf16 into out.
-template <int V>
-LCQAT_TARGET_STAGE static void output_stage_row(const float* r, int64_t len, const float* sv, const float* bias,
-                                                uint16_t* out) {
+// 16 outputs to out + i: rounded to bf16, or fp32 as they are
+LCQAT_TARGET_STAGE static inline void store16(uint16_t* out, int64_t i, __m512 v) { store_bf16x16(out + i, v); }
+LCQAT_TARGET_STAGE static inline void store16(float* out, int64_t i, __m512 v) { _mm512_storeu_ps(out + i, v); }
+
+// r (fp32 products; Parts 3: the parts' products in rows r, r + ld, r + 2 ld, summed hi + (mid + lo)),
+// Hadamard blocks of 16 V, * s_v (+ bias), into out (bf16 or fp32).
+template <int V, int Parts, typename T>
+LCQAT_TARGET_STAGE static void output_stage_row(const float* r, int64_t ld, int64_t len, const float* sv,
+                                                const float* bias, T* out) {
   const __m512 vn = _mm512_set1_ps(1.0f / std::sqrt(static_cast<float>(16 * V)));
   for (int64_t base = 0; base < len; base += 16 * V) {
     __m512 v[V];
-    for (int i = 0; i < V; ++i) v[i] = _mm512_loadu_ps(r + base + 16 * i);
+    for (int i = 0; i < V; ++i) {
+      const int64_t at = base + 16 * i;
+      v[i] = _mm512_loadu_ps(r + at);
+      if constexpr (Parts == 3)
+        v[i] = _mm512_add_ps(v[i], _mm512_add_ps(_mm512_loadu_ps(r + ld + at), _mm512_loadu_ps(r + 2 * ld + at)));
+    }
     fwht_regs<V>(v, vn);
     for (int i = 0; i < V; ++i) {
       __m512 y = _mm512_mul_ps(v[i], _mm512_loadu_ps(sv + base + 16 * i));
@@ -340,7 +383,7 @@ LCQAT_TARGET_STAGE static void output_stage_row(const float* r, int64_t len, con
       // the empty asm keeps the rounded product, as the unfused (baseline ISA) code computes it
       __asm__("" : "+v"(y));
       if (bias) y = _mm512_add_ps(y, _mm512_loadu_ps(bias + base + 16 * i));
-      store_bf16x16(out + base + 16 * i, y);
+      store16(out, base + 16 * i, y);
     }
   }
 }
@@ -360,15 +403,17 @@ static int stage_vectors(int64_t block, int64_t len, int64_t K) {
   }
 }
 
-bool input_stage_bf16(const uint16_t* x, int64_t n, const float* su, int64_t block, int64_t K, const float* A,
-                      const float* beta, uint16_t* zb, float* c) {
+// The fused stages for block 16 V (stage_vectors), false where they do not apply.
+template <int Parts, typename T>
+static bool input_stage(const T* x, int64_t n, const float* su, int64_t block, int64_t K, const float* A,
+                        const float* beta, uint16_t* zb, float* c) {
 #if LCQAT_X86
   switch (stage_vectors(block, n, K)) {
-    case 1: *c = input_stage_row<1>(x, n, su, A, beta, zb); return true;
-    case 2: *c = input_stage_row<2>(x, n, su, A, beta, zb); return true;
-    case 4: *c = input_stage_row<4>(x, n, su, A, beta, zb); return true;
-    case 8: *c = input_stage_row<8>(x, n, su, A, beta, zb); return true;
-    case 16: *c = input_stage_row<16>(x, n, su, A, beta, zb); return true;
+    case 1: *c = input_stage_row<1, Parts>(x, n, su, A, beta, zb); return true;
+    case 2: *c = input_stage_row<2, Parts>(x, n, su, A, beta, zb); return true;
+    case 4: *c = input_stage_row<4, Parts>(x, n, su, A, beta, zb); return true;
+    case 8: *c = input_stage_row<8, Parts>(x, n, su, A, beta, zb); return true;
+    case 16: *c = input_stage_row<16, Parts>(x, n, su, A, beta, zb); return true;
     default: return false;
   }
 #else
@@ -377,20 +422,50 @@ bool input_stage_bf16(const uint16_t* x, int64_t n, const float* su, int64_t blo
 #endif
 }
 
-bool output_stage_bf16(const float* r, int64_t len, int64_t block, int64_t K, const float* sv, const float* bias,
-                       uint16_t* out) {
+template <int Parts, typename T>
+static bool output_stage(const float* r, int64_t ld, int64_t len, int64_t block, int64_t K, const float* sv,
+                         const float* bias, T* out) {
 #if LCQAT_X86
   switch (stage_vectors(block, len, K)) {
-    case 1: output_stage_row<1>(r, len, sv, bias, out); return true;
-    case 2: output_stage_row<2>(r, len, sv, bias, out); return true;
-    case 4: output_stage_row<4>(r, len, sv, bias, out); return true;
-    case 8: output_stage_row<8>(r, len, sv, bias, out); return true;
-    case 16: output_stage_row<16>(r, len, sv, bias, out); return true;
+    case 1: output_stage_row<1, Parts>(r, ld, len, sv, bias, out); return true;
+    case 2: output_stage_row<2, Parts>(r, ld, len, sv, bias, out); return true;
+    case 4: output_stage_row<4, Parts>(r, ld, len, sv, bias, out); return true;
+    case 8: output_stage_row<8, Parts>(r, ld, len, sv, bias, out); return true;
+    case 16: output_stage_row<16, Parts>(r, ld, len, sv, bias, out); return true;
     default: return false;
   }
 #else
-  (void)r, (void)len, (void)block, (void)K, (void)sv, (void)bias, (void)out;
+  (void)r, (void)ld, (void)len, (void)block, (void)K, (void)sv, (void)bias, (void)out;
   return false;
+#endif
+}
+
+bool input_stage_bf16(const uint16_t* x, int64_t n, const float* su, int64_t block, int64_t K, const float* A,
+                      const float* beta, uint16_t* zb, float* c) {
+  return input_stage<1>(x, n, su, block, K, A, beta, zb, c);
+}
+
+bool output_stage_bf16(const float* r, int64_t len, int64_t block, int64_t K, const float* sv, const float* bias,
+                       uint16_t* out) {
+  return output_stage<1>(r, 0, len, block, K, sv, bias, out);
+}
+
+bool input_stage_f32x3(const float* x, int64_t n, const float* su, int64_t block, int64_t K, const float* A,
+                       const float* beta, uint16_t* zb, float* c) {
+  return input_stage<3>(x, n, su, block, K, A, beta, zb, c);
+}
+
+bool output_stage_f32x3(const float* r, int64_t ld, int64_t len, int64_t block, int64_t K, const float* sv,
+                        const float* bias, float* out) {
+  return output_stage<3>(r, ld, len, block, K, sv, bias, out);
+}
+
+void split_bf16x3(const float* z, int64_t n, uint16_t* out) {
+  if (!has_bf16_dot() || n % 16) std::abort();  // the caller checks; never reached
+#if LCQAT_X86
+  split_bf16x3_avx512(z, n, out);
+#else
+  (void)z, (void)out;
 #endif
 }
 

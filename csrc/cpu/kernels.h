@@ -148,6 +148,19 @@ bool input_stage_bf16(const uint16_t* x, int64_t n, const float* su, int64_t blo
                       const float* beta, uint16_t* zb, float* c);
 bool output_stage_bf16(const float* r, int64_t len, int64_t block, int64_t K, const float* sv, const float* bias,
                        uint16_t* out);
+// fp32 activations on the same tiles (the bf16x3 split): each row's z as three bf16 parts, z = hi + mid
+// + lo exactly for normal z (hi = z rounded to bf16, mid = the remainder rounded, lo = the rest; parts
+// below bf16's normal range flush to zero). The parts' products with the exact code values are exact
+// and sum in fp32: the product of fp32 activations, at three times the bf16 products' tile work.
+// split_bf16x3: z [n] -> out [3, n] (hi, mid, lo rows), n a multiple of 16, on has_bf16_dot() CPUs.
+// input_stage_f32x3 / output_stage_f32x3: the fused stages above for fp32 rows: x (fp32) -> zb [3, n]
+// parts; r the parts' products in rows r, r + ld, r + 2 ld, summed hi + (mid + lo) before the
+// Hadamard -> out [len] fp32. Bit-identical to split_bf16x3 / that sum after the unfused passes.
+void split_bf16x3(const float* z, int64_t n, uint16_t* out);
+bool input_stage_f32x3(const float* x, int64_t n, const float* su, int64_t block, int64_t K, const float* A,
+                       const float* beta, uint16_t* zb, float* c);
+bool output_stage_f32x3(const float* r, int64_t ld, int64_t len, int64_t block, int64_t K, const float* sv,
+                        const float* bias, float* out);
 void lc_gemm_amx_rows(const uint16_t* zb, const float* c, int64_t B, int64_t n, const uint8_t* packed, int64_t j0,
                       int64_t j1, float* y /* [B, m] */, int64_t ldy);
 
