@@ -69,15 +69,18 @@ ROWS: dict[str, tuple[dict | None, str]] = {
 # QAT knobs, each from the `default` row's PTQ model: name -> (settings, what the row tries).
 # settings: "callback" = LCQATCallback kwargs, "args" = TrainingArguments overrides.
 _NON_LATENT = ("scales", "codebook", "bias", "norm")
-_LR1 = {"lr_scale": {c: 1.0 for c in _NON_LATENT}}  # one learning rate for every category
-_LR3 = {"lr_scale": {c: 3.0 for c in _NON_LATENT}}  # LCQATCallback's DEFAULT_LR_SCALE since #13
+_LR1 = {"lr_scale": {c: 1.0 for c in (*_NON_LATENT, "latent")}}  # one learning rate for every category
+# LCQATCallback's DEFAULT_LR_SCALE from the first #13 ablation until qat_lat3_1m (latents at 1x): the
+# recipe of the PTQ rows' QAT and of the rows built on it, spelt out so that they rerun as measured
+_LR3 = {"lr_scale": {**{c: 3.0 for c in _NON_LATENT}, "latent": 1.0}}
+PTQ_ROW_QAT = {"callback": _LR3}
 QAT_ROWS: dict[str, tuple[dict, str]] = {
     "qat_lr1": ({"callback": {**_LR1}},
                 "one lr 1e-4 for every trained category (the default before #13), beta2 0.999, no decay on LC parameters, clip 1"),
     "qat_balance": ({"callback": {"balance_scales": True, **_LR1}},
                     "s_u / s_v rescaled to equal RMS before QAT (release), one lr 1e-4"),
     "qat_lr3": ({"callback": {**_LR3}},
-                "lr 3e-4 on s_u, s_v, A, beta, bias, norms, latents stay at 1e-4 (the default since #13)"),
+                "lr 3e-4 on s_u, s_v, A, beta, bias, norms, latents stay at 1e-4 (the default from #13's first ablation to qat_lat3_1m)"),
     "qat_balance_lr3": ({"callback": {"balance_scales": True, **_LR3}},
                         "balance + lr 3e-4 on the non-latent parameters"),
     "qat_optim": ({"callback": {"decay_categories": ["latent", *_NON_LATENT, "embedding", "other"], **_LR3},
@@ -92,10 +95,10 @@ QAT_ROWS: dict[str, tuple[dict, str]] = {
     # the same settings planned to 1M tokens: the `default` row's 1M run has that plan, so both see the
     # same batches in the same order at every budget (a 400K plan draws another order: a second sample)
     "qat_lat3_1m": ({"base": "default", "callback": {"lr_scale": {c: 3.0 for c in (*_NON_LATENT, "latent")}}},
-                    "qat_lat3 planned to 1M tokens: the same batches as the `default` row's 1M run"),
+                    "qat_lat3 planned to 1M tokens: the same batches as the `default` row's 1M run (now `LCQATCallback()`)"),
     # the schedule the package's own recipe used until this row was measured (training/recipes.py
     # run_qat: the CLI's `qat` and the demo; now 2 warmup steps and a constant lr, as every other row)
-    "qat_cosine": ({"base": "default", "args": {"lr_scheduler_type": "cosine", "warmup_steps": 0.1}},
+    "qat_cosine": ({"base": "default", "callback": _LR3, "args": {"lr_scheduler_type": "cosine", "warmup_steps": 0.1}},
                    "cosine decay over the planned run after 10% warmup (run_qat's schedule before this row), "
                    "from the `default` PTQ (the long `default` run: constant lr)"),
 }
@@ -285,7 +288,7 @@ def run_row(name: str, qat_budgets: list[int], stop_at: int | None = None) -> di
     model, ptq_s = ptq_model(name, tok)
     out = {"row": name, "config": {"overrides": ROWS[name][0]}, "ptq_seconds": ptq_s, **evaluate(model, tok)}
     if qat_budgets:
-        out["qat"] = run_qat(model, tok, {}, qat_budgets, name, stop_at)
+        out["qat"] = run_qat(model, tok, PTQ_ROW_QAT, qat_budgets, name, stop_at)
     return out
 
 

@@ -387,7 +387,8 @@ def test_distillation_and_param_groups(tmp_path):
     tr.train()
     groups = {g["name"]: g for g in tr.optimizer.param_groups}
     assert set(groups) == {"latent", "scales", "codebook", "norm"}
-    assert groups["norm"]["initial_lr"] == pytest.approx(0.05 * groups["latent"]["initial_lr"])
+    assert groups["norm"]["initial_lr"] == pytest.approx(0.05 * tr.args.learning_rate)
+    assert groups["latent"]["initial_lr"] == pytest.approx(3 * tr.args.learning_rate)  # DEFAULT_LR_SCALE
     assert all(g["weight_decay"] == 0.0 for g in groups.values())
     model.eval()
     after = kl_to_teacher()
@@ -418,10 +419,11 @@ def test_balanced_scales_and_decay_on_every_category(lc_dir, tmp_path):
     tr.train()
     groups = {g["name"]: g["weight_decay"] for g in tr.optimizer.param_groups}
     assert groups == {"latent": 0.1, "scales": 0.1, "codebook": 0.1, "norm": 0.0}
-    # DEFAULT_LR_SCALE: the continuous parameters at 3x the latents' learning rate
+    # DEFAULT_LR_SCALE: every LC category, the latents included, at 3x the base learning rate
     lrs = {g["name"]: g["initial_lr"] for g in tr.optimizer.param_groups}
-    assert lrs["scales"] == lrs["codebook"] == lrs["norm"] == pytest.approx(3 * lrs["latent"])
-    assert LCQATCallback(lr_scale={"norm": 1.0}).lr_scale == {"scales": 3.0, "codebook": 3.0, "bias": 3.0, "norm": 1.0}
+    assert lrs["latent"] == lrs["scales"] == lrs["codebook"] == lrs["norm"] == pytest.approx(3 * tr.args.learning_rate)
+    assert LCQATCallback(lr_scale={"norm": 1.0}).lr_scale == {"latent": 3.0, "scales": 3.0, "codebook": 3.0, "bias": 3.0,
+                                                             "norm": 1.0}
     with pytest.raises(ValueError, match="decay_categories: unknown categories.*'scale'"):
         LCQATCallback(decay_categories=["scale"])
 

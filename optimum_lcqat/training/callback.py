@@ -135,13 +135,15 @@ def last_checkpoint(output_dir) -> str | None:
     return get_last_checkpoint(output_dir)
 
 
-# The continuous LC parameters learn at 3x the base learning rate, the latents at 1x: a code
-# changes only when its latent crosses a bin edge, and a larger latent step makes those flips
-# arrive as one destructive wave (benchmarks/results/qat.md), while s_u, s_v, A, beta, biases
-# and norms only move the function smoothly. Measured on SmolLM2-135M from the default PTQ
-# model, 50K QAT tokens at lr 1e-4 (benchmarks/results/ablation.md): held-out perplexity 21.2
-# (1.89x fp32) against 23.5 (2.09x) with one learning rate for every category.
-DEFAULT_LR_SCALE: dict[str, float] = {"scales": 3.0, "codebook": 3.0, "bias": 3.0, "norm": 3.0}
+# Every LC category learns at 3x the base learning rate, the latent codes included. For scales,
+# codebook, bias and norms: measured on SmolLM2-135M from the default PTQ model, 50K QAT tokens at
+# lr 1e-4 (benchmarks/results/ablation.md), held-out perplexity 21.2 (1.89x fp32) against 23.5
+# (2.09x) at one learning rate. For the latents: a code changes only once its latent crosses a bin
+# edge, which at 1e-4 hardly happens within 400K tokens; at 3e-4, on the same batches (rows
+# `default` and `qat_lat3_1m`), 18.49 / 16.00 / 13.37 at 50K / 200K / 400K tokens against
+# 18.49 / 16.26 / 15.22 (the same until the first flips, then ahead: 1.19x fp32 at 400K). At 10x
+# (1e-3) the first flips arrive as one destructive wave (benchmarks/results/qat_part_lat10.md).
+DEFAULT_LR_SCALE: dict[str, float] = {"latent": 3.0, "scales": 3.0, "codebook": 3.0, "bias": 3.0, "norm": 3.0}
 
 
 class LCQATCallback(TrainerCallback):
@@ -154,8 +156,8 @@ class LCQATCallback(TrainerCallback):
         train_embeddings: also train input/output embeddings (default False: large, and with
             little data they overfit; the LC-QAT release trains them).
         lr_scale: per-category multipliers of the learning rate, e.g. ``{"latent": 2.0}``, laid
-            over :data:`DEFAULT_LR_SCALE` (x3 for scales, codebook, bias, norms; latents and
-            embeddings x1); used by :class:`LCQATTrainer` and by :meth:`optimizer_cls_and_kwargs`
+            over :data:`DEFAULT_LR_SCALE` (x3 for latents, scales, codebook, bias, norms;
+            embeddings and other parameters x1); used by :class:`LCQATTrainer` and by :meth:`optimizer_cls_and_kwargs`
             (a plain Trainer's own optimizer puts all parameters at one learning rate). Pass
             ``{c: 1.0 for c in CATEGORIES}`` for one learning rate everywhere.
         max_tokens: token budget: stop once the Trainer has seen this many input tokens
@@ -295,7 +297,7 @@ class LCQATCallback(TrainerCallback):
             retain_freed_memory()  # steps reuse the heap instead of page-faulting (see optimum_lcqat._heap)
         if state.global_step > 0:
             self.resumed_exactly = self._restore_training_state(args, state, model)
-        self._warn_if_codes_cannot_change(args, state)
+        self._warn_if_codes_cannot_change(args, state, layers, kwargs.get("optimizer"))
         self._start_codes = {n: l.codes.detach().clone() for n, l in layers}
         self._pending = []
         self._skipped_in_a_row = 0
@@ -348,10 +350,17 @@ class LCQATCallback(TrainerCallback):
         alpha = max(l.alpha for l in lc_layers(self._model).values())
         return math.ceil(0.5 / (alpha * latent_lr))
 
-    def _warn_if_codes_cannot_change(self, args, state) -> None:
+    def _warn_if_codes_cannot_change(self, args, state, layers, optimizer=None) -> None:
         # A short run at a small learning rate trains scales, codebook and norms but can never
         # move a code: say so up front instead of leaving a run of zero flip shares to explain.
+        # The latents' learning rate is the optimizer's where it holds them (a plain Trainer's own
+        # optimizer does not apply lr_scale), else the one lr_scale asks for.
         latent_lr = args.learning_rate * self.lr_scale.get("latent", 1.0)
+        latents = {id(l.latent) for _, l in layers if l.latent is not None}
+        for group in getattr(optimizer, "param_groups", None) or ():
+            if any(id(p) in latents for p in group["params"]):
+                latent_lr = group.get("initial_lr", group["lr"])
+                break
         first = self.earliest_code_change_step(latent_lr)
         if first is not None and state.max_steps and 0 < state.max_steps - state.global_step < first:
             logger.warning(
