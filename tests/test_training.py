@@ -383,12 +383,14 @@ def test_distillation_and_param_groups(tmp_path):
     before = kl_to_teacher()
     tr = LCQATTrainer(model=model, args=targs(tmp_path / "kd", max_steps=12, learning_rate=3e-3),
                       train_dataset=ds, teacher_model=teacher, kd_alpha=0.9, kd_temperature=1.0,
-                      lr_scale={"scales": 0.02, "codebook": 0.02, "norm": 0.05})
+                      lr_scale={"latent": 1.0, "scales": 0.02, "codebook": 0.02, "norm": 0.05})
     tr.train()
     groups = {g["name"]: g for g in tr.optimizer.param_groups}
     assert set(groups) == {"latent", "scales", "codebook", "norm"}
     assert groups["norm"]["initial_lr"] == pytest.approx(0.05 * tr.args.learning_rate)
-    assert groups["latent"]["initial_lr"] == pytest.approx(3 * tr.args.learning_rate)  # DEFAULT_LR_SCALE
+    # (the latents at the base lr: at 3x (DEFAULT_LR_SCALE) and lr 3e-3 this tiny model's codes flip
+    # so much in 12 steps that the KL rose, 0.112 -> 0.124)
+    assert groups["latent"]["initial_lr"] == pytest.approx(tr.args.learning_rate)
     assert all(g["weight_decay"] == 0.0 for g in groups.values())
     model.eval()
     after = kl_to_teacher()
@@ -481,8 +483,10 @@ def test_torch_compile_training_step(lc_dir, tmp_path):
 
 
 TRAIN_SCRIPT = REPO / "examples" / "train_lcqat.py"
+# latent=1: at lr 1e-2 the default 3x (DEFAULT_LR_SCALE, chosen at 1e-4) flips so many borderline codes
+# that the processes' different gradient summation orders decided ~1% of them (1948 of 165888)
 TRAIN_ARGS = ["--cpu", "--tiny-random-data", "--seq-len", str(SEQ), "--max-steps", "8", "--lr", "1e-2",
-              "--lr-scale", "scales=0.1,codebook=0.1,norm=0.1", "--global-batch", "4", "--seed", "0"]
+              "--lr-scale", "latent=1,scales=0.1,codebook=0.1,norm=0.1", "--global-batch", "4", "--seed", "0"]
 # accelerate 1.15: `--cpu` routes to its simple launcher, which starts ONE process (multi-CPU
 # there needs mpirun and a hostfile). Two real local processes come from its torchrun path
 # (`--multi_gpu`), which on a machine without GPUs runs on CPU over gloo: the script's
