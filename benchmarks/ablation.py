@@ -74,6 +74,7 @@ _LR1 = {"lr_scale": {c: 1.0 for c in (*_NON_LATENT, "latent")}}  # one learning 
 # recipe of the PTQ rows' QAT and of the rows built on it, spelt out so that they rerun as measured
 _LR3 = {"lr_scale": {**{c: 3.0 for c in _NON_LATENT}, "latent": 1.0}}
 PTQ_ROW_QAT = {"callback": _LR3}
+_LR3_ALL = {"lr_scale": {c: 3.0 for c in (*_NON_LATENT, "latent")}}  # every LC category at 3x: DEFAULT_LR_SCALE now
 QAT_ROWS: dict[str, tuple[dict, str]] = {
     "qat_lr1": ({"callback": {**_LR1}},
                 "one lr 1e-4 for every trained category (the default before #13), beta2 0.999, no decay on LC parameters, clip 1"),
@@ -90,11 +91,11 @@ QAT_ROWS: dict[str, tuple[dict, str]] = {
                   "the lr3 default + the (tied) embedding / lm_head trained at lr 1e-5 (release: trained)"),
     # the latents' learning rate: codes flip only once a latent crosses a decision boundary, which at
     # lr 1e-4 hardly happens within 400K tokens (lr 1e-3, `qat_part_lat10`, diverged)
-    "qat_lat3": ({"base": "default", "callback": {"lr_scale": {c: 3.0 for c in (*_NON_LATENT, "latent")}}},
+    "qat_lat3": ({"base": "default", "callback": _LR3_ALL},
                  "the default + the latents at lr 3e-4 too (every LC category at 3e-4), from the `default` PTQ"),
     # the same settings planned to 1M tokens: the `default` row's 1M run has that plan, so both see the
     # same batches in the same order at every budget (a 400K plan draws another order: a second sample)
-    "qat_lat3_1m": ({"base": "default", "callback": {"lr_scale": {c: 3.0 for c in (*_NON_LATENT, "latent")}}},
+    "qat_lat3_1m": ({"base": "default", "callback": _LR3_ALL},
                     "qat_lat3 planned to 1M tokens: the same batches as the `default` row's 1M run (now `LCQATCallback()`)"),
     # the schedule the package's own recipe used until this row was measured (training/recipes.py
     # run_qat: the CLI's `qat` and the demo; now 2 warmup steps and a constant lr, as every other row)
