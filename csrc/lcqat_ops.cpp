@@ -12,7 +12,7 @@
 //                                                                 bf16 x on AVX-512 VNNI CPUs: 16-bit
 //                                                                 fixed-point x, exact integer sums (kernels.h)
 //   cpu_has_int8_a16() -> bool                                    whether int8_linear takes that path
-//   cpu_has_amx_bf16() -> bool                                    whether bf16 activations of 5+ rows
+//   cpu_has_amx_bf16() -> bool                                    whether bf16 activations of 3+ rows
 //                                                                 multiply on AMX tiles (amx.cpp)
 //   cpu_has_amx_int8() -> bool                                    whether int8_linear's 16-bit path
 //                                                                 sums on AMX tiles from 2 rows
@@ -23,14 +23,14 @@
 // activation's dtype), with exceptions for bf16 activations (LCQAT_CPU_BF16=0 turns them off):
 // on a CPU with AVX512_BF16 they multiply in bf16 with fp32 accumulation, as dense bf16 layers do
 // (the code values are exact in bf16; the folded activations are rounded); on an AVX-512 VNNI CPU
-// the decode GEMV (1-5 rows; 1-4 where the AMX GEMM takes 5) and int8_linear instead round them to
+// the decode GEMV (1-5 rows; 1-2 where the AMX layer takes 3) and int8_linear instead round them to
 // 16-bit fixed point and sum exact integers (a finer rounding than bf16's for all but the smallest
 // elements; kernels.h).
 // No dense weight is ever built: 1-3 rows (1-5 with bf16 products) run the decode GEMV, more
 // rows (serving batches, prefill) the GEMM of cpu/kernels.cpp that decodes code panels into L1;
-// bf16 activations of 5+ rows on AMX CPUs the AMX GEMM (cpu/amx.cpp: codes decoded into
-// one 16 x 32 tile at a time; LCQAT_CPU_AMX=0 turns it off), and fp32 activations of 4+ rows the
-// same GEMM as three bf16 parts a row (hi + mid + lo = x exactly: exact products, fp32 sums).
+// on AMX CPUs bf16 activations of 3+ rows the AMX layer (amx_call, cpu/amx.cpp: codes decoded
+// into one 16 x 32 tile at a time; LCQAT_CPU_AMX=0 turns it off), and fp32 activations of 2+ rows
+// the same layer as three bf16 parts a row (hi + mid + lo = x exactly: exact products, fp32 sums).
 #include <Python.h>
 
 #include <ATen/ATen.h>
@@ -91,14 +91,15 @@ constexpr int64_t kGemmMinRows = 4;
 // With bf16 products the GEMV decodes 32 codes a permute and stays ahead of the GEMM up to 5 rows
 // (one thread, 8192x2048: 4 rows 0.37 vs 0.79 ms hot, 0.44 vs 1.69 ms from DRAM).
 constexpr int64_t kBf16GemvMaxRows = 5;
-// On AMX CPUs the AMX GEMM (amx.cpp) takes bf16 activations from 5 rows: its cost is the
-// code decode, nearly flat in rows (one thread, 4096x4096 hot: ~1.05 ms at 1-5 rows, where the
-// 16-bit GEMV takes 0.27 ms at 1 row, 0.89 at 4 and 1.08 at 5; SmolLM2's 1536x576 at 5 rows
-// 60 vs 101 us; at 8-64 rows 1.5-2.1x dense bf16 on AMX, where the AVX512_BF16 GEMM fell to 0.2x).
-constexpr int64_t kAmxMinRows = 5;
-// fp32 activations take the AMX layer (amx_call: three bf16 parts a row, kernels.h) from this many
-// rows: three times the bf16 tile work, still ahead of the fp32 GEMM's FMAs (benchmarks/kernels.py).
-constexpr int64_t kAmxF32MinRows = 4;
+// On AMX CPUs the AMX layer (amx_call; amx.cpp's GEMM) takes bf16 activations from 3 rows: its
+// cost is the code decode, nearly flat up to 16 rows, where the 16-bit GEMV grows with the rows.
+// One thread, A/B of the two paths: at 3 rows 1.3-2.0x the GEMV on SmolLM2's and Llama-3.2-1B's
+// shapes (2048x8192 0.95x), at 4 rows 1.5-2.2x; at 2 rows the GEMV stays ahead on the 1B shapes
+// (AMX 0.57-0.96x) and is level on SmolLM2's (0.97-1.25x).
+constexpr int64_t kAmxMinRows = 3;
+// fp32 activations take the AMX layer (three bf16 parts a row, kernels.h) from 2 rows: at 2-3 rows
+// 1.1-1.9x the fp32 GEMV on the same shapes, at 4+ rows still ahead of the fp32 GEMM's FMAs.
+constexpr int64_t kAmxF32MinRows = 2;
 
 // Rotated-domain product with the codes read directly: B rotated fp32 rows xt [B, n] -> yp [B, m]
 // (B <= kMaxGemvBatch for the GEMV and when act_int8). The codebook is folded into the
@@ -450,8 +451,8 @@ Tensor lc_linear_cpu(const Tensor& x, const Tensor& packed, const Tensor& A, con
   const int64_t B = a.n ? x.numel() / a.n : 0;
   const bool amx = B > 0 && a.n % 32 == 0 && K::has_amx_bf16();
   if (amx && x.scalar_type() == at::kFloat && B >= kAmxF32MinRows) return amx_call(x, B, a, block_in, block_out);
+  if (amx && x.scalar_type() == at::kBFloat16 && B >= kAmxMinRows) return amx_call(x, B, a, block_in, block_out);
   if (B >= 1 && B <= K::kMaxGemvBatch) return decode_call(x, B, a, block_in, block_out, false);
-  if (amx && x.scalar_type() == at::kBFloat16) return amx_call(x, B, a, block_in, block_out);
 
   auto xt = rows_f32(x, a.n);
   rotate_rows_f32(xt.data_ptr<float>(), B, a.n, block_in, a.left_in(), a.Kin, false, a.su.data_ptr<float>(), nullptr,

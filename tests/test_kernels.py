@@ -188,8 +188,8 @@ def test_bf16_activations_multiply_in_bf16_only_where_the_cpu_has_it(batch, n):
     assert out.dtype == torch.bfloat16
     same_bf16 = float((out == products.bfloat16()).double().mean())
     same_exact = float((out == exact.bfloat16()).double().mean())
-    # (on AMX CPUs the AMX GEMM takes 5 rows and more: bf16 products, amx.cpp)
-    if native.cpu_has_int8_a16() and batch <= (4 if native.cpu_has_amx_bf16() else 5):
+    # (on AMX CPUs the AMX GEMM takes 3 rows and more: bf16 products, amx.cpp)
+    if native.cpu_has_int8_a16() and batch <= (2 if native.cpu_has_amx_bf16() else 5):
         # the decode GEMV on VNNI CPUs: 16-bit fixed point, exact integer sums (kernels.h). Beyond
         # the final rounding to bf16 (half a step) its error stays below 1.5e-4 of the largest
         # output (measured <= 3e-5), where bf16 products leave 6e-4 to 1.4e-3
@@ -591,10 +591,10 @@ def test_cpu_bf16_and_a16_switches():
 
 @needs_native
 @pytest.mark.skipif(not native.cpu_has_amx_bf16(), reason="needs a CPU with AMX-BF16 (csrc/cpu/amx.cpp)")
-@pytest.mark.parametrize("batch", [5, 16, 17, 64, 65, 130])
+@pytest.mark.parametrize("batch", [3, 5, 16, 17, 64, 65, 130])
 @pytest.mark.parametrize("m,n", [(16, 2048), (77, 576), (200, 1088)])
 def test_amx_gemm_rounds_like_bf16_products(batch, m, n):
-    # The AMX GEMM (bf16 activations, 5 rows and more, n a multiple of 32): the centred codes times
+    # The AMX GEMM (bf16 activations, 3 rows and more, n a multiple of 32): the centred codes times
     # the folded activations rounded to bf16, fp32 sums (bf16_products). Against that product in float64, beyond the
     # output's rounding to bf16 (half a step), the kernel's z (fp32, then bf16) differs from the
     # emulation's (float64 to bf16) in an element's last bit now and then, and the fp32 sums in
@@ -728,16 +728,17 @@ def test_amx_layer_rows_equal_the_decode_path_and_round_like_bf16_products(m, n,
 @needs_native
 @pytest.mark.skipif(not native.cpu_has_amx_bf16(), reason="needs a CPU with AMX-BF16 (csrc/cpu/amx.cpp)")
 @pytest.mark.parametrize("m,n,block", [(1536, 576, 128), (576, 1536, 64)])
-def test_amx_layer_equals_the_decode_path_on_many_rows(m, n, block):
+def test_amx_layer_row_results_do_not_depend_on_the_batch(m, n, block):
     # A one-ulp fp32 difference before the outputs' rounding to bf16 changes about one output in 2^16:
-    # enough rows (here ~600K outputs; 400 and 22 rows take the AMX GEMM's 32 x 32 C blocks, the decode
-    # path's 8-row chunks its 16 x 64 ones) make such a difference between the fused row stages of the
-    # AMX layer and the decode path's passes visible (an FMA-contracted r * s_v + bias once did).
+    # enough rows (here ~600K outputs; 400 and 22 rows take the AMX GEMM's 32 x 32 C blocks, 8-row
+    # chunks its 16 x 64 ones) make a row's result depending on the batch visible (an FMA-contracted
+    # r * s_v + bias once did, when 5-8 rows took the decode path's unfused passes; since 2026-12-05
+    # bf16 rows from 3 take the AMX layer whatever the batch).
     w = LCWeight.from_dense(torch.randn(m, n, generator=torch.Generator().manual_seed(5)) / n**0.5,
                             hadamard_block_size=block)
     bias = torch.randn(m, generator=torch.Generator().manual_seed(6))
     x = torch.randn(400, n, generator=torch.Generator().manual_seed(7)).bfloat16()
-    for rows in (x, x[:22]):  # (the decode path's chunks: 8 rows, or 6; 1-4 rows take its GEMV, other sums)
+    for rows in (x, x[:22]):  # (8-row chunks, the last of 22 rows 6; 1-2 rows take the GEMV, other sums)
         out = native.lc_linear(w, rows, bias)
         chunks = torch.cat([native.lc_linear(w, rows[i:i + 8], bias) for i in range(0, rows.shape[0], 8)])
         assert torch.equal(out, chunks)
@@ -754,9 +755,9 @@ def _split_bf16(z, parts):
 
 @needs_native
 @pytest.mark.parametrize("m,n,block", [(576, 576, 128), (1536, 576, 64), (576, 576, "full")])
-@pytest.mark.parametrize("batch", [4, 13, 64, 300])
+@pytest.mark.parametrize("batch", [2, 4, 13, 64, 300])
 def test_fp32_activations_keep_fp32_accuracy(m, n, block, batch):
-    # fp32 activations of 4+ rows on AMX CPUs multiply as three bf16 parts a row (hi + mid + lo = z
+    # fp32 activations of 2+ rows on AMX CPUs multiply as three bf16 parts a row (hi + mid + lo = z
     # exactly; lcqat_ops.cpp amx_call), elsewhere in the fp32 GEMM: either way as accurate as fp32 sums.
     # Measured <= 4.6e-7 of the largest output. Two parts (hi + mid, 16 bits) would leave 1.9e-6 to
     # 3.8e-6 (emulated below: the bound tells them apart); "full": the unfused row stages.

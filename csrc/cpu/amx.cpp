@@ -1,5 +1,5 @@
-// Kernels on AMX tiles (Intel Sapphire Rapids and later): the LC GEMM for bf16 activations (5 rows
-// and more) and the int8 head's product for bf16 activations (several rows).
+// Kernels on AMX tiles (Intel Sapphire Rapids and later): the LC GEMM for bf16 activations (3 rows
+// and more; fp32 from 2 rows as three bf16 parts a row) and the int8 head's product for bf16 activations (several rows).
 //
 // Why: on AMX CPUs a dense bf16 layer multiplies through oneDNN's AMX kernels, 16x16x32 products an
 // instruction, and at 16-64 rows it left the AVX512_BF16 GEMM of kernels.cpp (32 products an

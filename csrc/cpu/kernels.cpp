@@ -106,22 +106,31 @@ __attribute__((target("avx512f,avx512dq"), always_inline)) static inline __m512 
 // between stages. The block's product ends with the multiplication by norm (vn).
 template <int V>
 __attribute__((target("avx512f,avx512dq"), always_inline)) static inline void fwht_regs(__m512 (&v)[V], __m512 vn) {
+  // fully unrolled, so that v stays in registers: GCC -O3 left the h loop rolled and kept v on the
+  // stack (at 256 rows a quarter of the AMX layer's time went to its two row stages)
+#pragma GCC unroll 16
   for (int i = 0; i < V; ++i) v[i] = fwht16(v[i]);
+#pragma GCC unroll 4
   for (int h = 1; h < V; h *= 2)
+#pragma GCC unroll 16
     for (int i = 0; i < V; i += 2 * h)
+#pragma GCC unroll 16
       for (int k = i; k < i + h; ++k) {
         const __m512 a = v[k], b = v[k + h];
         v[k] = _mm512_add_ps(a, b);
         v[k + h] = _mm512_sub_ps(a, b);
       }
+#pragma GCC unroll 16
   for (int i = 0; i < V; ++i) v[i] = _mm512_mul_ps(v[i], vn);
 }
 
 template <int V>
 __attribute__((target("avx512f,avx512dq"))) static void fwht_block_regs(float* p, float norm) {
   __m512 v[V];
+  #pragma GCC unroll 16
   for (int i = 0; i < V; ++i) v[i] = _mm512_loadu_ps(p + 16 * i);
   fwht_regs<V>(v, _mm512_set1_ps(norm));
+  #pragma GCC unroll 16
   for (int i = 0; i < V; ++i) _mm512_storeu_ps(p + 16 * i, v[i]);
 }
 
@@ -347,8 +356,10 @@ LCQAT_TARGET_STAGE static float input_stage_row(const T* x, int64_t n, const flo
   __m512 cacc = _mm512_setzero_ps();
   for (int64_t base = 0; base < n; base += 16 * V) {
     __m512 v[V];
+    #pragma GCC unroll 16
     for (int i = 0; i < V; ++i) v[i] = _mm512_mul_ps(load16(x, base + 16 * i), _mm512_loadu_ps(su + base + 16 * i));
     fwht_regs<V>(v, vn);
+    #pragma GCC unroll 16
     for (int i = 0; i < V; ++i) {
       store_bf16_parts<Parts>(zb + base + 16 * i, n, fold16(v[i], a0, a1, a2, a3));
       cacc = _mm512_fmadd_ps(v[i], bv, cacc);
@@ -370,6 +381,7 @@ LCQAT_TARGET_STAGE static void output_stage_row(const float* r, int64_t ld, int6
   const __m512 vn = _mm512_set1_ps(1.0f / std::sqrt(static_cast<float>(16 * V)));
   for (int64_t base = 0; base < len; base += 16 * V) {
     __m512 v[V];
+    #pragma GCC unroll 16
     for (int i = 0; i < V; ++i) {
       const int64_t at = base + 16 * i;
       v[i] = _mm512_loadu_ps(r + at);
@@ -377,6 +389,7 @@ LCQAT_TARGET_STAGE static void output_stage_row(const float* r, int64_t ld, int6
         v[i] = _mm512_add_ps(v[i], _mm512_add_ps(_mm512_loadu_ps(r + ld + at), _mm512_loadu_ps(r + 2 * ld + at)));
     }
     fwht_regs<V>(v, vn);
+    #pragma GCC unroll 16
     for (int i = 0; i < V; ++i) {
       __m512 y = _mm512_mul_ps(v[i], _mm512_loadu_ps(sv + base + 16 * i));
       // GCC contracts a product and a sum into an FMA in C++ (-ffp-contract=fast), which rounds once:

@@ -194,7 +194,7 @@ def cpu_has_bf16_dot() -> bool:
 
 
 def cpu_has_amx_bf16() -> bool:
-    """Whether bf16 activations of 5 rows and more multiply on AMX tiles (Intel AMX-BF16, the OS granting
+    """Whether bf16 activations of 3 rows and more (fp32: 2, as three bf16 parts) multiply on AMX tiles (Intel AMX-BF16, the OS granting
     the tile state, :func:`cpu_has_bf16_dot`, LCQAT_CPU_AMX not "0"; csrc/cpu/amx.cpp): the
     same rounding as the AVX512_BF16 GEMM, for layers whose input dimension is a multiple of 32."""
     return bool(torch.ops.lcqat.cpu_has_amx_bf16()) if available() else False
