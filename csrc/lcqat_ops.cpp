@@ -395,18 +395,20 @@ static Tensor amx_call(const Tensor& x, int64_t B, const LcArgs& a, int64_t bloc
   // The output stage (Hadamard, s_v, bias, and for bf16 the rounding) of outputs [j0, j1) of row b; for
   // bf16 the same arithmetic, in the same order, as decode_rows' (so a row's result does not depend on
   // the path). fp32: the parts' products summed hi + (mid + lo) first.
+  float* out32 = f32 ? out.data_ptr<float>() : nullptr;
+  uint16_t* out16 = f32 ? nullptr : reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   const auto finish = [&](int64_t b, int64_t j0, int64_t j1, int64_t block, const float* left, int64_t K,
                           float* work) {
     float* r = y + parts * b * m + j0;
     const float* svj = sv + j0;
     const float* bj = bias ? bias + j0 : nullptr;
+    float* of = f32 ? out32 + b * m + j0 : nullptr;     // this row's outputs, fp32
+    uint16_t* ob = f32 ? nullptr : out16 + b * m + j0;  // or bf16
     if (f32) {
-      float* ob = out.data_ptr<float>() + b * m + j0;
-      if (K::output_stage_f32x3(r, m, j1 - j0, block, K, svj, bj, ob)) return;
+      if (K::output_stage_f32x3(r, m, j1 - j0, block, K, svj, bj, of)) return;
       for (int64_t j = 0; j < j1 - j0; ++j) r[j] = r[j] + (r[m + j] + r[2 * m + j]);
-    } else {
-      uint16_t* ob = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) + b * m + j0;
-      if (K::output_stage_bf16(r, j1 - j0, block, K, svj, bj, ob)) return;
+    } else if (K::output_stage_bf16(r, j1 - j0, block, K, svj, bj, ob)) {
+      return;
     }
     K::hadamard_row(r, j1 - j0, block, left, K, true, work);
     if (bias)
@@ -414,9 +416,9 @@ static Tensor amx_call(const Tensor& x, int64_t B, const LcArgs& a, int64_t bloc
     else
       for (int64_t j = 0; j < j1 - j0; ++j) r[j] *= svj[j];
     if (f32)
-      std::memcpy(out.data_ptr<float>() + b * m + j0, r, sizeof(float) * (j1 - j0));
+      std::memcpy(of, r, sizeof(float) * (j1 - j0));
     else
-      K::round_bf16(r, j1 - j0, reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) + b * m + j0);
+      K::round_bf16(r, j1 - j0, ob);
   };
   // Fused output stage: a thread's weight rows cover whole output blocks (and whole 16-row tiles),
   // finished while in cache. Only with a block-diagonal output rotation, and with enough blocks to
