@@ -238,7 +238,7 @@ Tensor lc_matmul_cpu(const Tensor& xt, const Tensor& packed, const Tensor& A, co
 }
 
 // ------------------------------------------------------------------ decode path (B <= 8 rows)
-// The whole layer for B <= kMaxGemvBatch fp32 rows xp [B, n] -> yp [B, m]: input scale and
+// The whole layer for B <= kMaxGemvBatch fp32 or bf16 rows xp [B, n] -> fp32 yp [B, m]: input scale and
 // Hadamard into a per-thread scratch, rotated_product straight into yp, output Hadamard and scale in
 // place. act_int8: the int8-activation GEMV (lc_linear_a8).
 template <typename T>  // float, or c10::BFloat16 (widened exactly as each row is scaled)
