@@ -128,3 +128,24 @@ def test_cuda_kernels_stay_off_until_validated_or_opted_in(monkeypatch, caplog):
         said = [r.message for r in caplog.records if native.CUDA_OPT_IN_ENV in r.message]
         assert len(said) == (0 if expect else 1)
     monkeypatch.setattr(native, "_cuda_decision", None)
+
+
+def test_bound_call_follows_replaced_fields_and_copies():
+    # the inference fast path binds the tensors; a replaced field or a copy must not compute with stale ones
+    import copy
+
+    w = random_weight(64, 128, 64).to(dtype=torch.float32)
+    x, bias = torch.randn(3, 128), torch.randn(64)
+    with torch.no_grad():
+        y = w.apply(x, bias)
+        if w._bound is None:
+            pytest.skip("the native op does not take this call here")
+        c = copy.deepcopy(w)
+        assert c._bound is None
+        c.s_v.mul_(2.0)  # in place, on the copy only
+        assert torch.allclose(c.apply(x, bias) - bias, 2 * (y - bias), rtol=1e-4, atol=1e-5)
+        assert torch.equal(w.apply(x, bias), y)
+        w.s_v = w.s_v * 3.0  # a new tensor: unbinds
+        assert w._bound is None
+        assert torch.allclose(w.apply(x, bias) - bias, 3 * (y - bias), rtol=1e-4, atol=1e-5)
+        assert torch.allclose(w.apply(x, bias), reference.lc_forward(w, x, bias), rtol=1e-4, atol=1e-5)
