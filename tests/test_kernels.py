@@ -727,21 +727,30 @@ def test_amx_layer_rows_equal_the_decode_path_and_round_like_bf16_products(m, n,
 
 @needs_native
 @pytest.mark.skipif(not native.cpu_has_amx_bf16(), reason="needs a CPU with AMX-BF16 (csrc/cpu/amx.cpp)")
-@pytest.mark.parametrize("m,n,block", [(1536, 576, 128), (576, 1536, 64)])
-def test_amx_layer_row_results_do_not_depend_on_the_batch(m, n, block):
+@pytest.mark.parametrize("m,n,block", [(1536, 576, 128), (576, 1536, 64), (192, 576, 128)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_amx_layer_row_results_do_not_depend_on_the_batch(m, n, block, dtype):
     # A one-ulp fp32 difference before the outputs' rounding to bf16 changes about one output in 2^16:
     # enough rows (here ~600K outputs; 400 and 22 rows take the AMX GEMM's 32 x 32 C blocks, 8-row
     # chunks its 16 x 64 ones) make a row's result depending on the batch visible (an FMA-contracted
     # r * s_v + bias once did, when 5-8 rows took the decode path's unfused passes; since 2026-12-05
-    # bf16 rows from 3 take the AMX layer whatever the batch).
+    # bf16 rows from 3 take the AMX layer whatever the batch). The whole batch runs on two threads, the
+    # chunks on one: 192 rows (1.5 output blocks of 128) split the batch by rows between the threads,
+    # the others their weight rows; fp32 rows multiply as three bf16 parts.
     w = LCWeight.from_dense(torch.randn(m, n, generator=torch.Generator().manual_seed(5)) / n**0.5,
                             hadamard_block_size=block)
     bias = torch.randn(m, generator=torch.Generator().manual_seed(6))
-    x = torch.randn(400, n, generator=torch.Generator().manual_seed(7)).bfloat16()
-    for rows in (x, x[:22]):  # (8-row chunks, the last of 22 rows 6; 1-2 rows take the GEMV, other sums)
-        out = native.lc_linear(w, rows, bias)
-        chunks = torch.cat([native.lc_linear(w, rows[i:i + 8], bias) for i in range(0, rows.shape[0], 8)])
-        assert torch.equal(out, chunks)
+    x = torch.randn(400, n, generator=torch.Generator().manual_seed(7)).to(dtype)
+    old = torch.get_num_threads()
+    try:
+        for rows in (x, x[:22], x[:37]):  # (8-row chunks, the last of 22 rows 6; 1-2 rows take the GEMV, other sums)
+            torch.set_num_threads(2)
+            out = native.lc_linear(w, rows, bias)
+            torch.set_num_threads(1)
+            chunks = torch.cat([native.lc_linear(w, rows[i:i + 8], bias) for i in range(0, rows.shape[0], 8)])
+            assert torch.equal(out, chunks)
+    finally:
+        torch.set_num_threads(old)
 
 
 def _split_bf16(z, parts):
