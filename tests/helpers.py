@@ -1,7 +1,12 @@
-"""Tiny model builders used across the tests."""
+"""Tiny model builders and the child-process launcher used across the tests."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+
+import pytest
 import torch
 
 TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3")
@@ -39,3 +44,21 @@ def lc_names(model) -> list[str]:
     from optimum_lcqat import LCLinear
 
     return [n for n, m in model.named_modules() if isinstance(m, LCLinear)]
+
+
+def run_process_group(cmd, timeout: float, **popen_kwargs) -> subprocess.CompletedProcess:
+    """``cmd`` to completion with stdout/stderr captured (text), in a session of its own: on timeout
+    the whole process group is killed and the test fails with the output's tail. Launchers (accelerate,
+    vLLM's engine, lm-eval) start grandchildren that subprocess.run's timeout would leave running:
+    once (2026-12-05) a two-process training run sat past its timeout with one rank alive, and the
+    orphan ran on beside the tests after it."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            **popen_kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(map(str, cmd[:8]))} ... still running after {timeout:.0f} s (killed with its "
+                    f"process group); its last stderr:\n{err[-3000:]}\nlast stdout:\n{out[-2000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

@@ -7,14 +7,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import lc_names, make_tiny_model
+from helpers import lc_names, make_tiny_model, run_process_group
 from safetensors import safe_open
 
 from optimum_lcqat import LCLinear, LCQATConfig
@@ -505,19 +503,9 @@ def _train_env():
 
 
 def _run(cmd):
-    # In a session of its own, so that a hang kills every rank: once (2026-12-05) a two-process run sat
-    # past the timeout with one rank still alive, and the orphan ran on beside the tests after it.
-    proc = subprocess.Popen(cmd, env=_train_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"{' '.join(map(str, cmd[:8]))} ... still running after 300 s (killed); its last stderr:\n"
-                    f"{err[-3000:]}\nlast stdout:\n{out[-2000:]}")
-    assert proc.returncode == 0, err[-4000:]
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    r = run_process_group(cmd, 300, env=_train_env())
+    assert r.returncode == 0, r.stderr[-4000:]
+    return r
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_process_group
 
 CHILD = Path(__file__).with_name("vllm_child.py")
 DEFAULT_VENV = Path.home() / ".cache" / "optimum_lcqat" / "vllm-venv"
@@ -45,8 +47,7 @@ def vllm_env(**extra) -> dict:
 
 
 def run_llm(py: str, args: dict, timeout: int = 600, **env) -> dict:
-    r = subprocess.run([py, str(CHILD), json.dumps(args)], capture_output=True, text=True, timeout=timeout,
-                       env=vllm_env(**env), cwd="/")
+    r = run_process_group([py, str(CHILD), json.dumps(args)], timeout, env=vllm_env(**env), cwd="/")
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
     assert r.returncode == 0 and lines, f"vLLM child failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
     return json.loads(lines[-1][len("RESULT "):])
@@ -161,8 +162,8 @@ def test_fused_layer_mixing_lc_and_dense_is_named(tmp_path, smollm2_dir, vllm_py
     """k_proj kept dense while q_proj and v_proj are 2-bit: vLLM fuses them into qkv_proj, which
     the plugin cannot serve; the error names the layer and its parts."""
     lc_dir = make_tiny_llama(tmp_path, smollm2_dir, modules_to_not_convert=["k_proj", "lm_head"])
-    r = subprocess.run([vllm_python, str(CHILD), json.dumps({"model": str(lc_dir), "prompts": [[1, 2, 3]], "max_tokens": 2})],
-                       capture_output=True, text=True, timeout=600, env=vllm_env(), cwd="/")
+    r = run_process_group([vllm_python, str(CHILD), json.dumps({"model": str(lc_dir), "prompts": [[1, 2, 3]], "max_tokens": 2})],
+                          600, env=vllm_env(), cwd="/")
     out = r.stdout + r.stderr  # vLLM's workers log to stdout
     assert r.returncode != 0
     assert "vLLM fuses" in out and "'model.layers.0.self_attn.qkv_proj'" in out and \
@@ -192,7 +193,7 @@ def test_vllm_serve_answers_completions(smollm2_lcqat, smollm2_dir, tmp_path, vl
     vllm_bin = str(Path(vllm_python).with_name("vllm"))
     proc = subprocess.Popen([vllm_bin, "serve", str(lc_dir), "--host", "127.0.0.1", "--port", str(port),
                              "--dtype", "float32", "--enforce-eager", "--max-model-len", "512"],
-                            stdout=log, stderr=subprocess.STDOUT, env=vllm_env(), cwd="/")
+                            stdout=log, stderr=subprocess.STDOUT, env=vllm_env(), cwd="/", start_new_session=True)
     try:
         deadline = time.time() + 420
         while True:
@@ -211,11 +212,12 @@ def test_vllm_serve_answers_completions(smollm2_lcqat, smollm2_dir, tmp_path, vl
         with urllib.request.urlopen(req, timeout=120) as r:
             answer = json.loads(r.read())
     finally:
-        proc.terminate()
+        proc.terminate()  # vLLM stops its engine process on SIGTERM
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)  # the server and every process it started
+            proc.wait()
         log.close()
     assert answer["choices"][0]["text"] == expected, (answer, expected)
     assert answer["usage"]["completion_tokens"] == 8
@@ -223,7 +225,7 @@ def test_vllm_serve_answers_completions(smollm2_lcqat, smollm2_dir, tmp_path, vl
 
 
 def _lm_eval_results(cmd: list[str], out: Path, env: dict | None = None) -> dict:
-    r = subprocess.run(cmd + ["--output_path", str(out)], capture_output=True, text=True, timeout=900, env=env, cwd="/")
+    r = run_process_group(cmd + ["--output_path", str(out)], 900, env=env, cwd="/")
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     files = list(out.rglob("results_*.json"))
     assert files, r.stdout[-2000:]
