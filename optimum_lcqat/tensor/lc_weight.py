@@ -126,7 +126,7 @@ class LCWeight:
         # the bound fast path: an eager decode step calls ~200 LC layers, and these checks plus the
         # prebound call cost ~0.4 us less a call than reading the fields and OpOverload.__call__.
         # Not while torch.compile traces: it traces the op (OpOverload), not its pybind entry.
-        if b is not None and b[1] is int8_activations and x.device == b[0] and not _grad_enabled() \
+        if b is not None and b[1] == int8_activations and x.device == b[0] and not _grad_enabled() \
                 and x.dtype in kernels.NATIVE_DTYPES and not _compiling():
             return b[2](x, bias)
         if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
