@@ -435,6 +435,12 @@ static Tensor amx_call(const Tensor& x, int64_t B, const LcArgs& a, int64_t bloc
     else
       K::round_bf16(r, j1 - j0, ob);
   };
+  // The output stage of whole rows [b0, b1) (any output rotation), after their GEMM.
+  const auto finish_rows = [&](int64_t b0, int64_t b1) {
+    thread_local std::vector<float> work;  // the left factor's product (hadamard_row)
+    if (work.size() < static_cast<size_t>(m)) work.resize(m);
+    for (int64_t b = b0; b < b1; ++b) finish(b, 0, m, block_out, a.left_out(), a.Kout, work.data());
+  };
   // Fused output stage: a thread's weight rows cover whole output blocks (and whole 16-row tiles),
   // finished while in cache. Only with a block-diagonal output rotation, and with enough blocks to
   // share among the threads (a full-dimension rotation of a power-of-two m is one block of m); else
@@ -456,9 +462,7 @@ static Tensor amx_call(const Tensor& x, int64_t B, const LcArgs& a, int64_t bloc
       input_rows(b0, b1);
       K::lc_gemm_amx_rows(zb + parts * b0 * n, c + parts * b0, parts * (b1 - b0), n, a.pk.data_ptr<uint8_t>(), 0, m,
                           y + parts * b0 * m, m);
-      thread_local std::vector<float> work;  // the left factor's product (hadamard_row)
-      if (work.size() < static_cast<size_t>(m)) work.resize(m);
-      for (int64_t b = b0; b < b1; ++b) finish(b, 0, m, block_out, a.left_out(), a.Kout, work.data());
+      finish_rows(b0, b1);
     });
     return out;
   }
@@ -476,11 +480,7 @@ static Tensor amx_call(const Tensor& x, int64_t B, const LcArgs& a, int64_t bloc
                        for (int64_t b = 0; b < B; ++b) finish(b, j0, j1, block_out, nullptr, 1, nullptr);
                    });
   if (!fused_out)
-    at::parallel_for(0, B, std::max<int64_t>(1, 16384 / std::max<int64_t>(m, 1)), [&](int64_t b0, int64_t b1) {
-      thread_local std::vector<float> work;  // the left factor's product (hadamard_row)
-      if (work.size() < static_cast<size_t>(m)) work.resize(m);
-      for (int64_t b = b0; b < b1; ++b) finish(b, 0, m, block_out, a.left_out(), a.Kout, work.data());
-    });
+    at::parallel_for(0, B, std::max<int64_t>(1, 16384 / std::max<int64_t>(m, 1)), finish_rows);
   return out;
 }
 

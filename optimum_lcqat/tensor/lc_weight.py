@@ -129,7 +129,7 @@ class LCWeight:
         if b is not None and b[1] == int8_activations and x.device == b[0] and not _grad_enabled() \
                 and x.dtype in kernels.NATIVE_DTYPES and not _compiling():
             return b[2](x, bias)
-        if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        if not _grad_enabled() and not _compiling():
             bound = kernels.bind_native(self, x, bias, int8_activations)
             if bound is not None:
                 self._bound = (x.device, bool(int8_activations), _bound_call(self, *bound))
