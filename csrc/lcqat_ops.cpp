@@ -156,7 +156,9 @@ static void rotated_product(const float* xt, int64_t B, int64_t n, int64_t m, co
     K::prepare_gemv_bf16(xt, B, n, A, beta, zb, c);
     at::parallel_for(0, m, grain, [&](int64_t j0, int64_t j1) { K::lc_gemv_bf16_rows(zb, c, B, n, pk, j0, j1, yp, m); });
   } else if (B < kGemmMinRows) {
-    K::prepare_activations(xt, B, n, A, beta, isa, zp, c);
+    float cb[4];  // the fp32 GEMV multiplies centred codes (kernels.h)
+    K::centred_beta(A, beta, cb);
+    K::prepare_activations(xt, B, n, A, cb, isa, zp, c);
     at::parallel_for(0, m, grain, [&](int64_t j0, int64_t j1) { K::lc_gemv_rows(zp, c, B, n, pk, j0, j1, isa, yp, m); });
   } else {
     // the GEMM: fold and pack the activations tile by tile (tiles are independent: split across

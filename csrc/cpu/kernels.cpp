@@ -483,13 +483,16 @@ void split_bf16x3(const float* z, int64_t n, uint16_t* out) {
 }
 
 // ------------------------------------------------------------------ GEMV kernels
+// The fp32 GEMV and GEMM multiply centred codes q - 1.5 (kernels.h), as the bf16 paths do.
+static inline float centred_code(unsigned q) { return static_cast<float>(q) - kCodeCentre; }
+
 static inline float tail_dot(const uint8_t* p, int64_t g0, int64_t nb, const float* z) {
   float s = 0.0f;
   for (int64_t g = g0; g < nb; ++g) {
     const unsigned byte = p[g];
     const float* zg = z + 4 * g;
-    s += static_cast<float>(byte & 3) * zg[0] + static_cast<float>((byte >> 2) & 3) * zg[1] +
-         static_cast<float>((byte >> 4) & 3) * zg[2] + static_cast<float>(byte >> 6) * zg[3];
+    s += centred_code(byte & 3) * zg[0] + centred_code((byte >> 2) & 3) * zg[1] +
+         centred_code((byte >> 4) & 3) * zg[2] + centred_code(byte >> 6) * zg[3];
   }
   return s;
 }
@@ -515,6 +518,16 @@ static inline int64_t col_blocks_per_pass(int B, int64_t block_weights) {
   return std::max<int64_t>(4, 24576 / (B * block_weights * 4) );
 }
 
+// Centred code values (q - 1.5) by the low 4 bits of a lane: lo[i] = (i & 3) - 1.5, hi[i] = (i >> 2) - 1.5.
+__attribute__((target("avx512f"))) static inline __m512 centred_lo_512() {
+  return _mm512_setr_ps(-1.5f, -0.5f, 0.5f, 1.5f, -1.5f, -0.5f, 0.5f, 1.5f, -1.5f, -0.5f, 0.5f, 1.5f, -1.5f, -0.5f,
+                        0.5f, 1.5f);
+}
+__attribute__((target("avx512f"))) static inline __m512 centred_hi_512() {
+  return _mm512_setr_ps(-1.5f, -1.5f, -1.5f, -1.5f, -0.5f, -0.5f, -0.5f, -0.5f, 0.5f, 0.5f, 0.5f, 0.5f, 1.5f, 1.5f,
+                        1.5f, 1.5f);
+}
+
 // 16 bytes (64 weights) per step. A byte v holds q0 | q1<<2 | q2<<4 | q3<<6; vpermps looks up
 // only the low 4 bits of each index, so with the 16-entry tables lo[i] = i & 3 and hi[i] = i >> 2,
 // permutexvar(v, lo) = q0 and permutexvar(v, hi) = q1 (and the same on v >> 4 for q2, q3):
@@ -526,8 +539,7 @@ __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl"))) static void gemv_a
   constexpr int NA = Accs<B>::value;
   const int64_t nb = n / 4;
   const int64_t nblk = nb / 16;
-  const __m512 lo = _mm512_setr_ps(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3);
-  const __m512 hi = _mm512_setr_ps(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  const __m512 lo = centred_lo_512(), hi = centred_hi_512();
   for (int64_t j = j0; j < j1; ++j) {
     const uint8_t* p = packed + j * nb;
     for (int b = 0; b < B; ++b) y[b * ldy + j] = tail_dot(p, nblk * 16, nb, zp + b * n) + c[b];
@@ -593,8 +605,7 @@ __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl"))) static void gemv1_
     const float* zp, const float* c, int64_t n, const uint8_t* packed, int64_t j0, int64_t j1, float* y) {
   const int64_t nb = n / 4;
   const int64_t nblk = nb / 16;
-  const __m512 lo = _mm512_setr_ps(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3);
-  const __m512 hi = _mm512_setr_ps(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  const __m512 lo = centred_lo_512(), hi = centred_hi_512();
   for (int64_t j = j0; j < j1; ++j) y[j] = tail_dot(packed + j * nb, nblk * 16, nb, zp) + c[0];
   const int64_t cb = col_blocks_per_pass(1, 64);
   for (int64_t k0 = 0; k0 < nblk; k0 += cb) {
@@ -640,8 +651,9 @@ __attribute__((target("avx2,fma"))) static void gemv_avx2(const float* zp, const
   constexpr int NA = Accs<B>::value;
   const int64_t nb = n / 4;
   const int64_t nblk = nb / 8;
-  // vpermps (8 entries) looks up the low 3 bits: lo[i] = i & 3 gives q0 from v; q1 = (v >> 2) & 3.
-  const __m256 lo = _mm256_setr_ps(0, 1, 2, 3, 0, 1, 2, 3);
+  // vpermps (8 entries) looks up the low 3 bits: lo[i] = (i & 3) - 1.5 gives q0 from v (centred);
+  // q1 from v >> 2.
+  const __m256 lo = _mm256_setr_ps(-1.5f, -0.5f, 0.5f, 1.5f, -1.5f, -0.5f, 0.5f, 1.5f);
   for (int64_t j = j0; j < j1; ++j) {
     const uint8_t* p = packed + j * nb;
     for (int b = 0; b < B; ++b) y[b * ldy + j] = tail_dot(p, nblk * 8, nb, zp + b * n) + c[b];
@@ -696,7 +708,7 @@ __attribute__((target("avx2,fma"))) static void gemv_avx2(const float* zp, const
 // reduction and every code byte is decoded once per slice of <= 8 activation rows, which at
 // 16-256 rows costs more than the FMAs (0.3-0.6x dense fp32 at 64 rows). Here the layout of a
 // classical GEMM micro-kernel: a panel of JW weight rows x kKc inputs is decoded once into a
-// transposed fp32 buffer (q values 0..3, the codebook is folded into the activations), and then
+// transposed fp32 buffer (centred q values, the codebook is folded into the activations), and then
 // every tile of BT activation rows runs over it with the output rows in the vector lanes:
 // per input, JW/16 panel loads and BT broadcasts feed BT * JW/16 FMAs, no reductions. The panel
 // (kKc * JW floats) and the BT activation rows of a tile stay in L1 while the block of
@@ -736,9 +748,9 @@ __attribute__((target("avx512f"))) static inline __m512i bf16_pair_table() {
 }
 
 // Panel of weight rows [j, j + rows), inputs [k0, k1) (k0, k1 multiples of 16, rows <= 32;
-// absent rows decode as code 0: 0 in fp32, -1.5 centred in bf16; never stored). One 32-bit gather per 16 rows reads 4 code bytes (16 inputs) of
+// absent rows decode as code 0, -1.5 centred; never stored). One 32-bit gather per 16 rows reads 4 code bytes (16 inputs) of
 // each row, then
-// - fp32 (T = float): panel [k1 - k0][32] of q values; a shift and a permute (lo[i] = i & 3 on
+// - fp32 (T = float): panel [k1 - k0][32] of centred q values; a shift and a permute (lo[i] = (i & 3) - 1.5 on
 //   the low 4 bits) turn each 2-bit field into 16 floats;
 // - bf16 pairs (T = uint32_t, for the bf16 GEMM below): panel [(k1 - k0) / 2][32]; the 4-bit
 //   field of a pair (q_even | q_odd << 2) indexes a 16-entry table of ready-made pairs, so one
@@ -748,7 +760,7 @@ __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl"))) static void decode
     const uint8_t* packed, int64_t nb, int64_t j, int64_t rows, int64_t k0, int64_t k1, T* panel) {
   constexpr bool kPairs = std::is_same_v<T, uint32_t>;
   prefetch_next_panel(packed, nb, j, rows, k1, 4 * nb, (k1 - k0) / 4);
-  const __m512 lo = _mm512_setr_ps(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3);
+  const __m512 lo = centred_lo_512();
   const __m512i table = bf16_pair_table();
   const __m512i row_off = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                              _mm512_set1_epi32(static_cast<int>(nb)));
@@ -898,7 +910,7 @@ __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16"))) static 
 }
 #endif
 
-// Panel [k1 - k0][JW] of q values, portable: rows [j, j + rows), inputs [k0, k1) (multiples of 4).
+// Panel [k1 - k0][JW] of centred q values, portable: rows [j, j + rows), inputs [k0, k1) (multiples of 4).
 static void decode_panel_scalar(const uint8_t* packed, int64_t nb, int64_t j, int64_t rows, int64_t k0, int64_t k1,
                                 int JW, float* panel) {
   std::memset(panel, 0, sizeof(float) * (k1 - k0) * JW);
@@ -907,7 +919,7 @@ static void decode_panel_scalar(const uint8_t* packed, int64_t nb, int64_t j, in
     for (int64_t k = k0; k < k1; k += 4) {
       const unsigned byte = p[k / 4];
       float* o = panel + (k - k0) * JW + r;
-      for (int s = 0; s < 4; ++s) o[s * JW] = static_cast<float>((byte >> (2 * s)) & 3);
+      for (int s = 0; s < 4; ++s) o[s * JW] = centred_code((byte >> (2 * s)) & 3);
     }
   }
 }
@@ -986,8 +998,10 @@ __attribute__((target("avx512f"))) static void pack_tile12_avx512(const float* r
 }
 #endif
 
-void prepare_gemm_activations(const float* x, int64_t B, int64_t n, const float* A, const float* beta, Isa isa,
+void prepare_gemm_activations(const float* x, int64_t B, int64_t n, const float* A, const float* beta_in, Isa isa,
                               int64_t bt_max, float* zt, float* c) {
+  float beta[4];  // the panels hold centred codes (kernels.h)
+  centred_beta(A, beta_in, beta);
   if (bt_max == 0) return prepare_activations(x, B, n, A, beta, Isa::Scalar, zt, c);
   thread_local std::vector<float> rows;  // one tile of folded rows, natural order
   if (rows.size() < static_cast<size_t>(bt_max * n)) rows.resize(bt_max * n);

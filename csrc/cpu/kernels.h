@@ -20,8 +20,11 @@ void hadamard_row(float* x, int64_t n, int64_t r, const float* left, int64_t K, 
 
 // Decode GEMV for B <= kMaxGemvBatch rows of activations, rotated domain:
 //   y[b, j] = sum_g <A q_{j,g} + beta, x[b, 4g:4g+4]>  for rows j in [j0, j1),
-// computed as y[b, j] = sum_i q_{j,i} z[b, i] + c[b] with z_g = A^T x_g, c = sum_g <beta, x_g>.
-// `zp` is the output of prepare_activations (layout depends on the ISA). packed is [m, n/4].
+// computed as y[b, j] = sum_i (q_{j,i} - 1.5) z[b, i] + c[b] with z_g = A^T x_g and the centred
+// constant c = sum_g <centred_beta, x_g> (see centred_beta below: the fp32 products multiply centred
+// codes too, so that the sum does not cancel a large offset against c: with codes 0..3 a centred
+// codebook's layer lost up to 2.4e-6 of its largest output, 2-5x a dense fp32 layer's rounding).
+// `zp` is the output of prepare_activations with centred_beta (layout depends on the ISA). packed is [m, n/4].
 constexpr int kMaxGemvBatch = 8;
 int64_t prepared_size(int64_t n, Isa isa);  // floats per activation row in zp
 void prepare_activations(const float* x, int64_t B, int64_t n, const float* A, const float* beta, Isa isa,
@@ -33,14 +36,15 @@ void lc_gemv_rows(const float* zp, const float* c, int64_t B, int64_t n, const u
 // panels decoded once per call, output rows in the vector lanes. zt comes from
 // prepare_gemm_activations with the same isa and tile_rows = gemm_tile_rows(isa, n, B)
 // (activation rows packed in tiles of tile_rows rows, the last one maybe shorter, input-major
-// inside a tile); [B, n] floats. A caller may prepare a range of whole tiles at a time.
+// inside a tile); [B, n] floats. A caller may prepare a range of whole tiles at a time. The panels
+// hold centred codes; prepare_gemm_activations folds with centred_beta itself (pass the plain beta).
 int64_t gemm_tile_rows(Isa isa, int64_t n, int64_t B);
 void prepare_gemm_activations(const float* x, int64_t B, int64_t n, const float* A, const float* beta, Isa isa,
                               int64_t tile_rows, float* zt /* [B, n] */, float* c /* [B] */);
 void lc_gemm_rows(const float* zt, const float* c, int64_t B, int64_t n, const uint8_t* packed, int64_t j0, int64_t j1,
                   Isa isa, int64_t tile_rows, float* y /* [B, m] */, int64_t ldy);
 
-// bf16 products multiply centred codes: q - 1.5 in {-1.5, -0.5, 0.5, 1.5} (exact in bf16), with
+// bf16 products (and the fp32 GEMV and GEMM) multiply centred codes: q - 1.5 in {-1.5, -0.5, 0.5, 1.5} (exact in bf16), with
 // 1.5 * sum_i z_i moved into the row constant. sum_i z_i folds like <beta, x_g> does (z_g = A^T x_g,
 // so sum_s z_{g,s} = <A 1, x_g>): the constant is the fold with beta + 1.5 * (row sums of A), at no
 // cost, and it sees the unrounded z. Why: z is rounded to bf16 for the products, and with codes
