@@ -20,7 +20,7 @@
 //   cpu_has_bf16_dot() -> bool                                    whether bf16 activations multiply in bf16
 // H = L (x) H_block (L = identity when `left` is None; else the K x K matrix `left`, n = K*block).
 // Compute is fp32 whatever the activation dtype (fp32, bf16, fp16 accepted; outputs have the
-// activation's dtype), with exceptions for bf16 activations (LCQAT_CPU_BF16=0 turns them off):
+// activation's dtype), with exceptions for bf16 activations (OPTIMUM_LCQAT_CPU_BF16=0 turns them off):
 // on a CPU with AVX512_BF16 they multiply in bf16 with fp32 accumulation, as dense bf16 layers do
 // (the code values are exact in bf16; the folded activations are rounded); on an AVX-512 VNNI CPU
 // the decode GEMV (1-5 rows; 1-2 where the AMX layer takes 3) and int8_linear instead round them to
@@ -29,7 +29,7 @@
 // No dense weight is ever built: 1-3 rows (1-5 with bf16 products) run the decode GEMV, more
 // rows (serving batches, prefill) the GEMM of cpu/kernels.cpp that decodes code panels into L1;
 // on AMX CPUs bf16 activations of 3+ rows the AMX layer (amx_call, cpu/amx.cpp: codes decoded
-// into one 16 x 32 tile at a time; LCQAT_CPU_AMX=0 turns it off), and fp32 activations of 2+ rows
+// into one 16 x 32 tile at a time; OPTIMUM_LCQAT_CPU_AMX=0 turns it off), and fp32 activations of 2+ rows
 // the same layer as three bf16 parts a row (hi + mid + lo = x exactly: exact products, fp32 sums).
 #include <Python.h>
 

@@ -4,8 +4,8 @@ The CPU kernels pick their path at run time from what the CPU has (AMX, AVX512_B
 AVX2, scalar). A test run sees only the top tier of the machine it runs on, so a path the CI machine
 does not pick went untested: on an AMD EPYC (no AMX) the fp32 GEMM's accuracy had never been held to
 the bound the AMX path met. Here tests/test_kernels.py runs in a child pytest for each lower tier,
-forced through the kernels' own switches (LCQAT_CPU_ISA, LCQAT_CPU_BF16, LCQAT_CPU_A16,
-LCQAT_CPU_AMX); a tier this CPU cannot run is skipped with the reason, so `pytest -rs` lists it.
+forced through the kernels' own switches (OPTIMUM_LCQAT_CPU_ISA, OPTIMUM_LCQAT_CPU_BF16, OPTIMUM_LCQAT_CPU_A16,
+OPTIMUM_LCQAT_CPU_AMX); a tier this CPU cannot run is skipped with the reason, so `pytest -rs` lists it.
 The top tier is the main run itself.
 """
 
@@ -43,16 +43,16 @@ HAS_AMX = HAS_BF16 and "amx_bf16" in FLAGS  # the OS granting the tile state is 
 # tier: (switches, whether this CPU can run it, why not, what the kernels must report under it).
 # The report is read back in the child: a switch that stopped working fails here, not silently.
 TIERS = {
-    "avx512-no-amx": ({"LCQAT_CPU_AMX": "0"}, HAS_AMX, "no AMX on this CPU (the main run is this tier)",
+    "avx512-no-amx": ({"OPTIMUM_LCQAT_CPU_AMX": "0"}, HAS_AMX, "no AMX on this CPU (the main run is this tier)",
                       {"isa": "avx512", "amx_bf16": False, "amx_int8": False, "bf16_dot": True}),
-    "avx512-bf16-no-a16": ({"LCQAT_CPU_A16": "0"}, HAS_VNNI, "no AVX-512 VNNI on this CPU",
+    "avx512-bf16-no-a16": ({"OPTIMUM_LCQAT_CPU_A16": "0"}, HAS_VNNI, "no AVX-512 VNNI on this CPU",
                            {"isa": "avx512", "int8_a16": False}),
-    "avx512-no-bf16-no-vnni16": ({"LCQAT_CPU_BF16": "0"}, HAS_BF16 or HAS_VNNI,
+    "avx512-no-bf16-no-vnni16": ({"OPTIMUM_LCQAT_CPU_BF16": "0"}, HAS_BF16 or HAS_VNNI,
                                  "neither AVX512_BF16 nor VNNI on this CPU",
                                  {"isa": "avx512", "bf16_dot": False, "int8_a16": False, "amx_bf16": False}),
-    "avx2": ({"LCQAT_CPU_ISA": "avx2"}, HAS_AVX512, "no AVX-512 on this CPU (AVX2 is its top tier or absent)",
+    "avx2": ({"OPTIMUM_LCQAT_CPU_ISA": "avx2"}, HAS_AVX512, "no AVX-512 on this CPU (AVX2 is its top tier or absent)",
              {"isa": "avx2", "bf16_dot": False, "int8_a16": False, "vnni": False, "amx_bf16": False}),
-    "scalar": ({"LCQAT_CPU_ISA": "scalar"}, native.available() and native.cpu_isa() != "scalar",
+    "scalar": ({"OPTIMUM_LCQAT_CPU_ISA": "scalar"}, native.available() and native.cpu_isa() != "scalar",
                "the main run already is the scalar tier",
                {"isa": "scalar", "bf16_dot": False, "int8_a16": False, "vnni": False, "amx_bf16": False}),
 }
@@ -77,7 +77,7 @@ def test_kernel_tests_pass_under_forced_isa_tier(tier):
     switches, runnable, why_not, expect = TIERS[tier]
     if not runnable:
         pytest.skip(f"ISA tier {tier} not run: {why_not}")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LCQAT_CPU_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPTIMUM_LCQAT_CPU_", "LCQAT_CPU_"))}
     env.update(switches)
     report = run_process_group([sys.executable, "-P", "-c", REPORT], timeout=120, env=env, cwd="/")
     assert report.returncode == 0, report.stderr[-3000:]

@@ -107,7 +107,7 @@ def test_lc_linear_leading_dims_fp16_and_params_in_bf16():
 @needs_native
 @pytest.mark.parametrize("isa", ["avx2", "scalar"])
 def test_other_isa_variants_match_reference(isa):
-    # The ISA is fixed per process (LCQAT_CPU_ISA caps it), so each variant runs in a fresh one.
+    # The ISA is fixed per process (OPTIMUM_LCQAT_CPU_ISA caps it), so each variant runs in a fresh one.
     code = f"""
 import torch
 from optimum_lcqat.kernels import native, reference
@@ -134,9 +134,33 @@ for m, n, b in [(37, 200, 1), (64, 300, 3), (16, 1540, 8), (5, 12, 2), (70, 576,
     assert err8 < 1e-3, (m, n, b, err8)
 print("ok")
 """
-    env = dict(os.environ, LCQAT_CPU_ISA=isa)  # the installed package (its built _C), as in every test
+    env = dict(os.environ, OPTIMUM_LCQAT_CPU_ISA=isa)  # the installed package (its built _C), as in every test
     proc = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+@needs_native
+def test_cpu_switches_take_one_prefix_and_the_old_names_warn():
+    # OPTIMUM_LCQAT_CPU_* is the switches' name; LCQAT_CPU_* still works with a warning once; the new
+    # name wins where both are set; a value the ISA switch does not know is said, not ignored silently.
+    code = "from optimum_lcqat.kernels import native; print(native.cpu_isa(), native.cpu_isa())"
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("OPTIMUM_LCQAT_CPU_", "LCQAT_CPU_"))}
+
+    def run(**env):
+        proc = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=120,
+                              env={**base, **env})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout.split(), proc.stderr
+
+    out, err = run(OPTIMUM_LCQAT_CPU_ISA="scalar")
+    assert out == ["scalar", "scalar"] and "deprecated" not in err
+    out, err = run(LCQAT_CPU_ISA="scalar")
+    assert out == ["scalar", "scalar"]
+    assert err.count("LCQAT_CPU_ISA is deprecated") == 1 and "OPTIMUM_LCQAT_CPU_ISA=scalar" in err
+    out, _ = run(LCQAT_CPU_ISA="scalar", OPTIMUM_LCQAT_CPU_ISA="avx512")
+    assert out[0] != "scalar"
+    out, err = run(OPTIMUM_LCQAT_CPU_ISA="avx-512")
+    assert out[0] != "scalar" and "OPTIMUM_LCQAT_CPU_ISA=avx-512 is not one of scalar, avx2, avx512" in err
 
 
 @needs_native
@@ -573,18 +597,18 @@ def test_int8_head_bf16_activations_non_finite_rows():
 
 @needs_native
 def test_cpu_bf16_and_a16_switches():
-    # LCQAT_CPU_BF16=0: bf16 activations compute as fp32 ones in the LC layers and the int8 head
+    # OPTIMUM_LCQAT_CPU_BF16=0: bf16 activations compute as fp32 ones in the LC layers and the int8 head
     code = ("import torch, optimum_lcqat.kernels.native as n; assert n.available(); "
             "from optimum_lcqat.nn import Int8Linear; lin = torch.nn.Linear(96, 40); h = Int8Linear.from_linear(lin); "
             "x = torch.randn(2, 96).bfloat16(); "
             "ok = torch.equal(torch.ops.lcqat.int8_linear(x, h.weight_int8, h.scale, None), "
             "torch.ops.lcqat.int8_linear(x.float(), h.weight_int8, h.scale, None).bfloat16()); "
             "print(torch.ops.lcqat.cpu_has_int8_a16(), torch.ops.lcqat.cpu_has_bf16_dot(), ok)")
-    out = subprocess.run([sys.executable, "-P", "-c", code], env={**os.environ, "LCQAT_CPU_BF16": "0"},
+    out = subprocess.run([sys.executable, "-P", "-c", code], env={**os.environ, "OPTIMUM_LCQAT_CPU_BF16": "0"},
                          capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False", "True"], out
-    # LCQAT_CPU_A16=0: only the 16-bit path off (bf16 products stay where the CPU has them)
-    out = subprocess.run([sys.executable, "-P", "-c", code], env={**os.environ, "LCQAT_CPU_A16": "0"},
+    # OPTIMUM_LCQAT_CPU_A16=0: only the 16-bit path off (bf16 products stay where the CPU has them)
+    out = subprocess.run([sys.executable, "-P", "-c", code], env={**os.environ, "OPTIMUM_LCQAT_CPU_A16": "0"},
                          capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", str(native.cpu_has_bf16_dot()), "True"], out
 
@@ -618,7 +642,7 @@ def test_amx_gemm_rounds_like_bf16_products(batch, m, n):
 @needs_native
 @pytest.mark.skipif(not native.cpu_has_amx_bf16(), reason="needs a CPU with AMX-BF16")
 def test_amx_switch_keeps_the_avx512_bf16_gemm(tmp_path):
-    # LCQAT_CPU_AMX=0 turns only the AMX GEMM off: the AVX512_BF16 GEMM then runs, with the same
+    # OPTIMUM_LCQAT_CPU_AMX=0 turns only the AMX GEMM off: the AVX512_BF16 GEMM then runs, with the same
     # rounding of the activations (outputs within the fp32 summation order, after bf16 rounding)
     w, _ = make_layer(77, 576, seed=3)
     xt = torch.randn(16, 576, generator=torch.Generator().manual_seed(3)).bfloat16()
@@ -629,7 +653,7 @@ def test_amx_switch_keeps_the_avx512_bf16_gemm(tmp_path):
             "torch.save(n.lc_matmul(d['x'], d['codes'], d['A'], d['beta']), sys.argv[1])")
     path = str(tmp_path / "io.pt")
     torch.save({"x": xt, "codes": w.codes, "A": w.A, "beta": w.beta}, path)
-    out = subprocess.run([sys.executable, "-P", "-c", code, path], env={**os.environ, "LCQAT_CPU_AMX": "0"},
+    out = subprocess.run([sys.executable, "-P", "-c", code, path], env={**os.environ, "OPTIMUM_LCQAT_CPU_AMX": "0"},
                          capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "True"], out
     other = torch.load(path)
@@ -689,7 +713,7 @@ def test_int8_head_on_amx_tiles_extremes_and_thread_chunks():
 def test_amx_switch_turns_off_both_amx_paths():
     code = ("import torch, optimum_lcqat.kernels.native as n; assert n.available(); "
             "print(n.cpu_has_amx_bf16(), n.cpu_has_amx_int8(), n.cpu_has_int8_a16(), n.cpu_has_bf16_dot())")
-    out = subprocess.run([sys.executable, "-P", "-c", code], env={**os.environ, "LCQAT_CPU_AMX": "0"},
+    out = subprocess.run([sys.executable, "-P", "-c", code], env={**os.environ, "OPTIMUM_LCQAT_CPU_AMX": "0"},
                          capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False", "True", "True"], out
 

@@ -49,10 +49,10 @@ namespace lcqat {
 namespace cpu {
 
 // The CPU has AMX tiles and the given AMX compute (cpuid 7.0 EDX bit: 22 bf16, 25 int8), the OS
-// grants the tile state, and LCQAT_CPU_AMX is not "0".
+// grants the tile state, and OPTIMUM_LCQAT_CPU_AMX is not "0".
 static bool amx_usable(int compute_bit) {
 #if LCQAT_AMX
-  const char* env = std::getenv("LCQAT_CPU_AMX");
+  const char* env = cpu_switch("AMX");
   if (env && std::string(env) == "0") return false;
   unsigned a, b, c, d;
   if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
@@ -68,7 +68,7 @@ static bool amx_usable(int compute_bit) {
 }
 
 bool has_amx_bf16() {
-  // with bf16 products at all (AVX-512 + AVX512_BF16, LCQAT_CPU_BF16 not 0): this path rounds the
+  // with bf16 products at all (AVX-512 + AVX512_BF16, OPTIMUM_LCQAT_CPU_BF16 not 0): this path rounds the
   // activations to bf16 as the AVX512_BF16 GEMM does (nearest even; the two differ only for fp32
   // denormals, flushed to zero here, and in NaN payloads)
   static const bool ok = has_bf16_dot() && amx_usable(22);
@@ -76,7 +76,7 @@ bool has_amx_bf16() {
 }
 
 bool has_amx_int8() {
-  // with the 16-bit activation path (its parts and its exact sums; LCQAT_CPU_A16 not 0)
+  // with the 16-bit activation path (its parts and its exact sums; OPTIMUM_LCQAT_CPU_A16 not 0)
   static const bool ok = has_int8_a16() && amx_usable(25);
   return ok;
 }

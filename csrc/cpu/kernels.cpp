@@ -6,8 +6,11 @@
 #include <cmath>
 #include <cstdlib>
 #include <algorithm>
+#include <cstdio>
 #include <cstring>
 #include <limits>
+#include <mutex>
+#include <set>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -23,6 +26,21 @@ namespace lcqat {
 namespace cpu {
 
 // ------------------------------------------------------------------ ISA detection
+const char* cpu_switch(const char* what) {
+  const std::string name = std::string("OPTIMUM_LCQAT_CPU_") + what, old = std::string("LCQAT_CPU_") + what;
+  if (const char* v = std::getenv(name.c_str())) return v;
+  const char* v = std::getenv(old.c_str());
+  if (v) {
+    static std::mutex mu;
+    static std::set<std::string> warned;
+    std::lock_guard<std::mutex> lock(mu);
+    if (warned.insert(old).second)
+      std::fprintf(stderr, "optimum-lcqat: %s is deprecated and will be removed; set %s=%s instead\n", old.c_str(),
+                   name.c_str(), v);
+  }
+  return v;
+}
+
 static Isa detect_isa_uncached() {
   Isa best = Isa::Scalar;
 #if LCQAT_X86 && defined(__GNUC__)
@@ -32,12 +50,16 @@ static Isa detect_isa_uncached() {
       __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
     best = Isa::Avx512;
 #endif
-  if (const char* env = std::getenv("LCQAT_CPU_ISA")) {
+  if (const char* env = cpu_switch("ISA")) {
     std::string s(env);
     Isa cap = best;
     if (s == "scalar") cap = Isa::Scalar;
     else if (s == "avx2") cap = Isa::Avx2;
     else if (s == "avx512") cap = Isa::Avx512;
+    else
+      std::fprintf(stderr, "optimum-lcqat: OPTIMUM_LCQAT_CPU_ISA=%s is not one of scalar, avx2, avx512; "
+                   "the kernels use the CPU's best (%s). Set one of those three, or unset it.\n",
+                   env, isa_name(best));
     if (static_cast<int>(cap) < static_cast<int>(best)) best = cap;
   }
   return best;
@@ -1051,10 +1073,10 @@ void lc_gemm_rows(const float* zt, const float* c, int64_t B, int64_t n, const u
 bool has_bf16_dot() {
   static const bool ok = [] {
 #if LCQAT_X86 && defined(__GNUC__)
-    if (detect_isa() != Isa::Avx512) return false;  // LCQAT_CPU_ISA=avx2/scalar turns it off too
+    if (detect_isa() != Isa::Avx512) return false;  // OPTIMUM_LCQAT_CPU_ISA=avx2/scalar turns it off too
     __builtin_cpu_init();
     if (!__builtin_cpu_supports("avx512bf16")) return false;
-    const char* env = std::getenv("LCQAT_CPU_BF16");
+    const char* env = cpu_switch("BF16");
     return !(env && std::string(env) == "0");
 #else
     return false;
@@ -1529,8 +1551,8 @@ int64_t a16_row_bytes(int64_t n) { return (n + 63) / 64 * 64; }
 bool has_int8_a16() {
   static const bool ok = [] {
     if (!has_vnni()) return false;
-    for (const char* name : {"LCQAT_CPU_BF16", "LCQAT_CPU_A16"}) {
-      const char* env = std::getenv(name);
+    for (const char* what : {"BF16", "A16"}) {
+      const char* env = cpu_switch(what);
       if (env && std::string(env) == "0") return false;
     }
     return true;

@@ -8,7 +8,13 @@ namespace cpu {
 
 enum class Isa { Scalar = 0, Avx2 = 1, Avx512 = 2 };
 
-// Best ISA this CPU supports (cached), capped by the env var LCQAT_CPU_ISA=scalar|avx2|avx512.
+// The kernels' switches are environment variables OPTIMUM_LCQAT_CPU_<what> (ISA, BF16, A16, AMX), the
+// package's one prefix. The older names LCQAT_CPU_<what> still work, with a warning once on stderr;
+// the new name wins where both are set. Returns the value, or null when neither is set.
+const char* cpu_switch(const char* what);
+
+// Best ISA this CPU supports (cached), capped by OPTIMUM_LCQAT_CPU_ISA=scalar|avx2|avx512 (any other
+// value: a warning naming these, and no cap).
 Isa detect_isa();
 const char* isa_name(Isa isa);
 
@@ -58,7 +64,7 @@ constexpr uint16_t kCentredCodeBf16[4] = {0xBFC0u, 0xBF00u, 0x3F00u, 0x3FC0u};  
 void centred_beta(const float* A, const float* beta, float* out /* [4] */);
 
 // The GEMM with bf16 products (fp32 accumulation) for bf16 activations, on CPUs with
-// AVX512_BF16 (has_bf16_dot(); LCQAT_CPU_BF16=0 turns it off): the code values are exact in bf16,
+// AVX512_BF16 (has_bf16_dot(); OPTIMUM_LCQAT_CPU_BF16=0 turns it off): the code values are exact in bf16,
 // the folded activations z are rounded to bf16. n a multiple of 16; zt holds [B, n/2] bf16 pairs
 // in tiles of tile_rows = gemm_tile_rows(Isa::Avx512, n, B) rows.
 bool has_bf16_dot();
@@ -94,8 +100,8 @@ void lc_gemv_a8_rows(const int8_t* zq, const float* scale, const float* c, int64
                      const uint8_t* packed, int64_t j0, int64_t j1, float* y, int64_t ldy);
 
 // ---- weight-only int8 GEMV for bf16 activations (int8_linear), B <= kMaxGemvBatch, on AVX-512
-// VNNI CPUs (has_int8_a16(); LCQAT_CPU_BF16=0 turns it off with the bf16 products of the LC
-// layers, LCQAT_CPU_A16=0 alone: bf16 activations then take the bf16 GEMV, or fp32). Each activation row is rounded to 16-bit fixed point, q = round(x / s) with
+// VNNI CPUs (has_int8_a16(); OPTIMUM_LCQAT_CPU_BF16=0 turns it off with the bf16 products of the LC
+// layers, OPTIMUM_LCQAT_CPU_A16=0 alone: bf16 activations then take the bf16 GEMV, or fp32). Each activation row is rounded to 16-bit fixed point, q = round(x / s) with
 // s = max|x| / kA16Max (fp32), split as q = 256 h + l (h in [-127, 127], l in [-128, 127]); the
 // sums sum_i w h, sum_i w l are exact integers (vpdpbusd, the weights offset to unsigned by +128)
 // and
@@ -129,7 +135,7 @@ void lc_gemv_a16_rows(const int8_t* zq, const float* s, const float* c, int64_t 
                       int64_t j0, int64_t j1, float* y, int64_t ldy);
 
 // ---- the LC GEMM on AMX tiles for bf16 activations (amx.cpp), on CPUs with AMX-BF16
-// (has_amx_bf16(): has_bf16_dot() as well, the OS grants the tile state; LCQAT_CPU_AMX=0 turns it
+// (has_amx_bf16(): has_bf16_dot() as well, the OS grants the tile state; OPTIMUM_LCQAT_CPU_AMX=0 turns it
 // off). The same product as lc_gemm_bf16_rows, with the same rounding for normal z (to bf16, nearest even;
 // fp32 accumulation, in another order). z = the folded activations in natural order (fp32, from
 // prepare_activations with Isa::Scalar and the centred beta: the caller folds with centred_beta,
@@ -169,7 +175,7 @@ void lc_gemm_amx_rows(const uint16_t* zb, const float* c, int64_t B, int64_t n, 
                       int64_t j1, float* y /* [B, m] */, int64_t ldy);
 
 // ---- int8_linear for bf16 activations on AMX tiles (amx.cpp), on CPUs with AMX-INT8 (has_amx_int8():
-// has_int8_a16() as well; LCQAT_CPU_AMX=0 turns it off): the activations rounded to 16-bit fixed
+// has_int8_a16() as well; OPTIMUM_LCQAT_CPU_AMX=0 turns it off): the activations rounded to 16-bit fixed
 // point by a16_prepare, the integer sums exact (tdpbssd), y as in int8_gemv_a16_rows: the same
 // bits. n a multiple of 64, n <= kA16MaxInputs. tiles: int8_amx_tile_bytes(B, n) bytes from
 // int8_amx_prepare; rows [j0, j1) of the weight (a multiple of 16 apart, except at m).

@@ -189,26 +189,26 @@ def cpu_has_vnni() -> bool:
 def cpu_has_bf16_dot() -> bool:
     """Whether bf16 activations multiply in bf16 (fp32 accumulation) in the CPU GEMM, and in the
     GEMV where :func:`cpu_has_int8_a16` is false: AVX512_BF16 present, AVX-512 kernels in use,
-    LCQAT_CPU_BF16 not "0". fp32 activations never do."""
+    OPTIMUM_LCQAT_CPU_BF16 not "0". fp32 activations never do."""
     return bool(torch.ops.lcqat.cpu_has_bf16_dot()) if available() else False
 
 
 def cpu_has_amx_bf16() -> bool:
     """Whether bf16 activations of 3 rows and more (fp32: 2, as three bf16 parts) multiply on AMX tiles (Intel AMX-BF16, the OS granting
-    the tile state, :func:`cpu_has_bf16_dot`, LCQAT_CPU_AMX not "0"; csrc/cpu/amx.cpp): the
+    the tile state, :func:`cpu_has_bf16_dot`, OPTIMUM_LCQAT_CPU_AMX not "0"; csrc/cpu/amx.cpp): the
     same rounding as the AVX512_BF16 GEMM, for layers whose input dimension is a multiple of 32."""
     return bool(torch.ops.lcqat.cpu_has_amx_bf16()) if available() else False
 
 
 def cpu_has_amx_int8() -> bool:
     """Whether ``int8_linear``'s 16-bit path (:func:`cpu_has_int8_a16`) sums on AMX tiles from 2 rows
-    (Intel AMX-INT8, LCQAT_CPU_AMX not "0"; csrc/cpu/amx.cpp): the same integers, the same outputs."""
+    (Intel AMX-INT8, OPTIMUM_LCQAT_CPU_AMX not "0"; csrc/cpu/amx.cpp): the same integers, the same outputs."""
     return bool(torch.ops.lcqat.cpu_has_amx_int8()) if available() else False
 
 
 def cpu_has_int8_a16() -> bool:
     """Whether ``int8_linear`` and the LC decode GEMV compute bf16 activations as 16-bit fixed point with exact
-    integer sums (AVX-512 VNNI; neither LCQAT_CPU_BF16 nor LCQAT_CPU_A16 is "0"); see csrc/cpu/kernels.h."""
+    integer sums (AVX-512 VNNI; neither OPTIMUM_LCQAT_CPU_BF16 nor OPTIMUM_LCQAT_CPU_A16 is "0"); see csrc/cpu/kernels.h."""
     return bool(torch.ops.lcqat.cpu_has_int8_a16()) if available() else False
 
 

@@ -9,7 +9,7 @@ point and multiplied as exact integers (an error below bf16's own rounding for e
 max|x| / 128; a row's result does not depend on the rows beside it), where the weight-only fp32
 loop was bound by its int8 -> fp32 conversions; on AMX-INT8 CPUs the same integer sums run on
 AMX tiles from 2 rows (csrc/cpu/amx.cpp: the same outputs, the head read once a call at any row
-count up to 64); ``LCQAT_CPU_BF16=0`` computes them in fp32 instead (csrc/cpu/kernels.h).
+count up to 64); ``OPTIMUM_LCQAT_CPU_BF16=0`` computes them in fp32 instead (csrc/cpu/kernels.h).
 
 Two ways to get one:
 
