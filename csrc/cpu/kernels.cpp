@@ -550,54 +550,129 @@ __attribute__((target("avx512f"))) static inline __m512 centred_hi_512() {
                         1.5f, 1.5f);
 }
 
-// 16 bytes (64 weights) per step. A byte v holds q0 | q1<<2 | q2<<4 | q3<<6; vpermps looks up
-// only the low 4 bits of each index, so with the 16-entry tables lo[i] = i & 3 and hi[i] = i >> 2,
-// permutexvar(v, lo) = q0 and permutexvar(v, hi) = q1 (and the same on v >> 4 for q2, q3):
-// 1 zero-extension, 1 shift and 4 permutes decode 64 codes to floats.
-template <int B>
-__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl"))) static void gemv_avx512(
-    const float* zp, const float* c, int64_t n, const uint8_t* packed, int64_t j0, int64_t j1, float* y,
-    int64_t ldy) {
+// hsum256 first: the AVX2 traits use it.
+__attribute__((target("avx2,fma"))) static inline float hsum256(__m256 v) {
+  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+  lo = _mm_add_ps(lo, hi);
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
+  return _mm_cvtss_f32(lo);
+}
+
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+// ---- vector traits: the few operations of the LC GEMV and the int8 loop, one struct per ISA, each member with
+// its ISA's target attribute. The loop is written once (int8_rows below) over these traits. A
+// template cannot take its target attribute from a parameter, so int8_rows itself has the
+// baseline target and is instantiated in per-ISA wrappers that carry the ISA's target and
+// `flatten`: int8_rows and the trait members are all inlined into the wrapper, where every
+// intrinsic meets its ISA (generated code as with the former hand-written copies). GCC warns
+// (-Wpsabi) that a vector passed to or returned from a trait member by baseline code would use
+// another ABI; no such call is left after flattening.
+#define LCQAT_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
+#define LCQAT_TARGET_AVX2 __attribute__((target("avx2,fma")))
+
+struct VecAvx512 {
+  using F = __m512;
+  static constexpr int kLanes = 16;
+  LCQAT_TARGET_AVX512 static inline F zero() { return _mm512_setzero_ps(); }
+  LCQAT_TARGET_AVX512 static inline F load(const float* p) { return _mm512_loadu_ps(p); }
+  // kLanes int8 weights -> fp32 (sign extension, exact conversion)
+  LCQAT_TARGET_AVX512 static inline F load_i8(const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  LCQAT_TARGET_AVX512 static inline F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  LCQAT_TARGET_AVX512 static inline F add(F a, F b) { return _mm512_add_ps(a, b); }
+  LCQAT_TARGET_AVX512 static inline float sum(F v) { return _mm512_reduce_add_ps(v); }
+  // kLanes code bytes -> their four centred code planes (q[s]: field s of each byte). vpermps looks up
+  // only the low 4 bits of each index: 1 zero-extension, 1 shift and 4 permutes decode 64 codes.
+  LCQAT_TARGET_AVX512 static inline void decode(const uint8_t* p, F (&q)[4]) {
+    const __m512 lo = centred_lo_512(), hi = centred_hi_512();
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m512i v4 = _mm512_srli_epi32(v, 4);
+    q[0] = _mm512_permutexvar_ps(v, lo);
+    q[1] = _mm512_permutexvar_ps(v, hi);
+    q[2] = _mm512_permutexvar_ps(v4, lo);
+    q[3] = _mm512_permutexvar_ps(v4, hi);
+  }
+};
+
+struct VecAvx2 {
+  using F = __m256;
+  static constexpr int kLanes = 8;
+  LCQAT_TARGET_AVX2 static inline F zero() { return _mm256_setzero_ps(); }
+  LCQAT_TARGET_AVX2 static inline F load(const float* p) { return _mm256_loadu_ps(p); }
+  LCQAT_TARGET_AVX2 static inline F load_i8(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+  LCQAT_TARGET_AVX2 static inline F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  LCQAT_TARGET_AVX2 static inline F add(F a, F b) { return _mm256_add_ps(a, b); }
+  LCQAT_TARGET_AVX2 static inline float sum(F v) { return hsum256(v); }
+  // vpermps (8 entries) looks up the low 3 bits: lo[i] = (i & 3) - 1.5 gives field s of v >> 2s.
+  LCQAT_TARGET_AVX2 static inline void decode(const uint8_t* p, F (&q)[4]) {
+    const __m256 lo = _mm256_setr_ps(-1.5f, -0.5f, 0.5f, 1.5f, -1.5f, -0.5f, 0.5f, 1.5f);
+    const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    q[0] = _mm256_permutevar8x32_ps(lo, v);
+    q[1] = _mm256_permutevar8x32_ps(lo, _mm256_srli_epi32(v, 2));
+    q[2] = _mm256_permutevar8x32_ps(lo, _mm256_srli_epi32(v, 4));
+    q[3] = _mm256_permutevar8x32_ps(lo, _mm256_srli_epi32(v, 6));
+  }
+};
+
+// The LC GEMV, rows [j0, j1), B activation rows: V::kLanes code bytes (4 * kLanes weights) per step,
+// decoded once for the B rows; the activations in code-plane-major blocks of kLanes bytes
+// (prepare_activations), so that code plane s of a step multiplies one contiguous vector.
+template <class V, int B>
+static inline void gemv_rows(const float* zp, const float* c, int64_t n, const uint8_t* packed, int64_t j0, int64_t j1,
+                             float* y, int64_t ldy) {
   constexpr int NA = Accs<B>::value;
+  constexpr int64_t W = V::kLanes;
   const int64_t nb = n / 4;
-  const int64_t nblk = nb / 16;
-  const __m512 lo = centred_lo_512(), hi = centred_hi_512();
+  const int64_t nblk = nb / W;
   for (int64_t j = j0; j < j1; ++j) {
     const uint8_t* p = packed + j * nb;
-    for (int b = 0; b < B; ++b) y[b * ldy + j] = tail_dot(p, nblk * 16, nb, zp + b * n) + c[b];
+    for (int b = 0; b < B; ++b) y[b * ldy + j] = tail_dot(p, nblk * W, nb, zp + b * n) + c[b];
   }
-  const int64_t cb = col_blocks_per_pass(B, 64);
+  const int64_t cb = col_blocks_per_pass(B, 4 * W);
   for (int64_t k0 = 0; k0 < nblk; k0 += cb) {
     const int64_t k1 = std::min(nblk, k0 + cb);
     for (int64_t j = j0; j < j1; ++j) {
       const uint8_t* p = packed + j * nb;
       if (k0 == 0) prefetch_ahead(p, nb, j1 - j, nb);
-      __m512 acc[B][NA];
+      typename V::F acc[B][NA];
       for (int b = 0; b < B; ++b)
-        for (int a = 0; a < NA; ++a) acc[b][a] = _mm512_setzero_ps();
+        for (int a = 0; a < NA; ++a) acc[b][a] = V::zero();
       for (int64_t bb = k0; bb < k1; ++bb) {
-        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + bb * 16)));
-        const __m512i v4 = _mm512_srli_epi32(v, 4);
-        const __m512 q0 = _mm512_permutexvar_ps(v, lo);
-        const __m512 q1 = _mm512_permutexvar_ps(v, hi);
-        const __m512 q2 = _mm512_permutexvar_ps(v4, lo);
-        const __m512 q3 = _mm512_permutexvar_ps(v4, hi);
+        typename V::F q[4];
+        V::decode(p + bb * W, q);
         for (int b = 0; b < B; ++b) {
-          const float* zb = zp + b * n + bb * 64;
-          acc[b][0 % NA] = _mm512_fmadd_ps(q0, _mm512_loadu_ps(zb), acc[b][0 % NA]);
-          acc[b][1 % NA] = _mm512_fmadd_ps(q1, _mm512_loadu_ps(zb + 16), acc[b][1 % NA]);
-          acc[b][2 % NA] = _mm512_fmadd_ps(q2, _mm512_loadu_ps(zb + 32), acc[b][2 % NA]);
-          acc[b][3 % NA] = _mm512_fmadd_ps(q3, _mm512_loadu_ps(zb + 48), acc[b][3 % NA]);
+          const float* zb = zp + b * n + bb * 4 * W;
+          for (int s = 0; s < 4; ++s) acc[b][s % NA] = V::fma(q[s], V::load(zb + s * W), acc[b][s % NA]);
         }
       }
       for (int b = 0; b < B; ++b) {
-        __m512 s = acc[b][0];
-        for (int a = 1; a < NA; ++a) s = _mm512_add_ps(s, acc[b][a]);
-        y[b * ldy + j] += _mm512_reduce_add_ps(s);
+        typename V::F s = acc[b][0];
+        for (int a = 1; a < NA; ++a) s = V::add(s, acc[b][a]);
+        y[b * ldy + j] += V::sum(s);
       }
     }
   }
 }
+
+template <int B>
+LCQAT_TARGET_AVX512 __attribute__((flatten)) static void gemv_avx512(const float* zp, const float* c, int64_t n,
+                                                                     const uint8_t* packed, int64_t j0, int64_t j1,
+                                                                     float* y, int64_t ldy) {
+  gemv_rows<VecAvx512, B>(zp, c, n, packed, j0, j1, y, ldy);
+}
+
+template <int B>
+LCQAT_TARGET_AVX2 __attribute__((flatten)) static void gemv_avx2(const float* zp, const float* c, int64_t n,
+                                                                 const uint8_t* packed, int64_t j0, int64_t j1,
+                                                                 float* y, int64_t ldy) {
+  gemv_rows<VecAvx2, B>(zp, c, n, packed, j0, j1, y, ldy);
+}
+#pragma GCC diagnostic pop
 
 // Batch-1 rows [j0, j1): whole groups of four through `four`, the remaining (j1 - j0) mod 4
 // rows through `one` (the GEMVs that process four rows per step).
@@ -622,12 +697,11 @@ __attribute__((target("avx512f,avx512dq"))) static inline __m128 reduce4_512(__m
 
 // Batch 1 (token-by-token decode), four weight rows per step: the 64 activations of a block are
 // loaded once for four rows and the four row sums are reduced together. Same decoding of the
-// codes as gemv_avx512; the rows left over (m mod 4) go through gemv_avx512<1>.
+// codes as gemv_avx512 (VecAvx512::decode); the rows left over (m mod 4) go through gemv_avx512<1>.
 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl"))) static void gemv1_avx512_rows4(
     const float* zp, const float* c, int64_t n, const uint8_t* packed, int64_t j0, int64_t j1, float* y) {
   const int64_t nb = n / 4;
   const int64_t nblk = nb / 16;
-  const __m512 lo = centred_lo_512(), hi = centred_hi_512();
   for (int64_t j = j0; j < j1; ++j) y[j] = tail_dot(packed + j * nb, nblk * 16, nb, zp) + c[0];
   const int64_t cb = col_blocks_per_pass(1, 64);
   for (int64_t k0 = 0; k0 < nblk; k0 += cb) {
@@ -643,71 +717,17 @@ __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl"))) static void gemv1_
         const __m512 z0 = _mm512_loadu_ps(zb), z1 = _mm512_loadu_ps(zb + 16);
         const __m512 z2 = _mm512_loadu_ps(zb + 32), z3 = _mm512_loadu_ps(zb + 48);
         for (int r = 0; r < 4; ++r) {
-          const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p[r] + bb * 16)));
-          const __m512i v4 = _mm512_srli_epi32(v, 4);
-          acc[r][0] = _mm512_fmadd_ps(_mm512_permutexvar_ps(v, lo), z0, acc[r][0]);
-          acc[r][1] = _mm512_fmadd_ps(_mm512_permutexvar_ps(v, hi), z1, acc[r][1]);
-          acc[r][0] = _mm512_fmadd_ps(_mm512_permutexvar_ps(v4, lo), z2, acc[r][0]);
-          acc[r][1] = _mm512_fmadd_ps(_mm512_permutexvar_ps(v4, hi), z3, acc[r][1]);
+          __m512 q[4];
+          VecAvx512::decode(p[r] + bb * 16, q);
+          acc[r][0] = _mm512_fmadd_ps(q[0], z0, acc[r][0]);
+          acc[r][1] = _mm512_fmadd_ps(q[1], z1, acc[r][1]);
+          acc[r][0] = _mm512_fmadd_ps(q[2], z2, acc[r][0]);
+          acc[r][1] = _mm512_fmadd_ps(q[3], z3, acc[r][1]);
         }
       }
       const __m128 s = reduce4_512(_mm512_add_ps(acc[0][0], acc[0][1]), _mm512_add_ps(acc[1][0], acc[1][1]),
                                    _mm512_add_ps(acc[2][0], acc[2][1]), _mm512_add_ps(acc[3][0], acc[3][1]));
       _mm_storeu_ps(y + j, _mm_add_ps(_mm_loadu_ps(y + j), s));
-    }
-  }
-}
-
-__attribute__((target("avx2,fma"))) static inline float hsum256(__m256 v) {
-  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-  lo = _mm_add_ps(lo, hi);
-  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-  lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
-  return _mm_cvtss_f32(lo);
-}
-
-template <int B>
-__attribute__((target("avx2,fma"))) static void gemv_avx2(const float* zp, const float* c, int64_t n,
-                                                         const uint8_t* packed, int64_t j0, int64_t j1, float* y,
-                                                         int64_t ldy) {
-  constexpr int NA = Accs<B>::value;
-  const int64_t nb = n / 4;
-  const int64_t nblk = nb / 8;
-  // vpermps (8 entries) looks up the low 3 bits: lo[i] = (i & 3) - 1.5 gives q0 from v (centred);
-  // q1 from v >> 2.
-  const __m256 lo = _mm256_setr_ps(-1.5f, -0.5f, 0.5f, 1.5f, -1.5f, -0.5f, 0.5f, 1.5f);
-  for (int64_t j = j0; j < j1; ++j) {
-    const uint8_t* p = packed + j * nb;
-    for (int b = 0; b < B; ++b) y[b * ldy + j] = tail_dot(p, nblk * 8, nb, zp + b * n) + c[b];
-  }
-  const int64_t cb = col_blocks_per_pass(B, 32);
-  for (int64_t k0 = 0; k0 < nblk; k0 += cb) {
-    const int64_t k1 = std::min(nblk, k0 + cb);
-    for (int64_t j = j0; j < j1; ++j) {
-      const uint8_t* p = packed + j * nb;
-      if (k0 == 0) prefetch_ahead(p, nb, j1 - j, nb);
-      __m256 acc[B][NA];
-      for (int b = 0; b < B; ++b)
-        for (int a = 0; a < NA; ++a) acc[b][a] = _mm256_setzero_ps();
-      for (int64_t bb = k0; bb < k1; ++bb) {
-        const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + bb * 8)));
-        const __m256 q0 = _mm256_permutevar8x32_ps(lo, v);
-        const __m256 q1 = _mm256_permutevar8x32_ps(lo, _mm256_srli_epi32(v, 2));
-        const __m256 q2 = _mm256_permutevar8x32_ps(lo, _mm256_srli_epi32(v, 4));
-        const __m256 q3 = _mm256_permutevar8x32_ps(lo, _mm256_srli_epi32(v, 6));
-        for (int b = 0; b < B; ++b) {
-          const float* zb = zp + b * n + bb * 32;
-          acc[b][0 % NA] = _mm256_fmadd_ps(q0, _mm256_loadu_ps(zb), acc[b][0 % NA]);
-          acc[b][1 % NA] = _mm256_fmadd_ps(q1, _mm256_loadu_ps(zb + 8), acc[b][1 % NA]);
-          acc[b][2 % NA] = _mm256_fmadd_ps(q2, _mm256_loadu_ps(zb + 16), acc[b][2 % NA]);
-          acc[b][3 % NA] = _mm256_fmadd_ps(q3, _mm256_loadu_ps(zb + 24), acc[b][3 % NA]);
-        }
-      }
-      for (int b = 0; b < B; ++b) {
-        __m256 s = acc[b][0];
-        for (int a = 1; a < NA; ++a) s = _mm256_add_ps(s, acc[b][a]);
-        y[b * ldy + j] += hsum256(s);
-      }
     }
   }
 }
@@ -1269,46 +1289,8 @@ static void int8_scalar(const float* x, int64_t B, int64_t n, const int8_t* w, c
 }
 
 #if LCQAT_X86
-// ---- vector traits: the few operations of the int8 loop, one struct per ISA, each member with
-// its ISA's target attribute. The loop is written once (int8_rows below) over these traits. A
-// template cannot take its target attribute from a parameter, so int8_rows itself has the
-// baseline target and is instantiated in per-ISA wrappers that carry the ISA's target and
-// `flatten`: int8_rows and the trait members are all inlined into the wrapper, where every
-// intrinsic meets its ISA (generated code as with the former hand-written copies). GCC warns
-// (-Wpsabi) that a vector passed to or returned from a trait member by baseline code would use
-// another ABI; no such call is left after flattening.
 #pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wpsabi"
-#define LCQAT_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
-#define LCQAT_TARGET_AVX2 __attribute__((target("avx2,fma")))
-
-struct VecAvx512 {
-  using F = __m512;
-  static constexpr int kLanes = 16;
-  LCQAT_TARGET_AVX512 static inline F zero() { return _mm512_setzero_ps(); }
-  LCQAT_TARGET_AVX512 static inline F load(const float* p) { return _mm512_loadu_ps(p); }
-  // kLanes int8 weights -> fp32 (sign extension, exact conversion)
-  LCQAT_TARGET_AVX512 static inline F load_i8(const int8_t* p) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-  }
-  LCQAT_TARGET_AVX512 static inline F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
-  LCQAT_TARGET_AVX512 static inline F add(F a, F b) { return _mm512_add_ps(a, b); }
-  LCQAT_TARGET_AVX512 static inline float sum(F v) { return _mm512_reduce_add_ps(v); }
-};
-
-struct VecAvx2 {
-  using F = __m256;
-  static constexpr int kLanes = 8;
-  LCQAT_TARGET_AVX2 static inline F zero() { return _mm256_setzero_ps(); }
-  LCQAT_TARGET_AVX2 static inline F load(const float* p) { return _mm256_loadu_ps(p); }
-  LCQAT_TARGET_AVX2 static inline F load_i8(const int8_t* p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-  }
-  LCQAT_TARGET_AVX2 static inline F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
-  LCQAT_TARGET_AVX2 static inline F add(F a, F b) { return _mm256_add_ps(a, b); }
-  LCQAT_TARGET_AVX2 static inline float sum(F v) { return hsum256(v); }
-};
-
+#pragma GCC diagnostic ignored "-Wpsabi"  // see the vector traits above
 // Rows [j0, j1) of the weight-only int8 GEMV for B activation rows, V::kLanes weights per step.
 template <class V, int B>
 static inline void int8_rows(const float* x, int64_t n, const int8_t* w, const float* scale, int64_t j0, int64_t j1,
