@@ -40,3 +40,33 @@ def test_retained_heap_stops_step_page_faults_and_can_be_turned_off():
     # retained, later steps reuse the heap's pages
     assert faults_off > 50_000, faults_off
     assert faults_on < 10_000, faults_on
+
+
+# the heap is held while the work runs and handed back to the system after: RSS (what an OOM killer
+# counts) falls back once the last holder lets go, nested holders keep it until then
+RELEASE = r"""
+import torch
+from optimum_lcqat._heap import heap_holders, release_freed_memory, retained_heap
+def rss_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+base = rss_mb()
+with retained_heap() as on:
+    assert on and heap_holders() == 1
+    with retained_heap():
+        x = torch.ones(100 << 20); x.add_(1); del x  # 400 MiB touched, then freed
+        assert heap_holders() == 2
+    held = rss_mb() - base
+assert heap_holders() == 0
+release_freed_memory()  # unpaired: nothing happens
+after = rss_mb() - base
+print(round(held), round(after))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+def test_retained_heap_is_given_back_when_the_work_ends():
+    out = subprocess.run([sys.executable, "-c", RELEASE], capture_output=True, text=True, env=dict(os.environ))
+    assert out.returncode == 0, out.stderr[-2000:]
+    held, after = map(int, out.stdout.split())
+    assert held > 300, (held, after)   # retained while a holder is left
+    assert after < 50, (held, after)   # given back after the last one

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from optimum_lcqat import LCLinear, LCQATConfig
 
 transformers = pytest.importorskip("transformers")
-from transformers import AutoModelForCausalLM, Trainer, TrainingArguments  # noqa: E402
+from transformers import TrainerCallback, AutoModelForCausalLM, Trainer, TrainingArguments  # noqa: E402
 
 from optimum_lcqat.training import (  # noqa: E402
     TRAINING_STATE_NAME,
@@ -96,7 +96,17 @@ def test_plain_trainer_callback_trains_flips_and_saves_packed(lc_dir, tmp_path):
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any(n.endswith(".latent") for n in names) and any("norm" in n for n in names)
     assert not any("embed_tokens" in n for n in names)
+    from optimum_lcqat._heap import heap_holders
+
+    held = []
+    class HeapProbe(TrainerCallback):  # after LCQATCallback's on_train_begin: the heap is held while training
+        def on_step_end(self, args, state, control, **kwargs):
+            held.append(heap_holders())
+
+    trainer.add_callback(HeapProbe())
     result = trainer.train()
+    # the retained training heap was held during the steps and is given back at the end (_heap)
+    assert held and min(held) >= 1 and heap_holders() == 0 and not cb._heap_held
     # token budget: 5 steps of 4 x 32 tokens, then stop
     assert trainer.state.global_step == 5 and cb.tokens_trained == 5 * 4 * SEQ
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]

@@ -49,7 +49,7 @@ from accelerate.utils import parse_flag_from_env
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from .._heap import retain_freed_memory
+from .._heap import release_freed_memory, retain_freed_memory
 from ..convert import lc_layers
 from ..tensor.packing import unpack_codes
 from .params import resolve_decay, resolve_trainable, select_trainable
@@ -226,6 +226,7 @@ class LCQATCallback(TrainerCallback):
         self.tokens_trained = 0
         self.resumed_exactly: bool | None = None
         self._model = None
+        self._heap_held = False  # this callback holds the retained heap (on_train_begin .. on_train_end)
         self._start_codes: dict[str, torch.Tensor] = {}
         self._pending: list[dict] = []
         self._n_codes = 0
@@ -293,8 +294,9 @@ class LCQATCallback(TrainerCallback):
             )
         if self.max_tokens is not None and args.include_num_input_tokens_seen in ("no", False):
             raise ValueError("LCQATCallback(max_tokens=...) needs TrainingArguments(include_num_input_tokens_seen='all')")
-        if any(p.device.type == "cpu" for p in model.parameters()):
-            retain_freed_memory()  # steps reuse the heap instead of page-faulting (see optimum_lcqat._heap)
+        if any(p.device.type == "cpu" for p in model.parameters()) and not self._heap_held:
+            # steps reuse the heap instead of page-faulting, until on_train_end gives it back (optimum_lcqat._heap)
+            self._heap_held = retain_freed_memory()
         if state.global_step > 0:
             self.resumed_exactly = self._restore_training_state(args, state, model)
         self._warn_if_codes_cannot_change(args, state, layers, kwargs.get("optimizer"))
@@ -474,6 +476,9 @@ class LCQATCallback(TrainerCallback):
             save_training_state(model, folder, step=state.global_step)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self._heap_held:  # the training heap goes back to the system, whether or not layers finalize
+            self._heap_held = False
+            release_freed_memory()
         if not self.finalize_on_train_end:
             return
         model = _unwrap(model if model is not None else self._model)
