@@ -20,7 +20,7 @@ from .config import FORMAT_VERSION, LCQATConfig
 # Everything else of the package is imported inside the methods: registering the method (see
 # _registration.py) imports this module, possibly while another module of the package is half
 # imported (its own import reached transformers' quantizer registry); this module must then load
-# with nothing but transformers and the config.
+# with nothing but transformers and the config. It does not import _registration (no cycle).
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +152,28 @@ class LCQATHfQuantizer(HfQuantizer):
         return dequantize_model(model, dtype)
 
 
-from ._registration import register as _register  # noqa: E402
+_registered = False
 
-_register()  # deferred if this module's own import reached transformers' registry (see _registration)
+
+def register_lcqat() -> None:
+    """Register ``lcqat`` with transformers' quantizer registry (idempotent). Called at the end of
+    this module and by :func:`optimum_lcqat._registration.register` (the import hook)."""
+    global _registered
+    if _registered:
+        return
+    from transformers.quantizers import auto
+
+    from .config import QUANT_METHOD
+
+    # The registry's decorators refuse a second registration: check first, so that registering
+    # again (another import path, a reload) is harmless.
+    if auto.AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not LCQATConfig:
+        auto.AUTO_QUANTIZATION_CONFIG_MAPPING.pop(QUANT_METHOD, None)
+        auto.register_quantization_config(QUANT_METHOD)(LCQATConfig)
+    if auto.AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not LCQATHfQuantizer:
+        auto.AUTO_QUANTIZER_MAPPING.pop(QUANT_METHOD, None)
+        auto.register_quantizer(QUANT_METHOD)(LCQATHfQuantizer)
+    _registered = True
+
+
+register_lcqat()  # the import hook defers while this module is half imported (see _registration)
