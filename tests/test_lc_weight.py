@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from optimum_lcqat.init.data_free import lc_weight_from_dense
 from optimum_lcqat.kernels import reference
 from optimum_lcqat.nn import LCLinear
 from optimum_lcqat.tensor.hadamard import plan_rotation
@@ -37,7 +38,7 @@ def test_apply_is_the_product_with_the_dequantized_weight(m, n, block):
 def test_from_dense_reconstructs_within_the_measured_error():
     torch.manual_seed(0)
     dense = torch.randn(192, 256) * 0.05
-    w = LCWeight.from_dense(dense, hadamard_block_size=64)
+    w = lc_weight_from_dense(dense, hadamard_block_size=64)
     rel = float((w.dequantize() - dense.double()).norm() / dense.double().norm())
     # 2 bits on Gaussian weights: measured 0.343 (the optimal 4-level scalar quantizer alone
     # leaves 0.34 of the norm); a broken rotation, codebook fit or packing gives > 0.5
