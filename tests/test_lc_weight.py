@@ -131,6 +131,35 @@ def test_cuda_kernels_stay_off_until_validated_or_opted_in(monkeypatch, caplog):
     monkeypatch.setattr(native, "_cuda_decision", None)
 
 
+def test_missing_extension_is_logged_once():
+    """Without optimum_lcqat._C the fallback to the reference says so in one warning (with the
+    reason), however many calls take the reference."""
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from conftest import run_python
+
+    proc = run_python(
+        "import logging, sys, torch\n"
+        "sys.modules['optimum_lcqat._C'] = None  # the import fails as for an unbuilt extension\n"
+        "records = []\n"
+        "class H(logging.Handler):\n"
+        "    def emit(self, r): records.append(r.getMessage())\n"
+        "logging.getLogger('optimum_lcqat.kernels').addHandler(H())\n"
+        "logging.getLogger('optimum_lcqat').setLevel(logging.INFO)\n"
+        "from optimum_lcqat.init.data_free import lc_weight_from_dense\n"
+        "from optimum_lcqat import kernels\n"
+        "w = lc_weight_from_dense(torch.randn(128, 128)).to(dtype=torch.float32)\n"
+        "with torch.no_grad():\n"
+        "    for _ in range(3): w.apply(torch.randn(2, 128))\n"
+        "assert kernels.backend_name() == 'reference'\n"
+        "print(len(records)); print(records[0])\n"
+    )
+    count, message = proc.stdout.strip().splitlines()
+    assert count == "1", proc.stdout
+    assert "reference" in message and "_C" in message
+
+
 def test_bound_call_follows_replaced_fields_and_copies():
     # the inference fast path binds the tensors; a replaced field or a copy must not compute with stale ones
     import copy
