@@ -168,11 +168,12 @@ def child(name: str, layers: int | None, quick: bool) -> dict:
     from transformers import AutoTokenizer
 
     from optimum_lcqat import LCQATConfig
-    from optimum_lcqat.init.ptq import peak_rss_bytes
+    from optimum_lcqat.init.ptq_blocks import peak_rss_bytes
     from optimum_lcqat.streaming import quantize_streaming
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    logging.getLogger("optimum_lcqat.init.ptq").setLevel(logging.WARNING)
+    logging.getLogger("optimum_lcqat.init.ptq_blocks").setLevel(logging.WARNING)
+    logging.getLogger("optimum_lcqat.quant_api").setLevel(logging.WARNING)
     logging.getLogger("optimum_lcqat.streaming").setLevel(logging.INFO)
     t0 = time.perf_counter()
     src = make_source(name, layers)

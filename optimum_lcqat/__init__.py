@@ -4,7 +4,8 @@ Importing the package makes quantization method ``lcqat`` known to transformers:
 transformers' quantizer registry is already imported, else the moment it is (see
 _registration.py). The package itself imports neither torch nor transformers at import time, so
 ``optimum_lcqat.kernels``, ``.tensor`` and ``.nn`` load without transformers; the names below
-load on first use.
+load on first use. ``optimum_lcqat.quantize(model, config)`` converts any model's linears
+(see quant_api.py).
 """
 
 from importlib import import_module
@@ -17,6 +18,7 @@ _LAZY = {
     "LCQATConfig": ".config",
     "FORMAT_VERSION": ".config",
     "LCQATHfQuantizer": ".quantizer",
+    "quantize": ".quant_api",
     "LCLinear": ".nn",
     "Int8Linear": ".nn",
     "compact_lm_head": ".nn",
@@ -41,5 +43,5 @@ def __dir__():
 
 _install_hook()
 
-__all__ = ["LCQATConfig", "LCQATHfQuantizer", "LCLinear", "LCWeight", "Int8Linear", "compact_lm_head", "FORMAT_VERSION",
+__all__ = ["quantize", "LCQATConfig", "LCQATHfQuantizer", "LCLinear", "LCWeight", "Int8Linear", "compact_lm_head", "FORMAT_VERSION",
            "LCQATCallback", "set_int8_activations", "__version__"]

@@ -16,7 +16,6 @@ import importlib.machinery
 import sys
 
 REGISTRY_MODULE = "transformers.quantizers.auto"
-_done = False
 
 
 def register() -> None:
@@ -24,27 +23,14 @@ def register() -> None:
     import nothing else of the package at module level, so it works whichever module of the
     package is being imported when transformers' registry loads. While .quantizer itself is half
     imported (its import of transformers' base class loads the registry) it is deferred:
-    quantizer.py calls it again at its end."""
-    global _done
-    if _done:
-        return
+    quantizer.py registers itself at its end (``register_lcqat``, which this calls too). This
+    module only imports .quantizer, never the reverse."""
     quantizer = sys.modules.get("optimum_lcqat.quantizer")
-    if quantizer is not None and not hasattr(quantizer, "LCQATHfQuantizer"):
+    if quantizer is not None and not hasattr(quantizer, "register_lcqat"):
         return
-    from transformers.quantizers import auto
+    from .quantizer import register_lcqat
 
-    from .config import QUANT_METHOD, LCQATConfig
-    from .quantizer import LCQATHfQuantizer
-
-    # The registry's decorators refuse a second registration: check first, so that registering
-    # again (another import path, a reload) is harmless.
-    if auto.AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not LCQATConfig:
-        auto.AUTO_QUANTIZATION_CONFIG_MAPPING.pop(QUANT_METHOD, None)
-        auto.register_quantization_config(QUANT_METHOD)(LCQATConfig)
-    if auto.AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not LCQATHfQuantizer:
-        auto.AUTO_QUANTIZER_MAPPING.pop(QUANT_METHOD, None)
-        auto.register_quantizer(QUANT_METHOD)(LCQATHfQuantizer)
-    _done = True
+    register_lcqat()
 
 
 class _RegisterAfterLoad(importlib.abc.Loader):

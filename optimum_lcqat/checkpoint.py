@@ -24,15 +24,14 @@ from pathlib import Path
 import torch
 
 from .config import FORMAT_VERSION
+from .dense_storage import apply_dense_storage
+from .errors import CheckpointError  # noqa: F401  (defined below dense_storage, which raises it too)
 from .nn.lc_linear import LCLinear
+from .tensor.dtensor import full_tensor
 from .tensor.lc_weight import PARAM_KEYS, STORAGE_DTYPE, LCWeight
 
 LC_PARAM_SUFFIXES = PARAM_KEYS
 METADATA_KEY = "lcqat_format_version"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is not a valid lcqat checkpoint (truncated, corrupted, inconsistent)."""
 
 
 def _shards(checkpoint_files) -> list[str]:
@@ -161,14 +160,10 @@ def packed_state_dict(model) -> dict[str, torch.Tensor]:
         if f"{prefix}." in lc_prefixes and leaf == "latent":
             continue
         if type(value) is not torch.Tensor:  # a subclass: FSDP2's DTensor is gathered
-            from .training.fsdp import full_tensor
-
             value = full_tensor(value)
         if f"{prefix}." in lc_prefixes and leaf in LC_PARAM_SUFFIXES:
             value = value.to(STORAGE_DTYPE)
         out[key] = value
-    from .dense_storage import apply_dense_storage  # imported here: it imports this module
-
     return apply_dense_storage(model, out)  # dense_dtype, lm_head_int8 (dense_storage.py)
 
 

@@ -1,4 +1,5 @@
-"""Model-level conversion: which linears become LC layers, and the swap itself."""
+"""Model-level conversion helpers: which linears become LC layers, LC skeletons for loading, and
+the way back to nn.Linear (the swap into LC layers is optimum_lcqat.quant_api.quantize)."""
 
 from __future__ import annotations
 

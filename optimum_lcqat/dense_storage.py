@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError
+from .errors import CheckpointError
 from .nn.int8_linear import Int8Linear, quantize_rows_int8, untie_output_weight
 from .nn.lc_linear import LCLinear
 

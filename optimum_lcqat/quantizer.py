@@ -1,8 +1,9 @@
 """`LCQATHfQuantizer`: the lcqat method on transformers' v5 loading path.
 
 * In-flight quantization (a full-precision checkpoint plus ``LCQATConfig``): the float weights
-  load normally; ``_process_model_after_weight_loading`` swaps the convertible linears for LC
-  layers, initialised data-free or, with calibration data, by the Hessian-aware PTQ.
+  load normally; ``_process_model_after_weight_loading`` calls :func:`optimum_lcqat.quant_api.quantize`,
+  which swaps the convertible linears for LC layers, initialised data-free or, with calibration
+  data, by the Hessian-aware PTQ.
 * Pre-quantized checkpoints: before loading, the safetensors headers are read and every module
   that has ``<name>.codes`` becomes an LC layer skeleton whose parameter names match the saved
   keys, so transformers assigns the tensors directly (no re-quantization).
@@ -20,7 +21,7 @@ from .config import FORMAT_VERSION, LCQATConfig
 # Everything else of the package is imported inside the methods: registering the method (see
 # _registration.py) imports this module, possibly while another module of the package is half
 # imported (its own import reached transformers' quantizer registry); this module must then load
-# with nothing but transformers and the config.
+# with nothing but transformers and the config. It does not import _registration (no cycle).
 
 logger = logging.getLogger(__name__)
 
@@ -94,8 +95,6 @@ class LCQATHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         from . import checkpoint as ckpt
-        from .convert import NoConvertibleLayerError, convertible_linears
-        from .init.data_free import quantize_linears_data_free
         from .tensor.lc_weight import rotation_record
 
         cfg = self.quantization_config
@@ -108,19 +107,9 @@ class LCQATHfQuantizer(HfQuantizer):
             ckpt.check_loaded_layers(model)
             cfg.format_version = FORMAT_VERSION
             return model
-        names = convertible_linears(model, cfg, self.modules_to_not_convert)
-        if not names:
-            raise NoConvertibleLayerError(
-                "lcqat: this model has no linear layer to convert (all are skipped by "
-                f"modules_to_not_convert={self.modules_to_not_convert} or have in_features not a multiple of 4)."
-            )
-        if cfg.uses_calibration:
-            from .init.ptq import quantize_model_ptq
+        from .quant_api import quantize
 
-            quantize_model_ptq(model, names, cfg)
-        else:
-            quantize_linears_data_free(model, names, cfg)
-        return model
+        return quantize(model, cfg, modules_to_not_convert=self.modules_to_not_convert)
 
     # ---------------------------------------------------------------- saving
     def is_serializable(self, *args, **kwargs):
@@ -152,6 +141,28 @@ class LCQATHfQuantizer(HfQuantizer):
         return dequantize_model(model, dtype)
 
 
-from ._registration import register as _register  # noqa: E402
+_registered = False
 
-_register()  # deferred if this module's own import reached transformers' registry (see _registration)
+
+def register_lcqat() -> None:
+    """Register ``lcqat`` with transformers' quantizer registry (idempotent). Called at the end of
+    this module and by :func:`optimum_lcqat._registration.register` (the import hook)."""
+    global _registered
+    if _registered:
+        return
+    from transformers.quantizers import auto
+
+    from .config import QUANT_METHOD
+
+    # The registry's decorators refuse a second registration: check first, so that registering
+    # again (another import path, a reload) is harmless.
+    if auto.AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not LCQATConfig:
+        auto.AUTO_QUANTIZATION_CONFIG_MAPPING.pop(QUANT_METHOD, None)
+        auto.register_quantization_config(QUANT_METHOD)(LCQATConfig)
+    if auto.AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not LCQATHfQuantizer:
+        auto.AUTO_QUANTIZER_MAPPING.pop(QUANT_METHOD, None)
+        auto.register_quantizer(QUANT_METHOD)(LCQATHfQuantizer)
+    _registered = True
+
+
+register_lcqat()  # the import hook defers while this module is half imported (see _registration)

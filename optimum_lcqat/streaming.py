@@ -15,7 +15,7 @@ float model:
    are dropped again.
 4. **One block at a time.** Its float tensors are read from the source files (bf16 / fp16 /
    fp32 as shipped; plain reads, no memory map, so the source pages do not stay in the
-   process), cast to the compute dtype, and quantized by :func:`optimum_lcqat.init.ptq.ptq_block`
+   process), cast to the compute dtype, and quantized by :func:`optimum_lcqat.quant_api.quantize_block`
    -- the very function the in-memory path calls, so the codes are the same by construction.
    The block's packed tensors are written to their own output shard (temp name, then rename),
    and the block goes back to the meta device.
@@ -69,7 +69,8 @@ from torch import nn
 from . import checkpoint as ckpt
 from ._atomic import atomic_path, replace_dir, write_text_atomic
 from .config import FORMAT_VERSION, LCQATConfig
-from .init.ptq import BlockProgress, _capture_block_inputs, _find_blocks, peak_rss_bytes, ptq_block, ptq_samples
+from .init.ptq_blocks import BlockProgress, capture_block_inputs, find_blocks, peak_rss_bytes, ptq_samples
+from .quant_api import default_modules_to_not_convert, quantize_block
 
 logger = logging.getLogger(__name__)
 
@@ -331,13 +332,12 @@ def quantize_streaming(
     source = SourceCheckpoint(src)  # every check before any work
     model = _skeleton(source, dtype)
     from .convert import NoConvertibleLayerError, convertible_linears
-    from .quantizer import LCQATHfQuantizer
 
-    skip = LCQATHfQuantizer.get_modules_to_not_convert(model, cfg.modules_to_not_convert, None, add_default_skips=True)
+    skip = default_modules_to_not_convert(model, cfg)
     names = convertible_linears(model, cfg, skip)
     if not names:
         raise NoConvertibleLayerError("lcqat: this model has no linear layer to convert")
-    blocks_name, blocks = _find_blocks(model, names)
+    blocks_name, blocks = find_blocks(model, names)
     nblocks = len(blocks)
     outside = [n for n in names if not n.startswith(blocks_name + ".")]
     if outside:
@@ -371,7 +371,7 @@ def quantize_streaming(
     # the embeddings run on the CPU; the block kwargs (rotary tables, masks) go to the blocks' device
     from accelerate.utils import send_to_device
 
-    X0, kwargs_per_batch = _capture_block_inputs(model, blocks[0], samples, bs, torch.device("cpu"))
+    X0, kwargs_per_batch = capture_block_inputs(model, blocks[0], samples, bs, torch.device("cpu"))
     kwargs_per_batch = [send_to_device(kw, device) for kw in kwargs_per_batch]
     for k in capture_keys:  # dropped until the last shard is written
         _set_tensor(model, k, torch.empty(source.entries[k][2], dtype=dtype, device="meta"))
@@ -439,7 +439,7 @@ def quantize_streaming(
         if left:
             raise StreamingError(f"streaming PTQ: {prefix} has buffers not in the checkpoint ({left}); use --in-memory")
         lnames = [n for n in names if n.startswith(prefix + ".")]
-        errs, mse = ptq_block(model, blocks_name, bidx, lnames, X, Y, kwargs_per_batch, cfg,
+        errs, mse = quantize_block(model, blocks_name, bidx, lnames, X, Y, kwargs_per_batch, cfg,
                               device=device, dtype=dtype, out=Y)
         X, Y = Y, X  # Y now holds the next block's input
         x_file, y_file = y_file, x_file

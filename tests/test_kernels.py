@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from optimum_lcqat.init.data_free import lc_weight_from_dense
 from optimum_lcqat import kernels
 from optimum_lcqat.kernels import native, reference
 from optimum_lcqat.tensor.codebook import fold_activations
@@ -732,7 +733,7 @@ def test_amx_layer_rows_equal_the_decode_path_and_round_like_bf16_products(m, n,
     # of 128 for fewer blocks than threads: the output stage runs as a pass over the rows) included. Against the layer emulated in float64 with the folded
     # activations rounded to bf16, the gap is the fp32 sums and the last bits of z (see
     # test_amx_gemm_rounds_like_bf16_products) plus the output's rounding to bf16.
-    w = LCWeight.from_dense(torch.randn(m, n, generator=torch.Generator().manual_seed(m)) / n**0.5,
+    w = lc_weight_from_dense(torch.randn(m, n, generator=torch.Generator().manual_seed(m)) / n**0.5,
                             hadamard_block_size=block)
     bias = torch.randn(m, generator=torch.Generator().manual_seed(1))
     x = torch.randn(batch, n, generator=torch.Generator().manual_seed(batch)).bfloat16()
@@ -761,7 +762,7 @@ def test_amx_layer_row_results_do_not_depend_on_the_batch(m, n, block, dtype):
     # bf16 rows from 3 take the AMX layer whatever the batch). The whole batch runs on two threads, the
     # chunks on one: 192 rows (1.5 output blocks of 128) split the batch by rows between the threads,
     # the others their weight rows; fp32 rows multiply as three bf16 parts.
-    w = LCWeight.from_dense(torch.randn(m, n, generator=torch.Generator().manual_seed(5)) / n**0.5,
+    w = lc_weight_from_dense(torch.randn(m, n, generator=torch.Generator().manual_seed(5)) / n**0.5,
                             hadamard_block_size=block)
     bias = torch.randn(m, generator=torch.Generator().manual_seed(6))
     x = torch.randn(400, n, generator=torch.Generator().manual_seed(7)).to(dtype)

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from optimum_lcqat.init.data_free import lc_weight_from_dense
 from optimum_lcqat.nn import LCLinear, dge_round
 from optimum_lcqat.tensor.lc_weight import LCWeight
 from optimum_lcqat.tensor.packing import unpack_codes
@@ -14,7 +15,7 @@ def make_layer(n, m, block=128, codebook="affine", d=4, bias=True, seed=0):
     """A data-free LC layer and the dense Gaussian weight ``w`` it quantizes."""
     torch.manual_seed(seed)
     w = torch.randn(m, n) * 0.05
-    lcw = LCWeight.from_dense(w, vector_dim=d, hadamard_block_size=block, codebook=codebook, seed=seed, name="t")
+    lcw = lc_weight_from_dense(w, vector_dim=d, hadamard_block_size=block, codebook=codebook, seed=seed, name="t")
     layer = LCLinear.from_weight(lcw, torch.randn(m) if bias else None, codebook=codebook,
                                  hadamard_block_size=block, dtype=torch.float32)
     return layer, w

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from optimum_lcqat.init.data_free import lc_weight_from_dense
 from optimum_lcqat.kernels import reference
 from optimum_lcqat.nn import LCLinear
 from optimum_lcqat.tensor.hadamard import plan_rotation
@@ -37,7 +38,7 @@ def test_apply_is_the_product_with_the_dequantized_weight(m, n, block):
 def test_from_dense_reconstructs_within_the_measured_error():
     torch.manual_seed(0)
     dense = torch.randn(192, 256) * 0.05
-    w = LCWeight.from_dense(dense, hadamard_block_size=64)
+    w = lc_weight_from_dense(dense, hadamard_block_size=64)
     rel = float((w.dequantize() - dense.double()).norm() / dense.double().norm())
     # 2 bits on Gaussian weights: measured 0.343 (the optimal 4-level scalar quantizer alone
     # leaves 0.34 of the norm); a broken rotation, codebook fit or packing gives > 0.5
@@ -128,6 +129,35 @@ def test_cuda_kernels_stay_off_until_validated_or_opted_in(monkeypatch, caplog):
         said = [r.message for r in caplog.records if native.CUDA_OPT_IN_ENV in r.message]
         assert len(said) == (0 if expect else 1)
     monkeypatch.setattr(native, "_cuda_decision", None)
+
+
+def test_missing_extension_is_logged_once():
+    """Without optimum_lcqat._C the fallback to the reference says so in one warning (with the
+    reason), however many calls take the reference."""
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from conftest import run_python
+
+    proc = run_python(
+        "import logging, sys, torch\n"
+        "sys.modules['optimum_lcqat._C'] = None  # the import fails as for an unbuilt extension\n"
+        "records = []\n"
+        "class H(logging.Handler):\n"
+        "    def emit(self, r): records.append(r.getMessage())\n"
+        "logging.getLogger('optimum_lcqat.kernels').addHandler(H())\n"
+        "logging.getLogger('optimum_lcqat').setLevel(logging.INFO)\n"
+        "from optimum_lcqat.init.data_free import lc_weight_from_dense\n"
+        "from optimum_lcqat import kernels\n"
+        "w = lc_weight_from_dense(torch.randn(128, 128)).to(dtype=torch.float32)\n"
+        "with torch.no_grad():\n"
+        "    for _ in range(3): w.apply(torch.randn(2, 128))\n"
+        "assert kernels.backend_name() == 'reference'\n"
+        "print(len(records)); print(records[0])\n"
+    )
+    count, message = proc.stdout.strip().splitlines()
+    assert count == "1", proc.stdout
+    assert "reference" in message and "_C" in message
 
 
 def test_bound_call_follows_replaced_fields_and_copies():

@@ -12,8 +12,8 @@ import torch
 from optimum_lcqat import LCQATConfig
 from optimum_lcqat.calibration import CalibrationDataError, calibration_samples, load_calibration_texts
 from optimum_lcqat.convert import convertible_linears, lc_layers
-from optimum_lcqat.init.data_free import quantize_linears_data_free
-from optimum_lcqat.init.ptq import quantize_model_ptq, quantize_weight_ptq
+from optimum_lcqat.init.ptq import quantize_weight_ptq
+from optimum_lcqat.quant_api import quantize_linears_data_free, quantize_model_ptq
 from optimum_lcqat.tensor.hadamard import plan_rotation
 
 

@@ -211,7 +211,7 @@ _PEAK = textwrap.dedent("""
     import json, sys, torch
     from transformers import AutoTokenizer
     from optimum_lcqat import LCQATConfig
-    from optimum_lcqat.init.ptq import peak_rss_bytes
+    from optimum_lcqat.init.ptq_blocks import peak_rss_bytes
     from optimum_lcqat.streaming import quantize_streaming
     src, out, calib = sys.argv[1:4]
     tok = AutoTokenizer.from_pretrained(src)

@@ -1,5 +1,6 @@
 """What the initialisers share: their start (sign vectors, row scales, the rotated weight) and
-their end (codeword indices to an :class:`~optimum_lcqat.tensor.lc_weight.LCWeight`)."""
+their end (codeword indices to an :class:`~optimum_lcqat.tensor.lc_weight.LCWeight`). Building
+the LC layer and swapping it into a model is :mod:`optimum_lcqat.quant_api`'s job."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..nn.lc_linear import LCLinear
 from ..tensor.codebook import codewords, index_to_codes
 from ..tensor.hadamard import RotationPlan, plan_rotation, rotate
 from ..tensor.lc_weight import LCWeight
@@ -79,13 +79,3 @@ def rotation_plans(linear, config) -> tuple[RotationPlan, RotationPlan]:
     """The (input, output) rotation plans ``config.hadamard_block_size`` chooses for ``linear``."""
     return (plan_rotation(linear.in_features, config.hadamard_block_size),
             plan_rotation(linear.out_features, config.hadamard_block_size))
-
-
-def lc_layer_from_weight(linear, weight: LCWeight, config) -> LCLinear:
-    """The LC layer replacing ``linear``: on its device and dtype, its bias, the parameters
-    snapped to their 16-bit storage values (so the layer computes what its saved copy will)."""
-    w = linear.weight
-    return LCLinear.from_weight(
-        weight.snapped(), linear.bias, codebook=config.codebook, hadamard_block_size=config.hadamard_block_size,
-        device=w.device, dtype=w.dtype,
-    )

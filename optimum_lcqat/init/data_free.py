@@ -7,17 +7,12 @@ scalar unit-variance grid. With the ``scalar`` codebook the grid stays fixed.
 
 from __future__ import annotations
 
-import logging
-
 import torch
-from tqdm.auto import tqdm
 
 from ..tensor.codebook import fit_affine, index_to_codes, nearest_codeword, scalar_codebook
-from ..tensor.hadamard import RotationPlan
-from . import register_initializer
-from .common import InitResult, finish, lc_layer_from_weight, rotated_start, rotation_plans
-
-logger = logging.getLogger(__name__)
+from ..tensor.hadamard import RotationPlan, plan_rotation
+from ..tensor.lc_weight import LCWeight
+from .common import InitResult, finish, rotated_start
 
 
 def assign_and_fit(
@@ -33,7 +28,6 @@ def assign_and_fit(
     return idx, A, beta
 
 
-@register_initializer("data_free")
 def init_data_free(
     weight: torch.Tensor,
     *,
@@ -53,18 +47,13 @@ def init_data_free(
     return InitResult(lcw, err)
 
 
-def quantize_linears_data_free(model, names: list[str], config) -> dict[str, float]:
-    """Replace each named linear of ``model`` by an LC layer initialised without data (the
-    config's block size, codebook, seed, init_iters); return the per-layer errors."""
-    errors = {}
-    for name in tqdm(names, desc="lcqat: data-free init", leave=False):
-        linear = model.get_submodule(name)
-        plan_in, plan_out = rotation_plans(linear, config)
-        result = init_data_free(
-            linear.weight.detach(), vector_dim=config.vector_dim, codebook=config.codebook, plan_in=plan_in,
-            plan_out=plan_out, seed=config.seed, name=name, iters=config.init_iters,
-        )
-        model.set_submodule(name, lc_layer_from_weight(linear, result.weight, config))
-        errors[name] = result.error
-        logger.info("lcqat: %s %dx%d rotated-domain rel. error %.4f", name, linear.out_features, linear.in_features, result.error)
-    return errors
+def lc_weight_from_dense(weight: torch.Tensor, *, vector_dim: int = 4, hadamard_block_size: int | str = 128,
+                         codebook: str = "affine", seed: int = 0, name: str = "", iters: int = 4) -> LCWeight:
+    """Quantize a dense ``weight`` [m, n] data-free (the rotation plans ``hadamard_block_size``
+    chooses); the parameters are in float64 (``to(dtype)`` / ``snapped()`` for storage values).
+    (Was ``LCWeight.from_dense``: the tensor layer does not import the initialisers.)"""
+    m, n = weight.shape
+    return init_data_free(
+        weight, vector_dim=vector_dim, codebook=codebook, plan_in=plan_rotation(n, hadamard_block_size),
+        plan_out=plan_rotation(m, hadamard_block_size), seed=seed, name=name, iters=iters,
+    ).weight

@@ -12,7 +12,7 @@ is QAT's job). It is cheap in parameters and costly in compute: one training ste
 and backward of the whole model on ``ptq_e2e_batch_size`` calibration samples.
 
 The learning rate of each tensor is ``ptq_e2e_lr`` times its RMS, with a cosine decay, as in the
-block fine-tune (:func:`.ptq.rms_relative_adam`). The last eighth of the calibration samples (at most 8) is held out: the tuned
+block fine-tune (:func:`.ptq_blocks.rms_relative_adam`). The last eighth of the calibration samples (at most 8) is held out: the tuned
 values are kept only when they lower the held-out loss, so the stage can never make the model
 worse on calibration-like text.
 """
@@ -29,7 +29,7 @@ from torch import nn
 from .._heap import retain_freed_memory
 from ..config import LCQATConfig
 from ..nn.lc_linear import LCLinear
-from .ptq import rms_relative_adam, set_cosine_lr
+from .ptq_blocks import rms_relative_adam, set_cosine_lr
 
 logger = logging.getLogger(__name__)
 

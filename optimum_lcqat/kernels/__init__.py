@@ -31,17 +31,18 @@ def native_backend():
         if os.environ.get("OPTIMUM_LCQAT_BACKEND", "").lower() == "reference":
             logger.info("optimum-lcqat: OPTIMUM_LCQAT_BACKEND=reference, native kernels disabled.")
             return None
+        reason = None
         try:
             from . import native as _mod
 
             _native = _mod if _mod.available() else None
+            reason = _mod.load_error
         except ImportError as exc:  # pragma: no cover - depends on the build
-            logger.warning("optimum-lcqat: native kernels unavailable (%s); using the PyTorch reference.", exc)
-            _native = None
-        if _native is None:
+            _native, reason = None, exc
+        if _native is None:  # the one log line of the fallback
             logger.warning(
-                "optimum-lcqat: the C++ extension is not built; LC layers use the pure-PyTorch "
-                "reference kernels (correct, slower). Reinstall with a compiler to build it."
+                "optimum-lcqat: the C++ extension optimum_lcqat._C is not available (%s); LC layers use the "
+                "pure-PyTorch reference kernels (correct, slower). Reinstall with a compiler to build it.", reason,
             )
     return _native
 

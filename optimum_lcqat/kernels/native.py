@@ -38,9 +38,13 @@ _loaded: bool | None = None
 _ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+load_error: ImportError | None = None  # why optimum_lcqat._C did not load (the dispatcher logs it, once)
+
+
 def available() -> bool:
-    """Whether ``optimum_lcqat._C`` is built and loads; logs once when it is missing."""
-    global _loaded
+    """Whether ``optimum_lcqat._C`` is built and loads (the reason it does not: :data:`load_error`;
+    the one warning about it is the dispatcher's, :func:`optimum_lcqat.kernels.native_backend`)."""
+    global _loaded, load_error
     if _loaded is None:
         try:
             from .. import _C  # noqa: F401  (loading the library registers torch.ops.lcqat)
@@ -48,7 +52,7 @@ def available() -> bool:
             _loaded = True
             _register_fakes()
         except ImportError as exc:
-            logger.warning("optimum-lcqat: native extension optimum_lcqat._C not found (%s).", exc)
+            load_error = exc
             _loaded = False
     return _loaded
 

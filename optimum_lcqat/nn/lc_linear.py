@@ -34,7 +34,8 @@ from ..kernels import reference
 from ..tensor.codebook import scalar_codebook
 from ..tensor.hadamard import RotationPlan, plan_rotation
 from ..tensor.lc_weight import STORAGE_DTYPE, LCWeight, plans_from_record, rotation_record, storage_bits
-from ..tensor.packing import CODES_PER_BYTE, pack_codes, unpack_codes
+from ..tensor.dtensor import gathered_codes
+from ..tensor.packing import CODES_PER_BYTE, pack_codes, round_latent, unpack_codes
 from .dge import dge_round
 
 __all__ = ["LCLinear", "STORAGE_DTYPE", "set_int8_activations", "lc_layers"]
@@ -189,14 +190,12 @@ class LCLinear(nn.Module):
         """Current integer codes [m, n] (uint8) from the latent if training, else unpacked.
 
         Under FSDP2 the latent is a sharded DTensor outside the forward pass; the codes are then
-        gathered by :func:`optimum_lcqat.training.fsdp.gathered_codes` (a collective: every rank
+        gathered by :func:`optimum_lcqat.tensor.dtensor.gathered_codes` (a collective: every rank
         must call this, as the callback's step end and the state-dict hook do)."""
         if self.latent is None:
             return unpack_codes(self.codes)
         with torch.no_grad():
             if type(self.latent.data) is not torch.Tensor:  # a DTensor: only FSDP2 training makes one
-                from ..training.fsdp import gathered_codes
-
                 return gathered_codes(self.latent, self.alpha, self.codes)
             return round_latent(self.latent, self.alpha)
 
@@ -269,11 +268,6 @@ class LCLinear(nn.Module):
                 "gradient); call optimum_lcqat.set_int8_activations(model, False) before training."
             )
         return self.lc_weight.apply(x, self.bias, self.int8_activations)
-
-
-def round_latent(latent: torch.Tensor, alpha: float) -> torch.Tensor:
-    """The codes a latent rounds to (uint8, 0..3), in float32 whatever the latent's dtype."""
-    return torch.clamp(torch.round(latent.float() * alpha + 1.5), 0, 3).to(torch.uint8)
 
 
 def _sync_before_state_dict(module: LCLinear, prefix, keep_vars) -> None:

@@ -9,14 +9,15 @@ owns the packing, the layout and the kernels it dispatches to:
   reference (:mod:`optimum_lcqat.kernels.reference`) otherwise; inference calls bind the native
   op once per device and skip the dispatcher's checks afterwards;
 * ``dequantize()`` / ``rotated()``: dense views;
-* ``from_dense(weight)``: data-free construction (nearest codeword, least-squares codebook);
 * ``state_dict(prefix)`` / ``from_state_dict(sd, prefix)``: its checkpoint keys
   (``codes, A, beta, s_u, s_v, rotation``), ``expected_layout`` to validate a file's header;
 * ``shard(dim, start, stop)``: tensor-parallel slices (``dim=0`` output rows, column-parallel;
   ``dim=1`` input columns, row-parallel, on Hadamard-block boundaries).
 
 The tensors are whatever the owner holds (LCLinear passes its own parameters, so an LCWeight
-made from a layer trains with it). This module imports no transformers.
+made from a layer trains with it). This module imports no transformers, and nothing above it:
+data-free construction from a dense weight is
+:func:`optimum_lcqat.init.data_free.lc_weight_from_dense`.
 """
 
 from __future__ import annotations
@@ -154,19 +155,6 @@ class LCWeight:
         return reference.dequantize(self)
 
     # ------------------------------------------------------------------ construction
-    @classmethod
-    def from_dense(cls, weight: torch.Tensor, *, vector_dim: int = 4, hadamard_block_size: int | str = 128,
-                   codebook: str = "affine", seed: int = 0, name: str = "", iters: int = 4) -> "LCWeight":
-        """Quantize a dense ``weight`` [m, n] data-free (see :mod:`optimum_lcqat.init.data_free`);
-        the parameters are in float64 (``to(dtype)`` / ``snapped()`` for storage values)."""
-        from ..init.data_free import init_data_free
-
-        m, n = weight.shape
-        return init_data_free(
-            weight, vector_dim=vector_dim, codebook=codebook, plan_in=plan_rotation(n, hadamard_block_size),
-            plan_out=plan_rotation(m, hadamard_block_size), seed=seed, name=name, iters=iters,
-        ).weight
-
     def to(self, device=None, dtype=None) -> "LCWeight":
         """Codes moved to ``device``; A, beta, s_u, s_v moved and cast to ``dtype``."""
         fk = {"device": device, "dtype": dtype}

@@ -39,3 +39,9 @@ def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
     shifts = torch.tensor(_SHIFTS, dtype=torch.int32, device=packed.device)
     codes = (p >> shifts) & 3
     return codes.reshape(packed.shape[0], packed.shape[1] * CODES_PER_BYTE).to(torch.uint8)
+
+
+def round_latent(latent: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The codes a training latent rounds to (uint8, 0..3), in float32 whatever the latent's
+    dtype (latent = (U - 1.5) / alpha, see :class:`optimum_lcqat.nn.lc_linear.LCLinear`)."""
+    return torch.clamp(torch.round(latent.float() * alpha + 1.5), 0, 3).to(torch.uint8)

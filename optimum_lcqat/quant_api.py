@@ -1,0 +1,263 @@
+"""`quantize(model, config)`: the one public entry that turns a model's linears into LC layers.
+
+In the spirit of torchao's ``quantize_``: find the convertible ``nn.Linear`` modules
+(:func:`optimum_lcqat.convert.convertible_linears`, honouring ``modules_to_not_convert``),
+initialise each data-free or by the Hessian-aware PTQ (with calibration data in the config),
+and swap the LC layers in. Works on a transformers model and on any plain ``nn.Module`` (PTQ
+needs a causal LM: it runs the model on calibration token ids).
+
+Every caller goes through here: the transformers quantizer (``from_pretrained(...,
+quantization_config=LCQATConfig(...))``, which the CLI and the demo use) calls :func:`quantize`;
+the streaming PTQ, which holds one decoder block at a time, calls its per-block piece
+:func:`quantize_block`. The initialisers (:mod:`optimum_lcqat.init`) return
+:class:`~optimum_lcqat.tensor.lc_weight.LCWeight` s and change no model; this module is the one
+place that replaces modules of a model by LC layers (:func:`lc_layer_from_weight` builds them).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ._heap import retain_freed_memory
+from .config import LCQATConfig
+from .convert import NoConvertibleLayerError, convertible_linears
+from .init.common import rotation_plans
+from .init.data_free import init_data_free
+from .init.ptq import quantize_weight_ptq
+from .init.ptq_blocks import (
+    BlockProgress,
+    PTQReport,
+    block_forward,
+    capture_block_inputs,
+    collect_hessians,
+    find_blocks,
+    finetune_block,
+    peak_rss_bytes,
+    ptq_samples,
+    tunable_layer,
+)
+from .nn.lc_linear import LCLinear
+from .tensor.lc_weight import LCWeight
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["quantize", "quantize_block", "quantize_model_ptq", "quantize_linears_data_free", "lc_layer_from_weight",
+           "default_modules_to_not_convert"]
+
+
+def default_modules_to_not_convert(model: nn.Module, config: LCQATConfig, keep_in_fp32_modules=None) -> list[str]:
+    """What stays dense: the config's ``modules_to_not_convert`` plus, for a transformers model,
+    transformers' default skips (the output head, tied modules) and ``keep_in_fp32_modules``."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        return list(config.modules_to_not_convert or []) + list(keep_in_fp32_modules or [])
+    from transformers.quantizers.base import HfQuantizer
+
+    return HfQuantizer.get_modules_to_not_convert(
+        model, config.modules_to_not_convert, keep_in_fp32_modules, add_default_skips=True
+    )
+
+
+def quantize(model: nn.Module, config: LCQATConfig | None = None, *, modules_to_not_convert: list[str] | None = None) -> nn.Module:
+    """Replace the convertible linears of ``model`` by LC layers, in place; returns ``model``.
+
+    ``config`` (default ``LCQATConfig()``): with calibration data (``dataset``) the Hessian-aware
+    PTQ (its report in ``model._lcqat_ptq_report``), else the data-free initialisation.
+    ``modules_to_not_convert``: the names (or patterns, as transformers matches them) kept dense;
+    default :func:`default_modules_to_not_convert`. Linears whose ``in_features`` is not a
+    multiple of 4 stay dense; a model left with none to convert raises NoConvertibleLayerError.
+    """
+    cfg = config if config is not None else LCQATConfig()
+    skip = default_modules_to_not_convert(model, cfg) if modules_to_not_convert is None else list(modules_to_not_convert)
+    names = convertible_linears(model, cfg, skip)
+    if not names:
+        raise NoConvertibleLayerError(
+            "lcqat: this model has no linear layer to convert (all are skipped by "
+            f"modules_to_not_convert={skip} or have in_features not a multiple of 4)."
+        )
+    if cfg.uses_calibration:
+        quantize_model_ptq(model, names, cfg)
+    else:
+        quantize_linears_data_free(model, names, cfg)
+    return model
+
+
+def lc_layer_from_weight(linear, weight: LCWeight, config) -> LCLinear:
+    """The LC layer replacing ``linear``: on its device and dtype, its bias, the parameters
+    snapped to their 16-bit storage values (so the layer computes what its saved copy will)."""
+    w = linear.weight
+    return LCLinear.from_weight(
+        weight.snapped(), linear.bias, codebook=config.codebook, hadamard_block_size=config.hadamard_block_size,
+        device=w.device, dtype=w.dtype,
+    )
+
+
+def quantize_linears_data_free(model: nn.Module, names: list[str], config: LCQATConfig) -> dict[str, float]:
+    """Replace each named linear of ``model`` by an LC layer initialised without data (the
+    config's block size, codebook, seed, init_iters); return the per-layer errors."""
+    errors = {}
+    for name in tqdm(names, desc="lcqat: data-free init", leave=False):
+        linear = model.get_submodule(name)
+        plan_in, plan_out = rotation_plans(linear, config)
+        result = init_data_free(
+            linear.weight.detach(), vector_dim=config.vector_dim, codebook=config.codebook, plan_in=plan_in,
+            plan_out=plan_out, seed=config.seed, name=name, iters=config.init_iters,
+        )
+        model.set_submodule(name, lc_layer_from_weight(linear, result.weight, config))
+        errors[name] = result.error
+        logger.info("lcqat: %s %dx%d rotated-domain rel. error %.4f", name, linear.out_features, linear.in_features, result.error)
+    return errors
+
+
+@torch.no_grad()
+def quantize_block(
+    model: nn.Module, blocks_name: str, bidx: int, lnames: list[str], X: torch.Tensor, Y: torch.Tensor,
+    kwargs_per_batch: list, cfg: LCQATConfig, *, device, dtype, out: torch.Tensor | None = None,
+) -> tuple[dict[str, float], tuple[float, float]]:
+    """Quantize decoder block ``bidx`` of ``model`` (at ``<blocks_name>.<bidx>``) in place: its
+    linears ``lnames`` (full names) become LC layers, and ``X`` (the block's input) is propagated
+    through the quantized block into ``out`` (default: ``X`` itself, batch by batch).
+
+    The per-block piece of :func:`quantize` with calibration data, run by both the in-memory driver (:func:`quantize_model_ptq`) and the
+    streaming one (``optimum_lcqat.streaming``): the same calls on the same inputs give the same
+    codes. ``X``/``Y`` [N, T, hidden] may be stored in another dtype than the block computes in
+    (``dtype``); ``Y`` is scratch (it receives the full-precision block output, the fine-tuning
+    target). Returns the per-layer proxy errors and the block output MSE (before, after fine-tune).
+    """
+    block = model.get_submodule(f"{blocks_name}.{bidx}")
+    bs = cfg.ptq_batch_size
+    cast = None if X.dtype == dtype else dtype
+    out = X if out is None else out
+    if not lnames:
+        block_forward(block, X, kwargs_per_batch, bs, out, "lcqat PTQ: propagate", dtype=cast)
+        return {}, (float("nan"), float("nan"))
+    tb = time.perf_counter()
+    errors: dict[str, float] = {}
+    linears = {n: model.get_submodule(n) for n in lnames}
+    groups, H = collect_hessians(block, linears, X, kwargs_per_batch, bs, Y, dtype=cast)
+    params: dict[str, LCWeight] = {}
+    # The per-layer loops and the one-sample fine-tuning steps are many small ops: one thread
+    # avoids OpenMP synchronisation costs that dominate them (~10x on a busy 2-core machine).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        # Widest inputs first: their Hessians (1.6 GB in float64 for a 14336-wide down_proj) are
+        # then gone before the other layers' work. Layers are quantized independently (each
+        # from its own Hessian and seed), so the order changes nothing else. A group's Hessian
+        # goes to its last linear, which transforms it in place.
+        by_width = sorted(lnames, key=lambda n: -linears[n].weight.shape[1])
+        last_of_group = {groups[n]: n for n in by_width}
+        for n in tqdm(by_width, desc="lcqat PTQ: quantize", leave=False):
+            lin = linears[n]
+            plan_in, plan_out = rotation_plans(lin, cfg)
+            g = groups[n]
+            h = [H.pop(g).cpu()] if last_of_group[g] == n else H[g].cpu()
+            result = quantize_weight_ptq(
+                lin.weight.detach().cpu(), h, vector_dim=cfg.vector_dim, codebook=cfg.codebook,
+                plan_in=plan_in, plan_out=plan_out, seed=cfg.seed, name=n,
+                iters=cfg.init_iters, refine_passes=cfg.ptq_refine_passes, damp=cfg.ptq_damp,
+            )
+            params[n], errors[n] = result.weight, result.error
+        errors = {n: errors[n] for n in lnames}
+        del H
+        tq = time.perf_counter()
+        # Block fine-tuning with differentiable stand-ins (float32), then the real LC layers.
+        tunables = {}
+        for n in lnames:
+            t = tunable_layer(params[n], linears[n].bias, cfg.codebook == "affine", device)
+            tunables[n] = t
+            model.set_submodule(n, t)
+        if cfg.ptq_finetune_steps > 0:
+            if dtype != torch.float32:
+                block.float()
+            with torch.enable_grad():
+                mse = finetune_block(
+                    block, tunables, X.float() if X.dtype != torch.float32 else X,
+                    Y.float() if Y.dtype != torch.float32 else Y, kwargs_per_batch, bs, cfg,
+                    seed=cfg.seed * 1_000_003 + bidx,
+                )
+            if dtype != torch.float32:
+                block.to(dtype)
+        else:
+            mse = (float("nan"), float("nan"))
+        for n in lnames:
+            model.set_submodule(n, lc_layer_from_weight(linears[n], tunables[n].lc_weight, cfg))
+        del tunables
+    finally:
+        torch.set_num_threads(threads)
+    tf = time.perf_counter()
+    block_forward(block, X, kwargs_per_batch, bs, out, "lcqat PTQ: propagate", dtype=cast)
+    for n in lnames:
+        logger.info("lcqat PTQ: %s proxy rel. error %.4f", n, errors[n])
+    logger.info(
+        "lcqat PTQ: block %d: layer errors %s; block output rel. MSE %.4g -> %.4g after fine-tune; "
+        "%.1fs (quantize %.1fs, fine-tune %.1fs); peak RSS %.2f GiB",
+        bidx, ", ".join(f"{n.rsplit('.', 1)[-1]}={errors[n]:.3f}" for n in lnames), mse[0], mse[1],
+        time.perf_counter() - tb, tq - tb, tf - tq, peak_rss_bytes() / 2**30,
+    )
+    return errors, mse
+
+
+
+@torch.no_grad()
+def quantize_model_ptq(model: nn.Module, names: list[str], config: LCQATConfig) -> PTQReport:
+    """Replace the named linears of ``model`` by LC layers initialised by the Hessian-aware PTQ
+    (the whole float model in memory; ``optimum_lcqat.streaming`` reads one block at a time)."""
+
+    t0 = time.perf_counter()
+    cfg = config
+    samples = ptq_samples(model, cfg)
+    logger.info(
+        "lcqat PTQ: %d calibration samples x %d tokens, codebook=%s, %d layers",
+        samples.shape[0], samples.shape[1], cfg.codebook, len(names),
+    )
+    blocks_name, blocks = find_blocks(model, names)
+    inside = [n for n in names if n.startswith(blocks_name + ".")]
+    outside = [n for n in names if n not in set(inside)]
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
+    if device.type == "cpu":
+        retain_freed_memory()  # every block allocates and frees the same large buffers (see _heap)
+    was_training = model.training
+    model.eval()
+    bs = cfg.ptq_batch_size
+    X, kwargs_per_batch = capture_block_inputs(model, blocks[0], samples, bs, device)
+    X = X.to(dtype)
+    Y = torch.empty_like(X)
+    errors: dict[str, float] = {}
+    block_mse: dict[int, tuple[float, float]] = {}
+    progress = BlockProgress(len(blocks))
+    for bidx in tqdm(range(len(blocks)), desc="lcqat PTQ: blocks"):
+        tb = time.perf_counter()
+        prefix = f"{blocks_name}.{bidx}."
+        lnames = [n for n in inside if n.startswith(prefix)]
+        errs, mse = quantize_block(model, blocks_name, bidx, lnames, X, Y, kwargs_per_batch, cfg, device=device, dtype=dtype)
+        errors.update(errs)
+        if lnames:
+            block_mse[bidx] = mse
+        progress.block_done(bidx, time.perf_counter() - tb)
+    del X, Y
+    if outside:
+        logger.warning("lcqat PTQ: %d linear(s) outside the decoder blocks use the data-free init: %s", len(outside), outside)
+        errors.update(quantize_linears_data_free(model, outside, cfg))
+    e2e = None
+    if cfg.ptq_e2e_steps > 0:
+        from .init.e2e import finetune_model_e2e
+
+        e2e = finetune_model_e2e(model, samples, cfg)
+    if was_training:
+        model.train()
+    secs = time.perf_counter() - t0
+    peak = peak_rss_bytes()
+    if device.type == "cuda":  # pragma: no cover
+        logger.info("lcqat PTQ: peak CUDA memory %.2f GiB", torch.cuda.max_memory_allocated(device) / 2**30)
+    logger.info("lcqat PTQ: done in %.1fs; peak RSS (process high-water mark) %.2f GiB", secs, peak / 2**30)
+    report = PTQReport(errors, block_mse, secs, peak, e2e)
+    model._lcqat_ptq_report = report
+    return report
