@@ -16,6 +16,7 @@ place that replaces modules of a model by LC layers (:func:`lc_layer_from_weight
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ._heap import retain_freed_memory
+from ._heap import retained_heap
 from .config import LCQATConfig
 from .convert import NoConvertibleLayerError, convertible_linears
 from .init.common import rotation_plans
@@ -205,11 +206,18 @@ def quantize_block(
 
 
 
-@torch.no_grad()
 def quantize_model_ptq(model: nn.Module, names: list[str], config: LCQATConfig) -> PTQReport:
     """Replace the named linears of ``model`` by LC layers initialised by the Hessian-aware PTQ
     (the whole float model in memory; ``optimum_lcqat.streaming`` reads one block at a time)."""
+    # on the CPU every block allocates and frees the same large buffers: the heap is retained while
+    # PTQ runs and given back when it ends (see _heap)
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    with retained_heap() if on_cpu else contextlib.nullcontext():
+        return _quantize_model_ptq(model, names, config)
 
+
+@torch.no_grad()
+def _quantize_model_ptq(model: nn.Module, names: list[str], config: LCQATConfig) -> PTQReport:
     t0 = time.perf_counter()
     cfg = config
     samples = ptq_samples(model, cfg)
@@ -222,8 +230,6 @@ def quantize_model_ptq(model: nn.Module, names: list[str], config: LCQATConfig) 
     outside = [n for n in names if n not in set(inside)]
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
-    if device.type == "cpu":
-        retain_freed_memory()  # every block allocates and frees the same large buffers (see _heap)
     was_training = model.training
     model.eval()
     bs = cfg.ptq_batch_size

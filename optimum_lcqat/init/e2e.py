@@ -19,6 +19,7 @@ worse on calibration-like text.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -26,10 +27,11 @@ import time
 import torch
 from torch import nn
 
-from .._heap import retain_freed_memory
+from .._heap import retained_heap
 from ..config import LCQATConfig
 from ..nn.lc_linear import LCLinear
-from .ptq_blocks import rms_relative_adam, set_cosine_lr
+from ..nn.lm_loss import causal_lm_hidden_states, chunked_loss_unsupported, chunked_next_token_loss
+from .ptq_blocks import find_blocks, rms_relative_adam, set_cosine_lr
 
 logger = logging.getLogger(__name__)
 
@@ -83,18 +85,61 @@ def _float32_tensors(model: nn.Module) -> list[tuple[nn.Module, str, torch.dtype
     return cast
 
 
-def _mean_loss(model, samples: torch.Tensor, batch_size: int, device) -> float:
+def _lm_loss(model, ids: torch.Tensor, chunked: bool) -> torch.Tensor:
+    """The next-token loss of ``ids``: a chunk of positions at a time where the model allows it (no
+    [tokens x vocab] fp32 logits for the whole batch, nn.lm_loss), else the model's own."""
+    if chunked:
+        hidden = causal_lm_hidden_states(model, input_ids=ids)
+        return chunked_next_token_loss(hidden, model.get_output_embeddings(), ids)
+    return model(input_ids=ids, labels=ids, use_cache=False).loss
+
+
+def _mean_loss(model, samples: torch.Tensor, batch_size: int, device, chunked: bool) -> float:
     total, n = 0.0, 0
     for i in range(0, samples.shape[0], batch_size):
         ids = samples[i:i + batch_size].to(device)
-        total += float(model(input_ids=ids, labels=ids, use_cache=False).loss) * ids.shape[0]
+        total += float(_lm_loss(model, ids, chunked)) * ids.shape[0]
         n += ids.shape[0]
     return total / max(n, 1)
+
+
+@contextlib.contextmanager
+def checkpointed_blocks(model: nn.Module):
+    """Each decoder block of ``model`` recomputes its activations in the backward instead of keeping
+    them (torch.utils.checkpoint, non-reentrant), for the duration. transformers' own
+    gradient_checkpointing_enable acts only in training mode, and the stage runs in eval mode (no
+    dropout: the function PTQ fitted). What stays in memory is each block's input, not the ~dozens of
+    activations a block keeps for its backward (SmolLM2, 4 x 512 tokens: several GB)."""
+    from torch.utils.checkpoint import checkpoint
+
+    names = [n for n, m in model.named_modules() if isinstance(m, LCLinear)]
+    try:
+        _, blocks = find_blocks(model, names)
+    except ValueError:
+        blocks = []
+    own = []
+    for block in blocks:
+        fwd = block.forward
+        own.append((block, fwd))
+        block.forward = (lambda f: lambda *a, **k: checkpoint(f, *a, use_reentrant=False, **k))(fwd)
+    try:
+        yield len(own)
+    finally:
+        for block, fwd in own:
+            if block.__dict__.get("forward") is not None:
+                del block.__dict__["forward"]
 
 
 def finetune_model_e2e(model: nn.Module, samples: torch.Tensor, cfg: LCQATConfig) -> tuple[float, float]:
     """Tune the continuous parameters of the quantized ``model`` on the calibration ``samples``
     [N, T] for ``cfg.ptq_e2e_steps`` Adam steps; returns the held-out loss (before, kept)."""
+    # steps reuse the heap instead of page-faulting while the stage runs, given back after (see _heap)
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    with retained_heap() if on_cpu else contextlib.nullcontext():
+        return _finetune_model_e2e(model, samples, cfg)
+
+
+def _finetune_model_e2e(model: nn.Module, samples: torch.Tensor, cfg: LCQATConfig) -> tuple[float, float]:
     steps, bs = cfg.ptq_e2e_steps, cfg.ptq_e2e_batch_size
     N = samples.shape[0]
     if N < 2:
@@ -108,8 +153,6 @@ def finetune_model_e2e(model: nn.Module, samples: torch.Tensor, cfg: LCQATConfig
     param0 = next(model.parameters())
     device = param0.device
     t0 = time.perf_counter()
-    if device.type == "cpu":
-        retain_freed_memory()  # steps reuse the heap instead of page-faulting (see _heap)
     # float32 for the stage: Adam on 16-bit scales loses the small steps; cast back at the end
     # (tensor by tensor: transformers refuses model.float() on a quantized model)
     cast = _float32_tensors(model)
@@ -124,19 +167,20 @@ def finetune_model_e2e(model: nn.Module, samples: torch.Tensor, cfg: LCQATConfig
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7)
     was_training = model.training
     model.eval()  # no dropout: the same function PTQ fitted
+    chunked = chunked_loss_unsupported(model) is None
     with torch.no_grad():
-        before = _mean_loss(model, val, bs, device)
+        before = _mean_loss(model, val, bs, device, chunked)
     order = torch.randperm(train.shape[0], generator=gen)
     pos = 0
     last = float("nan")
-    with torch.enable_grad():
+    with torch.enable_grad(), checkpointed_blocks(model):
         for step in range(steps):
             if pos + bs > order.numel():  # next epoch: reshuffle
                 order, pos = torch.randperm(train.shape[0], generator=gen), 0
             ids = train[order[pos:pos + bs]].to(device)
             pos += bs
             set_cosine_lr(opt, step, steps)
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss = _lm_loss(model, ids, chunked)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -144,7 +188,7 @@ def finetune_model_e2e(model: nn.Module, samples: torch.Tensor, cfg: LCQATConfig
             if not math.isfinite(last):
                 break
     with torch.no_grad():
-        after = _mean_loss(model, val, bs, device) if math.isfinite(last) else float("nan")
+        after = _mean_loss(model, val, bs, device, chunked) if math.isfinite(last) else float("nan")
         keep = after < before
         if not keep:  # never worse than the block-wise PTQ on held-out calibration text
             for p, s in zip(params, saved):

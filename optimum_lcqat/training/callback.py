@@ -50,6 +50,8 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from .._heap import release_freed_memory, retain_freed_memory
+from ..nn.lm_loss import DEFAULT_CHUNK_TOKENS
+from .chunked_loss import install_chunked_loss
 from ..convert import lc_layers
 from ..tensor.packing import unpack_codes
 from .params import resolve_decay, resolve_trainable, select_trainable
@@ -183,6 +185,12 @@ class LCQATCallback(TrainerCallback):
             by the same relative amount a step, as the LC-QAT release does.
         decay_categories: parameter categories that get the Trainer's ``weight_decay``
             (default: only ``embedding`` and ``other``; the release decays everything it trains).
+        chunked_loss: compute the next-token loss ``loss_chunk_tokens`` positions at a time
+            (:mod:`optimum_lcqat.nn.lm_loss`) instead of the model's own loss over the whole batch's
+            [tokens x vocab] fp32 logits (default True; the same loss up to fp32 summation order;
+            the training forward then returns no logits). Models that post-process their logits
+            (soft-capping, logit scales) keep their own loss, with a warning.
+        loss_chunk_tokens: positions a chunk (default 1024).
     """
 
     def __init__(
@@ -199,6 +207,8 @@ class LCQATCallback(TrainerCallback):
         max_skipped_steps: int = 32,
         balance_scales: bool = False,
         decay_categories=None,
+        chunked_loss: bool = True,
+        loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     ):
         self.trainable = resolve_trainable(train, train_norms, train_embeddings)
         # Set by LCQATTrainer, whose save hands the Trainer's gathered FSDP state dict to the
@@ -227,6 +237,10 @@ class LCQATCallback(TrainerCallback):
         self.resumed_exactly: bool | None = None
         self._model = None
         self._heap_held = False  # this callback holds the retained heap (on_train_begin .. on_train_end)
+        if loss_chunk_tokens < 1:
+            raise ValueError(f"LCQATCallback: loss_chunk_tokens must be positive, got {loss_chunk_tokens}")
+        self.chunked_loss, self.loss_chunk_tokens = chunked_loss, loss_chunk_tokens
+        self._own_forward = None  # puts the model's own forward back (install_chunked_loss)
         self._start_codes: dict[str, torch.Tensor] = {}
         self._pending: list[dict] = []
         self._n_codes = 0
@@ -294,6 +308,8 @@ class LCQATCallback(TrainerCallback):
             )
         if self.max_tokens is not None and args.include_num_input_tokens_seen in ("no", False):
             raise ValueError("LCQATCallback(max_tokens=...) needs TrainingArguments(include_num_input_tokens_seen='all')")
+        if self.chunked_loss and self._own_forward is None:
+            self._own_forward = install_chunked_loss(model, self.loss_chunk_tokens)
         if any(p.device.type == "cpu" for p in model.parameters()) and not self._heap_held:
             # steps reuse the heap instead of page-faulting, until on_train_end gives it back (optimum_lcqat._heap)
             self._heap_held = retain_freed_memory()
@@ -476,6 +492,9 @@ class LCQATCallback(TrainerCallback):
             save_training_state(model, folder, step=state.global_step)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self._own_forward is not None:
+            self._own_forward()
+            self._own_forward = None
         if self._heap_held:  # the training heap goes back to the system, whether or not layers finalize
             self._heap_held = False
             release_freed_memory()

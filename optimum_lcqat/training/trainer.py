@@ -6,9 +6,10 @@ Knowledge distillation (``teacher_model=...``): the loss is
 with a valid next-token label (``T`` = ``kd_temperature``; logit KL as in BitDistiller/ParetoQ's
 forward-KL variant). Cost: the teacher's weights in memory (a second copy of the
 full-precision model, frozen, no optimizer state), one extra no-grad forward per step (about
-a third of a training step's compute), and two more ``batch x seq x vocab`` float32 tensors
-(teacher log-probabilities and the student's log-softmax), e.g. 4 x 512 x 49152 x 4 B = 400 MB
-each for SmolLM2. benchmarks/qat.py measures the time cost.
+a third of a training step's compute). With the callback's chunked loss (its default) the KL is
+computed a chunk of positions at a time (optimum_lcqat.nn.lm_loss); without it, two more
+``batch x seq x vocab`` float32 tensors (teacher log-probabilities and the student's log-softmax),
+e.g. 4 x 512 x 49152 x 4 B = 400 MB each for SmolLM2. benchmarks/qat.py measures the time cost.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import torch.nn.functional as F
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
-from .callback import LCQATCallback, NonFiniteTrainingError, grad_scaler, last_checkpoint
+from ..nn.lm_loss import causal_lm_hidden_states, chunked_distillation_kl, chunked_loss_unsupported
+from .callback import LCQATCallback, NonFiniteTrainingError, _unwrap, grad_scaler, last_checkpoint
 from .params import LCQATOptimizerFactory
 
 logger = logging.getLogger(__name__)
@@ -148,6 +150,18 @@ class LCQATTrainer(Trainer):
         with saving_gathered_state_dict(state_dict):
             return super()._save(output_dir, state_dict=state_dict)
 
+    def _chunked_kd(self, model, outputs, t_inputs, labels):
+        reason = chunked_loss_unsupported(self.teacher_model)
+        if reason is not None:
+            raise ValueError(f"lcqat: the student trains with the chunked loss but the teacher cannot give hidden states "
+                             f"for it ({reason}); pass LCQATCallback(chunked_loss=False).")
+        with torch.no_grad():
+            t_hidden = causal_lm_hidden_states(self.teacher_model, **t_inputs)
+        student = _unwrap(model)
+        return chunked_distillation_kl(outputs.hidden_states[-1], student.get_output_embeddings(), t_hidden,
+                                       self.teacher_model.get_output_embeddings(), labels, self.kd_temperature,
+                                       self.lcqat.loss_chunk_tokens)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.teacher_model is None:
             out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
@@ -155,10 +169,15 @@ class LCQATTrainer(Trainer):
         else:
             labels = inputs.get("labels")
             outputs = model(**inputs)
-            with torch.no_grad():
-                t_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-                teacher_logits = self.teacher_model(**t_inputs).logits
-            kd = distillation_loss(outputs.logits, teacher_logits, labels, self.kd_temperature)
+            t_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+            if outputs.logits is None:
+                # the callback's chunked loss is in place (no [tokens x vocab] logits): the KL too, a chunk
+                # of positions at a time, from the student's last hidden state and the teacher's
+                kd = self._chunked_kd(model, outputs, t_inputs, labels)
+            else:
+                with torch.no_grad():
+                    teacher_logits = self.teacher_model(**t_inputs).logits
+                kd = distillation_loss(outputs.logits, teacher_logits, labels, self.kd_temperature)
             loss = self.kd_alpha * kd
             if self.kd_alpha < 1.0:
                 if outputs.loss is None:

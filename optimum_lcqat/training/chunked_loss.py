@@ -1,0 +1,51 @@
+"""The chunked next-token loss (optimum_lcqat.nn.lm_loss) put in place of a causal LM's own, while training.
+
+The Trainer calls ``model(**inputs)`` and reads ``.loss``, and under DDP or FSDP that call must go
+through the wrapper's forward. So the model's ``forward`` is replaced (an instance attribute, for the
+training run only) by one that, for a training call with ``labels``, runs the base model, then the
+chunked loss over the head, and returns ``loss``, no logits, and the last hidden state as the only
+entry of ``hidden_states`` (what distillation needs). Other calls (no labels, eval mode, logits or
+attentions asked for) go to the model's own forward unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from ..nn.lm_loss import causal_lm_hidden_states, chunked_loss_unsupported, chunked_next_token_loss
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["install_chunked_loss"]
+
+
+def install_chunked_loss(model: nn.Module, chunk_tokens: int):
+    """Replace ``model.forward`` for training calls with labels; returns the function that puts the
+    model's own forward back, or None (logged once, with the reason) where the model cannot take it."""
+    reason = chunked_loss_unsupported(model)
+    if reason is not None:
+        logger.warning("lcqat: the chunked next-token loss is off for this run: %s. The model's own loss runs "
+                       "(the whole batch's [tokens x vocab] fp32 logits in memory).", reason)
+        return None
+    own = model.forward
+
+    def forward(*args, **kwargs):
+        if (args or kwargs.get("labels") is None or not model.training or kwargs.get("return_dict") is False
+                or kwargs.get("output_hidden_states") or kwargs.get("output_attentions")):
+            return own(*args, **kwargs)
+        labels = kwargs.pop("labels")
+        num_items = kwargs.pop("num_items_in_batch", None)
+        hidden = causal_lm_hidden_states(model, **kwargs)
+        loss = chunked_next_token_loss(hidden, model.get_output_embeddings(), labels, num_items, chunk_tokens)
+        return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=(hidden,))
+
+    model.forward = forward
+
+    def uninstall():
+        if model.__dict__.get("forward") is forward:
+            del model.__dict__["forward"]
+
+    return uninstall
