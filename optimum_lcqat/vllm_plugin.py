@@ -89,6 +89,7 @@ class LCQATvLLMConfig(QuantizationConfig):
         self.hadamard_block_size = hf_config.get("hadamard_block_size", 128)
         self.modules_to_not_convert = list(hf_config.get("modules_to_not_convert") or [])
         self.lm_head_int8 = bool(hf_config.get("lm_head_int8", False))
+        self.format_version = hf_config.get("format_version", 1)  # from 2 on, every layer has a rotation record
         # Names of the LC layers and of the dense linears, from the checkpoint's tensor names
         # (maybe_update_config); None until then / for a Hub id, where the config's
         # modules_to_not_convert decides.
@@ -222,7 +223,8 @@ class LCQATLinearMethod(LinearMethodBase):
         tp_rank, tp_size = getattr(layer, "tp_rank", 0), getattr(layer, "tp_size", 1)
         weights = []
         for i, (name, sd) in enumerate(zip(self.parts, layer.lcqat_staged)):
-            missing = [k for k in KEYS if k not in sd and not (k == "rotation" and self.config.hadamard_block_size)]
+            v1_plans = self.config.format_version < 2 and self.config.hadamard_block_size  # recomputed, format 1 only
+            missing = [k for k in KEYS if k not in sd and not (k == "rotation" and v1_plans)]
             if missing:
                 raise ValueError(f"lcqat vLLM plugin: the checkpoint has no {', '.join(f'{name}.{k}' for k in missing)} "
                                  "for this LC layer; it is incomplete or corrupted")
