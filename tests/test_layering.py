@@ -61,4 +61,13 @@ def test_int8_module_lives_with_nn_and_fsdp_helpers_with_training():
     from optimum_lcqat.training import fsdp
 
     assert Int8Linear.__module__ == "optimum_lcqat.nn.int8_linear"
-    assert callable(fsdp.gathered_codes) and callable(fsdp.full_tensor)
+    assert fsdp.gathered_codes.__module__ == fsdp.full_tensor.__module__ == "optimum_lcqat.training.fsdp"
+    # ... and only there: no other module of the package defines its own copy
+    defined = {
+        f"{path.relative_to(PKG)}:{node.name}"
+        for path in sorted(PKG.rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.FunctionDef) and node.name in ("gathered_codes", "full_tensor")
+        or isinstance(node, ast.ClassDef) and node.name == "Int8Linear"
+    }
+    assert defined == {"training/fsdp.py:gathered_codes", "training/fsdp.py:full_tensor", "nn/int8_linear.py:Int8Linear"}
