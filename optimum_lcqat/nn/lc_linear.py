@@ -176,7 +176,7 @@ class LCLinear(nn.Module):
         if self.latent is not None:
             return
         q = unpack_codes(self.codes).to(self.s_u.dtype)
-        self.latent = nn.Parameter((q - 1.5) / self.alpha)
+        self.latent = nn.Parameter(latent_from_codes(q, self.alpha))
 
     def disable_training(self) -> None:
         """Pack the latent's codes and drop the latent."""
@@ -219,8 +219,8 @@ class LCLinear(nn.Module):
                 "latents yet; use DDP for capped code changes, or no cap."
             )
         old = unpack_codes(self.codes).float()
-        u = self.latent.float() * self.alpha + 1.5  # as hard_codes rounds it
-        changed = torch.clamp(torch.round(u), 0, 3) != old
+        u = latent_position(self.latent, self.alpha)
+        changed = round_latent(self.latent, self.alpha) != old  # as hard_codes rounds it
         n = int(changed.sum())
         if n <= max_changes:
             return 0
@@ -232,7 +232,7 @@ class LCLinear(nn.Module):
             keep = changed & (offset.abs() > threshold)
         back = changed & ~keep
         inside = old + torch.clamp(offset, -0.49, 0.49)  # just inside the old bin, same side
-        self.latent.data[back] = ((inside[back] - 1.5) / self.alpha).to(self.latent.dtype)
+        self.latent.data[back] = latent_from_codes(inside[back], self.alpha).to(self.latent.dtype)
         return int(back.sum())
 
     def sync_codes(self) -> int:
@@ -261,7 +261,7 @@ class LCLinear(nn.Module):
         if self.latent is not None:
             # float32 like hard_codes, so the codes trained on are the codes saved (a 16-bit latent
             # would round near a bin edge differently)
-            q = dge_round(self.latent.float() * self.alpha + 1.5)  # [m, n], integer-valued, DGE gradient
+            q = dge_round(latent_position(self.latent, self.alpha))  # [m, n], integer-valued, DGE gradient
             return reference.lc_forward(self.lc_weight, x, self.bias, codes=q)
         if self.int8_activations and torch.is_grad_enabled() and x.requires_grad:
             raise RuntimeError(
@@ -271,9 +271,22 @@ class LCLinear(nn.Module):
         return self.lc_weight.apply(x, self.bias, self.int8_activations)
 
 
+# The latent <-> code mapping (see the module docstring): U = latent * alpha + 1.5, codes
+# clamp(round(U), 0, 3); a code q's bin centre is the latent (q - 1.5) / alpha.
+def latent_position(latent: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``U``: where a latent stands on the code axis (codes 0..3 at 0..3), in float32 whatever
+    the latent's dtype."""
+    return latent.float() * alpha + 1.5
+
+
+def latent_from_codes(codes: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The latent at ``U = codes`` (the centres of the codes' bins), in the codes' float dtype."""
+    return (codes - 1.5) / alpha
+
+
 def round_latent(latent: torch.Tensor, alpha: float) -> torch.Tensor:
     """The codes a latent rounds to (uint8, 0..3), in float32 whatever the latent's dtype."""
-    return torch.clamp(torch.round(latent.float() * alpha + 1.5), 0, 3).to(torch.uint8)
+    return torch.clamp(torch.round(latent_position(latent, alpha)), 0, 3).to(torch.uint8)
 
 
 def _sync_before_state_dict(module: LCLinear, prefix, keep_vars) -> None:

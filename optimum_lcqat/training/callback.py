@@ -51,6 +51,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .._heap import retain_freed_memory
 from ..convert import lc_layers
+from ..nn.lc_linear import latent_from_codes
 from ..tensor.packing import unpack_codes
 from .params import resolve_decay, resolve_trainable, select_trainable
 from .state import TRAINING_STATE_NAME, is_sharded, load_training_state, save_training_state, training_state_step
@@ -74,7 +75,7 @@ def _latent_from_loaded_codes(module, state_dict, prefix, local_metadata, strict
     # latent that disagrees with the codes); the training-state file then restores it exactly.
     if module.latent is not None and prefix + "codes" in state_dict and prefix + "latent" not in state_dict:
         q = unpack_codes(state_dict[prefix + "codes"]).to(module.latent.dtype)
-        state_dict[prefix + "latent"] = (q - 1.5) / module.alpha
+        state_dict[prefix + "latent"] = latent_from_codes(q, module.alpha)
 
 
 FSDP1_UNSUPPORTED = (
