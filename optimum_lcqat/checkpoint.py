@@ -39,7 +39,7 @@ def _shards(checkpoint_files) -> list[str]:
     return [str(f) for f in (checkpoint_files or []) if str(f).endswith(".safetensors")]
 
 
-def _read_header(path: str) -> tuple[dict, int, int]:
+def read_header(path: str) -> tuple[dict, int, int]:
     """``(header, header length, file size)`` of one safetensors shard."""
     size = os.path.getsize(path)
     try:
@@ -74,7 +74,7 @@ def read_layout(checkpoint_files) -> dict[str, tuple[str, tuple[int, ...]]]:
     """``{key: (dtype string, shape)}`` of every tensor in the safetensors shards (headers only)."""
     layout = {}
     for path in _shards(checkpoint_files):
-        header, n, size = _read_header(path)
+        header, n, size = read_header(path)
         _declared_version(path, header)
         end = 0
         for key, info in header.items():
@@ -92,13 +92,18 @@ def read_layout(checkpoint_files) -> dict[str, tuple[str, tuple[int, ...]]]:
 
 def read_format_version(checkpoint_files) -> int | None:
     """The format version the shards' metadata declares (the highest; None when none declares one)."""
-    versions = [_declared_version(p, _read_header(p)[0]) for p in _shards(checkpoint_files)]
+    versions = [_declared_version(p, read_header(p)[0]) for p in _shards(checkpoint_files)]
     return max((v for v in versions if v is not None), default=None)
 
 
 def lc_module_names(layout) -> list[str]:
     """Names of the LC layers in a checkpoint layout (keys, or a ``{key: ...}`` mapping)."""
     return sorted(k[: -len(".codes")] for k in layout if k.endswith(".codes"))
+
+
+def lc_prefixes(model) -> set[str]:
+    """``"<name>."`` of every LC layer of ``model``: the key prefixes of its LC tensors."""
+    return {f"{n}." for n, m in model.named_modules() if isinstance(m, LCLinear)}
 
 
 def validate_layer_layout(name: str, module, layout, vector_dim: int, format_version: int = 1) -> None:
@@ -177,20 +182,20 @@ def packed_state_dict(model) -> dict[str, torch.Tensor]:
     FSDP2-sharded tensors are gathered, so on a sharded model every rank must call this
     (``model.save_pretrained(dir, is_main_process=rank == 0)`` on all ranks), unless the caller
     passes a gathered state dict through :func:`saving_gathered_state_dict`."""
-    lc_prefixes = {f"{n}." for n, m in model.named_modules() if isinstance(m, LCLinear)}
+    lc = lc_prefixes(model)
     sd = _gathered_state_dict.get()
     if sd is None:
         sd = model.state_dict()
     out = {}
     for key, value in sd.items():
         prefix, _, leaf = key.rpartition(".")
-        if f"{prefix}." in lc_prefixes and leaf == "latent":
+        if f"{prefix}." in lc and leaf == "latent":
             continue
         if type(value) is not torch.Tensor:  # a subclass: FSDP2's DTensor is gathered
             from .training.fsdp import full_tensor
 
             value = full_tensor(value)
-        if f"{prefix}." in lc_prefixes and leaf in LC_PARAM_SUFFIXES:
+        if f"{prefix}." in lc and leaf in LC_PARAM_SUFFIXES:
             value = value.to(STORAGE_DTYPE)
         out[key] = value
     from .dense_storage import apply_dense_storage  # imported here: it imports this module

@@ -132,7 +132,9 @@ class LCQATvLLMConfig(QuantizationConfig):
             logger.info("lcqat vLLM plugin: %s is not a local folder; LC layers are the linears not in "
                         "modules_to_not_convert %s", model_name, self.modules_to_not_convert)
             return
-        self.lc_modules = {k[: -len(".codes")] for k in keys if k.endswith(".codes")}
+        from .checkpoint import lc_module_names
+
+        self.lc_modules = set(lc_module_names(keys))
         self.dense_modules = {k[: -len(".weight")] for k in keys if k.endswith(".weight")}
         self.int8_modules = {k[: -len(".weight_int8")] for k in keys if k.endswith(".weight_int8")}
         if not self.lc_modules:
