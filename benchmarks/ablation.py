@@ -44,6 +44,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from optimum_lcqat._atomic import write_text_atomic  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 EVAL_TOKENS = 32768
 LICENCES = Path("/usr/share/common-licenses")
@@ -246,8 +248,7 @@ def run_qat(model, tok, settings: dict, budgets: list[int], row: str = "", stop_
             # into the checkpoint just written (transformers' checkpoint-<step>), through a temporary
             # name: a checkpoint either has its record or visibly lacks it
             dest = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}" / "part.json"
-            dest.with_suffix(".json.tmp").write_text(json.dumps(part))
-            os.replace(dest.with_suffix(".json.tmp"), dest)
+            write_text_atomic(dest, json.dumps(part))
 
     with tempfile.TemporaryDirectory(prefix="lcqat-ablation-") as tmp:
         out = str(run_dir) if parted else tmp
@@ -467,12 +468,8 @@ def main() -> None:
         print(json.dumps({k: v for k, v in res.items() if k != "config"}), flush=True)
         data["rows"][name] = _merge_parts(data["rows"].get(name), res)
         data["environment_last_run"] = env
-        tmp_json = path.with_suffix(".json.tmp")
-        tmp_json.write_text(json.dumps(data, indent=1))
-        os.replace(tmp_json, path)  # a killed run keeps the rows it finished
-        md = RESULTS / "ablation.md"
-        md.with_suffix(".md.tmp").write_text(render(data["rows"], md_env(env)))
-        os.replace(md.with_suffix(".md.tmp"), md)
+        write_text_atomic(path, json.dumps(data, indent=1))  # a killed run keeps the rows it finished
+        write_text_atomic(RESULTS / "ablation.md", render(data["rows"], md_env(env)))
     print((RESULTS / "ablation.md").read_text() if (RESULTS / "ablation.md").is_file() else "nothing run")
 
 

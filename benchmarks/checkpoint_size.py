@@ -25,7 +25,6 @@ Run (from the repository root):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -48,6 +47,8 @@ MIB = 2**20
 
 def file_breakdown(folder: Path) -> dict:
     """Bytes of the safetensors files, and of their tensors by kind (from the headers)."""
+    from optimum_lcqat.checkpoint import lc_module_names, read_header
+
     kinds = {"lc_layers": 0, "embedding": 0, "lm_head": 0, "dense_linears": 0, "other": 0}
     total = 0
     files = sorted(folder.glob("*.safetensors"))
@@ -55,11 +56,9 @@ def file_breakdown(folder: Path) -> dict:
     headers = []
     for f in files:
         total += f.stat().st_size
-        with open(f, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            headers.append(json.loads(fh.read(n)))
+        headers.append(read_header(str(f))[0])
     for h in headers:
-        lc_modules |= {k[: -len(".codes")] for k in h if k.endswith(".codes")}
+        lc_modules |= set(lc_module_names(h))
     for h in headers:
         for key, info in h.items():
             if key == "__metadata__":

@@ -50,6 +50,8 @@ from torch.utils import benchmark
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import LAYER_SHAPES, RESULTS, environment, md_env  # noqa: E402
 
+from optimum_lcqat._atomic import write_text_atomic  # noqa: E402
+
 SHAPES = LAYER_SHAPES
 QUICK = ("smollm2.gate/up (1536x576)", "smollm2.down (576x1536)", "llama7b.attn (4096x4096)",
          "llama7b.gate/up (11008x4096)")
@@ -65,10 +67,7 @@ EXIT_NO_CUDA = 3  # argparse uses 2
 # ------------------------------------------------------------------ shared
 def write_atomic(path: str, text: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
 
 
 def device_or_exit(args) -> torch.device:

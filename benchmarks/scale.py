@@ -105,6 +105,7 @@ def make_source(name: str, layers: int | None) -> Path:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from optimum_lcqat._atomic import write_dir_atomic
     from optimum_lcqat.assets import smollm2_path
 
     L = layers or CONFIGS[name]["num_hidden_layers"]
@@ -116,38 +117,37 @@ def make_source(name: str, layers: int | None) -> Path:
         skel = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     tied = set((getattr(skel, "all_tied_weights_keys", None) or {}).keys())
     shapes = [(k, tuple(v.shape)) for k, v in skel.state_dict().items() if k not in tied]
-    CACHE.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=CACHE))
-    shards, cur, size = [], {}, 0
-    for key, shape in shapes:
-        g = torch.Generator().manual_seed(zlib.crc32(key.encode()))
-        if len(shape) == 1:
-            t = torch.ones(shape, dtype=torch.bfloat16) if "norm" in key else torch.randn(shape, generator=g).to(torch.bfloat16) * 0.02
-        else:
-            t = (torch.randn(shape, generator=g, dtype=torch.bfloat16) * 0.02).contiguous()
-        cur[key] = t
-        size += t.numel() * 2
-        if size >= 2 * 10**9:
+
+    def build(tmp: Path) -> None:  # in a temporary folder beside the cache entry, renamed into place
+        shards, cur, size = [], {}, 0
+        for key, shape in shapes:
+            g = torch.Generator().manual_seed(zlib.crc32(key.encode()))
+            if len(shape) == 1:
+                t = torch.ones(shape, dtype=torch.bfloat16) if "norm" in key else torch.randn(shape, generator=g).to(torch.bfloat16) * 0.02
+            else:
+                t = (torch.randn(shape, generator=g, dtype=torch.bfloat16) * 0.02).contiguous()
+            cur[key] = t
+            size += t.numel() * 2
+            if size >= 2 * 10**9:
+                shards.append(cur)
+                save_file(cur, str(tmp / f"part{len(shards)}.safetensors"), metadata={"format": "pt"})
+                cur, size = {}, 0
+        if cur:
             shards.append(cur)
             save_file(cur, str(tmp / f"part{len(shards)}.safetensors"), metadata={"format": "pt"})
-            cur, size = {}, 0
-    if cur:
-        shards.append(cur)
-        save_file(cur, str(tmp / f"part{len(shards)}.safetensors"), metadata={"format": "pt"})
-    n = len(shards)
-    weight_map, total = {}, 0
-    for i, sh in enumerate(shards, 1):
-        fname = f"model-{i:05d}-of-{n:05d}.safetensors"
-        os.replace(tmp / f"part{i}.safetensors", tmp / fname)
-        for k, v in sh.items():
-            weight_map[k] = fname
-            total += v.numel() * 2
-    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
-    config.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(smollm2_path()).save_pretrained(tmp)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
-    return path
+        n = len(shards)
+        weight_map, total = {}, 0
+        for i, sh in enumerate(shards, 1):
+            fname = f"model-{i:05d}-of-{n:05d}.safetensors"
+            os.replace(tmp / f"part{i}.safetensors", tmp / fname)
+            for k, v in sh.items():
+                weight_map[k] = fname
+                total += v.numel() * 2
+        (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+        config.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(smollm2_path()).save_pretrained(tmp)
+
+    return write_dir_atomic(path, build)
 
 
 def _reset_peak_rss() -> None:

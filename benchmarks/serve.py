@@ -29,20 +29,21 @@ import argparse
 import http.client
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 from _common import RESULTS, environment, md_env, write  # noqa: E402
+
+from optimum_lcqat._atomic import atomic_path  # noqa: E402
+from optimum_lcqat._server import free_port, wait_for_health  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "optimum_lcqat" / "serve_bench"
 VENV_PY = Path(os.environ.get("OPTIMUM_LCQAT_VLLM_PYTHON") or Path.home() / ".cache/optimum_lcqat/vllm-venv/bin/python")
@@ -96,12 +97,6 @@ def run_vllm(model_dir: Path, dtype: str, eager: bool, concurrency) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _stream_completion(port: int, model: str, prompt: list[int], n: int, out: dict) -> None:
     """One streaming /v1/completions request: time to the first chunk and to the end."""
     body = json.dumps({"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True,
@@ -126,7 +121,7 @@ def _stream_completion(port: int, model: str, prompt: list[int], n: int, out: di
 
 def run_server(model_dir: Path, dtype: str, eager: bool, concurrency) -> dict:
     """``vllm serve`` (the venv's console script) and concurrent streaming HTTP requests."""
-    port = _free_port()
+    port = free_port()
     cmd = [str(VENV_PY.with_name("vllm")), "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
            "--dtype", dtype, "--max-model-len", "512", "--max-num-seqs", "64", "--seed", "0"]
     if eager:
@@ -135,18 +130,9 @@ def run_server(model_dir: Path, dtype: str, eager: bool, concurrency) -> dict:
     t_start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=vllm_env(), cwd="/")
     try:
-        deadline = time.time() + 900
-        while True:
-            if proc.poll() is not None or time.time() > deadline:
-                log.seek(0)
-                return {"error": "vllm serve did not come up:\n" + log.read()[-3000:]}
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            time.sleep(1)
+        if wait_for_health(proc, port, 900, interval=1) is not None:
+            log.seek(0)
+            return {"error": "vllm serve did not come up:\n" + log.read()[-3000:]}
         startup = time.perf_counter() - t_start
 
         def burst(c: int, n: int) -> list[dict]:
@@ -443,9 +429,8 @@ def plot(rows, path) -> None:
         ax.set_title(f"{'vllm serve (HTTP)' if engine == 'vllm-server' else 'vLLM offline'}, {model}, {mode}", fontsize=9)
         ax.legend()
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=90)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:  # keeps the .png suffix savefig picks the format from
+        fig.savefig(tmp, dpi=90)
 
 
 if __name__ == "__main__":

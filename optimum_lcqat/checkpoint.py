@@ -38,34 +38,46 @@ def _shards(checkpoint_files) -> list[str]:
     return [str(f) for f in (checkpoint_files or []) if str(f).endswith(".safetensors")]
 
 
+def read_header(path: str) -> tuple[dict, int, int]:
+    """``(header, header length, file size)`` of one safetensors shard."""
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                raise CheckpointError(f"{path}: safetensors header length {n} does not fit a {size}-byte file")
+            return json.loads(f.read(n)), n, size
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: unreadable safetensors header ({exc}); the file is corrupted") from exc
+
+
+def _declared_version(path: str, header: dict) -> int | None:
+    """The ``lcqat_format_version`` a shard's metadata declares (None: none), checked."""
+    version = (header.get("__metadata__") or {}).get(METADATA_KEY)
+    if version is None:
+        return None
+    if not str(version).strip().isdigit():
+        raise CheckpointError(
+            f"{path}: {METADATA_KEY}={version!r} is not a whole number; the checkpoint's metadata is "
+            "corrupted (re-save it with optimum-lcqat)"
+        )
+    if int(version) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} is lcqat format {version}; this optimum-lcqat reads up to {FORMAT_VERSION}. "
+            "Upgrade: pip install -U optimum-lcqat"
+        )
+    return int(version)
+
+
 def read_layout(checkpoint_files) -> dict[str, tuple[str, tuple[int, ...]]]:
     """``{key: (dtype string, shape)}`` of every tensor in the safetensors shards (headers only)."""
     layout = {}
     for path in _shards(checkpoint_files):
-        size = os.path.getsize(path)
-        try:
-            with open(path, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                if n <= 0 or 8 + n > size:
-                    raise CheckpointError(f"{path}: safetensors header length {n} does not fit a {size}-byte file")
-                header = json.loads(f.read(n))
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{path}: unreadable safetensors header ({exc}); the file is corrupted") from exc
+        header, n, size = read_header(path)
+        _declared_version(path, header)
         end = 0
         for key, info in header.items():
             if key == "__metadata__":
-                meta = info or {}
-                version = meta.get(METADATA_KEY)
-                if version is not None and not str(version).strip().isdigit():
-                    raise CheckpointError(
-                        f"{path}: {METADATA_KEY}={version!r} is not a whole number; the checkpoint's metadata is "
-                        "corrupted (re-save it with optimum-lcqat)"
-                    )
-                if version is not None and int(version) > FORMAT_VERSION:
-                    raise CheckpointError(
-                        f"{path} is lcqat format {version}; this optimum-lcqat reads up to {FORMAT_VERSION}. "
-                        "Upgrade: pip install -U optimum-lcqat"
-                    )
                 continue
             layout[key] = (info["dtype"], tuple(info["shape"]))
             end = max(end, info["data_offsets"][1])
@@ -77,20 +89,39 @@ def read_layout(checkpoint_files) -> dict[str, tuple[str, tuple[int, ...]]]:
     return layout
 
 
+def read_format_version(checkpoint_files) -> int | None:
+    """The format version the shards' metadata declares (the highest; None when none declares one)."""
+    versions = [_declared_version(p, read_header(p)[0]) for p in _shards(checkpoint_files)]
+    return max((v for v in versions if v is not None), default=None)
+
+
 def lc_module_names(layout) -> list[str]:
     """Names of the LC layers in a checkpoint layout (keys, or a ``{key: ...}`` mapping)."""
     return sorted(k[: -len(".codes")] for k in layout if k.endswith(".codes"))
 
 
-def validate_layer_layout(name: str, module, layout, vector_dim: int) -> None:
+def lc_prefixes(model) -> set[str]:
+    """``"<name>."`` of every LC layer of ``model``: the key prefixes of its LC tensors."""
+    return {f"{n}." for n, m in model.named_modules() if isinstance(m, LCLinear)}
+
+
+def validate_layer_layout(name: str, module, layout, vector_dim: int, format_version: int = 1) -> None:
     """Check the tensors of LC layer ``name`` against the module it will load into. A missing
-    ``rotation`` record is allowed (format version 1)."""
+    ``rotation`` record is allowed in a format-1 checkpoint only (version 1 wrote none; from
+    version 2 on every layer has one, so a missing one is a damaged file, not an old one)."""
     m, n = module.out_features, module.in_features
     for suffix, (dtype, shape) in LCWeight.expected_layout(m, n, vector_dim).items():
         key = f"{name}.{suffix}"
         if key not in layout:
-            if suffix == "rotation":
+            if suffix == "rotation" and format_version < 2:
                 continue
+            if suffix == "rotation":
+                raise CheckpointError(
+                    f"lcqat checkpoint: {key} is missing from a format-{format_version} checkpoint, which "
+                    f"records every layer's rotation plans; layer {name} cannot be loaded with the plans it "
+                    "was quantized with. The file is incomplete or was edited: re-save the model with "
+                    "optimum-lcqat, or re-quantize it from the full-precision model."
+                )
             raise CheckpointError(f"lcqat checkpoint: {key} is missing; the checkpoint is incomplete or corrupted")
         got_dtype, got_shape = layout[key]
         if dtype is not None and got_dtype != dtype:
@@ -150,18 +181,18 @@ def packed_state_dict(model) -> dict[str, torch.Tensor]:
     FSDP2-sharded tensors are gathered, so on a sharded model every rank must call this
     (``model.save_pretrained(dir, is_main_process=rank == 0)`` on all ranks), unless the caller
     passes a gathered state dict through :func:`saving_gathered_state_dict`."""
-    lc_prefixes = {f"{n}." for n, m in model.named_modules() if isinstance(m, LCLinear)}
+    lc = lc_prefixes(model)
     sd = _gathered_state_dict.get()
     if sd is None:
         sd = model.state_dict()
     out = {}
     for key, value in sd.items():
         prefix, _, leaf = key.rpartition(".")
-        if f"{prefix}." in lc_prefixes and leaf == "latent":
+        if f"{prefix}." in lc and leaf == "latent":
             continue
         if type(value) is not torch.Tensor:  # a subclass: FSDP2's DTensor is gathered
             value = full_tensor(value)
-        if f"{prefix}." in lc_prefixes and leaf in LC_PARAM_SUFFIXES:
+        if f"{prefix}." in lc and leaf in LC_PARAM_SUFFIXES:
             value = value.to(STORAGE_DTYPE)
         out[key] = value
     return apply_dense_storage(model, out)  # dense_dtype, lm_head_int8 (dense_storage.py)

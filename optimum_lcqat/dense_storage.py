@@ -27,7 +27,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+<<<<<<< HEAD
 from .errors import CheckpointError
+=======
+from .checkpoint import CheckpointError, lc_prefixes
+>>>>>>> checks
 from .nn.int8_linear import Int8Linear, quantize_rows_int8, untie_output_weight
 from .nn.lc_linear import LCLinear
 
@@ -72,7 +76,7 @@ def apply_dense_storage(model, state_dict: dict[str, torch.Tensor]) -> dict[str,
         if dense_dtype not in DENSE_DTYPES:
             raise ValueError(f"lcqat: dense_dtype={dense_dtype!r} is not one of {sorted(DENSE_DTYPES)} or None")
         dense_dtype = DENSE_DTYPES[dense_dtype]
-    lc_prefixes = {f"{n}." for n, m in model.named_modules() if isinstance(m, LCLinear)}
+    lc = lc_prefixes(model)
 
     keep_as_is = set()
     name, head = output_head(model)
@@ -98,7 +102,7 @@ def apply_dense_storage(model, state_dict: dict[str, torch.Tensor]) -> dict[str,
         cast: dict[tuple, torch.Tensor] = {}  # tensors sharing storage (tied weights) stay shared
         for key, value in state_dict.items():
             prefix = key.rpartition(".")[0] + "."
-            if key in keep_as_is or prefix in lc_prefixes:
+            if key in keep_as_is or prefix in lc:
                 continue
             if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.dtype == dense_dtype:
                 continue

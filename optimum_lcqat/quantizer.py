@@ -69,6 +69,11 @@ class LCQATHfQuantizer(HfQuantizer):
             )
         # Format version 2 records each layer's rotation plans: the layer is built with them, not
         # with whatever the installed code would choose for the config (version 1: recomputed).
+        # The version is the files' own (their metadata; the config's when they declare none): a
+        # version-2 file without a layer's record is refused, not loaded with recomputed plans.
+        version = ckpt.read_format_version(checkpoint_files)
+        if version is None:
+            version = cfg.format_version
         records = ckpt.read_rotation_records(checkpoint_files, names)
         self._v1_layers = [n for n in names if n not in records]
         for name in names:
@@ -78,7 +83,7 @@ class LCQATHfQuantizer(HfQuantizer):
                 raise ckpt.CheckpointError(f"lcqat checkpoint: {name}.codes names no module of this model") from None
             if not isinstance(module, torch.nn.Linear):
                 raise ckpt.CheckpointError(f"lcqat checkpoint: {name} is a {type(module).__name__}, not a Linear")
-            ckpt.validate_layer_layout(name, module, layout, cfg.vector_dim)
+            ckpt.validate_layer_layout(name, module, layout, cfg.vector_dim, version)
             plans = None
             if name in records:
                 try:

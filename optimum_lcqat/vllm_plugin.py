@@ -89,6 +89,7 @@ class LCQATvLLMConfig(QuantizationConfig):
         self.hadamard_block_size = hf_config.get("hadamard_block_size", 128)
         self.modules_to_not_convert = list(hf_config.get("modules_to_not_convert") or [])
         self.lm_head_int8 = bool(hf_config.get("lm_head_int8", False))
+        self.format_version = hf_config.get("format_version", 1)  # from 2 on, every layer has a rotation record
         # Names of the LC layers and of the dense linears, from the checkpoint's tensor names
         # (maybe_update_config); None until then / for a Hub id, where the config's
         # modules_to_not_convert decides.
@@ -131,7 +132,9 @@ class LCQATvLLMConfig(QuantizationConfig):
             logger.info("lcqat vLLM plugin: %s is not a local folder; LC layers are the linears not in "
                         "modules_to_not_convert %s", model_name, self.modules_to_not_convert)
             return
-        self.lc_modules = {k[: -len(".codes")] for k in keys if k.endswith(".codes")}
+        from .checkpoint import lc_module_names
+
+        self.lc_modules = set(lc_module_names(keys))
         self.dense_modules = {k[: -len(".weight")] for k in keys if k.endswith(".weight")}
         self.int8_modules = {k[: -len(".weight_int8")] for k in keys if k.endswith(".weight_int8")}
         if not self.lc_modules:
@@ -222,7 +225,8 @@ class LCQATLinearMethod(LinearMethodBase):
         tp_rank, tp_size = getattr(layer, "tp_rank", 0), getattr(layer, "tp_size", 1)
         weights = []
         for i, (name, sd) in enumerate(zip(self.parts, layer.lcqat_staged)):
-            missing = [k for k in KEYS if k not in sd and not (k == "rotation" and self.config.hadamard_block_size)]
+            v1_plans = self.config.format_version < 2 and self.config.hadamard_block_size  # recomputed, format 1 only
+            missing = [k for k in KEYS if k not in sd and not (k == "rotation" and v1_plans)]
             if missing:
                 raise ValueError(f"lcqat vLLM plugin: the checkpoint has no {', '.join(f'{name}.{k}' for k in missing)} "
                                  "for this LC layer; it is incomplete or corrupted")

@@ -103,6 +103,32 @@ def test_corrupted_rotation_record_and_format_version_are_refused(tmp_path):
         AutoModelForCausalLM.from_pretrained(version)
 
 
+def test_format_2_checkpoint_missing_a_rotation_record_is_refused(tmp_path):
+    # Version 1 wrote no records (its layers get recomputed plans, see above); from version 2 on
+    # every layer has one, so a version-2 file without one is damaged and must not load with
+    # plans the installed code recomputes (they can differ from the ones the layer was quantized with).
+    model = AutoModelForCausalLM.from_pretrained(DATA / "lcqat_v1_block128", dtype=torch.float32)
+    model.save_pretrained(tmp_path / "ok")
+    names = list(lc_layers(model))
+    name = names[len(names) // 2]  # not the first layer: the check is per layer
+    with safe_open(str(tmp_path / "ok" / "model.safetensors"), "pt") as f:
+        assert f.metadata()["lcqat_format_version"] == "2"
+    bad = tmp_path / "no_record"
+    shutil.copytree(tmp_path / "ok", bad)
+    _rewrite(bad / "model.safetensors", lambda t: t.pop(f"{name}.rotation"))
+    with pytest.raises(CheckpointError, match=rf"{name}\.rotation is missing from a format-2 checkpoint") as err:
+        AutoModelForCausalLM.from_pretrained(bad, dtype=torch.float32)
+    assert f"layer {name} " in str(err.value) and "re-save" in str(err.value) and "re-quantize" in str(err.value)
+    # The same file declaring version 1 (what version-1 code wrote) loads, with recomputed plans.
+    _rewrite(bad / "model.safetensors", lambda t: None, metadata={"format": "pt", "lcqat_format_version": "1"})
+    cfg_file = bad / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["quantization_config"]["format_version"] = 1
+    cfg_file.write_text(json.dumps(cfg))
+    again = AutoModelForCausalLM.from_pretrained(bad, dtype=torch.float32)
+    assert lc_layers(again)[name].plan_in == plan_rotation(lc_layers(again)[name].in_features, 128)
+
+
 def test_config_refuses_a_format_it_does_not_know():
     with pytest.raises(ValueError, match="format_version"):
         LCQATConfig(format_version=FORMAT_VERSION + 1)

@@ -78,6 +78,17 @@ def test_reimport_registration_is_harmless():
     import optimum_lcqat._registration as reg
     import optimum_lcqat.quantizer as quantizer
 
+    from transformers.quantizers import auto
+
+    def registered():
+        return auto.AUTO_QUANTIZATION_CONFIG_MAPPING.get("lcqat"), auto.AUTO_QUANTIZER_MAPPING.get("lcqat")
+
+    assert registered() == (LCQATConfig, LCQATHfQuantizer)
     quantizer._registered = False
     reg.register()  # second registration must not raise
     importlib.reload(importlib.import_module("optimum_lcqat"))
+    # ... and leaves the method registered, to the same classes, and usable
+    assert quantizer._registered and registered() == (LCQATConfig, LCQATHfQuantizer)
+    cfg = AutoQuantizationConfig.from_dict({"quant_method": "lcqat", "codebook": "scalar"})
+    assert type(cfg) is LCQATConfig and cfg.codebook == "scalar"
+    assert type(AutoHfQuantizer.from_config(cfg)) is LCQATHfQuantizer

@@ -247,6 +247,15 @@ def test_int8_module_lives_with_nn_and_fsdp_helpers_below_nn():
 
     assert Int8Linear.__module__ == "optimum_lcqat.nn.int8_linear"
     assert fsdp.gathered_codes is dtensor.gathered_codes and fsdp.full_tensor is dtensor.full_tensor
+    # ... and only there: no other module of the package defines its own copy
+    defined = {
+        f"{path.relative_to(PKG)}:{node.name}"
+        for path in sorted(PKG.rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.FunctionDef) and node.name in ("gathered_codes", "full_tensor")
+        or isinstance(node, ast.ClassDef) and node.name == "Int8Linear"
+    }
+    assert defined == {"tensor/dtensor.py:gathered_codes", "tensor/dtensor.py:full_tensor", "nn/int8_linear.py:Int8Linear"}
 
 
 def test_quantize_is_the_one_place_that_swaps_in_lc_layers():

@@ -38,6 +38,24 @@ def _heldout_snippets(tok, n_docs=3, max_tokens=480):
     return out
 
 
+def _last_word_scores(model, tok, examples):
+    """``[(log-likelihood of ' ' + target after context, whether greedy decoding yields it)]``,
+    computed here with the model directly: the continuation is what tokenizing context + ' ' +
+    target adds after the context's tokens (lm-eval's split for causal models)."""
+    out = []
+    for ex in examples:
+        ctx = tok(ex["context"], add_special_tokens=False).input_ids
+        whole = tok(ex["context"] + " " + ex["target"], add_special_tokens=False).input_ids
+        assert whole[: len(ctx)] == ctx
+        cont = whole[len(ctx):]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ctx + cont[:-1]])).logits[0, len(ctx) - 1:].float()
+        logp = torch.log_softmax(logits, -1)
+        target = torch.tensor(cont)
+        out.append((float(logp[torch.arange(len(cont)), target].sum()), bool((logits.argmax(-1) == target).all())))
+    return out
+
+
 def test_hflm_in_memory_rolling_loglikelihood_equals_package_perplexity(smollm2_lcqat, smollm2_dir, tmp_path):
     """lm-eval's rolling log-likelihood (lcqat_heldout_ppl) and optimum_lcqat.evaluation.perplexity
     score the same tokens with the same model: their total negative log-likelihoods must agree.
@@ -101,10 +119,19 @@ def test_hflm_in_memory_rolling_loglikelihood_equals_package_perplexity(smollm2_
     assert r["bits_per_byte,none"] == pytest.approx(sum(own) / n_bytes / math.log(2), rel=1e-4)
     assert r["word_perplexity,none"] == pytest.approx(math.exp(sum(own) / n_words), rel=1e-4)
 
-    # last-word accuracy ran on the paragraphs of the same documents
-    n_last = len(last_word_examples(texts))
-    assert n_last > 0 and len(res["samples"]["lcqat_heldout_lastword"]) == n_last
-    assert 0.0 <= res["results"]["lcqat_heldout_lastword"]["acc,none"] <= 1.0
+    # last-word accuracy ran on the paragraphs of the same documents, scoring each target as the
+    # model does here: the same log-likelihood per example, greedy exactly when it is here, and
+    # the accuracy and perplexity are these over the examples
+    examples = last_word_examples(texts)
+    samples = sorted(res["samples"]["lcqat_heldout_lastword"], key=lambda s: s["doc_id"])
+    assert len(examples) > 0 and [s["doc"]["target"] for s in samples] == [e["target"] for e in examples]
+    own = _last_word_scores(model, tok, examples)
+    for s, (ll, greedy) in zip(samples, own):
+        assert float(s["filtered_resps"][0][0]) == pytest.approx(ll, rel=1e-4, abs=1e-3)
+        assert s["acc"] == float(greedy)
+    r = res["results"]["lcqat_heldout_lastword"]
+    assert r["acc,none"] == pytest.approx(sum(g for _, g in own) / len(own))
+    assert r["perplexity,none"] == pytest.approx(math.exp(-sum(ll for ll, _ in own) / len(own)), rel=1e-4)
 
 
 def test_cli_lm_eval_by_path(smollm2_lcqat, tmp_path):
@@ -123,4 +150,15 @@ def test_cli_lm_eval_by_path(smollm2_lcqat, tmp_path):
     results = list(out.rglob("results_*.json"))
     assert results, proc.stdout[-2000:]
     data = json.loads(results[0].read_text())
-    assert "acc,none" in data["results"]["lcqat_heldout_lastword"]
+    # the first 8 examples of the shipped held-out text, scored by the saved model (the same
+    # tensors as the in-memory one): lm-eval's accuracy and perplexity are what the model gives here
+    from transformers import AutoTokenizer
+
+    from optimum_lcqat.tasks.utils import load_last_word
+
+    model, _ = smollm2_lcqat
+    examples = list(load_last_word()["test"])[:8]
+    own = _last_word_scores(model, AutoTokenizer.from_pretrained(smollm2_path()), examples)
+    r = data["results"]["lcqat_heldout_lastword"]
+    assert r["acc,none"] == pytest.approx(sum(g for _, g in own) / len(own))
+    assert r["perplexity,none"] == pytest.approx(math.exp(-sum(ll for ll, _ in own) / len(own)), rel=1e-3)

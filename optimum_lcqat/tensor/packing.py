@@ -41,7 +41,21 @@ def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
     return codes.reshape(packed.shape[0], packed.shape[1] * CODES_PER_BYTE).to(torch.uint8)
 
 
+# The latent <-> code mapping of a training LC layer (optimum_lcqat.nn.lc_linear.LCLinear): the latent
+# stands at U = latent * alpha + 1.5 on the code axis, its code is clamp(round(U), 0, 3), and a code
+# q's bin centre is the latent (q - 1.5) / alpha. One statement here, for the layer, the training
+# callback's resume and the FSDP gather.
+def latent_position(latent: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``U``: where a latent stands on the code axis (codes 0..3 at 0..3), in float32 whatever
+    the latent's dtype."""
+    return latent.float() * alpha + 1.5
+
+
+def latent_from_codes(codes: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The latent at ``U = codes`` (the centres of the codes' bins), in the codes' float dtype."""
+    return (codes - 1.5) / alpha
+
+
 def round_latent(latent: torch.Tensor, alpha: float) -> torch.Tensor:
-    """The codes a training latent rounds to (uint8, 0..3), in float32 whatever the latent's
-    dtype (latent = (U - 1.5) / alpha, see :class:`optimum_lcqat.nn.lc_linear.LCLinear`)."""
-    return torch.clamp(torch.round(latent.float() * alpha + 1.5), 0, 3).to(torch.uint8)
+    """The codes a training latent rounds to (uint8, 0..3), in float32 whatever the latent's dtype."""
+    return torch.clamp(torch.round(latent_position(latent, alpha)), 0, 3).to(torch.uint8)

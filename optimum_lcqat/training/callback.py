@@ -53,6 +53,7 @@ from .._heap import release_freed_memory, retain_freed_memory
 from ..nn.lm_loss import DEFAULT_CHUNK_TOKENS
 from .chunked_loss import install_chunked_loss
 from ..convert import lc_layers
+from ..tensor.packing import latent_from_codes
 from ..tensor.packing import unpack_codes
 from .params import resolve_decay, resolve_trainable, select_trainable
 from .state import TRAINING_STATE_NAME, is_sharded, load_training_state, save_training_state, training_state_step
@@ -76,7 +77,7 @@ def _latent_from_loaded_codes(module, state_dict, prefix, local_metadata, strict
     # latent that disagrees with the codes); the training-state file then restores it exactly.
     if module.latent is not None and prefix + "codes" in state_dict and prefix + "latent" not in state_dict:
         q = unpack_codes(state_dict[prefix + "codes"]).to(module.latent.dtype)
-        state_dict[prefix + "latent"] = (q - 1.5) / module.alpha
+        state_dict[prefix + "latent"] = latent_from_codes(q, module.alpha)
 
 
 FSDP1_UNSUPPORTED = (
