@@ -26,7 +26,7 @@ import torch
 from .config import FORMAT_VERSION
 from .dense_storage import apply_dense_storage
 from .errors import CheckpointError  # noqa: F401  (defined below dense_storage, which raises it too)
-from .nn.lc_linear import LCLinear
+from .nn.lc_linear import LCLinear, lc_prefixes
 from .tensor.dtensor import full_tensor
 from .tensor.lc_weight import PARAM_KEYS, STORAGE_DTYPE, LCWeight
 
@@ -98,11 +98,6 @@ def read_format_version(checkpoint_files) -> int | None:
 def lc_module_names(layout) -> list[str]:
     """Names of the LC layers in a checkpoint layout (keys, or a ``{key: ...}`` mapping)."""
     return sorted(k[: -len(".codes")] for k in layout if k.endswith(".codes"))
-
-
-def lc_prefixes(model) -> set[str]:
-    """``"<name>."`` of every LC layer of ``model``: the key prefixes of its LC tensors."""
-    return {f"{n}." for n, m in model.named_modules() if isinstance(m, LCLinear)}
 
 
 def validate_layer_layout(name: str, module, layout, vector_dim: int, format_version: int = 1) -> None:

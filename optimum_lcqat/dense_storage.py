@@ -27,13 +27,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-<<<<<<< HEAD
 from .errors import CheckpointError
-=======
-from .checkpoint import CheckpointError, lc_prefixes
->>>>>>> checks
 from .nn.int8_linear import Int8Linear, quantize_rows_int8, untie_output_weight
-from .nn.lc_linear import LCLinear
+from .nn.lc_linear import LCLinear, lc_prefixes
 
 DENSE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 INT8_SUFFIXES = ("weight_int8", "scale")

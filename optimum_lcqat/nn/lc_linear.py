@@ -283,6 +283,11 @@ def lc_layers(model: nn.Module) -> dict[str, LCLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LCLinear)}
 
 
+def lc_prefixes(model: nn.Module) -> set[str]:
+    """``"<name>."`` of every LC layer of ``model``: the key prefixes of its LC tensors."""
+    return {f"{n}." for n in lc_layers(model)}
+
+
 def set_int8_activations(model: nn.Module, enabled: bool = True) -> int:
     """Switch the LC layers of ``model`` to int8 activations for inference (or back); returns
     how many layers were switched.
