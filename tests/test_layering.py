@@ -37,7 +37,7 @@ LAYERS = [
     ("entry points", ["", "cli", "demo"]),  # "" is the package's own __init__
 ]
 # Leaf utilities: they import only each other; layers from UTILITIES_FROM up may import them.
-UTILITIES = ["_atomic", "_heap", "_machine", "errors", "config", "data", "calibration", "assets", "tasks.*"]
+UTILITIES = ["_atomic", "_heap", "_machine", "_server", "errors", "config", "data", "calibration", "assets", "tasks.*"]
 UTILITIES_FROM = "init"
 # Third-party packages the layers up to and including `init` never import (directly).
 HEAVY = ("transformers", "accelerate", "peft", "vllm", "datasets", "lm_eval")

@@ -98,15 +98,18 @@ def test_plain_trainer_callback_trains_flips_and_saves_packed(lc_dir, tmp_path):
     assert not any("embed_tokens" in n for n in names)
     from optimum_lcqat._heap import heap_holders
 
-    held = []
+    held, ckpt = [], []
     class HeapProbe(TrainerCallback):  # after LCQATCallback's on_train_begin: the heap is held while training
         def on_step_end(self, args, state, control, **kwargs):
             held.append(heap_holders())
+            ckpt.append(model.is_activation_checkpointing and model.forward.__name__ == "forward" and "forward" in vars(model))
 
     trainer.add_callback(HeapProbe())
     result = trainer.train()
     # the retained training heap was held during the steps and is given back at the end (_heap)
     assert held and min(held) >= 1 and heap_holders() == 0 and not cb._heap_held
+    # activation checkpointing and the chunked loss were in place for the steps, and are gone after
+    assert ckpt and all(ckpt) and not model.is_activation_checkpointing and "forward" not in vars(model)
     # token budget: 5 steps of 4 x 32 tokens, then stop
     assert trainer.state.global_step == 5 and cb.tokens_trained == 5 * 4 * SEQ
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]

@@ -51,7 +51,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .._heap import release_freed_memory, retain_freed_memory
 from ..nn.lm_loss import DEFAULT_CHUNK_TOKENS
-from .chunked_loss import install_chunked_loss
+from .memory_savers import disable_activation_checkpointing, enable_activation_checkpointing, install_chunked_loss
 from ..convert import lc_layers
 from ..tensor.packing import latent_from_codes
 from ..tensor.packing import unpack_codes
@@ -192,6 +192,11 @@ class LCQATCallback(TrainerCallback):
             the training forward then returns no logits). Models that post-process their logits
             (soft-capping, logit scales) keep their own loss, with a warning.
         loss_chunk_tokens: positions a chunk (default 1024).
+        activation_checkpointing: recompute each decoder block's activations in the backward instead of
+            keeping them (transformers' own ``gradient_checkpointing_enable``, non-reentrant), for the
+            training run (default True; a model that cannot is said once and trains without). What it
+            saves and costs: benchmarks/results/memory.md. Already on (TrainingArguments'
+            ``activation_checkpointing``): left as it is.
     """
 
     def __init__(
@@ -210,6 +215,7 @@ class LCQATCallback(TrainerCallback):
         decay_categories=None,
         chunked_loss: bool = True,
         loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+        activation_checkpointing: bool = True,
     ):
         self.trainable = resolve_trainable(train, train_norms, train_embeddings)
         # Set by LCQATTrainer, whose save hands the Trainer's gathered FSDP state dict to the
@@ -242,6 +248,8 @@ class LCQATCallback(TrainerCallback):
             raise ValueError(f"LCQATCallback: loss_chunk_tokens must be positive, got {loss_chunk_tokens}")
         self.chunked_loss, self.loss_chunk_tokens = chunked_loss, loss_chunk_tokens
         self._own_forward = None  # puts the model's own forward back (install_chunked_loss)
+        self.activation_checkpointing = activation_checkpointing
+        self._checkpointing_set = False  # this callback turned the model's checkpointing on (off again at the end)
         self._start_codes: dict[str, torch.Tensor] = {}
         self._pending: list[dict] = []
         self._n_codes = 0
@@ -281,6 +289,9 @@ class LCQATCallback(TrainerCallback):
     def on_init_end(self, args, state, control, model=None, **kwargs):
         if model is None:
             raise ValueError("LCQATCallback: the Trainer passed no model")
+        if self.activation_checkpointing and not self._checkpointing_set and not getattr(args, "activation_checkpointing", False):
+            # here, before the Trainer wraps the model (DDP decides find_unused_parameters from it)
+            self._checkpointing_set = enable_activation_checkpointing(_unwrap(model))
         version = fsdp_version(args)
         if version is not None and version != 2:
             raise NotImplementedError(FSDP1_UNSUPPORTED)
@@ -496,6 +507,9 @@ class LCQATCallback(TrainerCallback):
         if self._own_forward is not None:
             self._own_forward()
             self._own_forward = None
+        if self._checkpointing_set:
+            self._checkpointing_set = False
+            disable_activation_checkpointing(_unwrap(model if model is not None else self._model))
         if self._heap_held:  # the training heap goes back to the system, whether or not layers finalize
             self._heap_held = False
             release_freed_memory()

@@ -1,4 +1,5 @@
-"""The chunked next-token loss (optimum_lcqat.nn.lm_loss) put in place of a causal LM's own, while training.
+"""What LCQATCallback changes in a model for the length of a training run, to save memory: the chunked
+next-token loss (optimum_lcqat.nn.lm_loss) in place of the model's own, and activation checkpointing.
 
 The Trainer calls ``model(**inputs)`` and reads ``.loss``, and under DDP or FSDP that call must go
 through the wrapper's forward. So the model's ``forward`` is replaced (an instance attribute, for the
@@ -19,7 +20,7 @@ from ..nn.lm_loss import causal_lm_hidden_states, chunked_loss_unsupported, chun
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["install_chunked_loss"]
+__all__ = ["install_chunked_loss", "enable_activation_checkpointing", "disable_activation_checkpointing"]
 
 
 def install_chunked_loss(model: nn.Module, chunk_tokens: int):
@@ -49,3 +50,21 @@ def install_chunked_loss(model: nn.Module, chunk_tokens: int):
             del model.__dict__["forward"]
 
     return uninstall
+
+
+def enable_activation_checkpointing(model: nn.Module) -> bool:
+    """transformers' own per-block activation checkpointing (non-reentrant: the LC layers' parameters
+    get their gradients whatever requires grad at the block's input); True when this call turned it on,
+    False when it was on already or the model cannot (said once)."""
+    if getattr(model, "is_activation_checkpointing", False):
+        return False
+    if not getattr(model, "supports_gradient_checkpointing", False) or not hasattr(model, "activation_checkpointing_enable"):
+        logger.warning("lcqat: %s does not support activation checkpointing; it trains keeping every block's "
+                       "activations (more memory).", type(model).__name__)
+        return False
+    model.activation_checkpointing_enable({"use_reentrant": False})
+    return True
+
+
+def disable_activation_checkpointing(model: nn.Module) -> None:
+    model.activation_checkpointing_disable()
