@@ -20,6 +20,13 @@ _ALLOWED_INITS = ("auto", "data_free", "ptq")
 _ALLOWED_DENSE_DTYPES = ("bfloat16", "float16")
 
 
+# The PTQ's less common knobs (LCQATConfig(ptq_options={...})):
+#   e2e_memory_savers (default True): the end-to-end stage computes the next-token loss a chunk of
+#     positions at a time and recomputes each decoder block's activations in the backward
+#     (optimum_lcqat.init.e2e); False keeps the model's own loss and every block's activations.
+PTQ_OPTIONS = ("e2e_memory_savers",)
+
+
 def _check(cond: bool, field: str, value: Any, allowed: str) -> None:
     if not cond:
         raise ValueError(f"LCQATConfig: invalid {field}={value!r}; allowed: {allowed}.")
@@ -62,6 +69,8 @@ class LCQATConfig(QuantizationConfigMixin):
             Not in streaming PTQ (the whole model is never in memory there).
         ptq_e2e_lr: its learning rate, relative to each tensor's RMS (default 5e-3).
         ptq_e2e_batch_size: calibration samples per end-to-end step.
+        ptq_options: less common PTQ knobs, a dict with keys among :data:`PTQ_OPTIONS`
+            (``{"e2e_memory_savers": False}``: the end-to-end stage without its memory savers).
         dense_dtype: storage dtype, in the saved checkpoint, of the float tensors that are not
             LC layers (embeddings, norms, a dense lm_head, modules kept in full precision):
             ``"bfloat16"``, ``"float16"`` or ``None`` (as they are in the model). Loading casts
@@ -199,7 +208,10 @@ class LCQATConfig(QuantizationConfigMixin):
                 isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf"),
                 name, v, "a positive finite number",
             )
-        _check(isinstance(self.ptq_options, dict), "ptq_options", self.ptq_options, "a dict")
+        _check(isinstance(self.ptq_options, dict) and set(self.ptq_options) <= set(PTQ_OPTIONS), "ptq_options",
+               self.ptq_options, f"a dict with keys among {sorted(PTQ_OPTIONS)}")
+        _check(isinstance(self.ptq_options.get("e2e_memory_savers", True), bool), "ptq_options['e2e_memory_savers']",
+               self.ptq_options.get("e2e_memory_savers"), "True or False")
         dd = self.dense_dtype
         if dd is not None and not isinstance(dd, str) and str(dd).startswith("torch."):
             dd = self.dense_dtype = str(dd)[len("torch."):]  # torch.bfloat16 -> "bfloat16" (JSON-safe)

@@ -215,3 +215,23 @@ def test_from_pretrained_ptq_end_to_end(tok, texts, tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert len(lc_layers(reloaded)) == 14
     assert torch.equal(_logits(reloaded, ids), before)  # the in-memory model is the saved one
+
+
+def test_e2e_memory_savers_train_the_same_parameters(tok, texts):
+    """The end-to-end stage's chunked loss and per-block checkpointing (the default) compute the same
+    losses and steps as the model's own loss with every activation kept (ptq_options), up to fp32
+    summation order; unknown ptq_options are refused with the allowed keys."""
+    fp = tiny_llama(tok)
+    names = _names(fp)
+    runs = {}
+    for savers in (True, False):
+        m = copy.deepcopy(fp)
+        cfg = ptq_config(texts["calib"], tok, num_samples=16, ptq_finetune_steps=0, ptq_e2e_steps=6, ptq_e2e_lr=1e-2,
+                         ptq_options={"e2e_memory_savers": savers})
+        runs[savers] = (quantize_model_ptq(m, names, cfg).e2e_loss, lc_layers(m))
+    (loss_s, layers_s), (loss_p, layers_p) = runs[True], runs[False]
+    assert loss_s == pytest.approx(loss_p, rel=1e-4)
+    for n in names:
+        torch.testing.assert_close(layers_s[n].s_v, layers_p[n].s_v, rtol=1e-3, atol=1e-5, msg=n)
+    with pytest.raises(ValueError, match="e2e_memory_savers"):
+        LCQATConfig(ptq_options={"e2e_memory_saver": False})

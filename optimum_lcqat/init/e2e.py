@@ -167,13 +167,16 @@ def _finetune_model_e2e(model: nn.Module, samples: torch.Tensor, cfg: LCQATConfi
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7)
     was_training = model.training
     model.eval()  # no dropout: the same function PTQ fitted
-    chunked = chunked_loss_unsupported(model) is None
+    # the memory savers (default): the chunked loss and per-block checkpointing; ptq_options
+    # {"e2e_memory_savers": False} keeps the model's own loss and every block's activations
+    savers = bool(cfg.ptq_options.get("e2e_memory_savers", True))
+    chunked = savers and chunked_loss_unsupported(model) is None
     with torch.no_grad():
         before = _mean_loss(model, val, bs, device, chunked)
     order = torch.randperm(train.shape[0], generator=gen)
     pos = 0
     last = float("nan")
-    with torch.enable_grad(), checkpointed_blocks(model):
+    with torch.enable_grad(), checkpointed_blocks(model) if savers else contextlib.nullcontext():
         for step in range(steps):
             if pos + bs > order.numel():  # next epoch: reshuffle
                 order, pos = torch.randperm(train.shape[0], generator=gen), 0
