@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from ._heap import retained_heap
 from .config import LCQATConfig
 from .convert import NoConvertibleLayerError, convertible_linears
-from .init.common import rotation_plans
+from .init.common import LayerSpec, rotation_plans
 from .init.data_free import init_data_free
 from .init.ptq import quantize_weight_ptq
 from .init.ptq_blocks import (
@@ -99,6 +99,11 @@ def lc_layer_from_weight(linear, weight: LCWeight, config) -> LCLinear:
     )
 
 
+def layer_spec(config: LCQATConfig, plan_in, plan_out, name: str) -> LayerSpec:
+    """What layer ``name`` is quantized as under ``config`` (its rotations already resolved)."""
+    return LayerSpec(config.vector_dim, config.codebook, plan_in, plan_out, config.seed, name, config.init_iters)
+
+
 def quantize_linears_data_free(model: nn.Module, names: list[str], config: LCQATConfig) -> dict[str, float]:
     """Replace each named linear of ``model`` by an LC layer initialised without data (the
     config's block size, codebook, seed, init_iters); return the per-layer errors."""
@@ -106,10 +111,7 @@ def quantize_linears_data_free(model: nn.Module, names: list[str], config: LCQAT
     for name in tqdm(names, desc="lcqat: data-free init", leave=False):
         linear = model.get_submodule(name)
         plan_in, plan_out = rotation_plans(linear, config)
-        result = init_data_free(
-            linear.weight.detach(), vector_dim=config.vector_dim, codebook=config.codebook, plan_in=plan_in,
-            plan_out=plan_out, seed=config.seed, name=name, iters=config.init_iters,
-        )
+        result = init_data_free(linear.weight.detach(), layer_spec(config, plan_in, plan_out, name))
         model.set_submodule(name, lc_layer_from_weight(linear, result.weight, config))
         errors[name] = result.error
         logger.info("lcqat: %s %dx%d rotated-domain rel. error %.4f", name, linear.out_features, linear.in_features, result.error)
@@ -159,11 +161,8 @@ def quantize_block(
             plan_in, plan_out = rotation_plans(lin, cfg)
             g = groups[n]
             h = [H.pop(g).cpu()] if last_of_group[g] == n else H[g].cpu()
-            result = quantize_weight_ptq(
-                lin.weight.detach().cpu(), h, vector_dim=cfg.vector_dim, codebook=cfg.codebook,
-                plan_in=plan_in, plan_out=plan_out, seed=cfg.seed, name=n,
-                iters=cfg.init_iters, refine_passes=cfg.ptq_refine_passes, damp=cfg.ptq_damp,
-            )
+            result = quantize_weight_ptq(lin.weight.detach().cpu(), h, layer_spec(cfg, plan_in, plan_out, n),
+                                         refine_passes=cfg.ptq_refine_passes, damp=cfg.ptq_damp)
             params[n], errors[n] = result.weight, result.error
         errors = {n: errors[n] for n in lnames}
         del H

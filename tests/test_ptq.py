@@ -152,14 +152,16 @@ def test_layer_ptq_beats_data_free_on_hessian_proxy():
     from optimum_lcqat.init.data_free import init_data_free
 
     pi, po = plan_rotation(n, 128), plan_rotation(m, 128)
-    kw = dict(vector_dim=4, codebook="affine", plan_in=pi, plan_out=po, seed=0, name="l")
+    from optimum_lcqat.init.common import LayerSpec
+
+    spec = LayerSpec(vector_dim=4, codebook="affine", plan_in=pi, plan_out=po, seed=0, name="l")
 
     def out_err(result):
         e = result.weight.dequantize() - w
         return float(((e @ H) * e).sum() / ((w @ H) * w).sum())
 
-    e_df = out_err(init_data_free(w, **kw))
-    e_pq = out_err(quantize_weight_ptq(w, H * 2048, **kw))
+    e_df = out_err(init_data_free(w, spec))
+    e_pq = out_err(quantize_weight_ptq(w, H * 2048, spec))
     assert e_pq < 0.5 * e_df, (e_pq, e_df)
 
 

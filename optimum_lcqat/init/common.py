@@ -18,6 +18,21 @@ from ..tensor.packing import pack_codes
 TARGET_RMS = 0.83
 
 
+@dataclass(frozen=True)
+class LayerSpec:
+    """What one layer is quantized as, the same for every initialiser: vectors of ``vector_dim``
+    weights, the ``codebook`` kind ("affine" or "scalar"), the input and output rotations, and the
+    seed and layer ``name`` its random signs derive from; ``iters``: assignment/fit rounds."""
+
+    vector_dim: int
+    codebook: str
+    plan_in: RotationPlan
+    plan_out: RotationPlan
+    seed: int
+    name: str
+    iters: int = 4
+
+
 @dataclass
 class InitResult:
     weight: LCWeight  # float64 parameters, packed codes

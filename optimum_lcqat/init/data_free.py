@@ -12,7 +12,7 @@ import torch
 from ..tensor.codebook import fit_affine, index_to_codes, nearest_codeword, scalar_codebook
 from ..tensor.hadamard import RotationPlan, plan_rotation
 from ..tensor.lc_weight import LCWeight
-from .common import InitResult, finish, rotated_start
+from .common import InitResult, LayerSpec, finish, rotated_start
 
 
 def assign_and_fit(
@@ -28,20 +28,9 @@ def assign_and_fit(
     return idx, A, beta
 
 
-def init_data_free(
-    weight: torch.Tensor,
-    *,
-    vector_dim: int,
-    codebook: str,
-    plan_in: RotationPlan,
-    plan_out: RotationPlan,
-    seed: int,
-    name: str,
-    iters: int = 4,
-    **_,
-) -> InitResult:
-    start = rotated_start(weight, seed, name, plan_in, plan_out)
-    idx, A, beta = assign_and_fit(start.what.reshape(-1, vector_dim), vector_dim, codebook, iters)
+def init_data_free(weight: torch.Tensor, spec: LayerSpec) -> InitResult:
+    start = rotated_start(weight, spec.seed, spec.name, spec.plan_in, spec.plan_out)
+    idx, A, beta = assign_and_fit(start.what.reshape(-1, spec.vector_dim), spec.vector_dim, spec.codebook, spec.iters)
     lcw, recon = finish(start, idx, A, beta)
     err = float((recon - start.what).norm() / start.what.norm().clamp_min(1e-30))
     return InitResult(lcw, err)
@@ -53,7 +42,6 @@ def lc_weight_from_dense(weight: torch.Tensor, *, vector_dim: int = 4, hadamard_
     chooses); the parameters are in float64 (``to(dtype)`` / ``snapped()`` for storage values).
     (Was ``LCWeight.from_dense``: the tensor layer does not import the initialisers.)"""
     m, n = weight.shape
-    return init_data_free(
-        weight, vector_dim=vector_dim, codebook=codebook, plan_in=plan_rotation(n, hadamard_block_size),
-        plan_out=plan_rotation(m, hadamard_block_size), seed=seed, name=name, iters=iters,
-    ).weight
+    spec = LayerSpec(vector_dim, codebook, plan_rotation(n, hadamard_block_size), plan_rotation(m, hadamard_block_size),
+                     seed, name, iters)
+    return init_data_free(weight, spec).weight

@@ -26,7 +26,7 @@ import torch
 
 from ..tensor.codebook import codewords, index_to_codes, scalar_codebook
 from ..tensor.hadamard import RotationPlan, rotate
-from .common import InitResult, finish, rotated_start
+from .common import InitResult, LayerSpec, finish, rotated_start
 
 __all__ = ["quantize_weight_ptq", "FLOAT64_HESSIAN_MAX_WIDTH"]
 
@@ -219,18 +219,7 @@ def _proxy(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, WH: torch.Tensor) 
 
 
 def quantize_weight_ptq(
-    weight: torch.Tensor,
-    H: torch.Tensor | list,
-    *,
-    vector_dim: int,
-    codebook: str,
-    plan_in: RotationPlan,
-    plan_out: RotationPlan,
-    seed: int,
-    name: str,
-    iters: int = 4,
-    refine_passes: int = 1,
-    damp: float = 0.01,
+    weight: torch.Tensor, H: torch.Tensor | list, spec: LayerSpec, *, refine_passes: int = 1, damp: float = 0.01,
 ) -> InitResult:
     """Hessian-aware codes and parameters of one layer. ``H``: ``sum x x^T`` of its input [n, n].
 
@@ -239,8 +228,9 @@ def quantize_weight_ptq(
     14336-wide Hessian is 1.6 GB; a copy would double it)."""
     owned = isinstance(H, list)
     H = H.pop() if owned else H
-    d = vector_dim
-    start = rotated_start(weight, seed, name, plan_in, plan_out)
+    d = spec.vector_dim
+    codebook, iters, plan_in = spec.codebook, spec.iters, spec.plan_in
+    start = rotated_start(weight, spec.seed, spec.name, plan_in, spec.plan_out)
     W = start.what  # float64 [m, n]
     Hr = _rotate_hessian_(_prepare_hessian(H, 0.0, owned=owned), start.s_u, plan_in)
     Hr = _prepare_hessian(Hr, damp, owned=True)
