@@ -107,7 +107,7 @@ def _mean_loss(model, samples: torch.Tensor, batch_size: int, device, chunked: b
 def checkpointed_blocks(model: nn.Module):
     """Each decoder block of ``model`` recomputes its activations in the backward instead of keeping
     them (torch.utils.checkpoint, non-reentrant), for the duration. transformers' own
-    gradient_checkpointing_enable acts only in training mode, and the stage runs in eval mode (no
+    activation_checkpointing_enable acts only in training mode, and the stage runs in eval mode (no
     dropout: the function PTQ fitted). What stays in memory is each block's input, not the ~dozens of
     activations a block keeps for its backward (SmolLM2, 4 x 512 tokens: several GB)."""
     from torch.utils.checkpoint import checkpoint
@@ -115,19 +115,24 @@ def checkpointed_blocks(model: nn.Module):
     names = [n for n, m in model.named_modules() if isinstance(m, LCLinear)]
     try:
         _, blocks = find_blocks(model, names)
-    except ValueError:
+    except ValueError as exc:
+        logger.warning("lcqat PTQ: the end-to-end stage keeps every activation (%s)", exc)
         blocks = []
-    own = []
+    installed = []  # (block, its wrapper, the instance forward it replaced or None)
     for block in blocks:
+        before = block.__dict__.get("forward")
         fwd = block.forward
-        own.append((block, fwd))
         block.forward = (lambda f: lambda *a, **k: checkpoint(f, *a, use_reentrant=False, **k))(fwd)
+        installed.append((block, block.forward, before))
     try:
-        yield len(own)
+        yield len(installed)
     finally:
-        for block, fwd in own:
-            if block.__dict__.get("forward") is not None:
-                del block.__dict__["forward"]
+        for block, wrapper, before in installed:
+            if block.__dict__.get("forward") is wrapper:
+                if before is None:
+                    del block.__dict__["forward"]
+                else:
+                    block.forward = before
 
 
 def finetune_model_e2e(model: nn.Module, samples: torch.Tensor, cfg: LCQATConfig) -> tuple[float, float]:

@@ -50,11 +50,10 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from .._heap import release_freed_memory, retain_freed_memory
-from ..nn.lm_loss import DEFAULT_CHUNK_TOKENS
-from .memory_savers import disable_activation_checkpointing, enable_activation_checkpointing, install_chunked_loss
 from ..convert import lc_layers
-from ..tensor.packing import latent_from_codes
-from ..tensor.packing import unpack_codes
+from ..nn.lm_loss import DEFAULT_CHUNK_TOKENS
+from ..tensor.packing import latent_from_codes, unpack_codes
+from .memory_savers import enable_activation_checkpointing, install_chunked_loss
 from .params import resolve_decay, resolve_trainable, select_trainable
 from .state import TRAINING_STATE_NAME, is_sharded, load_training_state, save_training_state, training_state_step
 
@@ -193,7 +192,7 @@ class LCQATCallback(TrainerCallback):
             (soft-capping, logit scales) keep their own loss, with a warning.
         loss_chunk_tokens: positions a chunk (default 1024).
         activation_checkpointing: recompute each decoder block's activations in the backward instead of
-            keeping them (transformers' own ``gradient_checkpointing_enable``, non-reentrant), for the
+            keeping them (transformers' own ``activation_checkpointing_enable``, non-reentrant), for the
             training run (default True; a model that cannot is said once and trains without). What it
             saves and costs: benchmarks/results/memory.md. Already on (TrainingArguments'
             ``activation_checkpointing``): left as it is.
@@ -509,7 +508,7 @@ class LCQATCallback(TrainerCallback):
             self._own_forward = None
         if self._checkpointing_set:
             self._checkpointing_set = False
-            disable_activation_checkpointing(_unwrap(model if model is not None else self._model))
+            _unwrap(model if model is not None else self._model).activation_checkpointing_disable()
         if self._heap_held:  # the training heap goes back to the system, whether or not layers finalize
             self._heap_held = False
             release_freed_memory()

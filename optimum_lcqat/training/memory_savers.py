@@ -20,12 +20,12 @@ from ..nn.lm_loss import causal_lm_hidden_states, chunked_loss_unsupported, chun
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["install_chunked_loss", "enable_activation_checkpointing", "disable_activation_checkpointing"]
+__all__ = ["install_chunked_loss", "enable_activation_checkpointing"]
 
 
 def install_chunked_loss(model: nn.Module, chunk_tokens: int):
     """Replace ``model.forward`` for training calls with labels; returns the function that puts the
-    model's own forward back, or None (logged once, with the reason) where the model cannot take it."""
+    model's own forward back, or None (logged, with the reason) where the model cannot take it."""
     reason = chunked_loss_unsupported(model)
     if reason is not None:
         logger.warning("lcqat: the chunked next-token loss is off for this run: %s. The model's own loss runs "
@@ -64,7 +64,3 @@ def enable_activation_checkpointing(model: nn.Module) -> bool:
         return False
     model.activation_checkpointing_enable({"use_reentrant": False})
     return True
-
-
-def disable_activation_checkpointing(model: nn.Module) -> None:
-    model.activation_checkpointing_disable()
