@@ -4,7 +4,7 @@ report of scripts/gpu_check.sh (which runs all three; see there).
 ``layers``: for every (layer shape, batch, activation dtype), the whole LC layer through the
 native op ``torch.ops.lcqat.lc_linear(x, packed, A, beta, s_u, s_v, bias, block_in, left_in,
 block_out, left_out)`` (Hadamard + scales + 2-bit product + Hadamard), checked first against the
-pure-torch oracle ``optimum_lcqat.kernels.reference.lc_linear`` in float64, then timed with
+pure-torch oracle ``optimum_lcqat.kernels.reference.lc_forward`` in float64, then timed with
 torch.utils.benchmark.Timer (which synchronizes the device) next to dense ``F.linear`` with the
 dequantized weight in the same dtype. GB/s = weight bytes a call reads (LC: packed codes + fp32
 A, beta, s_u, s_v; dense: the weight) / time, set against the device-to-device copy bandwidth
@@ -190,7 +190,7 @@ def bench_layer(m, n, block, batches, dtypes, dev, args, seed) -> list[dict]:
     codes = [w64.codes.to(dev)]
     codes += [codes[0].clone() for _ in range(n_copies(lc_bytes, dev, args.warm) - 1)]
     next_codes = cycled(codes)
-    dense64 = reference.dequantize(w64d)
+    dense64 = reference.dense_weight(w64d)
     op = torch.ops.lcqat.lc_linear
 
     def lc(x):
@@ -210,7 +210,7 @@ def bench_layer(m, n, block, batches, dtypes, dev, args, seed) -> list[dict]:
             r = {"out": m, "in": n, "batch": b, "dtype": dname, "rotation_in": pi.description,
                  "rotation_out": po.description, "lc_copies": len(codes), "dense_copies": len(dense)}
             with torch.inference_mode():
-                ref = reference.lc_linear(w64d, x.double(), bias64d)
+                ref = reference.lc_forward(w64d, x.double(), bias64d)
                 try:
                     out = lc(x)
                     if dev.type == "cuda":

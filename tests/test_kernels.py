@@ -85,7 +85,7 @@ def test_lc_linear_matches_reference(m, n, block, batch, dtype):
     w, bias = make_layer(m, n, seed=m + n + batch, block=block)
     x = torch.randn(batch, n, generator=torch.Generator().manual_seed(batch)).to(dtype)
     ref = oracle(w, x, bias)  # from the same (rounded) input
-    out = native.lc_linear(w, x, bias)
+    out = native.call_lc_linear_op(w, x, bias)
     assert out.dtype == dtype and out.shape == (batch, m)
     assert_close_rel(out, ref, 1e-4 if dtype == torch.float32 else 1e-2)
 
@@ -97,10 +97,10 @@ def test_lc_linear_leading_dims_fp16_and_params_in_bf16():
     w, bias = w.to(dtype=torch.bfloat16), bias.bfloat16()
     x = torch.randn(2, 5, n)
     ref = oracle(w, x, bias)
-    out = native.lc_linear(w, x, bias)
+    out = native.call_lc_linear_op(w, x, bias)
     assert out.shape == (2, 5, m)
     assert_close_rel(out, ref, 1e-4)
-    out16 = native.lc_linear(w, x.half(), bias)
+    out16 = native.call_lc_linear_op(w, x.half(), bias)
     assert out16.dtype == torch.float16
     assert_close_rel(out16, oracle(w, x.half(), bias), 2e-3)
 
@@ -123,14 +123,14 @@ for m, n, b in [(37, 200, 1), (64, 300, 3), (16, 1540, 8), (5, 12, 2), (70, 576,
     A = torch.eye(4) + 0.3 * torch.randn(4, 4); be = torch.randn(4); su = torch.randn(n); sv = torch.randn(m)
     w = LCWeight(p, A, be, su, sv, pi, po)
     x = torch.randn(b, n)
-    ref = reference.lc_linear(w.to(dtype=torch.float64), x.double())
-    out = native.lc_linear(w, x)
+    ref = reference.lc_forward(w.to(dtype=torch.float64), x.double())
+    out = native.call_lc_linear_op(w, x)
     err = float((out.double() - ref).abs().max() / ref.abs().max())
     assert err < 1e-4, (m, n, b, err)
     # int8 activations: VNNI only at avx512, so here the scalar integer code must give the same sums
     assert not native.cpu_has_vnni()
-    ref8 = reference.lc_linear_a8(w, x).double()
-    out8 = native.lc_linear_a8(w, x)
+    ref8 = reference.lc_forward(w, x, int8_activations=True).double()
+    out8 = native.call_lc_linear_op(w, x, int8_activations=True)
     err8 = float((out8.double() - ref8).abs().max() / ref8.abs().max())
     assert err8 < 1e-3, (m, n, b, err8)
 print("ok")
@@ -270,8 +270,8 @@ def test_dispatch_uses_native_without_grad_and_reference_with_grad(monkeypatch):
     w.s_u.requires_grad_(True)
     x = torch.randn(3, n)
     calls = []
-    real = native.lc_linear
-    monkeypatch.setattr(native, "lc_linear", lambda *a: calls.append(1) or real(*a))
+    real = native.call_lc_linear_op
+    monkeypatch.setattr(native, "call_lc_linear_op", lambda *a: calls.append(1) or real(*a))
     with torch.no_grad():
         y0 = kernels.lc_linear(w, x, bias)
     assert calls == [1]
@@ -291,7 +291,7 @@ def test_lclinear_module_uses_native_and_matches_reference_backend():
     x = torch.randn(2, 4, 576)
     with torch.inference_mode():
         out = layer(x)
-        ref = reference.lc_linear(layer.lc_weight, x, layer.bias)
+        ref = reference.lc_forward(layer.lc_weight, x, layer.bias)
     assert kernels.backend_name() == "native"
     assert_close_rel(out, ref.double(), 1e-4)
 
@@ -342,13 +342,13 @@ def test_lc_linear_a8_matches_its_emulation_and_stays_close_to_exact(m, n, block
     # output on these random layers (what it costs a real model: benchmarks/decode.py --quality-dir).
     w, bias = make_layer(m, n, seed=m + n + batch, block=block)
     x = torch.randn(batch, n, generator=torch.Generator().manual_seed(batch))
-    out = native.lc_linear_a8(w, x, bias)
-    emul = reference.lc_linear_a8(w, x, bias)
+    out = native.call_lc_linear_op(w, x, bias, int8_activations=True)
+    emul = reference.lc_forward(w, x, bias, int8_activations=True)
     assert out.shape == (batch, m) and out.dtype == torch.float32
     assert_close_rel(out, emul.double(), 1e-3)
     assert_close_rel(out, oracle(w, x, bias), 1e-1)
     # a row's result does not depend on how many rows share the call (slices of 8)
-    assert_close_rel(out[:1], native.lc_linear_a8(w, x[:1], bias).double(), 1e-6)
+    assert_close_rel(out[:1], native.call_lc_linear_op(w, x[:1], bias, int8_activations=True).double(), 1e-6)
 
 
 @needs_native
@@ -360,7 +360,7 @@ def test_set_int8_activations_switches_layers_and_refuses_training():
     model = torch.nn.Sequential(LCLinear.from_weight(w, bias), torch.nn.ReLU())
     layer = model[0]
     x = torch.randn(2, 1, 576)
-    emul = reference.lc_linear_a8(w, x, bias)
+    emul = reference.lc_forward(w, x, bias, int8_activations=True)
     exact = oracle(w, x, bias)
     assert set_int8_activations(model, True) == 1 and layer.int8_activations
     model.eval()
@@ -479,7 +479,7 @@ def test_cuda_lc_linear_matches_reference(m, n, block, batch, dtype):
     w, bias = make_layer(m, n, seed=m + n + batch, block=block)
     x = torch.randn(batch, n, generator=torch.Generator().manual_seed(batch)).to(dtype)
     ref = oracle(w, x, bias)
-    out = native.lc_linear(w.to(device="cuda"), x.cuda(), None if bias is None else bias.cuda())
+    out = native.call_lc_linear_op(w.to(device="cuda"), x.cuda(), None if bias is None else bias.cuda())
     assert out.device.type == "cuda" and out.dtype == dtype
     # fp32 GEMV is exact fp32 math; batches > 8 go through cuBLAS (TF32 off by default).
     assert_close_rel(out.cpu(), ref, 1e-4 if dtype == torch.float32 else 2e-2)
@@ -737,9 +737,9 @@ def test_amx_layer_rows_equal_the_decode_path_and_round_like_bf16_products(m, n,
                             hadamard_block_size=block)
     bias = torch.randn(m, generator=torch.Generator().manual_seed(1))
     x = torch.randn(batch, n, generator=torch.Generator().manual_seed(batch)).bfloat16()
-    out = native.lc_linear(w, x, bias)
+    out = native.call_lc_linear_op(w, x, bias)
     assert out.dtype == torch.bfloat16 and out.shape == (batch, m)
-    chunks = torch.cat([native.lc_linear(w, x[i:i + 8], bias) for i in range(0, batch, 8)])
+    chunks = torch.cat([native.call_lc_linear_op(w, x[i:i + 8], bias) for i in range(0, batch, 8)])
     assert torch.equal(out, chunks)
     xt = rotate(x.double() * w.s_u.double(), w.plan_in)
     z, c = fold_activations(xt, w.A.double(), w.beta.double())
@@ -770,9 +770,9 @@ def test_amx_layer_row_results_do_not_depend_on_the_batch(m, n, block, dtype):
     try:
         for rows in (x, x[:22], x[:37]):  # (8-row chunks, the last of 22 rows 6; 1-2 rows take the GEMV, other sums)
             torch.set_num_threads(2)
-            out = native.lc_linear(w, rows, bias)
+            out = native.call_lc_linear_op(w, rows, bias)
             torch.set_num_threads(1)
-            chunks = torch.cat([native.lc_linear(w, rows[i:i + 8], bias) for i in range(0, rows.shape[0], 8)])
+            chunks = torch.cat([native.call_lc_linear_op(w, rows[i:i + 8], bias) for i in range(0, rows.shape[0], 8)])
             assert torch.equal(out, chunks)
     finally:
         torch.set_num_threads(old)
@@ -808,7 +808,7 @@ def test_fp32_activations_keep_fp32_accuracy(m, n, block, batch):
         return float((y.double() - exact).abs().max() / exact.abs().max())
 
     dense = err(torch.nn.functional.linear(x, w.dequantize().float(), bias))
-    lc = err(native.lc_linear(w, x, bias))
+    lc = err(native.call_lc_linear_op(w, x, bias))
     assert lc < 1e-6 and lc <= 2.0 * dense, (lc, dense)
     xt = rotate(x.double() * w.s_u.double(), w.plan_in)
     z, c = fold_activations(xt, w.A.double(), w.beta.double())
@@ -838,7 +838,7 @@ def test_bf16_layer_is_as_accurate_as_a_dense_bf16_layer(batch):
     def err(y):
         return float((y.double() - exact).abs().max() / exact.abs().max())
 
-    assert err(native.lc_linear(w, x)) <= 1.5 * err(dense) + 1e-3, (err(native.lc_linear(w, x)), err(dense))
+    assert err(native.call_lc_linear_op(w, x)) <= 1.5 * err(dense) + 1e-3, (err(native.call_lc_linear_op(w, x)), err(dense))
 
 
 @needs_native
@@ -849,7 +849,7 @@ def test_amx_layer_prefill_sized_call_takes_its_own_buffers_and_rows_stay_equal(
     # decode path's (8-row calls) in both.
     w, bias = make_layer(576, 576, seed=7)
     x = torch.randn(1904, 576, generator=torch.Generator().manual_seed(7)).bfloat16()
-    big = native.lc_linear(w, x, bias)
-    chunks = torch.cat([native.lc_linear(w, x[i:i + 8], bias) for i in range(0, x.shape[0], 8)])
+    big = native.call_lc_linear_op(w, x, bias)
+    chunks = torch.cat([native.call_lc_linear_op(w, x[i:i + 8], bias) for i in range(0, x.shape[0], 8)])
     assert torch.equal(big, chunks)
-    assert torch.equal(native.lc_linear(w, x[:64], bias), big[:64])
+    assert torch.equal(native.call_lc_linear_op(w, x[:64], bias), big[:64])

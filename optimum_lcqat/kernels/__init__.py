@@ -1,5 +1,7 @@
 """Kernel dispatch: one entry point per op, backed by the native extension when it is built
-and by the pure-PyTorch reference otherwise.
+and by the pure-PyTorch reference otherwise. :func:`lc_linear` is the dispatcher of the LC layer:
+it calls :func:`native.call_lc_linear_op <optimum_lcqat.kernels.native.call_lc_linear_op>` (the
+torch op ``lcqat.lc_linear``) or :func:`reference.lc_forward <optimum_lcqat.kernels.reference.lc_forward>`.
 
 Backends: ``"reference"`` (always there; the oracle) and ``"native"`` (``torch.ops.lcqat``
 from ``optimum_lcqat._C``). ``OPTIMUM_LCQAT_BACKEND=reference`` forces the reference.
@@ -59,12 +61,12 @@ def _taken_by_native(w, x, bias, int8_activations: bool):
 
 
 def lc_linear(w, x, bias=None, int8_activations: bool = False):
-    """``w`` applied to ``x`` (plus ``bias``): native when it takes the call, else the reference.
+    """The dispatcher: ``w`` applied to ``x`` (plus ``bias``), native when it takes the call, else the reference.
     ``int8_activations``: the opt-in int8-activation variant (inference only; native on CPU,
     else the reference emulation, which computes the same rounding)."""
     nat = _taken_by_native(w, x, bias, int8_activations)
     if nat is not None:
-        return (nat.lc_linear_a8 if int8_activations else nat.lc_linear)(w, x, bias)
+        return nat.call_lc_linear_op(w, x, bias, int8_activations)
     return reference.lc_forward(w, x, bias, int8_activations=int8_activations)
 
 
@@ -79,8 +81,7 @@ def bind_native(w, x, bias=None, int8_activations: bool = False):
     nat = _taken_by_native(w, x, bias, int8_activations)
     if nat is None:
         return None
-    op = torch.ops.lcqat.lc_linear_a8.default if int8_activations else torch.ops.lcqat.lc_linear.default
-    return op, nat.rotation_args(w, x.device)
+    return nat.lc_linear_op(int8_activations), nat.rotation_args(w, x.device)
 
 
 __all__ = ["lc_linear", "bind_native", "backend_name", "native_backend", "NATIVE_DTYPES", "reference"]

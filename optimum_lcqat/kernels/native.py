@@ -7,11 +7,11 @@ Ops (schemas in csrc/lcqat_ops.cpp; CPU kernels in csrc/cpu, CUDA kernels in csr
 * ``lcqat.lc_matmul(xt, packed, A, beta)``: the rotated-domain product ``xt @ What^T`` from the
   packed 2-bit codes and the affine codebook (decode GEMV for at most 8 rows, tiled GEMM above).
 * ``lcqat.lc_linear(x, packed, A, beta, s_u, s_v, bias, block_in, left_in, block_out, left_out)``:
-  the whole LC layer in one call (what :func:`lc_linear` below uses).
-  The functions here take an :class:`~optimum_lcqat.tensor.lc_weight.LCWeight`.
+  the whole LC layer in one call. :func:`lc_linear_op` names it (or its int8 variant below),
+  :func:`call_lc_linear_op` calls it with an :class:`~optimum_lcqat.tensor.lc_weight.LCWeight`'s fields.
 * ``lcqat.lc_linear_a8(...)``: the same with int8 activations (opt-in, CPU only): the rotated,
   codebook-folded activations are rounded per row to int8 and the products with the 2-bit codes
-  run on AVX-512 VNNI (``vpdpbusd``). Its oracle is :func:`reference.lc_linear_a8`.
+  run on AVX-512 VNNI (``vpdpbusd``). Its oracle is :func:`reference.lc_forward` with ``int8_activations=True``.
 * ``lcqat.int8_linear(x, weight, scale, bias=None)``: weight-only int8 linear (per-row scale),
   used by the int8 lm_head :class:`optimum_lcqat.nn.int8_linear.Int8Linear` (CPU only).
 * ``lcqat.cpu_isa()``: the CPU kernel variant in use (``avx512``, ``avx2`` or ``scalar``);
@@ -173,16 +173,15 @@ def rotation_args(w, device) -> tuple:
     return (w.plan_in.right, left_factor(w.plan_in, device), w.plan_out.right, left_factor(w.plan_out, device))
 
 
-def lc_linear(w, x, bias=None):
-    return torch.ops.lcqat.lc_linear.default(
-        x, w.codes, w.A, w.beta, w.s_u, w.s_v, bias, *rotation_args(w, x.device)
-    )
+def lc_linear_op(int8_activations: bool = False):
+    """The op of the whole LC layer: ``torch.ops.lcqat.lc_linear`` (``lc_linear_a8`` with int8 activations)."""
+    return torch.ops.lcqat.lc_linear_a8.default if int8_activations else torch.ops.lcqat.lc_linear.default
 
 
-def lc_linear_a8(w, x, bias=None):
-    return torch.ops.lcqat.lc_linear_a8.default(
-        x, w.codes, w.A, w.beta, w.s_u, w.s_v, bias, *rotation_args(w, x.device)
-    )
+def call_lc_linear_op(w, x, bias=None, int8_activations: bool = False):
+    """:func:`lc_linear_op` on ``w``'s fields: ``w`` applied to ``x``, unchecked (the dispatcher,
+    :func:`optimum_lcqat.kernels.lc_linear`, asks :func:`supports` first)."""
+    return lc_linear_op(int8_activations)(x, w.codes, w.A, w.beta, w.s_u, w.s_v, bias, *rotation_args(w, x.device))
 
 
 def cpu_has_vnni() -> bool:

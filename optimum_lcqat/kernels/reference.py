@@ -44,7 +44,7 @@ def lc_forward(w, x: torch.Tensor, bias: torch.Tensor | None = None, *, codes: t
     training forward passes its DGE-rounded latent here). ``int8_activations``: round the folded
     activations ``z`` per row to int8 before the product with the codes (the ``beta`` term stays
     exact), computed in float32 (integer sums are exact below 2^24) and returned in ``x.dtype``:
-    the oracle of ``torch.ops.lcqat.lc_linear_a8``.
+    the oracle of ``torch.ops.lcqat.lc_linear_a8`` (without it: of ``torch.ops.lcqat.lc_linear``).
     """
     A, beta, s_u, s_v = w.A, w.beta, w.s_u, w.s_v
     if int8_activations:
@@ -75,19 +75,9 @@ def rotated_weight(w, codes: torch.Tensor | None = None) -> torch.Tensor:
     return (q.view(m, n // d, d) @ w.A.T + w.beta).reshape(m, n)
 
 
-def dequantize(w, codes: torch.Tensor | None = None) -> torch.Tensor:
+def dense_weight(w, codes: torch.Tensor | None = None) -> torch.Tensor:
     """The effective dense weight ``W = diag(s_v) H_m^T What H_n diag(s_u)`` [m, n]."""
     what = rotated_weight(w, codes)
     dense = rotate(what, w.plan_in, transpose=True)  # What @ H_n
     dense = rotate(dense.T, w.plan_out, transpose=True).T  # H_m^T @ (.)
     return dense * w.s_v[:, None] * w.s_u[None, :]
-
-
-def lc_linear(w, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The reference backend of ``lcqat.lc_linear``."""
-    return lc_forward(w, x, bias)
-
-
-def lc_linear_a8(w, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The reference backend (and oracle) of ``lcqat.lc_linear_a8``."""
-    return lc_forward(w, x, bias, int8_activations=True)

@@ -152,7 +152,7 @@ class LCWeight:
 
     def dequantize(self) -> torch.Tensor:
         """The effective dense weight ``W`` [m, n]."""
-        return reference.dequantize(self)
+        return reference.dense_weight(self)
 
     # ------------------------------------------------------------------ construction
     def to(self, device=None, dtype=None) -> "LCWeight":
