@@ -66,7 +66,7 @@ def build_lc_skeleton(linear: nn.Linear, config: LCQATConfig, device=None, dtype
 def dequantize_model(model: nn.Module, dtype=None) -> nn.Module:
     """Replace every LC layer by an nn.Linear holding its effective dense weight."""
     for name, layer in list(lc_layers(model).items()):
-        w = layer.dequantize_weight()
+        w = layer.dense_weight()
         dt = dtype or w.dtype
         dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=w.device, dtype=dt)
         with torch.no_grad():

@@ -509,9 +509,9 @@ def test_int8_head_matches_dequantized_linear(batch, dtype, n):
     # unrolled steps and a tail of 8. 333 rows: more than the prefetch distance, none a multiple of 4.
     lin = torch.nn.Linear(n, 333, bias=True)
     head = Int8Linear.from_linear(lin)
-    assert (head.dequantize_weight() - lin.weight).abs().max() <= head.scale.max() / 2 + 1e-6
+    assert (head.dense_weight() - lin.weight).abs().max() <= head.scale.max() / 2 + 1e-6
     x = torch.randn(2, batch, n).to(dtype)
-    ref = torch.nn.functional.linear(x.double(), head.dequantize_weight().double(), lin.bias.double())
+    ref = torch.nn.functional.linear(x.double(), head.dense_weight().double(), lin.bias.double())
     with torch.no_grad():
         out = head(x)
     assert out.dtype == dtype and out.shape == (2, batch, 333)
@@ -569,7 +569,7 @@ def test_int8_head_bf16_activations_are_exact_integer_sums(n):
         assert torch.equal(torch.ops.lcqat.int8_linear(x[:rows], w, sc, b), full[:rows])
     # against the exact product of the half-precision inputs: the 16-bit rounding is far below
     # the final rounding to the activation dtype
-    ref = torch.nn.functional.linear(x.double(), head.dequantize_weight().double(), b.double())
+    ref = torch.nn.functional.linear(x.double(), head.dense_weight().double(), b.double())
     exact32 = ref.float()
     err = (torch.ops.lcqat.int8_linear(x, w, sc, None).float() + b - exact32).abs().max() / exact32.abs().max()
     assert err < 1e-2
@@ -807,7 +807,7 @@ def test_fp32_activations_keep_fp32_accuracy(m, n, block, batch):
     def err(y):
         return float((y.double() - exact).abs().max() / exact.abs().max())
 
-    dense = err(torch.nn.functional.linear(x, w.dequantize().float(), bias))
+    dense = err(torch.nn.functional.linear(x, w.dense().float(), bias))
     lc = err(native.call_lc_linear_op(w, x, bias))
     assert lc < 1e-6 and lc <= 2.0 * dense, (lc, dense)
     xt = rotate(x.double() * w.s_u.double(), w.plan_in)
@@ -833,7 +833,7 @@ def test_bf16_layer_is_as_accurate_as_a_dense_bf16_layer(batch):
     w = dataclasses.replace(w, beta=-1.5 * w.A.sum(1) + 0.05 * torch.randn(4, generator=torch.Generator().manual_seed(1)))
     x = torch.randn(batch, n, generator=torch.Generator().manual_seed(batch)).bfloat16()
     exact = oracle(w, x, None)
-    dense = torch.nn.functional.linear(x, w.dequantize().bfloat16())
+    dense = torch.nn.functional.linear(x, w.dense().bfloat16())
 
     def err(y):
         return float((y.double() - exact).abs().max() / exact.abs().max())

@@ -26,6 +26,7 @@ ROOT = "optimum_lcqat"
 
 # (layer, module patterns), lowest first; "x.*" = the package x and every module under it.
 LAYERS = [
+    ("deprecated aliases", ["_deprecation"]),  # imports nothing of the package
     ("tensor primitives", ["tensor", "tensor.hadamard", "tensor.codebook", "tensor.packing", "tensor.dtensor"]),
     ("kernels", ["kernels.*", "_C"]),
     ("LCWeight", ["tensor.lc_weight"]),

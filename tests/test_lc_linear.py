@@ -39,7 +39,7 @@ def test_training_and_inference_forward_agree(n, m, block, d):
     y_train = layer(x)
     assert rel(y_train, y_inf) < 1e-5
     # and both equal the dense effective weight
-    y_dense = x @ layer.dequantize_weight().T + layer.bias
+    y_dense = x @ layer.dense_weight().T + layer.bias
     assert rel(y_dense, y_inf) < 1e-5
 
 
@@ -52,7 +52,7 @@ def test_dense_weight_is_reconstructed_within_the_2bit_error(n, m, block, d, cod
     # 0.328-0.373. Outputs on Gaussian inputs: 0.33-0.36. A wrong rotation, sign or code order
     # gives ~1.0 or more.
     layer, w = make_layer(n, m, block=block, d=d, codebook=codebook)
-    err = rel(layer.dequantize_weight(), w)
+    err = rel(layer.dense_weight(), w)
     assert err < (0.37 if d > 1 else 0.40), err
     # the layer's output is that of the dense weight, within the same error
     x = torch.randn(64, n)

@@ -23,11 +23,11 @@ def random_weight(m, n, block=64, seed=0):
 
 
 @pytest.mark.parametrize("m,n,block", [(96, 256, 64), (40, 96, "full"), (12, 44, 128)])
-def test_apply_is_the_product_with_the_dequantized_weight(m, n, block):
+def test_apply_is_the_product_with_the_dense_weight(m, n, block):
     w = random_weight(m, n, block)
     x = torch.randn(3, 5, n, dtype=torch.float64)
     bias = torch.randn(m, dtype=torch.float64)
-    dense = torch.nn.functional.linear(x, w.dequantize(), bias)
+    dense = torch.nn.functional.linear(x, w.dense(), bias)
     assert torch.allclose(w.apply(x, bias), dense, atol=1e-10, rtol=1e-10)
     # the native kernels (float32) compute the same function
     with torch.no_grad():
@@ -39,7 +39,7 @@ def test_from_dense_reconstructs_within_the_measured_error():
     torch.manual_seed(0)
     dense = torch.randn(192, 256) * 0.05
     w = lc_weight_from_dense(dense, hadamard_block_size=64)
-    rel = float((w.dequantize() - dense.double()).norm() / dense.double().norm())
+    rel = float((w.dense() - dense.double()).norm() / dense.double().norm())
     # 2 bits on Gaussian weights: measured 0.343 (the optimal 4-level scalar quantizer alone
     # leaves 0.34 of the norm); a broken rotation, codebook fit or packing gives > 0.5
     assert 0.2 < rel < 0.37, rel
@@ -179,3 +179,24 @@ def test_bound_call_follows_replaced_fields_and_copies():
         assert w._bound is None
         assert torch.allclose(w.apply(x, bias) - bias, 3 * (y - bias), rtol=1e-4, atol=1e-5)
         assert torch.allclose(w.apply(x, bias), reference.lc_forward(w, x, bias), rtol=1e-4, atol=1e-5)
+
+
+def test_renamed_dense_views_keep_their_old_names_with_one_warning():
+    """LCWeight.dequantize, LCLinear.dequantize_weight, Int8Linear.dequantize_weight (the names
+    before dense / dense_weight): the same tensors, one FutureWarning each, then silent."""
+    import warnings
+
+    from optimum_lcqat import _deprecation
+    from optimum_lcqat.nn import Int8Linear
+
+    w = random_weight(8, 16, "full")
+    layer = LCLinear.from_weight(w.to(dtype=torch.float32))
+    head = Int8Linear.from_weight(torch.randn(6, 16, generator=torch.Generator().manual_seed(0)))
+    _deprecation._warned.clear()
+    for obj, old, new in ((w, "dequantize", "dense"), (layer, "dequantize_weight", "dense_weight"),
+                          (head, "dequantize_weight", "dense_weight")):
+        with pytest.warns(FutureWarning, match=f"{type(obj).__name__}.{old}.*{new}"):
+            assert torch.equal(getattr(obj, old)(), getattr(obj, new)())
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            getattr(obj, old)()  # warned once already

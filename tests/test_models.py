@@ -51,13 +51,13 @@ def test_quantize_save_reload_identical(family, tiny_fp_dirs, tmp_path):
     # 0.346-0.353 (the largest over a model's layers, every family, seeds 0-3; the best 2-bit
     # scalar quantizer of a Gaussian leaves 0.343)
     for n in names:
-        err = rel_err(model.get_submodule(n).dequantize_weight(), dense.get_submodule(n).weight)
+        err = rel_err(model.get_submodule(n).dense_weight(), dense.get_submodule(n).weight)
         assert err < 0.37, (n, err)
     # the quantized model computes exactly the dense model with those weights (measured 1e-7 to 9e-7)
     effective = AutoModelForCausalLM.from_pretrained(fp_dir)
     with torch.no_grad():
         for n in names:
-            effective.get_submodule(n).weight.copy_(model.get_submodule(n).dequantize_weight())
+            effective.get_submodule(n).weight.copy_(model.get_submodule(n).dense_weight())
     assert rel_err(ref, logits(effective)) < 1e-5
     # so quantization changes the function, by what 2-bit weights cost these random tiny models
     err = rel_err(ref, logits(dense))
@@ -180,7 +180,7 @@ def test_affine_init_not_worse_than_scalar(tiny_fp_dirs):
         err = 0.0
         for n in lc_names(model):
             w = dense.get_submodule(n).weight
-            err += float((model.get_submodule(n).dequantize_weight() - w).norm() ** 2 / w.norm() ** 2)
+            err += float((model.get_submodule(n).dense_weight() - w).norm() ** 2 / w.norm() ** 2)
         errs[cb] = err
         # The layer holds, unpacked, exactly the codes the initialiser assigns to the dense weight
         # (nearest codeword indices, two bits per coordinate), and every level occurs.

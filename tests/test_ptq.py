@@ -157,7 +157,7 @@ def test_layer_ptq_beats_data_free_on_hessian_proxy():
     spec = LayerSpec(vector_dim=4, codebook="affine", plan_in=pi, plan_out=po, seed=0, name="l")
 
     def out_err(result):
-        e = result.weight.dequantize() - w
+        e = result.weight.dense() - w
         return float(((e @ H) * e).sum() / ((w @ H) * w).sum())
 
     e_df = out_err(init_data_free(w, spec))

@@ -28,6 +28,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .._deprecation import renamed_method
+
 
 @torch.no_grad()
 def quantize_rows_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,8 +79,11 @@ class Int8Linear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight, per-row scale"
 
-    def dequantize_weight(self) -> torch.Tensor:
+    def dense_weight(self) -> torch.Tensor:
+        """The float32 weight the int8 one stands for [out, in]."""
         return self.weight_int8.float() * self.scale[:, None]
+
+    dequantize_weight = renamed_method("Int8Linear.dequantize_weight", "Int8Linear.dense_weight")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from ..kernels import native_backend
@@ -87,7 +92,7 @@ class Int8Linear(nn.Module):
         if nat is not None and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16) \
                 and not (torch.is_grad_enabled() and x.requires_grad):
             return torch.ops.lcqat.int8_linear(x, self.weight_int8, self.scale, self.bias)
-        w = self.dequantize_weight().to(x.dtype)
+        w = self.dense_weight().to(x.dtype)
         return nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
 

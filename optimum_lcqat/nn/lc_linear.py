@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .. import kernels
+from .._deprecation import renamed_method
 from ..kernels import reference
 from ..tensor.codebook import scalar_codebook
 from ..tensor.hadamard import RotationPlan, plan_rotation
@@ -249,11 +250,13 @@ class LCLinear(nn.Module):
         return self.lc_weight.rotated()
 
     @torch.no_grad()
-    def dequantize_weight(self) -> torch.Tensor:
+    def dense_weight(self) -> torch.Tensor:
         """The effective dense weight W [m, n]."""
         if self.latent is not None:
             self.sync_codes()
-        return self.lc_weight.dequantize()
+        return self.lc_weight.dense()
+
+    dequantize_weight = renamed_method("LCLinear.dequantize_weight", "LCLinear.dense_weight")
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:

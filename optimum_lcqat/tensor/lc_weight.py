@@ -8,7 +8,7 @@ owns the packing, the layout and the kernels it dispatches to:
 * ``apply(x, bias)``: the layer's product, native CPU/CUDA kernels when they take the call, the
   reference (:mod:`optimum_lcqat.kernels.reference`) otherwise; inference calls bind the native
   op once per device and skip the dispatcher's checks afterwards;
-* ``dequantize()`` / ``rotated()``: dense views;
+* ``dense()`` / ``rotated()``: dense views;
 * ``state_dict(prefix)`` / ``from_state_dict(sd, prefix)``: its checkpoint keys
   (``codes, A, beta, s_u, s_v, rotation``), ``expected_layout`` to validate a file's header;
 * ``shard(dim, start, stop)``: tensor-parallel slices (``dim=0`` output rows, column-parallel;
@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .. import kernels
+from .._deprecation import renamed_method
 from ..kernels import reference
 from .hadamard import RotationPlan, plan_from_record, plan_rotation
 from .packing import CODES_PER_BYTE
@@ -150,9 +151,11 @@ class LCWeight:
         """The rotated-domain weight ``What`` [m, n]."""
         return reference.rotated_weight(self)
 
-    def dequantize(self) -> torch.Tensor:
+    def dense(self) -> torch.Tensor:
         """The effective dense weight ``W`` [m, n]."""
         return reference.dense_weight(self)
+
+    dequantize = renamed_method("LCWeight.dequantize", "LCWeight.dense")
 
     # ------------------------------------------------------------------ construction
     def to(self, device=None, dtype=None) -> "LCWeight":
