@@ -58,23 +58,69 @@ namespace lcqat {
 using at::Tensor;
 namespace K = cpu;
 
-// ------------------------------------------------------------------ shared CPU helpers
-// rows [B, n] fp32, in place: x <- (H(x * scale_in)) * scale_out (+ add), H = left (x) H_block.
-static void rotate_rows_f32(float* rows, int64_t B, int64_t n, int64_t block, const float* left, int64_t Kl,
-                            bool transpose, const float* scale_in, const float* scale_out, const float* add) {
+// ------------------------------------------------------------------ the row stages
+// Around the rotated product, the LC layer is a stage per row on each side: the input stage
+// (x * s_u, then H_in) and the output stage (H_out^T, then * s_v, + bias). All three paths of
+// lc_linear (decode_rows, amx_call, the general path) run them as input_row and output_row, and the
+// hadamard op its rows as rotate_row: one statement of their arithmetic, so a row's stages are the
+// same operations in the same order whichever path its batch size picks (the paths differ only in
+// the product between the stages, and in how the outputs round to bf16). r * s + b is a product
+// rounded, then a sum rounded: this file is compiled for the baseline ISA, with no FMA to contract
+// into, and kernels.cpp's fused AVX-512 stages of the AMX layer (input_stage_*, output_stage_*) keep
+// that rounding (bit-identical to these functions, which the AMX layer runs where they do not apply).
+
+// An activation element in fp32, exactly (bf16: its bits above 16 zeros).
+static inline float widen(float v) { return v; }
+static inline float widen(c10::BFloat16 v) { return static_cast<float>(v); }
+static inline float widen(uint16_t bf16_bits) {
+  const uint32_t u = static_cast<uint32_t>(bf16_bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+// One row: r [len] <- H(x * scale_in) * scale_out + add, H = left (x) H_block (left's transpose with
+// `transpose`); scale_in, scale_out and add may each be null. x (fp32, or bf16 widened as it is
+// read) may be r itself. work: len floats where left is not null (hadamard_row).
+template <typename T>
+static inline void rotate_row(const T* x, float* r, int64_t len, int64_t block, const float* left, int64_t Kl,
+                              bool transpose, const float* scale_in, const float* scale_out, const float* add,
+                              float* work) {
+  if (scale_in)
+    for (int64_t i = 0; i < len; ++i) r[i] = widen(x[i]) * scale_in[i];
+  else if (static_cast<const void*>(x) != static_cast<const void*>(r))
+    for (int64_t i = 0; i < len; ++i) r[i] = widen(x[i]);
+  K::hadamard_row(r, len, block, left, Kl, transpose, work);
+  if (scale_out && add)
+    for (int64_t i = 0; i < len; ++i) r[i] = r[i] * scale_out[i] + add[i];
+  else if (scale_out)
+    for (int64_t i = 0; i < len; ++i) r[i] *= scale_out[i];
+  else if (add)
+    for (int64_t i = 0; i < len; ++i) r[i] += add[i];
+}
+
+// The LC layer's input stage of one row: r [n] <- H_in(x * s_u).
+template <typename T>
+static inline void input_row(const T* x, float* r, int64_t n, const float* su, int64_t block, const float* left,
+                             int64_t Kl, float* work) {
+  rotate_row(x, r, n, block, left, Kl, false, su, nullptr, nullptr, work);
+}
+
+// The LC layer's output stage, in place on a row's fp32 products r [len] (the whole row, or whole
+// output Hadamard blocks of it with sv, bias offset to match): r <- H_out^T(r) * s_v (+ bias).
+static inline void output_row(float* r, int64_t len, int64_t block, const float* left, int64_t Kl, const float* sv,
+                              const float* bias, float* work) {
+  rotate_row(r, r, len, block, left, Kl, true, nullptr, sv, bias, work);
+}
+
+// stage(b, work) for rows b in [0, B) of length n, split across threads; work: n floats a thread
+// where `left` (a left factor) is not null, else null.
+template <typename F>
+static void for_rows(int64_t B, int64_t n, const float* left, const F& stage) {
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1));
   at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
     std::vector<float> work(left ? n : 0);
-    for (int64_t b = b0; b < b1; ++b) {
-      float* x = rows + b * n;
-      if (scale_in)
-        for (int64_t i = 0; i < n; ++i) x[i] *= scale_in[i];
-      K::hadamard_row(x, n, block, left, Kl, transpose, work.data());
-      if (scale_out)
-        for (int64_t i = 0; i < n; ++i) x[i] *= scale_out[i];
-      if (add)
-        for (int64_t i = 0; i < n; ++i) x[i] += add[i];
-    }
+    for (int64_t b = b0; b < b1; ++b) stage(b, work.data());
   });
 }
 
@@ -222,9 +268,13 @@ Tensor hadamard_cpu(const Tensor& x, int64_t block, const c10::optional<Tensor>&
   const int64_t n = x.size(-1);
   auto rows = rows_f32(x, n);
   auto L = opt_f32(left), si = opt_f32(scale_in), so = opt_f32(scale_out);
-  rotate_rows_f32(rows.data_ptr<float>(), rows.size(0), n, block, L.defined() ? L.data_ptr<float>() : nullptr, Kl,
-                  transpose, si.defined() ? si.data_ptr<float>() : nullptr,
-                  so.defined() ? so.data_ptr<float>() : nullptr, nullptr);
+  float* rp = rows.data_ptr<float>();
+  const float* Lp = L.defined() ? L.data_ptr<float>() : nullptr;
+  const float* sip = si.defined() ? si.data_ptr<float>() : nullptr;
+  const float* sop = so.defined() ? so.data_ptr<float>() : nullptr;
+  for_rows(rows.size(0), n, Lp, [&](int64_t b, float* work) {
+    rotate_row(rp + b * n, rp + b * n, n, block, Lp, Kl, transpose, sip, sop, nullptr, work);
+  });
   return rows.to(x.scalar_type()).view(x.sizes());
 }
 
@@ -253,21 +303,9 @@ static void decode_rows(const T* xp, int64_t B, int64_t n, int64_t m, const uint
   if (scratch.size() < need) scratch.resize(need);
   float* xt = scratch.data();
   float* work = xt + B * n;
-  for (int64_t b = 0; b < B; ++b) {
-    float* r = xt + b * n;
-    const T* xb = xp + b * n;
-    for (int64_t i = 0; i < n; ++i) r[i] = static_cast<float>(xb[i]) * su[i];
-    K::hadamard_row(r, n, block_in, Li, Kin, false, work);
-  }
+  for (int64_t b = 0; b < B; ++b) input_row(xp + b * n, xt + b * n, n, su, block_in, Li, Kin, work);
   rotated_product(xt, B, n, m, pk, A, beta, act_int8, bf16, yp);
-  for (int64_t b = 0; b < B; ++b) {
-    float* r = yp + b * m;
-    K::hadamard_row(r, m, block_out, Lo, Kout, true, work);
-    if (bias)
-      for (int64_t j = 0; j < m; ++j) r[j] = r[j] * sv[j] + bias[j];
-    else
-      for (int64_t j = 0; j < m; ++j) r[j] *= sv[j];
-  }
+  for (int64_t b = 0; b < B; ++b) output_row(yp + b * m, m, block_out, Lo, Kout, sv, bias, work);
 }
 
 // Validated, fp32 views of an lc_linear call's arguments.
@@ -388,18 +426,12 @@ static Tensor amx_call(const Tensor& x, int64_t B, const LcArgs& a, int64_t bloc
         cr[1] = cr[2] = 0.0f;  // the row constant goes with hi
         const float* xb = xc.data_ptr<float>() + b * n;
         if (K::input_stage_f32x3(xb, n, su, block_in, a.Kin, A, beta, zr, cr)) continue;
-        for (int64_t i = 0; i < n; ++i) r[i] = xb[i] * su[i];
+        input_row(xb, r, n, su, block_in, a.left_in(), a.Kin, work);
       } else {
         const uint16_t* xb = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()) + b * n;
         if (K::input_stage_bf16(xb, n, su, block_in, a.Kin, A, beta, zr, cr)) continue;
-        for (int64_t i = 0; i < n; ++i) {  // bf16 -> fp32 is exact: the bits above 16 zeros
-          const uint32_t u = static_cast<uint32_t>(xb[i]) << 16;
-          float f;
-          std::memcpy(&f, &u, sizeof(f));
-          r[i] = f * su[i];
-        }
+        input_row(xb, r, n, su, block_in, a.left_in(), a.Kin, work);
       }
-      K::hadamard_row(r, n, block_in, a.left_in(), a.Kin, false, work);
       K::prepare_activations(r, 1, n, A, beta, K::Isa::Scalar, z, cr);
       if (f32)
         K::split_bf16x3(z, n, zr);
@@ -410,8 +442,9 @@ static Tensor amx_call(const Tensor& x, int64_t B, const LcArgs& a, int64_t bloc
   if (Rp > R) std::memset(zb + R * n, 0, sizeof(uint16_t) * (Rp - R) * n);
 
   // The output stage (Hadamard, s_v, bias, and for bf16 the rounding) of outputs [j0, j1) of row b; for
-  // bf16 the same arithmetic, in the same order, as decode_rows' (so a row's result does not depend on
-  // the path). fp32: the parts' products summed hi + (mid + lo) first.
+  // bf16 the same arithmetic, in the same order, as decode_rows' (output_row, or the fused stage that
+  // computes its bits; so a row's result does not depend on the path). fp32: the parts' products summed
+  // hi + (mid + lo) first.
   float* out32 = f32 ? out.data_ptr<float>() : nullptr;
   uint16_t* out16 = f32 ? nullptr : reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   const auto finish = [&](int64_t b, int64_t j0, int64_t j1, int64_t block, const float* left, int64_t K,
@@ -427,11 +460,7 @@ static Tensor amx_call(const Tensor& x, int64_t B, const LcArgs& a, int64_t bloc
     } else if (K::output_stage_bf16(r, j1 - j0, block, K, svj, bj, ob)) {
       return;
     }
-    K::hadamard_row(r, j1 - j0, block, left, K, true, work);
-    if (bias)
-      for (int64_t j = 0; j < j1 - j0; ++j) r[j] = r[j] * svj[j] + bj[j];
-    else
-      for (int64_t j = 0; j < j1 - j0; ++j) r[j] *= svj[j];
+    output_row(r, j1 - j0, block, left, K, svj, bj, work);
     if (f32)
       std::memcpy(of, r, sizeof(float) * (j1 - j0));
     else
@@ -496,13 +525,20 @@ Tensor lc_linear_cpu(const Tensor& x, const Tensor& packed, const Tensor& A, con
   if (amx && x.scalar_type() == at::kBFloat16 && B >= kAmxMinRows) return amx_call(x, B, a, block_in, block_out);
   if (B >= 1 && B <= K::kMaxGemvBatch) return decode_call(x, B, a, block_in, block_out, false);
 
-  auto xt = rows_f32(x, a.n);
-  rotate_rows_f32(xt.data_ptr<float>(), B, a.n, block_in, a.left_in(), a.Kin, false, a.su.data_ptr<float>(), nullptr,
-                  nullptr);
+  // the general path (more rows than the decode path takes, no AMX): a pass over the rows for each
+  // stage, the product between them
+  const int64_t n = a.n, m = a.m;
+  const float *su = a.su.data_ptr<float>(), *sv = a.sv.data_ptr<float>(), *bs = a.bias();
+  const float *Li = a.left_in(), *Lo = a.left_out();
+  auto xt = rows_f32(x, n);
+  float* xp = xt.data_ptr<float>();
+  for_rows(B, n, Li,
+           [&](int64_t b, float* work) { input_row(xp + b * n, xp + b * n, n, su, block_in, Li, a.Kin, work); });
   Tensor yt = matmul_rows_f32(xt, a.pk, a.A32, a.b32, x.scalar_type() == at::kBFloat16);
-  rotate_rows_f32(yt.data_ptr<float>(), B, a.m, block_out, a.left_out(), a.Kout, true, nullptr,
-                  a.sv.data_ptr<float>(), a.bias());
-  return finish(yt, x, a.m);
+  float* yp = yt.data_ptr<float>();
+  for_rows(B, m, Lo,
+           [&](int64_t b, float* work) { output_row(yp + b * m, m, block_out, Lo, a.Kout, sv, bs, work); });
+  return finish(yt, x, m);
 }
 
 // lc_linear with int8 activations (opt-in): every row, whatever the batch, goes through the
