@@ -55,6 +55,8 @@ if not (lc_dir / "model.safetensors").is_file():
     write_dir_atomic(lc_dir, m.save_pretrained)
     del m
 ds = token_windows(split_texts("train"), tok, 512, max_tokens=512 * 4 * (steps + 1))
+from optimum_lcqat import memory_plan as mp
+predicted = mp.qat(mp.ModelShape.from_pretrained_config(fp), 4 * 512).total  # before the model loads
 model = AutoModelForCausalLM.from_pretrained(lc_dir, dtype=torch.float32)
 times = []
 class Timer(TrainerCallback):
@@ -68,7 +70,8 @@ tr = Trainer(model=model, args=args, train_dataset=ds, callbacks=[cb, Timer()])
 tr.train()
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 later = times[2:] or times  # the first two steps grow the heap
-print("RESULT " + json.dumps({"peak_rss_bytes": peak, "step_s": times, "tokens_per_s": 2048 * len(later) / sum(later),
+print("RESULT " + json.dumps({"peak_rss_bytes": peak, "predicted_bytes": predicted, "step_s": times,
+                             "tokens_per_s": 2048 * len(later) / sum(later),
                              "loss": [h["loss"] for h in tr.state.log_history if "loss" in h],
                              "params": sum(p.numel() for p in model.parameters())}))
 """
@@ -85,15 +88,17 @@ from optimum_lcqat.evaluation import perplexity
 samples, savers = int(sys.argv[1]), sys.argv[2] == "after"
 fp = smollm2_path()
 tok = AutoTokenizer.from_pretrained(fp)
+cfg = LCQATConfig(dataset=split_texts("calibration"), tokenizer=tok, num_samples=samples,
+                  ptq_options={"e2e_memory_savers": savers})
+from optimum_lcqat import memory_plan as mp
+predicted = mp.in_memory_ptq(mp.ModelShape.from_pretrained_config(fp), cfg).total  # before the model loads
 t = time.perf_counter()
-model = AutoModelForCausalLM.from_pretrained(fp, dtype=torch.float32, quantization_config=LCQATConfig(
-    dataset=split_texts("calibration"), tokenizer=tok, num_samples=samples,
-    ptq_options={"e2e_memory_savers": savers}))
+model = AutoModelForCausalLM.from_pretrained(fp, dtype=torch.float32, quantization_config=cfg)
 secs = time.perf_counter() - t
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 held = token_stream(split_texts("heldout"), tok, max_tokens=16384)
 ppl = perplexity(model, held, ctx=512)["ppl"]
-print("RESULT " + json.dumps({"peak_rss_bytes": peak, "seconds": secs, "heldout_ppl": ppl,
+print("RESULT " + json.dumps({"peak_rss_bytes": peak, "predicted_bytes": predicted, "seconds": secs, "heldout_ppl": ppl,
                              "params": sum(p.numel() for p in model.parameters())}))
 """
 
@@ -167,14 +172,19 @@ def render(rows, env, a) -> None:
         r["fp_params"] = fp
         r["bytes_per_param"] = r["peak_rss_bytes"] / fp
     lines = [f"# Peak memory of QAT and PTQ ({a.name})", "", md_env(env), "",
-             "| case | variant | peak RSS GiB | bytes/param | speed | held-out ppl |", "|---|---|---|---|---|---|"]
+             "| case | variant | peak RSS GiB | predicted GiB | bytes/param | speed | held-out ppl |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         speed = f"{r['tokens_per_s']:.1f} tok/s" if "tokens_per_s" in r else f"{r['seconds']:.0f} s"
         ppl = f"{r['heldout_ppl']:.2f}" if "heldout_ppl" in r else ""
-        lines.append(f"| {r['case']} | {r['variant']} | {r['peak_rss_gib']:.2f} | {r['bytes_per_param']:.0f} | {speed} | {ppl} |")
+        pred = f"{r['predicted_bytes'] / 2**30:.2f}" if "predicted_bytes" in r else ""
+        lines.append(f"| {r['case']} | {r['variant']} | {r['peak_rss_gib']:.2f} | {pred} | {r['bytes_per_param']:.0f} | "
+                     f"{speed} | {ppl} |")
     lines += ["", f"bytes/param: peak RSS over the full-precision model's {fp / 1e6:.1f}M parameters. "
               "QAT tokens/s: steps 3 on (the first two grow the heap). Held-out: the first 16K tokens of the "
-              "held-out split (never calibrated or trained on). Peak RSS: getrusage's high-water mark of the child."]
+              "held-out split (never calibrated or trained on). Peak RSS: getrusage's high-water mark of the child. "
+              "Predicted: optimum_lcqat.memory_plan's prediction for the path (QAT: the default callback, i.e. the "
+              "'after' rows; PTQ: the default memory savers, the 'after' row), made in the child before the model loads."]
     md = "\n".join(lines) + "\n"
     print(md)
     write(a.name, {"env": env, "rows": rows, "args": vars(a)}, md)

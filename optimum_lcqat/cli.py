@@ -126,6 +126,7 @@ def cmd_quantize(args) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     src = _resolve_model(args.model)
+    plan = _MemoryPlan(args, cfg, src, calib is not None)
     why = None  # why a PTQ runs in memory rather than streaming
     if calib is not None and not args.in_memory:
         if args.qat_tokens:
@@ -138,17 +139,23 @@ def cmd_quantize(args) -> int:
             size = _weights_bytes(src)
             if cfg.ptq_e2e_steps == 0 or size > STREAM_ABOVE_BYTES:
                 if cfg.ptq_e2e_steps:
-                    logging.getLogger(__name__).info(
+                    logger.info(
                         "lcqat quantize: streaming PTQ (%.1f GiB of weights, above %d GiB), without the end-to-end "
                         "stage; --in-memory keeps it", size / 2**30, STREAM_ABOVE_BYTES >> 30)
-                return _quantize_streaming(args, cfg, src)
+                return _quantize_streaming(args, cfg, src, plan)
+            if not plan.fits_in_memory():
+                print(f"lcqat quantize: {plan.in_memory.describe()}, above the {plan.budget / 2**30:.2f} GiB "
+                      f"available ({plan.source}): streaming PTQ instead, one block at a time, without the "
+                      "end-to-end stage (--in-memory keeps it, if memory is freed first)", flush=True)
+                return _quantize_streaming(args, cfg, src, plan)
             why = (f"with {cfg.ptq_e2e_steps} end-to-end steps, {size / 2**30:.2f} GiB of weights; --e2e-steps 0 "
                    "streams one block at a time instead")
     if args.device is not None:
         raise UsageError("--device applies to the streaming PTQ (calibration text, a local folder, no --in-memory/"
                          "--qat-tokens; --e2e-steps 0 below 4 GiB of weights)")
     if why is not None:
-        logging.getLogger(__name__).info("lcqat quantize: in-memory PTQ (%s)", why)
+        logger.info("lcqat quantize: in-memory PTQ (%s)", why)
+    plan.require_in_memory(streamable_hint=calib is not None and not args.qat_tokens and Path(src).is_dir())
     model, tok, path = _load_model(args.model, args.dtype, cfg if calib is None else None)
     if calib is not None:
         # PTQ needs the tokenizer object: reload with it set (the float load above validated the path)
@@ -170,7 +177,75 @@ def cmd_quantize(args) -> int:
 
     out = save_atomically(args.output, write, overwrite=args.overwrite)
     print(f"saved 2-bit lcqat checkpoint to {out}")
+    plan.report_peak()
     return EXIT_OK
+
+
+class _MemoryPlan:
+    """The peak each path of ``quantize`` would reach (memory_plan.py), predicted from the model's
+    config before any weight loads, against the memory available; printed, then checked against
+    the measured peak at the end."""
+
+    def __init__(self, args, cfg, src: str, calibrated: bool):
+        from . import memory_plan as mp
+
+        self.args, self.cfg, self.check = args, cfg, not args.no_memory_check
+        self.budget, self.source = mp.memory_budget()
+        try:
+            self.shape = mp.ModelShape.from_pretrained_config(src)
+        except Exception as exc:  # noqa: BLE001  (no config.json, offline Hub id: loading says why, later)
+            logger.warning("lcqat quantize: cannot predict the peak memory (%s: %s); going on without a check",
+                           type(exc).__name__, exc)
+            self.shape = self.in_memory = self.chosen = None
+            return
+        dtype_bytes = _dtype(args.dtype).itemsize
+        if calibrated:
+            est = mp.in_memory_ptq(self.shape, cfg, dtype_bytes=dtype_bytes)
+            if args.qat_tokens:
+                qat = mp.qat(self.shape, 4 * args.seqlen)
+                est = qat if qat.total > est.total else est
+        else:
+            est = mp.data_free(self.shape, dtype_bytes=dtype_bytes)
+        self.in_memory = est
+        self.chosen = None
+
+    def fits_in_memory(self) -> bool:
+        return self.in_memory is None or self.in_memory.total <= self.budget
+
+    def _choose(self, est, refuse_fix: str) -> None:
+        self.chosen = est
+        print(f"lcqat quantize: {est.describe()}; {self.budget / 2**30:.2f} GiB available ({self.source})", flush=True)
+        if est.total > self.budget:
+            if self.check:
+                raise UsageError(
+                    f"{est.describe()}, above the {self.budget / 2**30:.2f} GiB available ({self.source}): the "
+                    f"operating system would kill the run. {refuse_fix} --no-memory-check runs it anyway.")
+            logger.warning("lcqat quantize: predicted peak above the memory available; running anyway (--no-memory-check)")
+
+    def require_in_memory(self, streamable_hint: bool) -> None:
+        if self.in_memory is None:
+            return
+        fix = ("Leave out --in-memory to take the streaming PTQ (one block at a time), or free memory."
+               if streamable_hint and self.args.in_memory else
+               "Quantize with calibration text from a local folder without --qat-tokens (streaming PTQ), then "
+               "run QAT on a machine with more memory; or free memory." if self.args.qat_tokens else
+               "Use a machine with more memory, a local model folder and calibration text (streaming PTQ), or "
+               "lower --num-samples / --e2e-steps.")
+        self._choose(self.in_memory, fix)
+
+    def require_streaming(self, act_bytes: int) -> None:
+        if self.shape is None:
+            return
+        from . import memory_plan as mp
+
+        est = mp.streaming_ptq(self.shape, self.cfg, dtype_bytes=_dtype(self.args.dtype).itemsize, act_bytes=act_bytes)
+        self._choose(est, "Lower --num-samples or --seqlen (calibration activations), or free memory.")
+
+    def report_peak(self) -> None:
+        from . import memory_plan as mp
+
+        if self.chosen is not None:
+            print(f"lcqat quantize: peak RSS {mp.peak_rss() / 2**30:.2f} GiB (predicted {self.chosen.total / 2**30:.2f} GiB)")
 
 
 # Local models with more weight bytes than this are quantized by the streaming PTQ (cmd_quantize)
@@ -183,9 +258,12 @@ def _weights_bytes(folder: str) -> int:
     return sum(f.stat().st_size for f in files)
 
 
-def _quantize_streaming(args, cfg, src: str) -> int:
+def _quantize_streaming(args, cfg, src: str, plan: _MemoryPlan) -> int:
     """PTQ one decoder block at a time, straight from the source safetensors (streaming.py)."""
     from transformers import AutoTokenizer
+
+    act = None if args.activation_dtype == "compute" else _dtype(args.activation_dtype)
+    plan.require_streaming((act or _dtype(args.dtype)).itemsize)
 
     from .hub import write_model_card
     from .streaming import quantize_streaming
@@ -195,13 +273,13 @@ def _quantize_streaming(args, cfg, src: str) -> int:
     except OSError as exc:
         raise UsageError(f"cannot load the tokenizer of {src!r}: {exc}") from None
     cfg.tokenizer = tok
-    act = None if args.activation_dtype == "compute" else _dtype(args.activation_dtype)
     out = quantize_streaming(
         src, args.output, cfg, dtype=_dtype(args.dtype), activation_dtype=act, overwrite=args.overwrite,
         finalize=lambda tmp: write_model_card(tmp, base_model=src), device=args.device,
     )
     print(f"saved 2-bit lcqat checkpoint to {args.output} (streaming PTQ, {out['blocks']} blocks, "
-          f"{out['seconds']:.1f}s, peak RSS {out['peak_rss_bytes'] / 2**30:.2f} GiB)")
+          f"{out['seconds']:.1f}s)")
+    plan.report_peak()
     return EXIT_OK
 
 
@@ -371,6 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--activation-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32", "compute"],
                    help="streaming PTQ: dtype of the calibration activations kept between blocks (default bfloat16; "
                         "'compute': the --dtype, which gives the in-memory result exactly)")
+    q.add_argument("--no-memory-check", action="store_true",
+                   help="run the path even when its predicted peak memory (printed before the work starts) is above "
+                        "the memory available (free memory, or OPTIMUM_LCQAT_MEMORY_LIMIT, e.g. 6GiB, when set)")
     q.add_argument("--device", default=None,
                    help="streaming PTQ: where each decoder block computes, e.g. cuda (default cpu); only the "
                         "current block goes there")

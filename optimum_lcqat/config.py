@@ -24,7 +24,10 @@ _ALLOWED_DENSE_DTYPES = ("bfloat16", "float16")
 #   e2e_memory_savers (default True): the end-to-end stage computes the next-token loss a chunk of
 #     positions at a time and recomputes each decoder block's activations in the backward
 #     (optimum_lcqat.init.e2e); False keeps the model's own loss and every block's activations.
-PTQ_OPTIONS = ("e2e_memory_savers",)
+#   memory_check (default True): from_pretrained predicts the in-memory PTQ's peak memory before
+#     the weights load (optimum_lcqat.memory_plan) and refuses, with the numbers, when it exceeds
+#     the memory available; False runs it anyway.
+PTQ_OPTIONS = ("e2e_memory_savers", "memory_check")
 
 
 def _check(cond: bool, field: str, value: Any, allowed: str) -> None:
@@ -210,8 +213,9 @@ class LCQATConfig(QuantizationConfigMixin):
             )
         _check(isinstance(self.ptq_options, dict) and set(self.ptq_options) <= set(PTQ_OPTIONS), "ptq_options",
                self.ptq_options, f"a dict with keys among {sorted(PTQ_OPTIONS)}")
-        _check(isinstance(self.ptq_options.get("e2e_memory_savers", True), bool), "ptq_options['e2e_memory_savers']",
-               self.ptq_options.get("e2e_memory_savers"), "True or False")
+        for key in PTQ_OPTIONS:
+            _check(isinstance(self.ptq_options.get(key, True), bool), f"ptq_options[{key!r}]",
+                   self.ptq_options.get(key), "True or False")
         dd = self.dense_dtype
         if dd is not None and not isinstance(dd, str) and str(dd).startswith("torch."):
             dd = self.dense_dtype = str(dd)[len("torch."):]  # torch.bfloat16 -> "bfloat16" (JSON-safe)

@@ -58,6 +58,8 @@ class LCQATHfQuantizer(HfQuantizer):
             model, cfg.modules_to_not_convert, keep_in_fp32_modules, add_default_skips=True
         )
         if not self.pre_quantized:
+            if cfg.uses_calibration and cfg.ptq_options.get("memory_check", True):
+                self._check_memory(model)
             return model
         layout = ckpt.read_layout(checkpoint_files)
         dense_storage.prepare_int8_head(model, layout)  # an int8 lm_head in the checkpoint: Int8Linear skeleton
@@ -97,6 +99,18 @@ class LCQATHfQuantizer(HfQuantizer):
             model.set_submodule(name, layer)
         self._loaded_lc_names = names
         return model
+
+    def _check_memory(self, model) -> None:
+        """Refuse, before the float weights load, a PTQ whose predicted peak exceeds the memory
+        available (memory_plan.py), with the numbers and the ways out."""
+        from . import memory_plan as mp
+
+        est = mp.in_memory_ptq(mp.ModelShape.of(model), self.quantization_config,
+                               dtype_bytes=next(model.parameters()).element_size())
+        logger.info("lcqat: %s", est.describe())
+        mp.check_fits(est, "Quantize it block by block with optimum_lcqat.streaming.quantize_streaming(folder, out, "
+                           "config) (what `optimum-lcqat quantize` does for a local folder), lower num_samples or "
+                           "ptq_e2e_steps, or pass ptq_options={'memory_check': False} to run anyway.")
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         from . import checkpoint as ckpt

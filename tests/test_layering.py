@@ -33,7 +33,7 @@ LAYERS = [
     ("nn", ["nn.*"]),
     ("init", ["init.*"]),
     ("checkpoint/convert", ["convert", "checkpoint", "dense_storage", "hub", "evaluation"]),
-    ("quant_api", ["quant_api"]),
+    ("quant_api", ["quant_api", "memory_plan"]),
     ("integrations", ["quantizer", "_registration", "streaming", "training.*", "vllm_plugin"]),
     ("entry points", ["", "cli", "demo"]),  # "" is the package's own __init__
 ]

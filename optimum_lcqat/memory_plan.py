@@ -1,0 +1,267 @@
+"""Peak memory of each quantization path, predicted before the weights load, and the memory free.
+
+Why: the in-memory PTQ holds the whole float model, its calibration activations and then the
+end-to-end stage's training step; the streaming PTQ holds one decoder block. A user's OOM killer
+counts the process's resident memory (RSS), so the CLI and the quantizer compare the prediction
+of the path they would take with what the machine has *before* loading, and stream or refuse
+(with these numbers) instead of being killed half way.
+
+The prediction is a sum of named parts, each a count of the tensors that path keeps alive at its
+peak times its bytes, plus what the process already holds (``base``: imports, tokenizer). Where
+the CPU allocator keeps freed memory (training steps, see ``_heap.py``), a measured factor covers
+it. The constants were fitted on SmolLM2-135M and random Llama models (benchmarks/memory.py
+``--predict``; tests/test_memory_plan.py checks prediction against the measured peak), and err
+on the high side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+
+GiB = 2**30
+
+__all__ = ["ModelShape", "PeakEstimate", "MemoryPlanError", "in_memory_ptq", "streaming_ptq", "qat",
+           "memory_budget", "check_fits", "current_rss", "peak_rss", "parse_bytes", "LIMIT_ENV"]
+
+# A user's budget in place of the machine's free memory (e.g. "6GiB", "6G", "6442450944"): for a
+# process sharing the machine, and for the tests.
+LIMIT_ENV = "OPTIMUM_LCQAT_MEMORY_LIMIT"
+
+
+class MemoryPlanError(RuntimeError):
+    """The path asked for does not fit the memory available (the message has the numbers and the fix)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelShape:
+    """What the memory of a causal LM's quantization depends on, read from its (meta) modules."""
+
+    params: int  # every parameter
+    linear_weights: int  # weights of the nn.Linear layers that may become LC layers (not the head)
+    largest_linear: int  # m * n of the largest of them
+    widest: int  # the widest linear dimension (MLP intermediate size)
+    hidden: int
+    layers: int
+    vocab: int
+
+    @classmethod
+    def of(cls, model) -> "ModelShape":
+        """From a model, on the meta device or loaded (sizes only; nothing is read)."""
+        from torch import nn
+
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        lin = [m for m in model.modules() if isinstance(m, nn.Linear) and m is not head]
+        cfg = getattr(model, "config", None)
+        hidden = getattr(cfg, "hidden_size", None) or (emb.embedding_dim if emb is not None else 0)
+        vocab = getattr(cfg, "vocab_size", None) or (emb.num_embeddings if emb is not None else 0)
+        layers = getattr(cfg, "num_hidden_layers", None) or 1
+        return cls(
+            params=sum(p.numel() for p in model.parameters()),
+            linear_weights=sum(m.weight.numel() for m in lin),
+            largest_linear=max((m.weight.numel() for m in lin), default=0),
+            widest=max((max(m.in_features, m.out_features) for m in lin), default=hidden),
+            hidden=hidden, layers=layers, vocab=vocab,
+        )
+
+    @classmethod
+    def from_pretrained_config(cls, config) -> "ModelShape":
+        """From a transformers config (a ``PretrainedConfig`` or a model folder): the model is built
+        on the meta device, so this costs no memory and reads no weight."""
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        if isinstance(config, (str, os.PathLike)):
+            config = AutoConfig.from_pretrained(config)
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config)
+        return cls.of(model)
+
+
+@dataclasses.dataclass
+class PeakEstimate:
+    path: str  # "in-memory PTQ", "streaming PTQ", "data-free", "QAT"
+    parts: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    def describe(self) -> str:
+        inner = ", ".join(f"{k} {v / GiB:.2f}" for k, v in self.parts.items() if v >= GiB / 200)
+        return f"{self.path}: predicted peak {self.total / GiB:.2f} GiB ({inner})"
+
+
+# ------------------------------------------------------------------------------------------ parts
+# Fitted constants (SmolLM2-135M and a random 4-layer Llama, 2-core AMD EPYC, glibc; see the
+# module docstring). A training step (end-to-end PTQ stage, QAT) runs with the heap retained
+# (_heap.py): freed blocks stay in the process and the many weight-sized temporaries of the LC
+# layers' forward and backward fragment it, so its peak exceeds the live tensors by a factor on
+# the activations and by bytes per LC weight.
+_BLOCK_ACT_UNITS = 12  # values per token a recomputed decoder block keeps, per (hidden + widest)
+_STEP_FACTOR = 1.7  # retained heap / live activations of a step
+_E2E_BYTES_PER_LC_WEIGHT = 34  # retained heap per LC weight: end-to-end stage (reference forward)
+_QAT_BYTES_PER_LC_WEIGHT = 16  # the same in QAT (nn/lc_training.py's Function keeps less)
+_LOGIT_COPIES = 4  # fp32 copies of a loss chunk's logits alive at once (logits, log-softmax, grads)
+_CREEP_BLOCKS = 6  # the block-wise PTQ's heap grows by ~6/8 of a block's fp32 weights a block
+
+
+def _loss_chunk(shape: ModelShape, tokens: int) -> int:
+    from .nn.lm_loss import DEFAULT_CHUNK_TOKENS
+
+    return _LOGIT_COPIES * min(tokens, DEFAULT_CHUNK_TOKENS) * shape.vocab * 4
+
+
+def _training_step(shape: ModelShape, tokens: int, bytes_per_lc_weight: int) -> int:
+    """Peak bytes of one training step with the chunked loss and per-block checkpointing, heap
+    retained: the blocks' inputs, one block recomputed and one loss chunk (times the heap factor),
+    and the LC layers' weight-sized temporaries."""
+    inputs = shape.layers * tokens * shape.hidden * 4
+    block = _BLOCK_ACT_UNITS * tokens * (shape.hidden + shape.widest) * 4
+    live = inputs + block + _loss_chunk(shape, tokens)
+    return int(_STEP_FACTOR * live) + bytes_per_lc_weight * shape.linear_weights
+
+
+def _lc_bytes(shape: ModelShape) -> int:
+    """An LC model's LC layers: 2-bit codes plus per-row/column scales (about 0.3 byte a weight)."""
+    return int(0.3 * shape.linear_weights)
+
+
+def in_memory_ptq(shape: ModelShape, cfg, *, dtype_bytes: int = 4, base: int | None = None) -> PeakEstimate:
+    """``from_pretrained(..., quantization_config=LCQATConfig(dataset=...))``: the float model, the
+    block-wise PTQ's calibration activations (inputs and outputs of the current block, kept in the
+    compute dtype), then the end-to-end stage's training steps over the whole model."""
+    base = current_rss() if base is None else base
+    weights = shape.params * dtype_bytes
+    acts = 2 * cfg.num_samples * cfg.model_seqlen * shape.hidden * dtype_bytes
+    block_fwd = cfg.ptq_batch_size * cfg.model_seqlen * (4 * shape.hidden + 3 * shape.widest) * 4
+    hessians = 3 * shape.hidden**2 * 8 + shape.widest**2 * 8 + 4 * shape.largest_linear * 8
+    creep = _creep(shape)
+    blockwise = acts + block_fwd + hessians + creep
+    e2e = 0
+    if cfg.ptq_e2e_steps > 0:
+        tokens = cfg.ptq_e2e_batch_size * cfg.model_seqlen
+        # the stage runs in float32 (dense parts cast up) with the heap retained
+        dense32 = (shape.params - shape.linear_weights) * max(0, 4 - dtype_bytes)
+        e2e = _training_step(shape, tokens, _E2E_BYTES_PER_LC_WEIGHT) + dense32
+    parts = {"process": base, "float weights": weights}
+    if e2e > blockwise:
+        parts["end-to-end stage"] = e2e
+    else:
+        parts["block-wise PTQ"] = blockwise
+    return PeakEstimate("in-memory PTQ", parts)
+
+
+def _creep(shape: ModelShape) -> int:
+    block_weights = shape.linear_weights // max(1, shape.layers)
+    return _CREEP_BLOCKS * block_weights * 4 * shape.layers // 8
+
+
+def streaming_ptq(shape: ModelShape, cfg, *, dtype_bytes: int = 4, act_bytes: int = 2, base: int | None = None) -> PeakEstimate:
+    """``optimum-lcqat quantize`` streaming: one block's float weights (and its LC layers), the
+    calibration activations (two file-backed buffers, resident as they are touched), the block's
+    forward, Hessians; before and after the blocks, the embedding (and an untied head) alone."""
+    base = current_rss() if base is None else base
+    block = shape.linear_weights // max(1, shape.layers) * dtype_bytes
+    acts = 2 * cfg.num_samples * cfg.model_seqlen * shape.hidden * act_bytes
+    block_fwd = cfg.ptq_batch_size * cfg.model_seqlen * (4 * shape.hidden + 3 * shape.widest) * 4
+    hessians = 3 * shape.hidden**2 * 8 + shape.widest**2 * 8 + 4 * shape.largest_linear * 8
+    embedding = 2 * shape.vocab * shape.hidden * dtype_bytes  # read, then packed (a copy)
+    return PeakEstimate("streaming PTQ", {
+        "process": base, "one block": 2 * block, "calibration activations": acts,
+        "block compute": max(block_fwd + hessians, embedding)})
+
+
+def qat(shape: ModelShape, tokens_per_step: int, *, base: int | None = None) -> PeakEstimate:
+    """QAT of the LC model (LCQATCallback defaults: chunked loss, activation checkpointing): the
+    fp32 latent, its gradient and two Adam states (16 bytes a weight), the dense rest training too,
+    and one step's activations."""
+    base = current_rss() if base is None else base
+    state = 16 * shape.linear_weights + 16 * (shape.params - shape.linear_weights)
+    return PeakEstimate("QAT", {"process": base, "weights and optimizer state": state,
+                                "training step": _training_step(shape, tokens_per_step, _QAT_BYTES_PER_LC_WEIGHT)})
+
+
+def data_free(shape: ModelShape, *, dtype_bytes: int = 4, base: int | None = None) -> PeakEstimate:
+    """Data-free quantization in memory: the float model, and the LC layers built beside it."""
+    base = current_rss() if base is None else base
+    return PeakEstimate("data-free", {"process": base, "float weights": shape.params * dtype_bytes,
+                                      "LC layers": _lc_bytes(shape) + 4 * shape.largest_linear * 8})
+
+
+# --------------------------------------------------------------------------------- the machine
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
+          "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """``"6GiB"``, ``"6G"`` (GiB), ``"6GB"`` (10^9), ``"512MiB"``, ``"123456"`` -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"{text!r} is not a memory size; write e.g. 6GiB, 512MiB or a number of bytes")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def memory_budget() -> tuple[int, str]:
+    """(the resident memory this process may reach, where the figure comes from):
+    OPTIMUM_LCQAT_MEMORY_LIMIT when set, else what the process holds now plus the smaller of the
+    kernel's MemAvailable and the cgroup's limit less its usage (containers)."""
+    limit = os.environ.get(LIMIT_ENV)
+    if limit:
+        try:
+            return parse_bytes(limit), f"{LIMIT_ENV}={limit}"
+        except ValueError as exc:
+            raise ValueError(f"{LIMIT_ENV}: {exc}") from None
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    found.append((int(line.split()[1]) * 1024, "free memory (MemAvailable)"))
+    except OSError:
+        pass
+    for lim_path, use_path in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                               ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        lim, use = _read_int(lim_path), _read_int(use_path)
+        if lim is not None and use is not None and lim < 2**60:
+            found.append((max(0, lim - use), f"the cgroup's limit less its usage ({lim_path})"))
+    if not found:
+        return 2**62, "unknown (no /proc/meminfo, no cgroup limit)"
+    free, source = min(found)
+    return current_rss() + free, f"this process now + {source}"
+
+
+def check_fits(estimate: PeakEstimate, fix: str) -> None:
+    """Raise :class:`MemoryPlanError` with the numbers and ``fix`` when ``estimate`` exceeds the budget."""
+    budget, source = memory_budget()
+    if estimate.total > budget:
+        raise MemoryPlanError(
+            f"{estimate.describe()}, above the {budget / GiB:.2f} GiB available ({source}): the operating "
+            f"system would kill the process. {fix}")
+
+
+def peak_rss() -> int:
+    """This process's resident-memory high-water mark (bytes)."""
+    from .init.ptq_blocks import peak_rss_bytes
+
+    return peak_rss_bytes()
+
+
+def current_rss() -> int:
+    """This process's resident memory now (bytes; 0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
