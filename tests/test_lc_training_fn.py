@@ -5,10 +5,10 @@ gradients, far fewer saved bytes."""
 import pytest
 import torch
 
-from optimum_lcqat.kernels import reference
-from optimum_lcqat.nn import LCLinear, dge_round
+from helpers import saved_bytes
+from optimum_lcqat.nn import LCLinear
 from optimum_lcqat.nn.lc_training import lc_training_forward
-from optimum_lcqat.tensor.packing import latent_position, unpack_codes
+from optimum_lcqat.tensor.packing import unpack_codes
 
 NAMES = ("x", "latent", "A", "beta", "s_u", "s_v", "bias")
 
@@ -31,8 +31,7 @@ def training_layer(n, m, block=64, bias=True, dtype=torch.float32, seed=0, codeb
 
 def old_forward(layer, x):
     """The training forward before the Function: plain autograd through lc_forward."""
-    q = dge_round(latent_position(layer.latent, layer.alpha))
-    return reference.lc_forward(layer.lc_weight, x, layer.bias, codes=q)
+    return layer.plain_training_forward(x)
 
 
 def inputs(layer, x):
@@ -119,23 +118,6 @@ def test_bf16_autocast_matches_plain_autograd():
         y_new = layer(x)
     assert torch.equal(y_new, y_old)
     assert_close_grads(grads(y_new, inputs(layer, x), g), grads(y_old, inputs(layer, x), g), 1e-5)
-
-
-def saved_bytes(fn, exclude=()):
-    """Bytes of the unique storages autograd saves for backward while ``fn`` runs, leaving out
-    those of ``exclude`` (the parameters: alive anyway)."""
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
-    seen = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in skip:
-            seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return sum(seen.values()), out
 
 
 def test_saves_only_x_and_yt_for_backward():

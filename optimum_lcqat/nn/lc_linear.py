@@ -260,6 +260,13 @@ class LCLinear(nn.Module):
     dequantize_weight = renamed_method("LCLinear.dequantize_weight", "LCLinear.dense_weight")
 
     # ------------------------------------------------------------------ forward
+    def plain_training_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The training forward through plain autograd: the same output as :meth:`forward` (bit
+        for bit), keeping ~8 tensors for backward where forward keeps 2. For DTensors, and the
+        reference the tests and benchmarks/lc_training_fn.py compare the Function with."""
+        q = dge_round(latent_position(self.latent, self.alpha))  # [m, n], integer-valued, DGE gradient
+        return reference.lc_forward(self.lc_weight, x, self.bias, codes=q)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.latent is not None:
             # float32 like hard_codes, so the codes trained on are the codes saved (a 16-bit latent
@@ -271,8 +278,7 @@ class LCLinear(nn.Module):
             # DTensors in the forward (FSDP2 hands the forward plain unsharded tensors; tensor
             # parallelism would not): plain autograd through the same maths, whose ops DTensor
             # dispatches; the Function's hand-written product and saved-tensor juggling are untested there.
-            q = dge_round(latent_position(self.latent, self.alpha))  # [m, n], integer-valued
-            return reference.lc_forward(self.lc_weight, x, self.bias, codes=q)
+            return self.plain_training_forward(x)
         if self.int8_activations and torch.is_grad_enabled() and x.requires_grad:
             raise RuntimeError(
                 "LCLinear: int8 activations are for inference only (their rounding has no useful "
