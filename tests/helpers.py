@@ -62,3 +62,21 @@ def run_process_group(cmd, timeout: float, **popen_kwargs) -> subprocess.Complet
         pytest.fail(f"{' '.join(map(str, cmd[:8]))} ... still running after {timeout:.0f} s (killed with its "
                     f"process group); its last stderr:\n{err[-3000:]}\nlast stdout:\n{out[-2000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def saved_bytes(fn, exclude=()):
+    """``(bytes, fn())``: the bytes of the unique storages autograd saves for backward while ``fn``
+    runs, leaving out those of ``exclude`` (parameters: alive anyway). Also used by
+    benchmarks/lc_training_fn.py."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in skip:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()), out

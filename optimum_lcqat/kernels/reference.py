@@ -53,18 +53,36 @@ def lc_forward(w, x: torch.Tensor, bias: torch.Tensor | None = None, *, codes: t
         xin = x.float()
     else:
         xin = x
-    xt = rotate(xin * s_u, w.plan_in)
-    z, c = fold_activations(xt, A, beta)
+    z, c = input_side(xin, s_u, A, beta, w.plan_in)
     if codes is None:
         codes = integer_codes(w, z.dtype)
     if int8_activations:
         zq, scale = quantize_activations_int8(z)
         yt = torch.nn.functional.linear(zq, codes.to(torch.float32)) * scale + c
     else:
-        yt = torch.nn.functional.linear(z, codes.to(z.dtype)) + c
-    y = rotate(yt, w.plan_out, transpose=True) * s_v
-    y = y if bias is None else y + bias
+        yt = codes_product(z, codes, c)
+    y = output_side(yt, s_v, bias, w.plan_out)
     return y.to(x.dtype) if int8_activations else y
+
+
+# lc_forward in its three steps, each a function of plain tensors so that the memory-lean training
+# forward (optimum_lcqat.nn.lc_training) can recompute a side under autograd in its backward without
+# restating the maths: input side (scale, rotate, fold: cheap), the product with the codes (the
+# layer's one big matmul), output side (rotate back, scale, bias: cheap).
+def input_side(x: torch.Tensor, s_u: torch.Tensor, A: torch.Tensor, beta: torch.Tensor, plan_in) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(z, c)``: ``x`` scaled by ``s_u``, rotated by ``H_n`` and folded with the codebook."""
+    return fold_activations(rotate(x * s_u, plan_in), A, beta)
+
+
+def codes_product(z: torch.Tensor, codes: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``yt = z @ Q^T + c`` (= ``xt @ What^T``), with the codes cast to ``z``'s dtype."""
+    return torch.nn.functional.linear(z, codes.to(z.dtype)) + c
+
+
+def output_side(yt: torch.Tensor, s_v: torch.Tensor, bias: torch.Tensor | None, plan_out) -> torch.Tensor:
+    """``y = s_v * H_m^T yt + bias``."""
+    y = rotate(yt, plan_out, transpose=True) * s_v
+    return y if bias is None else y + bias
 
 
 def rotated_weight(w, codes: torch.Tensor | None = None) -> torch.Tensor:

@@ -35,9 +35,10 @@ from ..kernels import reference
 from ..tensor.codebook import scalar_codebook
 from ..tensor.hadamard import RotationPlan, plan_rotation
 from ..tensor.lc_weight import STORAGE_DTYPE, LCWeight, plans_from_record, rotation_record, storage_bits
-from ..tensor.dtensor import gathered_codes
+from ..tensor.dtensor import gathered_codes, is_dtensor
 from ..tensor.packing import CODES_PER_BYTE, latent_from_codes, latent_position, pack_codes, round_latent, unpack_codes
 from .dge import dge_round
+from .lc_training import lc_training_forward
 
 __all__ = ["LCLinear", "STORAGE_DTYPE", "set_int8_activations", "lc_layers"]
 
@@ -259,12 +260,25 @@ class LCLinear(nn.Module):
     dequantize_weight = renamed_method("LCLinear.dequantize_weight", "LCLinear.dense_weight")
 
     # ------------------------------------------------------------------ forward
+    def plain_training_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The training forward through plain autograd: the same output as :meth:`forward` (bit
+        for bit), keeping ~8 tensors for backward where forward keeps 2. For DTensors, and the
+        reference the tests and benchmarks/lc_training_fn.py compare the Function with."""
+        q = dge_round(latent_position(self.latent, self.alpha))  # [m, n], integer-valued, DGE gradient
+        return reference.lc_forward(self.lc_weight, x, self.bias, codes=q)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.latent is not None:
             # float32 like hard_codes, so the codes trained on are the codes saved (a 16-bit latent
-            # would round near a bin edge differently)
-            q = dge_round(latent_position(self.latent, self.alpha))  # [m, n], integer-valued, DGE gradient
-            return reference.lc_forward(self.lc_weight, x, self.bias, codes=q)
+            # would round near a bin edge differently); DGE gradient
+            if not any(is_dtensor(t) for t in (x, self.latent, self.A, self.s_u, self.s_v)):
+                # one autograd Function that keeps x and yt for backward, not ~8 tensors (issue #32)
+                return lc_training_forward(x, self.latent, self.A, self.beta, self.s_u, self.s_v, self.bias,
+                                           self.alpha, self.plan_in, self.plan_out)
+            # DTensors in the forward (FSDP2 hands the forward plain unsharded tensors; tensor
+            # parallelism would not): plain autograd through the same maths, whose ops DTensor
+            # dispatches; the Function's hand-written product and saved-tensor juggling are untested there.
+            return self.plain_training_forward(x)
         if self.int8_activations and torch.is_grad_enabled() and x.requires_grad:
             raise RuntimeError(
                 "LCLinear: int8 activations are for inference only (their rounding has no useful "
