@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import ctypes
 import gc
 import hashlib
 import json
@@ -68,6 +67,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from ._atomic import atomic_path, replace_dir, write_text_atomic
+from ._heap import fixed_mmap_threshold, trim_heap
 from .config import FORMAT_VERSION, LCQATConfig
 from .init.ptq_blocks import BlockProgress, capture_block_inputs, find_blocks, peak_rss_bytes, ptq_samples
 from .quant_api import default_modules_to_not_convert, quantize_block
@@ -268,27 +268,6 @@ def _write_json(path: Path, obj) -> None:
 # ---------------------------------------------------------------------------------------------
 # Driver
 # ---------------------------------------------------------------------------------------------
-@torch.no_grad()
-def _return_freed_memory() -> None:
-    """Hand the heap memory freed by the block just done back to the OS (glibc ``malloc_trim``).
-
-    Why: glibc serves the block's many mid-sized allocations (weights, Hessians, activations of
-    a few MB) from its heap arenas once its dynamic mmap threshold has risen, and keeps what they
-    free; the next block's allocations of slightly different sizes do not always fit the holes,
-    so without a trim the peak RSS crept up by a few MB a block (tests/test_streaming.py). A no-op
-    where the C library has no malloc_trim (musl, macOS): results do not depend on it."""
-    global _libc
-    if _libc is None:
-        try:
-            _libc = ctypes.CDLL(None)
-            _libc.malloc_trim.argtypes = [ctypes.c_size_t]
-        except (OSError, AttributeError):
-            _libc = False
-    if _libc:
-        _libc.malloc_trim(0)
-
-
-_libc = None
 
 
 def quantize_streaming(
@@ -313,6 +292,27 @@ def quantize_streaming(
     ``"cuda"``; only the current block and one batch of activations go there, the activations
     stay in host memory, and the per-layer code search runs on the CPU either way. Default CPU.
     Returns a report dict (seconds, peak RSS, per-block seconds and errors)."""
+    # large temporaries from mmap, returned when freed: the peak stays flat in depth (see _heap)
+    with fixed_mmap_threshold(_MMAP_FROM):
+        return _quantize_streaming(src, out, config, dtype=dtype, activation_dtype=activation_dtype,
+                                   overwrite=overwrite, finalize=finalize, device=device)
+
+
+_MMAP_FROM = 8 << 20
+
+
+def _quantize_streaming(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    config: LCQATConfig,
+    *,
+    dtype: torch.dtype = torch.float32,
+    activation_dtype: torch.dtype | None = torch.bfloat16,
+    overwrite: bool = False,
+    finalize=None,
+    device: str | torch.device | None = None,
+) -> dict:
+    """The body of :func:`quantize_streaming`."""
     t0 = time.perf_counter()
     cfg = config
     if not cfg.uses_calibration:
@@ -451,7 +451,9 @@ def quantize_streaming(
         _to_meta(model, prefix)
         del block, tensors
         gc.collect()  # the PTQ step leaves reference cycles that would keep the block's tensors alive
-        _return_freed_memory()
+        # glibc keeps what the block freed in its arenas; the next block's slightly different sizes
+        # do not always fit the holes, so without a trim the peak crept up a few MB a block
+        trim_heap()
         secs = time.perf_counter() - tb
         progress["blocks_done"] = bidx + 1
         progress["x_file"] = x_file

@@ -70,3 +70,40 @@ def test_retained_heap_is_given_back_when_the_work_ends():
     held, after = map(int, out.stdout.split())
     assert held > 300, (held, after)   # retained while a holder is left
     assert after < 50, (held, after)   # given back after the last one
+
+
+# glibc's dynamic mmap threshold: once a 24 MiB mmap'd block is freed, a 16 MiB one comes from the
+# heap and stays resident after it is freed; under fixed_mmap_threshold it is mmap'd and given back.
+FIXED = r"""
+import sys, torch
+from optimum_lcqat._heap import fixed_mmap_threshold
+from optimum_lcqat.memory_plan import current_rss
+def kept_after_free():
+    big = torch.ones(6 << 20)  # 24 MiB: mmap'd, and its free raises the dynamic threshold
+    del big
+    r0 = current_rss()
+    t = torch.ones(4 << 20)  # 16 MiB
+    del t
+    return (current_rss() - r0) >> 20
+if sys.argv[1] == "fixed":
+    with fixed_mmap_threshold(8 << 20) as on:
+        print(on, kept_after_free())
+else:
+    print(False, kept_after_free())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+def test_fixed_mmap_threshold_gives_large_blocks_back():
+    def run(mode):
+        out = subprocess.run([sys.executable, "-P", "-c", FIXED, mode], capture_output=True, text=True,
+                             env={k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")})
+        assert out.returncode == 0, out.stderr[-2000:]
+        on, kept = out.stdout.split()
+        return on == "True", int(kept)
+
+    on, kept_fixed = run("fixed")
+    _, kept_default = run("default")
+    assert on
+    assert kept_default >= 12, kept_default  # the default keeps the 16 MiB block in the heap
+    assert kept_fixed <= 2, kept_fixed  # the fixed threshold mmaps it and returns it
