@@ -172,3 +172,19 @@ def test_balance_scales_keeps_the_function_and_equalises_rms():
     assert ru2 == pytest.approx(rv2, rel=1e-5)
     assert rel(layer(x), y) < 1e-5
     assert layer.balance_scales_() == pytest.approx(1.0, rel=1e-5)  # balanced stays put
+
+
+def test_moving_a_layer_frees_its_old_tensors():
+    """The cached LCWeight is dropped when the layer's tensors are replaced (.to), so the old codes
+    are freed at once (streaming PTQ moves every finished block to meta: it kept their codes)."""
+    import gc
+    import weakref
+
+    layer = LCLinear(64, 32, hadamard_block_size=64)
+    with torch.no_grad():
+        layer(torch.randn(2, 64))  # builds and caches the LCWeight over the layer's tensors
+    assert layer._lcw is not None
+    old = weakref.ref(layer.codes)
+    layer.to("meta")
+    gc.collect()
+    assert old() is None

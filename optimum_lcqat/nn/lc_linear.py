@@ -120,6 +120,13 @@ class LCLinear(nn.Module):
             w = self._lcw = LCWeight(self.codes, self.A, self.beta, self.s_u, self.s_v, self.plan_in, self.plan_out)
         return w
 
+    def _apply(self, fn, recurse=True):
+        # .to() / .cuda() / .half() / .to("meta") replace the tensors: drop the cached LCWeight,
+        # which would otherwise keep the old ones alive until the next forward (streaming PTQ kept
+        # every finished block's codes this way, ~1.6 MB a block at width 768)
+        self._lcw = None
+        return super()._apply(fn, recurse)
+
     def check_rotation_record(self) -> None:
         """After loading: the ``rotation`` buffer is a plan this code builds, and the one the
         layer was built with."""
