@@ -20,6 +20,12 @@ Cases:
   (default 32 x 512, the demo's; the library default is 128) from the calibration split: before
   (its end-to-end stage with the model's own loss and every block's activations kept:
   ``ptq_options={"e2e_memory_savers": False}``) and after (the default), with held-out perplexity.
+- streaming ptq: ``quantize_streaming`` (bf16, --ptq-samples x 512, no end-to-end stage) of random
+  weights with SmolLM2-135M's shapes, its first 2 and 8 blocks (benchmarks/scale.py's sources): the
+  peak (VmHWM) should not grow with depth.
+Every row with a prediction shows optimum_lcqat.memory_plan's, made in the child before loading.
+Since the merge of nn/lc_training.py all QAT variants train through LCTrainingForward (the plain
+autograd path is benchmarks/lc_training_fn.py's "old").
 
 The figures and the command go to benchmarks/results/memory.json and .md.
 """
@@ -103,11 +109,36 @@ print("RESULT " + json.dumps({"peak_rss_bytes": peak, "predicted_bytes": predict
 """
 
 
+STREAM_CHILD = r"""
+import json, os, sys, time
+import torch
+sys.path.insert(0, os.environ["BENCH_DIR"])
+from scale import make_source  # random bf16 weights with SmolLM2-135M's shapes, the first L blocks (cached)
+from transformers import AutoTokenizer
+from optimum_lcqat import LCQATConfig
+from optimum_lcqat.data import split_texts
+from optimum_lcqat.init.ptq_blocks import peak_rss_bytes
+from optimum_lcqat.streaming import quantize_streaming
+
+layers, samples = int(sys.argv[1]), int(sys.argv[2])
+src = make_source("smollm2-135m", layers)
+open("/proc/self/clear_refs", "w").write("5")  # the peak of the PTQ, not of writing an uncached source
+tok = AutoTokenizer.from_pretrained(src)
+cfg = LCQATConfig(dataset=split_texts("calibration"), tokenizer=tok, num_samples=samples, ptq_e2e_steps=0)
+from optimum_lcqat import memory_plan as mp
+predicted = mp.streaming_ptq(mp.ModelShape.from_pretrained_config(src), cfg, dtype_bytes=2).total
+t = time.perf_counter()
+rep = quantize_streaming(src, os.path.join(os.environ["BENCH_TMP"], "out"), cfg, dtype=torch.bfloat16)
+print("RESULT " + json.dumps({"peak_rss_bytes": peak_rss_bytes(), "predicted_bytes": predicted,
+                             "seconds": time.perf_counter() - t, "blocks": rep["blocks"]}))
+"""
+
+
 def run_child(code: str, argv: list[str], env_extra: dict, timeout: float) -> dict:
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="lcqat-bench-mem-") as tmp:
-        env = {**os.environ, "BENCH_TMP": tmp, **env_extra}
+        env = {**os.environ, "BENCH_TMP": tmp, "BENCH_DIR": os.path.dirname(os.path.abspath(__file__)), **env_extra}
         t = time.time()
         proc = subprocess.run([sys.executable, "-P", "-c", code, *argv], capture_output=True, text=True, env=env,
                               timeout=timeout, cwd=tmp)
@@ -147,6 +178,12 @@ def main(argv=None) -> int:
             rows.append({"case": f"ptq/smollm2 {a.ptq_samples}x512 in memory", "variant": variant, **r})
             print(f"  peak {r['peak_rss_bytes'] / 2**30:.2f} GiB, {r['seconds']:.0f} s, ppl {r['heldout_ppl']:.2f}",
                   flush=True)
+        for layers in (2, 8):
+            print(f"streaming ptq/smollm2 shapes, {layers} blocks ...", flush=True)
+            r = run_child(STREAM_CHILD, [str(layers), str(a.ptq_samples)], {}, 7200)
+            rows.append({"case": f"streaming ptq/smollm2 shapes (random bf16) {a.ptq_samples}x512",
+                         "variant": f"{layers} blocks", **r})
+            print(f"  peak {r['peak_rss_bytes'] / 2**30:.2f} GiB, {r['seconds']:.0f} s", flush=True)
     render(rows, env, a)
     return 0
 

@@ -161,3 +161,27 @@ def test_twenty_adam_steps_same_codes_and_losses():
     assert all(torch.equal(a, b) for a, b in zip(c_new, c_old))
     # and the run did move codes (the stored codes are the initial ones: nothing synced them)
     assert sum(int((c != unpack_codes(lay.codes)).sum()) for c, lay in zip(c_new, lay_new)) > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,m,block", CASES)
+def test_fixed_codes_take_the_function_with_the_reference_output_and_gradients(n, m, block, dtype):
+    """No latent (the end-to-end PTQ stage, adapters on a frozen layer) and a gradient wanted: the
+    Function over the packed codes, the same output as reference.lc_forward bit for bit, the same
+    gradients of x and the scales/codebook, and only x and yt kept for backward."""
+    from optimum_lcqat.kernels import reference
+
+    layer = training_layer(n, m, block, bias=True, dtype=dtype)
+    layer.disable_training()  # the latent's codes packed, the latent dropped
+    x = torch.randn(2, 9, n, dtype=dtype, requires_grad=True)
+    g = torch.randn(2, 9, m, dtype=dtype)
+    ts = [x, None, layer.A, layer.beta, layer.s_u, layer.s_v, layer.bias]
+    y_ref = reference.lc_forward(layer.lc_weight, x, layer.bias)
+    y = layer(x)
+    assert "LCTrainingForward" in type(y.grad_fn).__name__
+    assert torch.equal(y, y_ref)
+    assert_close_grads(grads(y, ts, g), grads(y_ref, ts, g), 1e-5 if dtype == torch.float32 else 1e-2)
+    kept, _ = saved_bytes(lambda: layer(x), list(layer.parameters()) + list(layer.buffers()))
+    assert kept <= x.numel() * x.element_size() + y.numel() * 4 + 4096, kept  # x and yt (yt fp32 at most)
+    with torch.no_grad():  # inference still takes the packed op (native where it takes the call)
+        assert layer(x).grad_fn is None

@@ -291,6 +291,14 @@ class LCLinear(nn.Module):
                 "LCLinear: int8 activations are for inference only (their rounding has no useful "
                 "gradient); call optimum_lcqat.set_int8_activations(model, False) before training."
             )
+        if torch.is_grad_enabled() and not self.int8_activations and any(
+                t is not None and t.requires_grad for t in (x, self.A, self.beta, self.s_u, self.s_v, self.bias)) \
+                and not any(is_dtensor(t) for t in (x, self.codes, self.A, self.s_u, self.s_v)):
+            # fixed codes, a gradient wanted (the end-to-end PTQ stage's scales and codebook, adapters
+            # or earlier layers training through a frozen layer): the same Function, keeping x and yt
+            # for backward instead of the unpacked codes and ~6 activation-sized tensors
+            return lc_training_forward(x, self.codes, self.A, self.beta, self.s_u, self.s_v, self.bias,
+                                       None, self.plan_in, self.plan_out)
         return self.lc_weight.apply(x, self.bias, self.int8_activations)
 
 

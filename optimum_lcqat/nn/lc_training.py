@@ -24,13 +24,17 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ..kernels import reference
-from ..tensor.packing import latent_position
+from ..tensor.packing import latent_position, unpack_codes
 from .dge import dge_round
 
 __all__ = ["LCTrainingForward", "lc_training_forward"]
 
 
-def _codes(latent: torch.Tensor, alpha: float, dtype: torch.dtype) -> torch.Tensor:
+def _codes(latent: torch.Tensor, alpha: float | None, dtype: torch.dtype) -> torch.Tensor:
+    """The codes the product multiplies: the DGE-rounded training latent, or (``alpha`` None) the
+    fixed packed codes themselves, unpacked (the end-to-end PTQ stage, adapters on a frozen layer)."""
+    if alpha is None:
+        return unpack_codes(latent).to(dtype)
     # float32 position whatever the latent's dtype (see LCLinear.forward), cast to z's dtype as
     # reference.codes_product does: the same cast's backward then brings g_Q back to float32
     return dge_round(latent_position(latent, alpha)).to(dtype)
@@ -104,6 +108,7 @@ class LCTrainingForward(torch.autograd.Function):
                 None, None, None)
 
 
-def lc_training_forward(x, latent, A, beta, s_u, s_v, bias, alpha: float, plan_in, plan_out) -> torch.Tensor:
-    """The LC layer's training output (see :class:`LCTrainingForward`)."""
+def lc_training_forward(x, latent, A, beta, s_u, s_v, bias, alpha: float | None, plan_in, plan_out) -> torch.Tensor:
+    """The LC layer's training output (see :class:`LCTrainingForward`). ``alpha`` None: ``latent``
+    is the layer's packed uint8 codes, fixed (no gradient for them)."""
     return LCTrainingForward.apply(x, latent, A, beta, s_u, s_v, bias, alpha, plan_in, plan_out)
