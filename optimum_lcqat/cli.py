@@ -156,14 +156,11 @@ def cmd_quantize(args) -> int:
     if why is not None:
         logger.info("lcqat quantize: in-memory PTQ (%s)", why)
     plan.require_in_memory(streamable_hint=calib is not None and not args.qat_tokens and Path(src).is_dir())
-    model, tok, path = _load_model(args.model, args.dtype, cfg if calib is None else None)
-    if calib is not None:
-        # PTQ needs the tokenizer object: reload with it set (the float load above validated the path)
-        cfg.tokenizer = tok
-        from transformers import AutoModelForCausalLM
+    model, tok, path = _load_model(args.model, args.dtype)
+    cfg.tokenizer = tok  # the PTQ tokenizes its calibration text with it
+    from .quant_api import quantize
 
-        del model
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(args.dtype), quantization_config=cfg)
+    quantize(model, cfg)  # the float model, loaded once, quantized in place (data-free or PTQ)
     if args.qat_tokens:
         from .training.recipes import run_qat  # noqa: PLC0415
 

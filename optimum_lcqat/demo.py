@@ -70,6 +70,7 @@ def run_demo(args) -> dict:
 
     from .assets import smollm2_path
     from .config import LCQATConfig
+    from .quant_api import quantize
     from .convert import lc_layers
     from .data import split_texts, token_stream
     from .evaluation import perplexity
@@ -87,7 +88,6 @@ def run_demo(args) -> dict:
     r = perplexity(fp, heldout, ctx=512, progress=True)
     rows.append({"stage": "fp32", "ppl": r["ppl"]})
     sample_fp = _generate(fp, tok)
-    del fp
 
     t = time.time()
     if args.data_free:
@@ -98,7 +98,8 @@ def run_demo(args) -> dict:
         print(f"[2/5] quantizing to 2 bits (Hessian-aware PTQ, {args.num_samples} x 512 calibration tokens)")
         cfg = LCQATConfig(dataset=split_texts("calibration"), tokenizer=tok, num_samples=args.num_samples, seed=args.seed)
         label = "2-bit PTQ"
-    model = AutoModelForCausalLM.from_pretrained(fp_dir, dtype=torch.float32, quantization_config=cfg)
+    model = quantize(fp, cfg)  # in place: the float model becomes the 2-bit one
+    del fp
     timings["quantize_s"] = time.time() - t
     r = perplexity(model, heldout, ctx=512, progress=True)
     rows.append({"stage": label, "ppl": r["ppl"]})

@@ -104,7 +104,7 @@ class PeakEstimate:
 _BLOCK_ACT_UNITS = 12  # values per token a recomputed decoder block keeps, per (hidden + widest)
 _STEP_FACTOR = 1.7  # retained heap / live activations of a step
 _E2E_BYTES_PER_LC_WEIGHT = 34  # retained heap per LC weight: end-to-end stage (reference forward)
-_QAT_BYTES_PER_LC_WEIGHT = 16  # the same in QAT (nn/lc_training.py's Function keeps less)
+_QAT_BYTES_PER_LC_WEIGHT = 18  # the same in QAT (nn/lc_training.py's Function keeps less)
 _LOGIT_COPIES = 4  # fp32 copies of a loss chunk's logits alive at once (logits, log-softmax, grads)
 _CREEP_BLOCKS = 6  # the block-wise PTQ's heap grows by ~6/8 of a block's fp32 weights a block
 

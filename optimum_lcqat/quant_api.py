@@ -6,8 +6,9 @@ initialise each data-free or by the Hessian-aware PTQ (with calibration data in 
 and swap the LC layers in. Works on a transformers model and on any plain ``nn.Module`` (PTQ
 needs a causal LM: it runs the model on calibration token ids).
 
-Every caller goes through here: the transformers quantizer (``from_pretrained(...,
-quantization_config=LCQATConfig(...))``, which the CLI and the demo use) calls :func:`quantize`;
+Every caller goes through here: the CLI and the demo call :func:`quantize` on the loaded float
+model; the transformers quantizer (``from_pretrained(..., quantization_config=LCQATConfig(...))``)
+calls it after the float weights load;
 the streaming PTQ, which holds one decoder block at a time, calls its per-block piece
 :func:`quantize_block`. The initialisers (:mod:`optimum_lcqat.init`) return
 :class:`~optimum_lcqat.tensor.lc_weight.LCWeight` s and change no model; this module is the one
@@ -86,7 +87,30 @@ def quantize(model: nn.Module, config: LCQATConfig | None = None, *, modules_to_
         quantize_model_ptq(model, names, cfg)
     else:
         quantize_linears_data_free(model, names, cfg)
+    _mark_transformers_model(model, cfg, skip)
     return model
+
+
+def _mark_transformers_model(model: nn.Module, cfg: LCQATConfig, skip: list[str]) -> None:
+    """A transformers model quantized by a direct call saves, pushes and reloads as an lcqat
+    checkpoint, as one loaded with ``quantization_config`` does: it gets the lcqat quantizer and
+    the config transformers' saving reads. (From ``from_pretrained`` the model has its quantizer
+    already: nothing to do.) The quantizer class comes from transformers' registry, where
+    ``import optimum_lcqat`` put it: this layer does not import the integration above it."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel) or getattr(model, "hf_quantizer", None) is not None:
+        return
+    from transformers.quantizers.auto import AutoHfQuantizer
+    from transformers.quantizers.base import _assign_is_quantized
+
+    quantizer = AutoHfQuantizer.from_config(cfg, pre_quantized=False)
+    quantizer.modules_to_not_convert = list(skip)
+    model.hf_quantizer = quantizer
+    model.is_quantized = True
+    model.quantization_method = cfg.quant_method
+    model.config.quantization_config = cfg
+    _assign_is_quantized(model)
 
 
 def lc_layer_from_weight(linear, weight: LCWeight, config) -> LCLinear:

@@ -121,3 +121,29 @@ def test_from_pretrained_goes_through_quantize(tmp_path, monkeypatch):
     assert type(model.lm_head) is nn.Linear
     for n, m in lc.items():
         assert torch.equal(m.codes, plain.get_submodule(n).codes)
+
+
+def test_a_transformers_model_quantized_directly_saves_and_reloads_as_lcqat(tmp_path):
+    """quantize() on a loaded transformers model (what the CLI and the demo do): the same layers
+    as from_pretrained(quantization_config=...) gives, and save_pretrained writes an lcqat
+    checkpoint that reloads to the same logits."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    tf.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "fp")
+    model = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "fp")
+    assert optimum_lcqat.quantize(model, LCQATConfig()) is model
+    loaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=LCQATConfig())
+    lc = {n: m for n, m in model.named_modules() if isinstance(m, LCLinear)}
+    assert lc and set(lc) == {n for n, m in loaded.named_modules() if isinstance(m, LCLinear)}
+    for n, m in lc.items():
+        assert torch.equal(m.codes, loaded.get_submodule(n).codes)
+    model.save_pretrained(tmp_path / "lc")
+    saved = (tmp_path / "lc" / "config.json").read_text()
+    assert '"quant_method": "lcqat"' in saved
+    again = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "lc")
+    ids = torch.randint(0, 128, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, model(ids).logits)
