@@ -270,6 +270,11 @@ def _write_json(path: Path, obj) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+# Large temporaries come from mmap and go back when freed, so the peak stays flat in depth (see _heap)
+_MMAP_FROM = 8 << 20
+
+
+@fixed_mmap_threshold(_MMAP_FROM)
 def quantize_streaming(
     src: str | os.PathLike,
     out: str | os.PathLike,
@@ -292,27 +297,6 @@ def quantize_streaming(
     ``"cuda"``; only the current block and one batch of activations go there, the activations
     stay in host memory, and the per-layer code search runs on the CPU either way. Default CPU.
     Returns a report dict (seconds, peak RSS, per-block seconds and errors)."""
-    # large temporaries from mmap, returned when freed: the peak stays flat in depth (see _heap)
-    with fixed_mmap_threshold(_MMAP_FROM):
-        return _quantize_streaming(src, out, config, dtype=dtype, activation_dtype=activation_dtype,
-                                   overwrite=overwrite, finalize=finalize, device=device)
-
-
-_MMAP_FROM = 8 << 20
-
-
-def _quantize_streaming(
-    src: str | os.PathLike,
-    out: str | os.PathLike,
-    config: LCQATConfig,
-    *,
-    dtype: torch.dtype = torch.float32,
-    activation_dtype: torch.dtype | None = torch.bfloat16,
-    overwrite: bool = False,
-    finalize=None,
-    device: str | torch.device | None = None,
-) -> dict:
-    """The body of :func:`quantize_streaming`."""
     t0 = time.perf_counter()
     cfg = config
     if not cfg.uses_calibration:
