@@ -299,8 +299,9 @@ def test_lclinear_module_uses_native_and_matches_reference_backend():
 @needs_native
 def test_lclinear_inference_fast_path_matches_and_steps_aside(monkeypatch):
     # After its first inference call an LCLinear calls the op directly (no dispatcher checks);
-    # it must give the same numbers, and still leave to the dispatcher what the op cannot take:
-    # a call that needs a gradient, or a dtype the op does not support.
+    # it must give the same numbers, and still leave what the op cannot take to the other paths: a
+    # dtype it does not support (the dispatcher, then the reference), a call that needs a gradient
+    # (the layer's autograd Function, nn/lc_training.py).
     from optimum_lcqat.nn.lc_linear import LCLinear
 
     w, bias = make_layer(40, 576, block="full")
@@ -323,8 +324,9 @@ def test_lclinear_inference_fast_path_matches_and_steps_aside(monkeypatch):
     assert_close_rel(second, ref, 1e-4)
     assert_close_rel(wide, ref, 1e-4)
     xg = x.clone().requires_grad_(True)
-    out = layer(xg)  # grad enabled: the differentiable path, never the fast one
-    assert calls == [1, 1, 1] and out.requires_grad
+    out = layer(xg)  # grad enabled: the differentiable path (LCTrainingForward), never the fast one
+    assert calls == [1, 1] and out.requires_grad and "LCTrainingForward" in type(out.grad_fn).__name__
+    assert_close_rel(out.detach(), ref, 1e-4)
     out.sum().backward()
     assert xg.grad is not None and torch.isfinite(xg.grad).all()
     compiled = torch.compile(layer, fullgraph=True, dynamic=False)
