@@ -210,13 +210,15 @@ class _MemoryPlan:
         return self.in_memory is None or self.in_memory.total <= self.budget
 
     def _choose(self, est, refuse_fix: str) -> None:
+        from . import memory_plan as mp
+
         self.chosen = est
         print(f"lcqat quantize: {est.describe()}; {self.budget / 2**30:.2f} GiB available ({self.source})", flush=True)
-        if est.total > self.budget:
+        try:
+            mp.check_fits(est, f"{refuse_fix} --no-memory-check runs it anyway.", (self.budget, self.source))
+        except mp.MemoryPlanError as exc:
             if self.check:
-                raise UsageError(
-                    f"{est.describe()}, above the {self.budget / 2**30:.2f} GiB available ({self.source}): the "
-                    f"operating system would kill the run. {refuse_fix} --no-memory-check runs it anyway.")
+                raise UsageError(str(exc)) from None
             logger.warning("lcqat quantize: predicted peak above the memory available; running anyway (--no-memory-check)")
 
     def require_in_memory(self, streamable_hint: bool) -> None:
@@ -239,10 +241,10 @@ class _MemoryPlan:
         self._choose(est, "Lower --num-samples or --seqlen (calibration activations), or free memory.")
 
     def report_peak(self) -> None:
-        from . import memory_plan as mp
+        from .init.ptq_blocks import peak_rss_bytes
 
         if self.chosen is not None:
-            print(f"lcqat quantize: peak RSS {mp.peak_rss() / 2**30:.2f} GiB (predicted {self.chosen.total / 2**30:.2f} GiB)")
+            print(f"lcqat quantize: peak RSS {peak_rss_bytes() / 2**30:.2f} GiB (predicted {self.chosen.total / 2**30:.2f} GiB)")
 
 
 # Local models with more weight bytes than this are quantized by the streaming PTQ (cmd_quantize)

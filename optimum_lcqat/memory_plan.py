@@ -10,7 +10,7 @@ The prediction is a sum of named parts, each a count of the tensors that path ke
 peak times its bytes, plus what the process already holds (``base``: imports, tokenizer). Where
 the CPU allocator keeps freed memory (training steps, see ``_heap.py``), a measured factor covers
 it. The constants were fitted on SmolLM2-135M and random Llama models (benchmarks/memory.py
-``--predict``; tests/test_memory_plan.py checks prediction against the measured peak), and err
+prints the prediction beside each measured peak; tests/test_memory_plan.py checks it), and err
 on the high side.
 """
 
@@ -23,7 +23,7 @@ import re
 GiB = 2**30
 
 __all__ = ["ModelShape", "PeakEstimate", "MemoryPlanError", "in_memory_ptq", "streaming_ptq", "qat",
-           "memory_budget", "check_fits", "current_rss", "peak_rss", "parse_bytes", "LIMIT_ENV"]
+           "memory_budget", "check_fits", "current_rss", "parse_bytes", "LIMIT_ENV"]
 
 # A user's budget in place of the machine's free memory (e.g. "6GiB", "6G", "6442450944"): for a
 # process sharing the machine, and for the tests.
@@ -106,7 +106,7 @@ _STEP_FACTOR = 1.7  # retained heap / live activations of a step
 _E2E_BYTES_PER_LC_WEIGHT = 34  # retained heap per LC weight: end-to-end stage (reference forward)
 _QAT_BYTES_PER_LC_WEIGHT = 18  # the same in QAT (nn/lc_training.py's Function keeps less)
 _LOGIT_COPIES = 4  # fp32 copies of a loss chunk's logits alive at once (logits, log-softmax, grads)
-_CREEP_BLOCKS = 6  # the block-wise PTQ's heap grows by ~6/8 of a block's fp32 weights a block
+_CREEP_BYTES_PER_LC_WEIGHT = 3  # the block-wise PTQ's heap grows by ~3/4 of each block's fp32 weights
 
 
 def _loss_chunk(shape: ModelShape, tokens: int) -> int:
@@ -137,10 +137,7 @@ def in_memory_ptq(shape: ModelShape, cfg, *, dtype_bytes: int = 4, base: int | N
     base = current_rss() if base is None else base
     weights = shape.params * dtype_bytes
     acts = 2 * cfg.num_samples * cfg.model_seqlen * shape.hidden * dtype_bytes
-    block_fwd = cfg.ptq_batch_size * cfg.model_seqlen * (4 * shape.hidden + 3 * shape.widest) * 4
-    hessians = 3 * shape.hidden**2 * 8 + shape.widest**2 * 8 + 4 * shape.largest_linear * 8
-    creep = _creep(shape)
-    blockwise = acts + block_fwd + hessians + creep
+    blockwise = acts + _block_compute(shape, cfg) + _CREEP_BYTES_PER_LC_WEIGHT * shape.linear_weights
     e2e = 0
     if cfg.ptq_e2e_steps > 0:
         tokens = cfg.ptq_e2e_batch_size * cfg.model_seqlen
@@ -155,9 +152,12 @@ def in_memory_ptq(shape: ModelShape, cfg, *, dtype_bytes: int = 4, base: int | N
     return PeakEstimate("in-memory PTQ", parts)
 
 
-def _creep(shape: ModelShape) -> int:
-    block_weights = shape.linear_weights // max(1, shape.layers)
-    return _CREEP_BLOCKS * block_weights * 4 * shape.layers // 8
+def _block_compute(shape: ModelShape, cfg) -> int:
+    """One decoder block's PTQ work: its forward on a batch of calibration samples, the Hessians of
+    its inputs (float64) and the largest layer's per-weight temporaries."""
+    block_fwd = cfg.ptq_batch_size * cfg.model_seqlen * (4 * shape.hidden + 3 * shape.widest) * 4
+    hessians = 3 * shape.hidden**2 * 8 + shape.widest**2 * 8 + 4 * shape.largest_linear * 8
+    return block_fwd + hessians
 
 
 def streaming_ptq(shape: ModelShape, cfg, *, dtype_bytes: int = 4, act_bytes: int = 2, base: int | None = None) -> PeakEstimate:
@@ -167,13 +167,11 @@ def streaming_ptq(shape: ModelShape, cfg, *, dtype_bytes: int = 4, act_bytes: in
     base = current_rss() if base is None else base
     block = shape.linear_weights // max(1, shape.layers) * dtype_bytes
     acts = 2 * cfg.num_samples * cfg.model_seqlen * shape.hidden * act_bytes
-    block_fwd = cfg.ptq_batch_size * cfg.model_seqlen * (4 * shape.hidden + 3 * shape.widest) * 4
-    hessians = 3 * shape.hidden**2 * 8 + shape.widest**2 * 8 + 4 * shape.largest_linear * 8
     embedding = 3 * shape.vocab * shape.hidden * dtype_bytes  # read, cast, then packed (copies)
     # (the block's compute and the embedding's packing do not coexist; summed, the estimate errs high)
     return PeakEstimate("streaming PTQ", {
         "process": base, "one block": 2 * block, "calibration activations": acts,
-        "block compute": block_fwd + hessians, "embedding": embedding})
+        "block compute": _block_compute(shape, cfg), "embedding": embedding})
 
 
 def qat(shape: ModelShape, tokens_per_step: int, *, base: int | None = None) -> PeakEstimate:
@@ -244,20 +242,14 @@ def memory_budget() -> tuple[int, str]:
     return current_rss() + free, f"this process now + {source}"
 
 
-def check_fits(estimate: PeakEstimate, fix: str) -> None:
-    """Raise :class:`MemoryPlanError` with the numbers and ``fix`` when ``estimate`` exceeds the budget."""
-    budget, source = memory_budget()
-    if estimate.total > budget:
+def check_fits(estimate: PeakEstimate, fix: str, budget: tuple[int, str] | None = None) -> None:
+    """Raise :class:`MemoryPlanError` with the numbers and ``fix`` when ``estimate`` exceeds the
+    budget (``(bytes, where from)``; default :func:`memory_budget`)."""
+    limit, source = memory_budget() if budget is None else budget
+    if estimate.total > limit:
         raise MemoryPlanError(
-            f"{estimate.describe()}, above the {budget / GiB:.2f} GiB available ({source}): the operating "
+            f"{estimate.describe()}, above the {limit / GiB:.2f} GiB available ({source}): the operating "
             f"system would kill the process. {fix}")
-
-
-def peak_rss() -> int:
-    """This process's resident-memory high-water mark (bytes)."""
-    from .init.ptq_blocks import peak_rss_bytes
-
-    return peak_rss_bytes()
 
 
 def current_rss() -> int:

@@ -275,30 +275,29 @@ class LCLinear(nn.Module):
         return reference.lc_forward(self.lc_weight, x, self.bias, codes=q)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.latent is not None:
-            # float32 like hard_codes, so the codes trained on are the codes saved (a 16-bit latent
-            # would round near a bin edge differently); DGE gradient
-            if not any(is_dtensor(t) for t in (x, self.latent, self.A, self.s_u, self.s_v)):
-                # one autograd Function that keeps x and yt for backward, not ~8 tensors (issue #32)
-                return lc_training_forward(x, self.latent, self.A, self.beta, self.s_u, self.s_v, self.bias,
-                                           self.alpha, self.plan_in, self.plan_out)
-            # DTensors in the forward (FSDP2 hands the forward plain unsharded tensors; tensor
-            # parallelism would not): plain autograd through the same maths, whose ops DTensor
-            # dispatches; the Function's hand-written product and saved-tensor juggling are untested there.
-            return self.plain_training_forward(x)
-        if self.int8_activations and torch.is_grad_enabled() and x.requires_grad:
+        training = self.latent is not None
+        if not training and self.int8_activations and torch.is_grad_enabled() and x.requires_grad:
             raise RuntimeError(
                 "LCLinear: int8 activations are for inference only (their rounding has no useful "
                 "gradient); call optimum_lcqat.set_int8_activations(model, False) before training."
             )
-        if torch.is_grad_enabled() and not self.int8_activations and any(
-                t is not None and t.requires_grad for t in (x, self.A, self.beta, self.s_u, self.s_v, self.bias)) \
-                and not any(is_dtensor(t) for t in (x, self.codes, self.A, self.s_u, self.s_v)):
-            # fixed codes, a gradient wanted (the end-to-end PTQ stage's scales and codebook, adapters
-            # or earlier layers training through a frozen layer): the same Function, keeping x and yt
-            # for backward instead of the unpacked codes and ~6 activation-sized tensors
-            return lc_training_forward(x, self.codes, self.A, self.beta, self.s_u, self.s_v, self.bias,
-                                       None, self.plan_in, self.plan_out)
+        # The differentiable forward: the codes trained (the latent, DGE-rounded in float32 like
+        # hard_codes, so the codes trained on are the codes saved), or fixed while a gradient is
+        # wanted (the end-to-end PTQ stage's scales and codebook, adapters or earlier layers
+        # training through a frozen layer)
+        if training or (torch.is_grad_enabled() and not self.int8_activations and any(
+                t is not None and t.requires_grad for t in (x, self.A, self.beta, self.s_u, self.s_v, self.bias))):
+            codes, alpha = (self.latent, self.alpha) if training else (self.codes, None)
+            if not any(is_dtensor(t) for t in (x, codes, self.A, self.s_u, self.s_v)):
+                # one autograd Function that keeps x and yt for backward, not ~8 tensors (issue #32)
+                return lc_training_forward(x, codes, self.A, self.beta, self.s_u, self.s_v, self.bias, alpha,
+                                           self.plan_in, self.plan_out)
+            if training:
+                # DTensors in the forward (FSDP2 hands the forward plain unsharded tensors; tensor
+                # parallelism would not): plain autograd through the same maths, whose ops DTensor
+                # dispatches; the Function's hand-written product and saved-tensor juggling are
+                # untested there. (Fixed codes: the dispatcher below, as before.)
+                return self.plain_training_forward(x)
         return self.lc_weight.apply(x, self.bias, self.int8_activations)
 
 
