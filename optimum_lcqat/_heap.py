@@ -1,20 +1,30 @@
-"""Keep freed CPU memory inside the process while training on the CPU (glibc malloc settings).
+"""Keep freed CPU memory inside the process while training on the CPU, and give it back after.
 
 Why: one training step of an LC model on the CPU allocates and frees gigabytes of activations
 (SmolLM2-135M, 4 x 512 tokens: ~10 GB). By default glibc hands every block above 128 KiB-32 MiB
 back to the operating system when it is freed (mmap threshold, heap trimming), so the next step
 touches fresh pages and takes one page fault per 4 KiB: 2.6 million faults in the first step and
-0.4 million in every later one, about a third of the step on these VMs (2-core VM, SmolLM2-135M,
-4 x 512 tokens; benchmarks/results/ablation.md: the same 50K QAT tokens at the same settings in
-334 s, against 491 s before this). With mmap off and trimming off the heap keeps what it grew to and every
-step after the first two runs without a fault.
+0.4 million in every later one, about a third of the step on these VMs (benchmarks/results/
+ablation.md: the same 50K QAT tokens in 334 s, against 491 s before this).
 
-The cost: while retained, the process keeps its peak heap (reused, not returned). So it is held only
-while the work runs: :func:`retain_freed_memory` and :func:`release_freed_memory` pair up (a count,
-so nested holders work: PTQ inside a training script), and when the last holder lets go malloc's
-defaults come back and ``malloc_trim`` hands the freed heap to the operating system (a 14 GB PTQ
-heap no longer stays with the user's process after the work is done). ``with retained_heap():``
-does both. Results do not change. ``OPTIMUM_LCQAT_RETAIN_HEAP=0`` leaves malloc as it is.
+How, in order of preference:
+
+* ``cache`` (the native extension loads): torch's CPU allocator is replaced, while the work runs,
+  by csrc/cpu/caching_allocator.cpp: every tensor block of at least 256 KiB gets pages of its own
+  and, when freed, waits for the next request of about its size. Later steps reuse the pages
+  without faults, and blocks never share pages, so the process holds about the step's live peak
+  (SmolLM2-135M QAT, 4 x 512: 3.5 GiB peak RSS, against 6.0 GiB with the glibc mode below;
+  benchmarks/results/memory.md).
+* ``glibc`` (no extension, or ``OPTIMUM_LCQAT_RETAIN_HEAP=glibc``): glibc malloc is told to serve
+  large blocks from its heap and never trim it (mallopt). Also fault-free, but blocks of every
+  lifetime share one heap, which grows to about twice the live peak. Taking it because the
+  extension is missing is logged once.
+
+:func:`retain_freed_memory` and :func:`release_freed_memory` pair up (a count, so nested holders
+work: PTQ inside a training script); when the last holder lets go, the cached blocks are unmapped,
+malloc's defaults come back and ``malloc_trim`` hands glibc's free heap to the operating system.
+``with retained_heap():`` does both. Results do not change. ``OPTIMUM_LCQAT_RETAIN_HEAP=0`` leaves
+the allocators as they are.
 """
 
 from __future__ import annotations
@@ -25,6 +35,8 @@ import logging
 import os
 import sys
 import threading
+
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -37,12 +49,16 @@ _INT_MAX = 2**31 - 1
 _DEFAULT_TRIM_THRESHOLD = 128 * 1024
 _DEFAULT_MMAP_MAX = 65536
 _DEFAULT_MMAP_THRESHOLD = 128 * 1024
+# blocks from this size up go to the caching allocator; below it, to torch's default allocator
+_CACHE_MIN_BYTES = 256 * 1024
 _lock = threading.Lock()
 _holders = 0
+_mode: str | None = None  # "cache" or "glibc" while held
+_warned_no_cache = False
 _libc = None  # glibc's mallopt and malloc_trim, once found; False where there is no glibc
 
-__all__ = ["retain_freed_memory", "release_freed_memory", "retained_heap", "heap_holders", "trim_heap",
-           "fixed_mmap_threshold"]
+__all__ = ["retain_freed_memory", "release_freed_memory", "retained_heap", "heap_holders", "heap_mode",
+           "cache_stats", "trim_heap", "fixed_mmap_threshold"]
 
 
 def _glibc():
@@ -61,45 +77,91 @@ def _glibc():
     return _libc
 
 
-def retain_freed_memory() -> bool:
-    """Tell glibc malloc to serve large blocks from its heap and never trim it, until the matching
-    :func:`release_freed_memory`; returns whether that is in force. A no-op (False) off Linux/glibc
-    or with OPTIMUM_LCQAT_RETAIN_HEAP=0."""
-    global _holders
+def _native_cache() -> bool:
+    """Whether the extension's caching CPU allocator can be used (its library loads)."""
+    from .kernels import native
+
+    return native.available() and hasattr(torch.ops.lcqat, "cpu_cache_enable")
+
+
+def _start(choice: str) -> str | None:
+    """Turn the chosen mode on; the mode in force, or None."""
+    global _warned_no_cache
+    if choice != "glibc":
+        if _native_cache() and torch.ops.lcqat.cpu_cache_enable(True, _CACHE_MIN_BYTES):
+            return "cache"
+        if not _warned_no_cache:
+            _warned_no_cache = True
+            logger.warning(
+                "optimum-lcqat: the native extension's caching CPU allocator is not available (%s), so freed training "
+                "memory is kept in glibc's heap instead: the same speed, a higher peak RSS (about twice the live "
+                "memory). Build the extension (see the README) to get the lower peak.",
+                "the extension did not load" if not _native_cache() else "another CPU allocator is installed",
+            )
     libc = _glibc()
-    if os.environ.get("OPTIMUM_LCQAT_RETAIN_HEAP", "1") == "0" or not libc:
+    # mallopt returns 1 on success
+    if libc and libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, _INT_MAX):
+        return "glibc"
+    return None
+
+
+def retain_freed_memory() -> bool:
+    """Keep freed CPU memory for reuse (the caching allocator, or glibc's heap: see the module
+    docstring) until the matching :func:`release_freed_memory`; returns whether that is in force.
+    A no-op (False) with OPTIMUM_LCQAT_RETAIN_HEAP=0, or where neither way is available."""
+    global _holders, _mode
+    choice = os.environ.get("OPTIMUM_LCQAT_RETAIN_HEAP", "1")
+    if choice == "0":
         return False
     with _lock:
-        _holders += 1
-        if _holders > 1:
+        if _holders:
+            _holders += 1
             return True
-        # mallopt returns 1 on success
-        ok = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, _INT_MAX))
-        if not ok:
-            _holders = 0
+        _mode = _start(choice)
+        if _mode is None:
             return False
+        _holders = 1
     logger.info(
-        "optimum-lcqat: glibc malloc keeps freed memory for reuse (no mmap, no trim) while the work runs, so CPU "
-        "training steps do not page-fault; it is given back when the work ends. OPTIMUM_LCQAT_RETAIN_HEAP=0 turns "
-        "this off."
+        "optimum-lcqat: freed CPU memory is kept for reuse (%s) while the work runs, so training steps do not "
+        "page-fault; it is given back when the work ends. OPTIMUM_LCQAT_RETAIN_HEAP=0 turns this off.", _mode
     )
     return True
 
 
 def release_freed_memory() -> None:
-    """One holder lets go; the last one restores malloc's defaults and returns the freed heap to the
-    operating system (malloc_trim). Unpaired calls do nothing."""
-    global _holders
+    """One holder lets go; the last one unmaps the cached blocks or restores malloc's defaults,
+    and returns glibc's free heap to the operating system (malloc_trim). Unpaired calls do nothing."""
+    global _holders, _mode
     with _lock:
         if _holders == 0:
             return
         _holders -= 1
         if _holders:
             return
+        if _mode == "cache":
+            torch.ops.lcqat.cpu_cache_enable(False, 0)
+        else:
+            libc = _glibc()
+            libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+            libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+        _mode = None
         libc = _glibc()
-        libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
-        libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
-        libc.malloc_trim(0)
+        if libc:
+            libc.malloc_trim(0)
+
+
+def heap_mode() -> str | None:
+    """How freed memory is kept now: ``"cache"``, ``"glibc"``, or None (not retained)."""
+    return _mode
+
+
+def cache_stats() -> dict[str, int] | None:
+    """The caching allocator's counters (bytes live, cached, their joint peak, the live peak,
+    hits, misses), or None without the extension."""
+    if not _native_cache():
+        return None
+    keys = ("live_bytes", "cached_bytes", "peak_bytes", "live_peak_bytes", "hits", "misses")
+    return dict(zip(keys, torch.ops.lcqat.cpu_cache_stats()))
 
 
 def heap_holders() -> int:

@@ -28,7 +28,7 @@ ROOT = "optimum_lcqat"
 LAYERS = [
     ("deprecated aliases", ["_deprecation"]),  # imports nothing of the package
     ("tensor primitives", ["tensor", "tensor.hadamard", "tensor.codebook", "tensor.packing", "tensor.dtensor"]),
-    ("kernels", ["kernels.*", "_C"]),
+    ("kernels", ["kernels.*", "_C", "_heap"]),  # _heap: the caching CPU allocator is the extension's
     ("LCWeight", ["tensor.lc_weight"]),
     ("nn", ["nn.*"]),
     ("init", ["init.*"]),
@@ -38,7 +38,7 @@ LAYERS = [
     ("entry points", ["", "cli", "demo"]),  # "" is the package's own __init__
 ]
 # Leaf utilities: they import only each other; layers from UTILITIES_FROM up may import them.
-UTILITIES = ["_atomic", "_heap", "_machine", "_server", "errors", "config", "data", "calibration", "assets", "tasks.*"]
+UTILITIES = ["_atomic", "_machine", "_server", "errors", "config", "data", "calibration", "assets", "tasks.*"]
 UTILITIES_FROM = "init"
 # Third-party packages the layers up to and including `init` never import (directly).
 HEAVY = ("transformers", "accelerate", "peft", "vllm", "datasets", "lm_eval")
