@@ -58,7 +58,7 @@ _warned_no_cache = False
 _libc = None  # glibc's mallopt and malloc_trim, once found; False where there is no glibc
 
 __all__ = ["retain_freed_memory", "release_freed_memory", "retained_heap", "heap_holders", "heap_mode",
-           "cache_stats", "trim_heap", "fixed_mmap_threshold"]
+           "planned_mode", "cache_stats", "trim_heap", "fixed_mmap_threshold"]
 
 
 def _glibc():
@@ -148,6 +148,17 @@ def release_freed_memory() -> None:
         libc = _glibc()
         if libc:
             libc.malloc_trim(0)
+
+
+def planned_mode() -> str | None:
+    """The way :func:`retain_freed_memory` would keep freed memory in this process now: ``"cache"``,
+    ``"glibc"``, or None (``OPTIMUM_LCQAT_RETAIN_HEAP=0``): what memory_plan predicts peaks for."""
+    if _mode is not None:
+        return _mode
+    choice = os.environ.get("OPTIMUM_LCQAT_RETAIN_HEAP", "1")
+    if choice == "0":
+        return None
+    return "cache" if choice != "glibc" and _native_cache() else ("glibc" if _glibc() else None)
 
 
 def heap_mode() -> str | None:

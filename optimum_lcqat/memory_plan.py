@@ -8,8 +8,8 @@ of the path they would take with what the machine has *before* loading, and stre
 
 The prediction is a sum of named parts, each a count of the tensors that path keeps alive at its
 peak times its bytes, plus what the process already holds (``base``: imports, tokenizer). Where
-the CPU allocator keeps freed memory (training steps, see ``_heap.py``), a measured factor covers
-it. The constants were fitted on SmolLM2-135M and random Llama models (benchmarks/memory.py
+freed memory is kept for reuse (training steps, see ``_heap.py``), measured constants for the way
+it is kept cover it. The constants were fitted on SmolLM2-135M and random Llama models (benchmarks/memory.py
 prints the prediction beside each measured peak; tests/test_memory_plan.py checks it), and err
 on the high side.
 """
@@ -96,15 +96,18 @@ class PeakEstimate:
 
 
 # ------------------------------------------------------------------------------------------ parts
-# Fitted constants (SmolLM2-135M and a random 4-layer Llama, 2-core AMD EPYC, glibc; see the
-# module docstring). A training step (end-to-end PTQ stage, QAT) runs with the heap retained
-# (_heap.py): freed blocks stay in the process and the many weight-sized temporaries of the LC
-# layers' forward and backward fragment it, so its peak exceeds the live tensors by a factor on
-# the activations and by bytes per LC weight.
+# Fitted constants (SmolLM2-135M and a random 4-layer Llama, 2-core AMD EPYC; see the module
+# docstring). A training step (end-to-end PTQ stage, QAT) runs with freed memory kept for reuse
+# (_heap.py), and how it is kept sets how far the peak exceeds the live tensors: per way, a factor
+# on the step's live activations and bytes per LC weight for the LC layers' weight-sized temporaries.
+#   cache: the extension's caching allocator, pages reused across sizes: about the live tensors;
+#   glibc: glibc's retained heap, fragmented by those temporaries (about twice the live peak).
+# Without either (OPTIMUM_LCQAT_RETAIN_HEAP=0) the peak is the live one: the cache's constants.
 _BLOCK_ACT_UNITS = 12  # values per token a recomputed decoder block keeps, per (hidden + widest)
-_STEP_FACTOR = 1.7  # retained heap / live activations of a step
-_E2E_BYTES_PER_LC_WEIGHT = 34  # retained heap per LC weight: end-to-end stage (reference forward)
-_QAT_BYTES_PER_LC_WEIGHT = 18  # the same in QAT (nn/lc_training.py's Function keeps less)
+_STEP_CONSTANTS = {  # way: (factor on live activations, bytes per LC weight: end-to-end stage, QAT)
+    "cache": (1.0, 8, 2),
+    "glibc": (1.7, 34, 18),  # the end-to-end stage's reference forward keeps more than QAT's Function
+}
 _LOGIT_COPIES = 4  # fp32 copies of a loss chunk's logits alive at once (logits, log-softmax, grads)
 _CREEP_BYTES_PER_LC_WEIGHT = 3  # the block-wise PTQ's heap grows by ~3/4 of each block's fp32 weights
 
@@ -115,14 +118,17 @@ def _loss_chunk(shape: ModelShape, tokens: int) -> int:
     return _LOGIT_COPIES * min(tokens, DEFAULT_CHUNK_TOKENS) * shape.vocab * 4
 
 
-def _training_step(shape: ModelShape, tokens: int, bytes_per_lc_weight: int) -> int:
-    """Peak bytes of one training step with the chunked loss and per-block checkpointing, heap
-    retained: the blocks' inputs, one block recomputed and one loss chunk (times the heap factor),
-    and the LC layers' weight-sized temporaries."""
+def _training_step(shape: ModelShape, tokens: int, stage: str) -> int:
+    """Peak bytes of one training step (``stage``: ``"e2e"`` or ``"qat"``) with the chunked loss and
+    per-block checkpointing, freed memory kept (see _STEP_CONSTANTS): the blocks' inputs, one block
+    recomputed and one loss chunk (times the way's factor), and the LC layers' weight-sized temporaries."""
+    from ._heap import planned_mode
+
+    factor, e2e_bytes, qat_bytes = _STEP_CONSTANTS["glibc" if planned_mode() == "glibc" else "cache"]
     inputs = shape.layers * tokens * shape.hidden * 4
     block = _BLOCK_ACT_UNITS * tokens * (shape.hidden + shape.widest) * 4
     live = inputs + block + _loss_chunk(shape, tokens)
-    return int(_STEP_FACTOR * live) + bytes_per_lc_weight * shape.linear_weights
+    return int(factor * live) + (e2e_bytes if stage == "e2e" else qat_bytes) * shape.linear_weights
 
 
 def _lc_bytes(shape: ModelShape) -> int:
@@ -143,7 +149,7 @@ def in_memory_ptq(shape: ModelShape, cfg, *, dtype_bytes: int = 4, base: int | N
         tokens = cfg.ptq_e2e_batch_size * cfg.model_seqlen
         # the stage runs in float32 (dense parts cast up) with the heap retained
         dense32 = (shape.params - shape.linear_weights) * max(0, 4 - dtype_bytes)
-        e2e = _training_step(shape, tokens, _E2E_BYTES_PER_LC_WEIGHT) + dense32
+        e2e = _training_step(shape, tokens, "e2e") + dense32
     parts = {"process": base, "float weights": weights}
     if e2e > blockwise:
         parts["end-to-end stage"] = e2e
@@ -181,7 +187,7 @@ def qat(shape: ModelShape, tokens_per_step: int, *, base: int | None = None) -> 
     base = current_rss() if base is None else base
     state = 16 * shape.linear_weights + 16 * (shape.params - shape.linear_weights)
     return PeakEstimate("QAT", {"process": base, "weights and optimizer state": state,
-                                "training step": _training_step(shape, tokens_per_step, _QAT_BYTES_PER_LC_WEIGHT)})
+                                "training step": _training_step(shape, tokens_per_step, "qat")})
 
 
 def data_free(shape: ModelShape, *, dtype_bytes: int = 4, base: int | None = None) -> PeakEstimate:
