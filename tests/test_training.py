@@ -690,3 +690,26 @@ def test_fsdp1_zero3_and_plain_trainer_under_fsdp2_are_refused_with_reason(lc_di
     with pytest.raises(NotImplementedError, match="max_flip_share"):
         LCQATTrainer(model=load_lc(lc_dir), args=targs(tmp_path / "f4"), train_dataset=TokenDataset(),
                      callbacks=[LCQATCallback(max_flip_share=1e-3)])
+
+
+def test_lcqat_trainer_takes_the_optimizer_training_arguments_name(lc_dir, tmp_path):
+    """TrainingArguments(optim=...) reaches LCQATTrainer's parameter groups: torchao's 8-bit Adam keeps
+    its two states in 8 bits (about 2 bytes a latent weight instead of 8), and the run still trains."""
+    pytest.importorskip("torchao")
+    from torchao.optim import AdamW8bit
+
+    model = load_lc(lc_dir)
+    ds = TokenDataset()
+    tr = LCQATTrainer(model=model, args=targs(tmp_path / "a8", optim="adamw_torch_8bit", max_steps=8, learning_rate=3e-3),
+                      train_dataset=ds)
+    tr.train()
+    assert isinstance(tr.optimizer.optimizer if hasattr(tr.optimizer, "optimizer") else tr.optimizer, AdamW8bit)
+    assert {g["name"] for g in tr.optimizer.param_groups} >= {"latent", "scales", "codebook"}
+    # the biggest latent's states: 8-bit codes (+ a scale per block), not two fp32 copies
+    latent = max((p for g in tr.optimizer.param_groups if g["name"] == "latent" for p in g["params"]), key=torch.numel)
+    state = tr.optimizer.state[latent]
+    nbytes = sum(t.codes.nbytes + t.scale.nbytes for k, t in state.items() if k in ("exp_avg", "exp_avg_sq"))
+    assert nbytes < 2.2 * latent.numel(), (nbytes, latent.numel())
+    losses = [h["loss"] for h in tr.state.log_history if "loss" in h]
+    assert len(losses) == 8 and all(math.isfinite(x) for x in losses)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses

@@ -155,12 +155,16 @@ def lcqat_param_groups(
 
 
 class LCQATOptimizerFactory:
-    """A Trainer ``optimizer_cls_and_kwargs`` factory: AdamW over :func:`lcqat_param_groups`.
+    """A Trainer ``optimizer_cls_and_kwargs`` factory: the optimizer ``TrainingArguments.optim`` names
+    (AdamW by default) over :func:`lcqat_param_groups`.
 
     ``Trainer(..., optimizer_cls_and_kwargs=(LCQATOptimizerFactory(lr_scale={...}), {}))``: the
     Trainer calls ``factory()(model)`` when it creates the optimizer (after the callback has
-    selected the trainable parameters), and takes learning rate, betas, epsilon and weight
-    decay from its ``TrainingArguments``.
+    selected the trainable parameters). The class and its settings (learning rate, betas, epsilon)
+    come from transformers' own ``Trainer.get_optimizer_cls_and_kwargs``, so every ``optim`` the
+    Trainer knows works here too: ``adamw_torch_8bit`` / ``adamw_torch_4bit`` (torchao's 8-bit / 4-bit
+    Adam states: 2 / 1 bytes a weight instead of 8, see benchmarks/results/memory.md), bitsandbytes'
+    ``adamw_8bit``, ... The groups carry their own learning rates and weight decay.
     """
 
     def __init__(self, args=None, lr_scale: dict[str, float] | None = None, decay_categories=None):
@@ -178,6 +182,11 @@ class LCQATOptimizerFactory:
         if args is None:
             raise ValueError("LCQATOptimizerFactory needs the TrainingArguments: LCQATOptimizerFactory(args, ...)")
         groups = lcqat_param_groups(model, args.learning_rate, args.weight_decay, self.lr_scale, self.decay_categories)
-        return torch.optim.AdamW(
-            groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon
-        )
+        if getattr(args, "optim", None) is None:  # not a TrainingArguments (a namespace in a script)
+            return torch.optim.AdamW(
+                groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon
+            )
+        from transformers import Trainer
+
+        cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+        return cls(groups, **kwargs)
