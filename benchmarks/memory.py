@@ -7,25 +7,30 @@ the other, so that their ratios compare like with like on this noisy machine.
 Cases:
 - qat/smollm2: SmolLM2-135M-Instruct (the bundled real model; its data-free LC checkpoint, made once
   and cached), plain Trainer + LCQATCallback, 4 x 512 tokens a step, the train split of the Python
-  docs. Variants:
-    before   LCQATCallback(chunked_loss=False, activation_checkpointing=False): the model's own loss
-             over the batch's [tokens x vocab] fp32 logits, every block's activations kept;
-    chunked  the chunked loss alone;
-    after    the defaults (chunked loss + per-block activation checkpointing);
-    after+system-malloc  the defaults with OPTIMUM_LCQAT_RETAIN_HEAP=0 and glibc's mmap threshold fixed
-             at 128 KiB (MALLOC_MMAP_THRESHOLD_): freed blocks go back to the system at once, so the
-             peak RSS is the peak of live memory, at the cost of page faults every step.
-  Steps: --qat-steps (default 8; the issue's 64K-token run is --qat-steps 32).
+  docs, --qat-steps steps (default 8; the issue's 64K-token run is --qat-steps 32), then held-out
+  perplexity over --eval-tokens tokens. Variants:
+    before (glibc heap, no savers)  LCQATCallback(chunked_loss=False, activation_checkpointing=False)
+             with OPTIMUM_LCQAT_RETAIN_HEAP=glibc: the model's own loss over the batch's [tokens x
+             vocab] fp32 logits, every block's activations kept, freed memory kept in glibc's heap
+             (the library as it was before the memory work);
+    defaults, glibc heap  chunked loss + per-block activation checkpointing, glibc's heap;
+    defaults  the same with the extension's caching CPU allocator (the library's default now);
+    defaults + 8-bit Adam  TrainingArguments(optim="adamw_torch_8bit"): torchao's 8-bit Adam states;
+    chunked loss, no checkpointing  the caching allocator, every block's activations kept: the
+             speed checkpointing costs.
+- qat/llama-3.2-1b: random weights with Llama-3.2-1B's shapes (benchmarks/scale.py, all 16 blocks;
+  data-free LC checkpoint cached), 1 x 512 tokens a step, defaults + 8-bit Adam, --qat-1b-steps steps.
 - ptq/smollm2: the in-memory Hessian-aware PTQ of SmolLM2 with --ptq-samples calibration samples
   (default 32 x 512, the demo's; the library default is 128) from the calibration split: before
   (its end-to-end stage with the model's own loss and every block's activations kept:
-  ``ptq_options={"e2e_memory_savers": False}``) and after (the default), with held-out perplexity.
+  ``ptq_options={"e2e_memory_savers": False}``, glibc's heap) and after (the defaults: memory savers,
+  caching allocator), with held-out perplexity.
 - streaming ptq: ``quantize_streaming`` (bf16, --ptq-samples x 512, no end-to-end stage) of random
   weights with SmolLM2-135M's shapes, its first 2 and 8 blocks (benchmarks/scale.py's sources): the
   peak (VmHWM) should not grow with depth.
 Every row with a prediction shows optimum_lcqat.memory_plan's, made in the child before loading.
-Since the merge of nn/lc_training.py all QAT variants train through LCTrainingForward (the plain
-autograd path is benchmarks/lc_training_fn.py's "old").
+All QAT variants train through nn/lc_training.py's LCTrainingForward (the plain autograd path is
+benchmarks/lc_training_fn.py's "old").
 
 The figures and the command go to benchmarks/results/memory.json and .md.
 """
@@ -49,37 +54,50 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, TrainerCallback
 from optimum_lcqat import LCQATConfig, LCQATCallback
 from optimum_lcqat.assets import smollm2_path, default_cache_dir
-from optimum_lcqat.data import split_texts, token_windows
+from optimum_lcqat.data import split_texts, token_windows, token_stream
+from optimum_lcqat.evaluation import perplexity
 
-variant, steps = sys.argv[1], int(sys.argv[2])
-fp = smollm2_path()
+v = json.loads(sys.argv[1])  # model, steps, batch, seqlen, chunked, ckpt, optim, eval_tokens
+steps, batch, seqlen = v["steps"], v["batch"], v["seqlen"]
+if v["model"] == "smollm2":
+    fp = smollm2_path()
+    lc_dir = default_cache_dir() / "bench-memory-smollm2-datafree"
+else:  # a random-weight config of benchmarks/scale.py, all its blocks
+    sys.path.insert(0, os.environ["BENCH_DIR"])
+    from scale import make_source
+    fp = make_source(v["model"], None)
+    lc_dir = default_cache_dir() / f"bench-memory-{v['model']}-datafree"
 tok = AutoTokenizer.from_pretrained(fp)
-lc_dir = default_cache_dir() / "bench-memory-smollm2-datafree"
-if not (lc_dir / "model.safetensors").is_file():
+if not (lc_dir / "model.safetensors").is_file() and not (lc_dir / "model.safetensors.index.json").is_file():
     from optimum_lcqat._atomic import write_dir_atomic
     m = AutoModelForCausalLM.from_pretrained(fp, dtype=torch.float32, quantization_config=LCQATConfig())
     write_dir_atomic(lc_dir, m.save_pretrained)
-    del m
-ds = token_windows(split_texts("train"), tok, 512, max_tokens=512 * 4 * (steps + 1))
+    print("RESULT_PREP", flush=True)
+    sys.exit(0)  # the peak of making the LC checkpoint is not QAT's: the parent runs the case again
+ds = token_windows(split_texts("train"), tok, seqlen, max_tokens=seqlen * batch * (steps + 1))
 from optimum_lcqat import memory_plan as mp
-predicted = mp.qat(mp.ModelShape.from_pretrained_config(fp), 4 * 512).total  # before the model loads
+predicted = mp.qat(mp.ModelShape.from_pretrained_config(fp), batch * seqlen, optim=v["optim"]).total  # before loading
 model = AutoModelForCausalLM.from_pretrained(lc_dir, dtype=torch.float32)
 times = []
 class Timer(TrainerCallback):
     def on_step_begin(self, *a, **k): self.t = time.perf_counter()
     def on_step_end(self, *a, **k): times.append(time.perf_counter() - self.t)
-cb = LCQATCallback(chunked_loss=variant != "before", activation_checkpointing=variant.startswith("after"))
-args = TrainingArguments(output_dir=os.environ["BENCH_TMP"], per_device_train_batch_size=4, max_steps=steps,
+cb = LCQATCallback(chunked_loss=v["chunked"], activation_checkpointing=v["ckpt"])
+args = TrainingArguments(output_dir=os.environ["BENCH_TMP"], per_device_train_batch_size=batch, max_steps=steps,
                          learning_rate=1e-4, save_strategy="no", report_to=[], logging_steps=1, disable_tqdm=True,
-                         use_cpu=True, dataloader_num_workers=0)
+                         use_cpu=True, dataloader_num_workers=0, optim=v["optim"])
 tr = Trainer(model=model, args=args, train_dataset=ds, callbacks=[cb, Timer()])
 tr.train()
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-later = times[2:] or times  # the first two steps grow the heap
-print("RESULT " + json.dumps({"peak_rss_bytes": peak, "predicted_bytes": predicted, "step_s": times,
-                             "tokens_per_s": 2048 * len(later) / sum(later),
-                             "loss": [h["loss"] for h in tr.state.log_history if "loss" in h],
-                             "params": sum(p.numel() for p in model.parameters())}))
+later = times[2:] or times  # the first two steps grow the heap (and compile the 8-bit optimizer's step)
+out = {"peak_rss_bytes": peak, "predicted_bytes": predicted, "step_s": times,
+       "tokens_per_s": batch * seqlen * len(later) / sum(later),
+       "loss": [h["loss"] for h in tr.state.log_history if "loss" in h],
+       "params": sum(p.numel() for p in model.parameters())}
+if v["eval_tokens"]:
+    model.eval()
+    out["heldout_ppl"] = perplexity(model, token_stream(split_texts("heldout"), tok, max_tokens=v["eval_tokens"]), ctx=512)["ppl"]
+print("RESULT " + json.dumps(out))
 """
 
 PTQ_CHILD = r"""
@@ -143,6 +161,8 @@ def run_child(code: str, argv: list[str], env_extra: dict, timeout: float) -> di
         proc = subprocess.run([sys.executable, "-P", "-c", code, *argv], capture_output=True, text=True, env=env,
                               timeout=timeout, cwd=tmp)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    if proc.returncode == 0 and "RESULT_PREP" in proc.stdout:
+        raise NoResult("prepared a cached checkpoint")
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"case {argv} {env_extra} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
     out = json.loads(lines[-1][len("RESULT "):])
@@ -150,11 +170,27 @@ def run_child(code: str, argv: list[str], env_extra: dict, timeout: float) -> di
     return out
 
 
+def run_qat(settings: dict, env_extra: dict) -> dict:
+    """One QAT case; the first run of a model makes its data-free LC checkpoint (cached) and stops,
+    so the case is run again for the peak of QAT alone."""
+    code_arg = [json.dumps(settings)]
+    try:
+        return run_child(QAT_CHILD, code_arg, env_extra, 3600)
+    except NoResult:
+        return run_child(QAT_CHILD, code_arg, env_extra, 3600)
+
+
+class NoResult(RuntimeError):
+    pass
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--qat-steps", type=int, default=8)
     ap.add_argument("--ptq-samples", type=int, default=32)
     ap.add_argument("--skip-ptq", action="store_true")
+    ap.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens scored after each SmolLM2 QAT case")
+    ap.add_argument("--qat-1b-steps", type=int, default=4, help="steps of the Llama-3.2-1B-shaped QAT case (0: skip)")
     ap.add_argument("--name", default="memory")
     ap.add_argument("--render", metavar="JSON", help="only re-render the table of a saved run's JSON")
     a = ap.parse_args(argv)
@@ -165,16 +201,32 @@ def main(argv=None) -> int:
         return 0
     env = environment()
     rows = []
-    system_malloc = {"OPTIMUM_LCQAT_RETAIN_HEAP": "0", "MALLOC_MMAP_THRESHOLD_": "131072"}
-    for variant, extra in [("before", {}), ("chunked", {}), ("after", {}), ("after+system-malloc", system_malloc)]:
+    glibc = {"OPTIMUM_LCQAT_RETAIN_HEAP": "glibc"}
+    small = dict(model="smollm2", steps=a.qat_steps, batch=4, seqlen=512, eval_tokens=a.eval_tokens)
+    fused, adam8 = "adamw_torch_fused", "adamw_torch_8bit"
+    qat_cases = [  # (variant, settings, environment): the same run, one after the other
+        ("before (glibc heap, no savers)", dict(chunked=False, ckpt=False, optim=fused), glibc),
+        ("defaults, glibc heap", dict(chunked=True, ckpt=True, optim=fused), glibc),
+        ("defaults", dict(chunked=True, ckpt=True, optim=fused), {}),
+        ("defaults + 8-bit Adam", dict(chunked=True, ckpt=True, optim=adam8), {}),
+        ("chunked loss, no checkpointing", dict(chunked=True, ckpt=False, optim=fused), {}),
+    ]
+    for variant, settings, extra in qat_cases:
         print(f"qat/smollm2 {variant} ...", flush=True)
-        r = run_child(QAT_CHILD, [variant.split("+")[0], str(a.qat_steps)], extra, 3600)
+        r = run_qat({**small, **settings}, extra)
         rows.append({"case": "qat/smollm2 4x512", "variant": variant, **r})
+        print(f"  peak {r['peak_rss_bytes'] / 2**30:.2f} GiB, {r['tokens_per_s']:.1f} tok/s", flush=True)
+    if a.qat_1b_steps:
+        big = dict(model="llama-3.2-1b", steps=a.qat_1b_steps, batch=1, seqlen=512, eval_tokens=0, chunked=True,
+                   ckpt=True, optim=adam8)
+        print("qat/llama-3.2-1b config ...", flush=True)
+        r = run_qat(big, {})
+        rows.append({"case": "qat/llama-3.2-1b shapes (random) 1x512", "variant": "defaults + 8-bit Adam", **r})
         print(f"  peak {r['peak_rss_bytes'] / 2**30:.2f} GiB, {r['tokens_per_s']:.1f} tok/s", flush=True)
     if not a.skip_ptq:
         for variant in ["before", "after"]:
             print(f"ptq/smollm2 {variant} ...", flush=True)
-            r = run_child(PTQ_CHILD, [str(a.ptq_samples), variant], {}, 7200)
+            r = run_child(PTQ_CHILD, [str(a.ptq_samples), variant], glibc if variant == "before" else {}, 7200)
             rows.append({"case": f"ptq/smollm2 {a.ptq_samples}x512 in memory", "variant": variant, **r})
             print(f"  peak {r['peak_rss_bytes'] / 2**30:.2f} GiB, {r['seconds']:.0f} s, ppl {r['heldout_ppl']:.2f}",
                   flush=True)
@@ -218,10 +270,10 @@ def render(rows, env, a) -> None:
         lines.append(f"| {r['case']} | {r['variant']} | {r['peak_rss_gib']:.2f} | {pred} | {r['bytes_per_param']:.0f} | "
                      f"{speed} | {ppl} |")
     lines += ["", f"bytes/param: peak RSS over the full-precision model's {fp / 1e6:.1f}M parameters. "
-              "QAT tokens/s: steps 3 on (the first two grow the heap). Held-out: the first 16K tokens of the "
+              "QAT tokens/s: steps 3 on (the first two grow the heap and compile the 8-bit optimizer's step). Held-out: the first 16K tokens of the "
               "held-out split (never calibrated or trained on). Peak RSS: getrusage's high-water mark of the child. "
-              "Predicted: optimum_lcqat.memory_plan's prediction for the path (QAT: the default callback, i.e. the "
-              "'after' rows; PTQ: the default memory savers, the 'after' row), made in the child before the model loads."]
+              "Predicted: optimum_lcqat.memory_plan's prediction for the path (QAT: the default callback and "
+              "optimizer, fp32 Adam states; PTQ: the default memory savers, the 'after' row), made in the child before the model loads."]
     md = "\n".join(lines) + "\n"
     print(md)
     write(a.name, {"env": env, "rows": rows, "args": vars(a)}, md)

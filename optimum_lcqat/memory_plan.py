@@ -180,12 +180,18 @@ def streaming_ptq(shape: ModelShape, cfg, *, dtype_bytes: int = 4, act_bytes: in
         "block compute": _block_compute(shape, cfg), "embedding": embedding})
 
 
-def qat(shape: ModelShape, tokens_per_step: int, *, base: int | None = None) -> PeakEstimate:
-    """QAT of the LC model (LCQATCallback defaults: chunked loss, activation checkpointing): the
-    fp32 latent, its gradient and two Adam states (16 bytes a weight), the dense rest training too,
-    and one step's activations."""
+# bytes of optimizer state a trained weight, by TrainingArguments.optim (Adam's two states: fp32, or
+# torchao's 8-bit / 4-bit with a scale a block)
+OPTIMIZER_STATE_BYTES = {"adamw_torch_8bit": 2, "adamw_torch_4bit": 1, "adamw_8bit": 2, "adamw_bnb_8bit": 2}
+
+
+def qat(shape: ModelShape, tokens_per_step: int, *, optim: str = "adamw_torch", base: int | None = None) -> PeakEstimate:
+    """QAT of the LC model (LCQATCallback defaults: chunked loss, activation checkpointing, frozen
+    embeddings): the fp32 latent and its gradient (8 bytes an LC weight), the optimizer's states
+    (``optim``: 8 bytes for fp32 Adam, see OPTIMIZER_STATE_BYTES), the frozen rest in fp32 (the
+    norms, which train, are too few to count), and one step's activations."""
     base = current_rss() if base is None else base
-    state = 16 * shape.linear_weights + 16 * (shape.params - shape.linear_weights)
+    state = (8 + OPTIMIZER_STATE_BYTES.get(optim, 8)) * shape.linear_weights + 4 * (shape.params - shape.linear_weights)
     return PeakEstimate("QAT", {"process": base, "weights and optimizer state": state,
                                 "training step": _training_step(shape, tokens_per_step, "qat")})
 
