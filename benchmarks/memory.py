@@ -190,6 +190,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ptq-samples", type=int, default=32)
     ap.add_argument("--skip-ptq", action="store_true")
     ap.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens scored after each SmolLM2 QAT case")
+    ap.add_argument("--variants", nargs="+", metavar="NAME",
+                    help="only these SmolLM2 QAT variants, by name (e.g. 'defaults' 'defaults + 8-bit Adam')")
     ap.add_argument("--qat-1b-steps", type=int, default=4, help="steps of the Llama-3.2-1B-shaped QAT case (0: skip)")
     ap.add_argument("--name", default="memory")
     ap.add_argument("--render", metavar="JSON", help="only re-render the table of a saved run's JSON")
@@ -211,6 +213,8 @@ def main(argv=None) -> int:
         ("defaults + 8-bit Adam", dict(chunked=True, ckpt=True, optim=adam8), {}),
         ("chunked loss, no checkpointing", dict(chunked=True, ckpt=False, optim=fused), {}),
     ]
+    if a.variants:
+        qat_cases = [c for c in qat_cases if c[0] in a.variants]
     for variant, settings, extra in qat_cases:
         print(f"qat/smollm2 {variant} ...", flush=True)
         r = run_qat({**small, **settings}, extra)
@@ -254,12 +258,24 @@ def fp_parameters() -> int:
     return n
 
 
+def config_parameters(name: str) -> int:
+    """Parameters of a benchmarks/scale.py config (from its config.json, on the meta device)."""
+    from scale import make_source
+
+    from optimum_lcqat.memory_plan import ModelShape
+
+    return ModelShape.from_pretrained_config(make_source(name, None)).params
+
+
 def render(rows, env, a) -> None:
     fp = fp_parameters()
     for r in rows:
         r["peak_rss_gib"] = r["peak_rss_bytes"] / 2**30
-        r["fp_params"] = fp
-        r["bytes_per_param"] = r["peak_rss_bytes"] / fp
+        if "llama-3.2-1b" in r["case"]:
+            r["fp_params"] = config_parameters("llama-3.2-1b")
+        else:
+            r["fp_params"] = fp
+        r["bytes_per_param"] = r["peak_rss_bytes"] / r["fp_params"]
     lines = [f"# Peak memory of QAT and PTQ ({a.name})", "", md_env(env), "",
              "| case | variant | peak RSS GiB | predicted GiB | bytes/param | speed | held-out ppl |",
              "|---|---|---|---|---|---|---|"]
@@ -269,11 +285,14 @@ def render(rows, env, a) -> None:
         pred = f"{r['predicted_bytes'] / 2**30:.2f}" if "predicted_bytes" in r else ""
         lines.append(f"| {r['case']} | {r['variant']} | {r['peak_rss_gib']:.2f} | {pred} | {r['bytes_per_param']:.0f} | "
                      f"{speed} | {ppl} |")
-    lines += ["", f"bytes/param: peak RSS over the full-precision model's {fp / 1e6:.1f}M parameters. "
-              "QAT tokens/s: steps 3 on (the first two grow the heap and compile the 8-bit optimizer's step). Held-out: the first 16K tokens of the "
-              "held-out split (never calibrated or trained on). Peak RSS: getrusage's high-water mark of the child. "
-              "Predicted: optimum_lcqat.memory_plan's prediction for the path (QAT: the default callback and "
-              "optimizer, fp32 Adam states; PTQ: the default memory savers, the 'after' row), made in the child before the model loads."]
+    lines += ["", f"bytes/param: peak RSS over the full-precision model's parameters (SmolLM2: {fp / 1e6:.1f}M). "
+              "QAT tokens/s: steps 3 on (the first two grow the heap and compile the 8-bit optimizer's step). "
+              f"Held-out ppl (never calibrated or trained on): QAT rows, the first {a.eval_tokens} tokens of the "
+              "held-out split after the run (from the data-free 2-bit start: what the optimizers change, not a "
+              "quality figure of the method); PTQ rows, its first 16K tokens. Peak RSS: getrusage's high-water "
+              "mark of the child. Predicted: optimum_lcqat.memory_plan's prediction for the callback's defaults "
+              "with the row's optimizer (QAT; so not for the 'before' and 'no checkpointing' rows) and for the "
+              "default memory savers (PTQ: the 'after' row), made in the child before the model loads."]
     md = "\n".join(lines) + "\n"
     print(md)
     write(a.name, {"env": env, "rows": rows, "args": vars(a)}, md)
