@@ -134,19 +134,20 @@ def cmd_quantize(args) -> int:
         elif not Path(src).is_dir():
             why = f"{src!r} is not a local folder"
         else:
-            # the end-to-end PTQ stage trains the whole model at once: worth it for models that fit,
-            # while big ones take the streaming PTQ (one block in memory), which has no such stage
+            # models that fit run in memory; big ones (or any with --e2e-steps 0) take the streaming
+            # PTQ (one float block in memory; its end-to-end stage runs on the 2-bit model after)
             size = _weights_bytes(src)
             if cfg.ptq_e2e_steps == 0 or size > STREAM_ABOVE_BYTES:
                 if cfg.ptq_e2e_steps:
-                    logger.info(
-                        "lcqat quantize: streaming PTQ (%.1f GiB of weights, above %d GiB), without the end-to-end "
-                        "stage; --in-memory keeps it", size / 2**30, STREAM_ABOVE_BYTES >> 30)
+                    logger.info("lcqat quantize: streaming PTQ (%.1f GiB of weights, above %d GiB), its end-to-end "
+                                "stage on the 2-bit model; --in-memory runs it all in memory", size / 2**30,
+                                STREAM_ABOVE_BYTES >> 30)
                 return _quantize_streaming(args, cfg, src, plan)
             if not plan.fits_in_memory():
                 print(f"lcqat quantize: {plan.in_memory.describe()}, above the {plan.budget / 2**30:.2f} GiB "
-                      f"available ({plan.source}): streaming PTQ instead, one block at a time, without the "
-                      "end-to-end stage (--in-memory keeps it, if memory is freed first)", flush=True)
+                      f"available ({plan.source}): streaming PTQ instead, one block at a time, its end-to-end "
+                      "stage on the 2-bit model (--in-memory runs it all in memory, if memory is freed first)",
+                      flush=True)
                 return _quantize_streaming(args, cfg, src, plan)
             why = (f"with {cfg.ptq_e2e_steps} end-to-end steps, {size / 2**30:.2f} GiB of weights; --e2e-steps 0 "
                    "streams one block at a time instead")
@@ -238,7 +239,9 @@ class _MemoryPlan:
         from . import memory_plan as mp
 
         est = mp.streaming_ptq(self.shape, self.cfg, dtype_bytes=_dtype(self.args.dtype).itemsize, act_bytes=act_bytes)
-        self._choose(est, "Lower --num-samples or --seqlen (calibration activations), or free memory.")
+        e2e = any(k.startswith("end-to-end") for k in est.parts)
+        self._choose(est, "--e2e-steps 0 skips the end-to-end stage on the 2-bit model, the largest part here; or free memory."
+                     if e2e else "Lower --num-samples or --seqlen (calibration activations), or free memory.")
 
     def report_peak(self) -> None:
         from .init.ptq_blocks import peak_rss_bytes
@@ -427,9 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--vector-dim", type=int, default=4, help="weights per code vector (default 4)")
     q.add_argument("--hadamard-block-size", default="128", help="power of two or 'full' (default 128)")
     q.add_argument("--e2e-steps", type=int, default=None,
-                   help="end-to-end fine-tune steps after the block-wise PTQ (default 16; 0: none). It needs the "
-                        "whole model in memory: local models with more than 4 GiB of weights, or --e2e-steps 0, "
-                        "take the streaming PTQ (one block in memory at a time) without it")
+                   help="end-to-end fine-tune steps after the block-wise PTQ (default 16; 0: none). Local models "
+                        "with more than 4 GiB of weights (or with --e2e-steps 0) take the streaming PTQ, one float "
+                        "block in memory at a time, and run these steps on the 2-bit model it wrote")
     q.add_argument("--qat-tokens", type=int, default=0, help="QAT for this many tokens after PTQ (default 0: none)")
     q.add_argument("--qat-text", nargs="+", metavar="FILE", help="QAT text files (default: the bundled train split)")
     q.add_argument("--seed", type=int, default=0)

@@ -105,7 +105,7 @@ class PeakEstimate:
 # Without either (OPTIMUM_LCQAT_RETAIN_HEAP=0) the peak is the live one: the cache's constants.
 _BLOCK_ACT_UNITS = 12  # values per token a recomputed decoder block keeps, per (hidden + widest)
 _STEP_CONSTANTS = {  # way: (factor on live activations, bytes per LC weight: end-to-end stage, QAT)
-    "cache": (1.0, 8, 2),
+    "cache": (1.0, 2, 2),
     "glibc": (1.7, 34, 18),  # the end-to-end stage's reference forward keeps more than QAT's Function
 }
 _LOGIT_COPIES = 4  # fp32 copies of a loss chunk's logits alive at once (logits, log-softmax, grads)
@@ -169,15 +169,22 @@ def _block_compute(shape: ModelShape, cfg) -> int:
 def streaming_ptq(shape: ModelShape, cfg, *, dtype_bytes: int = 4, act_bytes: int = 2, base: int | None = None) -> PeakEstimate:
     """``optimum-lcqat quantize`` streaming: one block's float weights (and its LC layers), the
     calibration activations (two file-backed buffers, resident as they are touched), the block's
-    forward, Hessians; before and after the blocks, the embedding (and an untied head) alone."""
+    forward, Hessians; before and after the blocks, the embedding (and an untied head) alone; then,
+    with ``ptq_e2e_steps``, the end-to-end stage on the 2-bit model (its dense parts in float32)."""
     base = current_rss() if base is None else base
     block = shape.linear_weights // max(1, shape.layers) * dtype_bytes
     acts = 2 * cfg.num_samples * cfg.model_seqlen * shape.hidden * act_bytes
     embedding = 3 * shape.vocab * shape.hidden * dtype_bytes  # read, cast, then packed (copies)
     # (the block's compute and the embedding's packing do not coexist; summed, the estimate errs high)
-    return PeakEstimate("streaming PTQ", {
-        "process": base, "one block": 2 * block, "calibration activations": acts,
-        "block compute": _block_compute(shape, cfg), "embedding": embedding})
+    blockwise = {"one block": 2 * block, "calibration activations": acts,
+                 "block compute": _block_compute(shape, cfg), "embedding": embedding}
+    if cfg.ptq_e2e_steps > 0:
+        tokens = cfg.ptq_e2e_batch_size * cfg.model_seqlen
+        lc_model = _lc_bytes(shape) + (shape.params - shape.linear_weights) * 4
+        e2e = lc_model + _training_step(shape, tokens, "e2e")
+        if e2e > sum(blockwise.values()):
+            return PeakEstimate("streaming PTQ", {"process": base, "end-to-end stage on the 2-bit model": e2e})
+    return PeakEstimate("streaming PTQ", {"process": base, **blockwise})
 
 
 # bytes of optimizer state a trained weight, by TrainingArguments.optim (Adam's two states: fp32, or

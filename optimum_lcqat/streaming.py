@@ -31,8 +31,15 @@ float model:
    when started again with the same source, config, data and seed (a fingerprint checks this;
    a mismatch starts over) and writes the identical checkpoint.
 7. **The rest** (embeddings, final norm, lm_head: read from the source at the end), the shard
-   index, ``config.json`` with the ``quantization_config``, the generation config; then the work
-   folder is renamed to ``out``.
+   index, ``config.json`` with the ``quantization_config``, the generation config.
+8. **The end-to-end stage** (``ptq_e2e_steps`` > 0, init/e2e.py, as in the in-memory path) runs on
+   the 2-bit model the blocks made, loaded from the work folder: its codes fixed, the scales,
+   codebooks and norms tuned on the calibration samples' next-token loss, kept only if held-out
+   calibration samples improve. It needs the whole *quantized* model (2-bit codes, the dense parts
+   in float32 for the stage), never the float one: SmolLM2-135M ~0.6 GiB + the step, Llama-3.2-1B
+   ~1.4 GiB + the step (memory_plan.streaming_ptq counts it). The tuned model is saved in place of
+   the block-wise one; then the work folder is renamed to ``out``. A run killed during the stage
+   starts over when run again.
 
 Peak memory = one block in the compute dtype + its PTQ work (Hessians, float64 copies of the
 largest layer) + the activations (resident share) + the embedding matrix (while capturing and
@@ -301,12 +308,6 @@ def quantize_streaming(
     cfg = config
     if not cfg.uses_calibration:
         raise ValueError("quantize_streaming is the PTQ path: the config needs calibration data (dataset=...)")
-    if cfg.ptq_e2e_steps > 0:
-        # the stage trains the whole model at once, which this path exists to never hold
-        logger.warning(
-            "streaming PTQ: ptq_e2e_steps=%d is not applied (end-to-end fine-tuning needs the whole "
-            "model in memory); the checkpoint is the block-wise PTQ only. Fine-tune it afterwards "
-            "with LCQATCallback, or quantize with from_pretrained where the model fits.", cfg.ptq_e2e_steps)
     device = torch.device(device) if device is not None else torch.device("cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise StreamingError(f"streaming PTQ: device {device} asked for, but torch sees no CUDA device; leave it unset for the CPU")
@@ -475,6 +476,11 @@ def quantize_streaming(
     for f in ("acts_0.bin", "acts_1.bin", PROGRESS):
         with contextlib.suppress(FileNotFoundError):
             (work / f).unlink()
+    e2e = None
+    if cfg.ptq_e2e_steps > 0:
+        del model  # the skeleton (meta tensors, the rotary tables)
+        gc.collect()
+        e2e = _end_to_end_stage(work, samples, cfg, dtype, device)
     os.chmod(work, 0o755)
     replace_dir(work, out)
     secs = time.perf_counter() - t0
@@ -484,5 +490,36 @@ def quantize_streaming(
     return {
         "seconds": secs, "peak_rss_bytes": peak, "blocks": nblocks, "resumed_at": start,
         "block_seconds": {int(k): v for k, v in progress["block_seconds"].items()},
-        "errors": progress["errors"], "block_mse": progress["block_mse"],
+        "errors": progress["errors"], "block_mse": progress["block_mse"], "e2e": e2e,
     }
+
+
+def _end_to_end_stage(work: Path, samples: torch.Tensor, cfg: LCQATConfig, dtype: torch.dtype, device) -> dict:
+    """The PTQ's end-to-end stage on the 2-bit model in ``work`` (see the module docstring, step 8):
+    loaded, tuned by init/e2e.py's finetune_model_e2e, saved back in place of the block-wise
+    weights (through a sibling folder, so ``work`` always holds one whole checkpoint)."""
+    from transformers import AutoModelForCausalLM
+
+    from .init.e2e import finetune_model_e2e
+
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(work, dtype=dtype)
+    if device.type != "cpu":
+        model.to(device)
+    before, after = finetune_model_e2e(model, samples, cfg)
+    model.to("cpu")
+    staged = work.with_name(work.name + ".e2e")
+    shutil.rmtree(staged, ignore_errors=True)
+    model.save_pretrained(staged)
+    del model
+    gc.collect()
+    weights = {"config.json", "model.safetensors.index.json"}
+    for f in work.iterdir():  # what finalize, the tokenizer and the source added stays
+        if f.name not in weights and not f.name.endswith(".safetensors") and not (staged / f.name).exists():
+            shutil.move(str(f), str(staged / f.name))
+    shutil.rmtree(work)
+    staged.rename(work)
+    secs = time.perf_counter() - t0
+    logger.info("lcqat streaming: end-to-end stage on the 2-bit model in %.1fs: held-out calibration loss %.4f -> %.4f",
+                secs, before, after)
+    return {"loss_before": before, "loss_after": after, "seconds": secs}

@@ -10,5 +10,5 @@ export OPTIMUM_LCQAT_VLLM_PYTHON OPTIMUM_LCQAT_REQUIRE_VLLM=1
 PY=${PYTHON:-python3}
 # pytest exits 5 when it collected no test: that is a failure here, as is any other non-zero.
 # Tests import the installed package (tests/ has no __init__.py, repo root is not on sys.path).
-# -rs: every skipped test is listed with its reason.
-exec "$PY" -P -m pytest -p no:cacheprovider -q -rs tests "$@"
+# -rs: every skipped test is listed with its reason; --durations: the slowest tests, to keep the suite short.
+exec "$PY" -P -m pytest -p no:cacheprovider -q -rs --durations=15 tests "$@"

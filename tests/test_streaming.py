@@ -67,7 +67,7 @@ def make_source(path: Path, tok, *, layers=2, hidden=128, inter=256, tied=False,
 
 
 def ptq_cfg(texts, tok, **kw):
-    # the streaming PTQ has no end-to-end stage: the in-memory runs compared with it go without
+    # no end-to-end stage unless a test asks for it (test_streamed_end_to_end_stage_equals_in_memory)
     base = dict(dataset=texts, tokenizer=tok, num_samples=4, model_seqlen=32, ptq_finetune_steps=4, ptq_batch_size=2,
                 ptq_e2e_steps=0)
     base.update(kw)
@@ -122,6 +122,32 @@ def test_streamed_equals_in_memory(tmp_path, tok, texts):
     ids = torch.randint(0, 1000, (1, 16))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, mem_loaded(ids).logits)
+
+
+def test_streamed_end_to_end_stage_equals_in_memory(tmp_path, tok, texts):
+    """With ptq_e2e_steps the streaming PTQ runs the end-to-end stage on the 2-bit model it wrote
+    (never the float one): the checkpoint equals the in-memory PTQ's with the same stage, bit for
+    bit, and the stage did change it (its held-out loss fell, so its result was kept)."""
+    from transformers import AutoModelForCausalLM
+
+    src = make_source(tmp_path / "src", tok)
+    # float32 and a high rate, so that a few steps improve a random model's held-out calibration loss
+    kw = dict(ptq_e2e_steps=4, ptq_e2e_batch_size=2, ptq_e2e_lr=5e-2, num_samples=8)
+    mem = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, quantization_config=ptq_cfg(texts, tok, **kw))
+    mem.save_pretrained(tmp_path / "mem")
+    rep = quantize_streaming(src, tmp_path / "str", ptq_cfg(texts, tok, **kw), dtype=torch.float32, activation_dtype=None)
+    e2e = rep["e2e"]
+    assert e2e is not None and e2e["loss_after"] < e2e["loss_before"], e2e
+    assert_same_checkpoint(tmp_path / "mem", tmp_path / "str")
+    assert not work_dir_for(tmp_path / "str").exists()
+    assert not (tmp_path / "str").with_name(work_dir_for(tmp_path / "str").name + ".e2e").exists()
+    assert (tmp_path / "str" / "tokenizer.json").is_file()  # what the work folder held besides weights
+    rep0 = quantize_streaming(src, tmp_path / "blockwise", ptq_cfg(texts, tok, num_samples=8), dtype=torch.float32,
+                              activation_dtype=None)
+    assert rep0["e2e"] is None
+    a, b = tensors_of(tmp_path / "str"), tensors_of(tmp_path / "blockwise")
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.endswith(".s_u")), "the stage changed no scale"
+    assert all(torch.equal(a[k], b[k]) for k in a if k.endswith(".codes"))  # codes stay fixed
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (scripts/gpu_check.sh runs it)")
@@ -217,7 +243,8 @@ _PEAK = textwrap.dedent("""
     tok = AutoTokenizer.from_pretrained(src)
     skip = ["lm_head", "q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     cfg = LCQATConfig(dataset=[open(calib).read()], tokenizer=tok, num_samples=2, model_seqlen=32,
-                      ptq_finetune_steps=0, ptq_batch_size=2, modules_to_not_convert=skip)
+                      ptq_finetune_steps=0, ptq_batch_size=2, modules_to_not_convert=skip,
+                      ptq_e2e_steps=0)  # the block-wise path; the end-to-end stage holds the whole 2-bit model
     rep = quantize_streaming(src, out, cfg, dtype=torch.float32)
     print(json.dumps({"peak": peak_rss_bytes(), "blocks": rep["blocks"]}))
 """)
