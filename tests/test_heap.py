@@ -73,21 +73,29 @@ print(sum(faults[4:]) // 4, held, st["peak_bytes"] // MiB, st["live_peak_bytes"]
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mmap / mremap")
-def test_caching_allocator_reuses_pages_across_block_sizes_and_gives_them_back():
+def _cache_child(code: str) -> list[str]:
+    """What ``code`` prints, run in a fresh interpreter where the caching allocator is the default
+    (skipped without the native extension, whose allocator it is)."""
     from optimum_lcqat.kernels import native
 
     if not native.available():
         pytest.skip("the caching allocator is the native extension's")
-    out = subprocess.run([sys.executable, "-P", "-c", SIZES], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True,
                          env={**os.environ, "OPTIMUM_LCQAT_RETAIN_HEAP": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
-    faults, held, peak, live_peak, after = map(int, out.stdout.split())
-    assert 235 <= live_peak <= 250, out.stdout
-    assert peak <= 1.15 * live_peak, out.stdout  # not both sizes' sets (480 MiB)
-    assert held >= 200 and held <= 1.25 * live_peak, out.stdout  # the cached pages are resident while held
-    assert faults < 6_000, out.stdout  # a step touches 61440 pages; later ones reuse them
-    assert after < 50, out.stdout  # unmapped when the last holder lets go
+    return out.stdout.split()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mmap / mremap")
+def test_caching_allocator_reuses_pages_across_block_sizes_and_gives_them_back():
+    words = _cache_child(SIZES)
+    faults, held, peak, live_peak, after = map(int, words)
+    out = " ".join(words)
+    assert 235 <= live_peak <= 250, out
+    assert peak <= 1.15 * live_peak, out  # not both sizes' sets (480 MiB)
+    assert held >= 200 and held <= 1.25 * live_peak, out  # the cached pages are resident while held
+    assert faults < 6_000, out  # a step touches 61440 pages; later ones reuse them
+    assert after < 50, out  # unmapped when the last holder lets go
 
 
 # A tensor allocated by the caching allocator stays valid after the cache is switched off (its
@@ -109,14 +117,7 @@ print(live_big, cache_stats()["live_bytes"], cache_stats()["cached_bytes"], floa
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mmap / mremap")
 def test_caching_allocator_blocks_outlive_the_switch():
-    from optimum_lcqat.kernels import native
-
-    if not native.available():
-        pytest.skip("the caching allocator is the native extension's")
-    out = subprocess.run([sys.executable, "-P", "-c", AFTER_SWITCH], capture_output=True, text=True,
-                         env={**os.environ, "OPTIMUM_LCQAT_RETAIN_HEAP": "1"})
-    assert out.returncode == 0, out.stderr[-2000:]
-    live_big, live_after, cached_after, last = out.stdout.split()
+    live_big, live_after, cached_after, last = _cache_child(AFTER_SWITCH)
     assert int(live_big) == 4 << 20  # the 4 MiB block was the cache's, the 400-byte one was not
     assert int(live_after) == 0 and int(cached_after) == 0  # freed after the switch: unmapped, not cached
     assert float(last) == 2 * ((1 << 20) - 1)
