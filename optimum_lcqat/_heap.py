@@ -13,8 +13,8 @@ How, in order of preference:
   by csrc/cpu/caching_allocator.cpp: every tensor block of at least 256 KiB gets pages of its own
   and, when freed, waits for the next request of about its size. Later steps reuse the pages
   without faults, and blocks never share pages, so the process holds about the step's live peak
-  (SmolLM2-135M QAT, 4 x 512: 3.5 GiB peak RSS, against 6.0 GiB with the glibc mode below;
-  benchmarks/results/memory.md).
+  (SmolLM2-135M QAT, 4 x 512: 2.74 GiB peak RSS, against 5.67 GiB with the glibc mode below, at
+  the same speed; benchmarks/results/memory.md).
 * ``glibc`` (no extension, or ``OPTIMUM_LCQAT_RETAIN_HEAP=glibc``): glibc malloc is told to serve
   large blocks from its heap and never trim it (mallopt). Also fault-free, but blocks of every
   lifetime share one heap, which grows to about twice the live peak. Taking it because the

@@ -83,21 +83,24 @@ class CachingCPUAllocator final : public c10::Allocator {
     default_copy_data(dest, src, count);
   }
 
+  CacheStats stats() {
+    std::lock_guard<std::mutex> g(mu_);
+    return stats_;
+  }
+
   static CachingCPUAllocator& get() {
     static CachingCPUAllocator* instance = new CachingCPUAllocator();  // never destroyed: deleters outlive exit
     return *instance;
   }
 
   bool enable(bool on, int64_t min_bytes) {
-    std::vector<std::pair<void*, size_t>> unmap;
     {
       std::lock_guard<std::mutex> g(mu_);
       if (on) {
         TORCH_CHECK(min_bytes >= (int64_t)kPage, "cpu_cache_enable: min_bytes must be at least ", kPage);
         min_bytes_ = (size_t)min_bytes;
         if (enabled_) return true;
-        c10::Allocator* current = c10::GetCPUAllocator();
-        fallback_ = current;
+        fallback_ = c10::GetCPUAllocator();
         c10::SetCPUAllocator(this, /*priority=*/0);
         if (c10::GetCPUAllocator() != this) {  // another allocator was installed at a higher priority
           fallback_ = nullptr;
@@ -111,14 +114,13 @@ class CachingCPUAllocator final : public c10::Allocator {
         c10::SetCPUAllocator(fallback_, /*priority=*/0);
         enabled_ = false;  // fallback_ stays: small blocks handed out meanwhile still go through it
       }
-      for (auto& [size, ptr] : free_) unmap.emplace_back(ptr, size);
-      free_.clear();
-      stats_.cached_bytes = 0;
     }
-    for (auto& [ptr, size] : unmap) munmap(ptr, size);
+    empty();
     return false;
   }
 
+ private:
+  // Unmaps every cached block (outside the lock: munmap of gigabytes takes a while).
   void empty() {
     std::vector<std::pair<void*, size_t>> unmap;
     {
@@ -130,12 +132,6 @@ class CachingCPUAllocator final : public c10::Allocator {
     for (auto& [ptr, size] : unmap) munmap(ptr, size);
   }
 
-  CacheStats stats() {
-    std::lock_guard<std::mutex> g(mu_);
-    return stats_;
-  }
-
- private:
   static void release(void* ptr) { get().free_block(ptr); }
 
   void free_block(void* ptr) {
@@ -194,8 +190,6 @@ class CachingCPUAllocator final : public c10::Allocator {
 
 bool cpu_cache_enable(bool on, int64_t min_bytes) { return CachingCPUAllocator::get().enable(on, min_bytes); }
 
-void cpu_cache_empty() { CachingCPUAllocator::get().empty(); }
-
 std::vector<int64_t> cpu_cache_stats() {
   CacheStats s = CachingCPUAllocator::get().stats();
   return {s.live_bytes, s.cached_bytes, s.peak_bytes, s.live_peak_bytes, s.hits, s.misses};
@@ -205,7 +199,6 @@ std::vector<int64_t> cpu_cache_stats() {
 
 TORCH_LIBRARY_FRAGMENT(lcqat, m) {
   m.def("cpu_cache_enable(bool on, int min_bytes) -> bool", &cpu_cache_enable);
-  m.def("cpu_cache_empty() -> ()", &cpu_cache_empty);
   m.def("cpu_cache_stats() -> int[]", &cpu_cache_stats);
 }
 
