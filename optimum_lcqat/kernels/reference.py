@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ..tensor.codebook import fold_activations
+from ..tensor.codebook import rotate_and_fold
 from ..tensor.hadamard import rotate
 from ..tensor.packing import unpack_codes
 
@@ -71,7 +71,7 @@ def lc_forward(w, x: torch.Tensor, bias: torch.Tensor | None = None, *, codes: t
 # layer's one big matmul), output side (rotate back, scale, bias: cheap).
 def input_side(x: torch.Tensor, s_u: torch.Tensor, A: torch.Tensor, beta: torch.Tensor, plan_in) -> tuple[torch.Tensor, torch.Tensor]:
     """``(z, c)``: ``x`` scaled by ``s_u``, rotated by ``H_n`` and folded with the codebook."""
-    return fold_activations(rotate(x * s_u, plan_in), A, beta)
+    return rotate_and_fold(x * s_u, plan_in, A, beta)
 
 
 def codes_product(z: torch.Tensor, codes: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from .hadamard import rotate, rotation_factors
+
 LEVELS = 4  # 2-bit codes
 
 # The unit-variance 4-level grid the "scalar" codebook is frozen at: a * (q - 1.5).
@@ -46,6 +48,32 @@ def fold_activations(xt: torch.Tensor, A: torch.Tensor, beta: torch.Tensor) -> t
     d = A.shape[0]
     xg = xt.unflatten(-1, (xt.shape[-1] // d, d))
     return (xg @ A).flatten(-2), (xg @ beta).sum(-1, keepdim=True)
+
+
+def rotate_and_fold(x: torch.Tensor, plan, A: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fold_activations(rotate(x, plan), A, beta)`` in one matmul where the rotation's blocks hold
+    whole codebook groups (``plan.right`` a multiple of ``d``); otherwise those two steps.
+
+    Why: the fold is a ``[d, d]`` matmul over groups of ``d`` entries, a memory-bound pass of its
+    own (``K = N = 4``: as long as the rotation's matmul on SmolLM2, issue #32). It acts within a
+    rotation block, and the left factor mixes whole blocks, so it goes into the right factor:
+    ``z = L X (R^T diag(A, .., A))``; ``c`` is ``X`` times ``R^T tile(beta)``, summed over the
+    blocks with ``L``'s column sums. Same maths, another rounding order (float32: ~1e-7 relative).
+    """
+    d, r, n = A.shape[0], plan.right, plan.n
+    if r % d:
+        return fold_activations(rotate(x, plan), A, beta)
+    if x.shape[-1] != n:
+        raise ValueError(f"rotate_and_fold: last dimension {x.shape[-1]} does not match the plan's {n}")
+    left, right = rotation_factors(plan, x.device, x.dtype)
+    rt = right.T.reshape(r, r // d, d)
+    m = (rt @ A).reshape(r, r)  # R^T diag(A, .., A)
+    v = (rt @ beta).sum(-1)  # R^T tile(beta)
+    xv = x.reshape(*x.shape[:-1], n // r, r)
+    z, w = xv @ m, xv @ v
+    if left is None:
+        return z.reshape(x.shape), w.sum(-1, keepdim=True)
+    return (left @ z).reshape(x.shape), (w @ left.sum(0)).unsqueeze(-1)
 
 
 def nearest_codeword(

@@ -187,6 +187,11 @@ def _factor(size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor
     return hadamard_matrix(size).to(device=device, dtype=dtype)
 
 
+def rotation_factors(plan: RotationPlan, device, dtype) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``(L, R)`` of ``plan`` (``L`` None for the identity), cached per device and dtype."""
+    return (None if plan.left == 1 else _factor(plan.left, device, dtype)), _factor(plan.right, device, dtype)
+
+
 def rotate(x: torch.Tensor, plan: RotationPlan, transpose: bool = False) -> torch.Tensor:
     """Apply the orthonormal rotation ``H`` (or ``H^T``) of ``plan`` along the last dimension."""
     if x.shape[-1] != plan.n:
