@@ -120,12 +120,14 @@ def _loss_chunk(shape: ModelShape, tokens: int) -> int:
 
 def _training_step(shape: ModelShape, tokens: int, stage: str) -> int:
     """Peak bytes of one training step (``stage``: ``"e2e"`` or ``"qat"``) with the chunked loss and
-    per-block checkpointing, freed memory kept (see _STEP_CONSTANTS): the blocks' inputs, one block
+    per-block checkpointing, freed memory kept (see _STEP_CONSTANTS): the blocks' inputs and kept outputs, one block
     recomputed and one loss chunk (times the way's factor), and the LC layers' weight-sized temporaries."""
     from ._heap import planned_mode
+    from .nn.block_checkpointing import KEPT_VALUES_PER_TOKEN_AND_HIDDEN
 
     factor, e2e_bytes, qat_bytes = _STEP_CONSTANTS["glibc" if planned_mode() == "glibc" else "cache"]
-    inputs = shape.layers * tokens * shape.hidden * 4
+    # each block's input, and the two outputs selective checkpointing keeps (nn.block_checkpointing)
+    inputs = (1 + KEPT_VALUES_PER_TOKEN_AND_HIDDEN) * shape.layers * tokens * shape.hidden * 4
     block = _BLOCK_ACT_UNITS * tokens * (shape.hidden + shape.widest) * 4
     live = inputs + block + _loss_chunk(shape, tokens)
     return int(factor * live) + (e2e_bytes if stage == "e2e" else qat_bytes) * shape.linear_weights
