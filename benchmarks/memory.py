@@ -9,12 +9,19 @@ Cases:
   and cached), plain Trainer + LCQATCallback, 4 x 512 tokens a step, the train split of the Python
   docs, --qat-steps steps (default 8; the issue's 64K-token run is --qat-steps 32), then held-out
   perplexity over --eval-tokens tokens. Variants:
+    landed 13c9e08  the package as it was before the memory work (--landed REF: git commit, built once
+             into the cache with pip install --target, run with PYTHONPATH), quantized in flight
+             (data-free, the same weights as the cached checkpoint) and trained with its
+             LCQATCallback() defaults: the true baseline of issue #32's speed target;
     before (glibc heap, no savers)  LCQATCallback(chunked_loss=False, activation_checkpointing=False)
              with OPTIMUM_LCQAT_RETAIN_HEAP=glibc: the model's own loss over the batch's [tokens x
              vocab] fp32 logits, every block's activations kept, freed memory kept in glibc's heap
              (the library as it was before the memory work);
     defaults, glibc heap  chunked loss + per-block activation checkpointing, glibc's heap;
     defaults  the same with the extension's caching CPU allocator (the library's default now);
+             the checkpointing is selective: each block keeps its attention and widest-matmul
+             outputs (nn/block_checkpointing.py);
+    defaults, full checkpointing  every op of a block recomputed (what selective checkpointing saves);
     defaults + 8-bit Adam  TrainingArguments(optim="adamw_torch_8bit"): torchao's 8-bit Adam states;
     chunked loss, no checkpointing  the caching allocator, every block's activations kept: the
              speed checkpointing costs.
@@ -68,21 +75,32 @@ else:  # a random-weight config of benchmarks/scale.py, all its blocks
     fp = make_source(v["model"], None)
     lc_dir = default_cache_dir() / f"bench-memory-{v['model']}-datafree"
 tok = AutoTokenizer.from_pretrained(fp)
-if not (lc_dir / "model.safetensors").is_file() and not (lc_dir / "model.safetensors.index.json").is_file():
+if v.get("landed"):  # the code of an earlier commit (PYTHONPATH): quantized in flight, its callback's defaults
+    lc_dir = None
+elif not (lc_dir / "model.safetensors").is_file() and not (lc_dir / "model.safetensors.index.json").is_file():
     from optimum_lcqat._atomic import write_dir_atomic
     m = AutoModelForCausalLM.from_pretrained(fp, dtype=torch.float32, quantization_config=LCQATConfig())
     write_dir_atomic(lc_dir, m.save_pretrained)
     print("RESULT_PREP", flush=True)
     sys.exit(0)  # the peak of making the LC checkpoint is not QAT's: the parent runs the case again
 ds = token_windows(split_texts("train"), tok, seqlen, max_tokens=seqlen * batch * (steps + 1))
-from optimum_lcqat import memory_plan as mp
-predicted = mp.qat(mp.ModelShape.from_pretrained_config(fp), batch * seqlen, optim=v["optim"]).total  # before loading
-model = AutoModelForCausalLM.from_pretrained(lc_dir, dtype=torch.float32)
+if v.get("landed"):
+    predicted = None
+    model = AutoModelForCausalLM.from_pretrained(fp, dtype=torch.float32, quantization_config=LCQATConfig())
+else:
+    from optimum_lcqat import memory_plan as mp
+    predicted = mp.qat(mp.ModelShape.from_pretrained_config(fp), batch * seqlen, optim=v["optim"]).total  # before loading
+    model = AutoModelForCausalLM.from_pretrained(lc_dir, dtype=torch.float32)
 times = []
 class Timer(TrainerCallback):
     def on_step_begin(self, *a, **k): self.t = time.perf_counter()
     def on_step_end(self, *a, **k): times.append(time.perf_counter() - self.t)
-cb = LCQATCallback(chunked_loss=v["chunked"], activation_checkpointing=v["ckpt"])
+if v.get("landed"):
+    cb = LCQATCallback()
+else:
+    if v.get("ckpt") == "full":  # every op of a block recomputed (no selective policy)
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    cb = LCQATCallback(chunked_loss=v["chunked"], activation_checkpointing=bool(v["ckpt"]))
 args = TrainingArguments(output_dir=os.environ["BENCH_TMP"], per_device_train_batch_size=batch, max_steps=steps,
                          learning_rate=1e-4, save_strategy="no", report_to=[], logging_steps=1, disable_tqdm=True,
                          use_cpu=True, dataloader_num_workers=0, optim=v["optim"])
@@ -90,10 +108,13 @@ tr = Trainer(model=model, args=args, train_dataset=ds, callbacks=[cb, Timer()])
 tr.train()
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 later = times[2:] or times  # the first two steps grow the heap (and compile the 8-bit optimizer's step)
-out = {"peak_rss_bytes": peak, "predicted_bytes": predicted, "step_s": times,
+import optimum_lcqat
+out = {"peak_rss_bytes": peak, "step_s": times, "package": optimum_lcqat.__file__,
        "tokens_per_s": batch * seqlen * len(later) / sum(later),
        "loss": [h["loss"] for h in tr.state.log_history if "loss" in h],
        "params": sum(p.numel() for p in model.parameters())}
+if predicted is not None:
+    out["predicted_bytes"] = predicted
 if v["eval_tokens"]:
     model.eval()
     out["heldout_ppl"] = perplexity(model, token_stream(split_texts("heldout"), tok, max_tokens=v["eval_tokens"]), ctx=512)["ppl"]
@@ -184,6 +205,30 @@ class NoResult(RuntimeError):
     pass
 
 
+def landed_build(ref: str) -> tuple[str, str]:
+    """``(site dir, full hash)``: the package as it was at git ``ref``, built once into the cache
+    (a detached worktree, then ``pip install --target``), for a same-run baseline of the old code."""
+    from optimum_lcqat.assets import default_cache_dir
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    full = subprocess.run(["git", "-C", root, "rev-parse", ref], capture_output=True, text=True, check=True).stdout.strip()
+    site = default_cache_dir() / f"landed-{full[:12]}"
+    if not (site / "optimum_lcqat").is_dir():
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="lcqat-landed-") as tmp:
+            tree = os.path.join(tmp, "tree")
+            subprocess.run(["git", "-C", root, "worktree", "add", "--detach", tree, full], check=True, capture_output=True)
+            try:
+                staging = os.path.join(tmp, "site")
+                subprocess.run([sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "-q", "--no-deps",
+                                "--no-build-isolation", "--target", staging, tree], check=True)
+                os.replace(staging, site)  # the cache holds a complete build or none
+            finally:
+                subprocess.run(["git", "-C", root, "worktree", "remove", "--force", tree], capture_output=True)
+    return str(site), full
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--qat-steps", type=int, default=8)
@@ -193,6 +238,8 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", nargs="+", metavar="NAME",
                     help="only these SmolLM2 QAT variants, by name (e.g. 'defaults' 'defaults + 8-bit Adam')")
     ap.add_argument("--qat-1b-steps", type=int, default=4, help="steps of the Llama-3.2-1B-shaped QAT case (0: skip)")
+    ap.add_argument("--landed", default="13c9e08", metavar="REF",
+                    help="git commit of the 'landed before' QAT row (the code before the memory work; '' to skip)")
     ap.add_argument("--name", default="memory")
     ap.add_argument("--render", metavar="JSON", help="only re-render the table of a saved run's JSON")
     a = ap.parse_args(argv)
@@ -210,11 +257,17 @@ def main(argv=None) -> int:
         ("before (glibc heap, no savers)", dict(chunked=False, ckpt=False, optim=fused), glibc),
         ("defaults, glibc heap", dict(chunked=True, ckpt=True, optim=fused), glibc),
         ("defaults", dict(chunked=True, ckpt=True, optim=fused), {}),
+        ("defaults, full checkpointing", dict(chunked=True, ckpt="full", optim=fused), {}),
         ("defaults + 8-bit Adam", dict(chunked=True, ckpt=True, optim=adam8), {}),
         ("chunked loss, no checkpointing", dict(chunked=True, ckpt=False, optim=fused), {}),
     ]
     if a.variants:
         qat_cases = [c for c in qat_cases if c[0] in a.variants]
+    if a.landed:
+        site, full = landed_build(a.landed)
+        env["landed_before"] = full
+        qat_cases.insert(0, (f"landed {full[:7]} (LCQATCallback())", dict(landed=True, optim=fused),
+                             {"PYTHONPATH": site}))
     for variant, settings, extra in qat_cases:
         print(f"qat/smollm2 {variant} ...", flush=True)
         r = run_qat({**small, **settings}, extra)
