@@ -28,7 +28,8 @@ Cases:
 - qat/llama-3.2-1b: random weights with Llama-3.2-1B's shapes (benchmarks/scale.py, all 16 blocks;
   data-free LC checkpoint cached), 1 x 512 tokens a step, defaults + 8-bit Adam, --qat-1b-steps steps.
 - ptq/smollm2: the in-memory Hessian-aware PTQ of SmolLM2 with --ptq-samples calibration samples
-  (default 32 x 512, the demo's; the library default is 128) from the calibration split: before
+  (default 32 x 512, the demo's; the library default is 128) from the calibration split: landed
+  (the --landed commit's code and defaults, as for QAT), before
   (its end-to-end stage with the model's own loss and every block's activations kept:
   ``ptq_options={"e2e_memory_savers": False}``, glibc's heap) and after (the defaults: memory savers,
   caching allocator), with held-out perplexity.
@@ -130,21 +131,27 @@ from optimum_lcqat.assets import smollm2_path
 from optimum_lcqat.data import split_texts, token_stream
 from optimum_lcqat.evaluation import perplexity
 
-samples, savers = int(sys.argv[1]), sys.argv[2] == "after"
+samples, variant = int(sys.argv[1]), sys.argv[2]
 fp = smollm2_path()
 tok = AutoTokenizer.from_pretrained(fp)
-cfg = LCQATConfig(dataset=split_texts("calibration"), tokenizer=tok, num_samples=samples,
-                  ptq_options={"e2e_memory_savers": savers})
-from optimum_lcqat import memory_plan as mp
-predicted = mp.in_memory_ptq(mp.ModelShape.from_pretrained_config(fp), cfg).total  # before the model loads
+if variant == "landed":  # the code of an earlier commit (PYTHONPATH), its defaults
+    cfg = LCQATConfig(dataset=split_texts("calibration"), tokenizer=tok, num_samples=samples)
+    predicted = None
+else:
+    cfg = LCQATConfig(dataset=split_texts("calibration"), tokenizer=tok, num_samples=samples,
+                      ptq_options={"e2e_memory_savers": variant == "after"})
+    from optimum_lcqat import memory_plan as mp
+    predicted = mp.in_memory_ptq(mp.ModelShape.from_pretrained_config(fp), cfg).total  # before the model loads
 t = time.perf_counter()
 model = AutoModelForCausalLM.from_pretrained(fp, dtype=torch.float32, quantization_config=cfg)
 secs = time.perf_counter() - t
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 held = token_stream(split_texts("heldout"), tok, max_tokens=16384)
 ppl = perplexity(model, held, ctx=512)["ppl"]
-print("RESULT " + json.dumps({"peak_rss_bytes": peak, "predicted_bytes": predicted, "seconds": secs, "heldout_ppl": ppl,
-                             "params": sum(p.numel() for p in model.parameters())}))
+out = {"peak_rss_bytes": peak, "seconds": secs, "heldout_ppl": ppl, "params": sum(p.numel() for p in model.parameters())}
+if predicted is not None:
+    out["predicted_bytes"] = predicted
+print("RESULT " + json.dumps(out))
 """
 
 
@@ -263,6 +270,7 @@ def main(argv=None) -> int:
     ]
     if a.variants:
         qat_cases = [c for c in qat_cases if c[0] in a.variants]
+    site = full = None
     if a.landed:
         site, full = landed_build(a.landed)
         env["landed_before"] = full
@@ -281,10 +289,14 @@ def main(argv=None) -> int:
         rows.append({"case": "qat/llama-3.2-1b shapes (random) 1x512", "variant": "defaults + 8-bit Adam", **r})
         print(f"  peak {r['peak_rss_bytes'] / 2**30:.2f} GiB, {r['tokens_per_s']:.1f} tok/s", flush=True)
     if not a.skip_ptq:
-        for variant in ["before", "after"]:
+        ptq_cases = [("before", glibc), ("after", {})]
+        if a.landed:
+            ptq_cases.insert(0, ("landed", {"PYTHONPATH": site}))
+        for variant, extra in ptq_cases:
             print(f"ptq/smollm2 {variant} ...", flush=True)
-            r = run_child(PTQ_CHILD, [str(a.ptq_samples), variant], glibc if variant == "before" else {}, 7200)
-            rows.append({"case": f"ptq/smollm2 {a.ptq_samples}x512 in memory", "variant": variant, **r})
+            r = run_child(PTQ_CHILD, [str(a.ptq_samples), variant], extra, 7200)
+            name = f"landed {full[:7]}" if variant == "landed" else variant
+            rows.append({"case": f"ptq/smollm2 {a.ptq_samples}x512 in memory", "variant": name, **r})
             print(f"  peak {r['peak_rss_bytes'] / 2**30:.2f} GiB, {r['seconds']:.0f} s, ppl {r['heldout_ppl']:.2f}",
                   flush=True)
         for layers in (2, 8):
