@@ -19,8 +19,8 @@ Cases:
              (the library as it was before the memory work);
     defaults, glibc heap  chunked loss + per-block activation checkpointing, glibc's heap;
     defaults  the same with the extension's caching CPU allocator (the library's default now);
-             the checkpointing is selective: each block keeps its attention and widest-matmul
-             outputs (nn/block_checkpointing.py);
+             the checkpointing is selective: each block keeps its attention output
+             (nn/block_checkpointing.py);
     defaults, full checkpointing  every op of a block recomputed (what selective checkpointing saves);
     defaults + 8-bit Adam  TrainingArguments(optim="adamw_torch_8bit"): torchao's 8-bit Adam states;
     chunked loss, no checkpointing  the caching allocator, every block's activations kept: the

@@ -126,7 +126,7 @@ def _training_step(shape: ModelShape, tokens: int, stage: str) -> int:
     from .nn.block_checkpointing import KEPT_VALUES_PER_TOKEN_AND_HIDDEN
 
     factor, e2e_bytes, qat_bytes = _STEP_CONSTANTS["glibc" if planned_mode() == "glibc" else "cache"]
-    # each block's input, and the two outputs selective checkpointing keeps (nn.block_checkpointing)
+    # each block's input, and the attention output selective checkpointing keeps (nn.block_checkpointing)
     inputs = (1 + KEPT_VALUES_PER_TOKEN_AND_HIDDEN) * shape.layers * tokens * shape.hidden * 4
     block = _BLOCK_ACT_UNITS * tokens * (shape.hidden + shape.widest) * 4
     live = inputs + block + _loss_chunk(shape, tokens)

@@ -2,14 +2,17 @@
 end-to-end PTQ stage.
 
 Per-block checkpointing (issue #32) keeps each block's input and recomputes the block in the
-backward: a second forward, ~25% of a QAT step on SmolLM2-135M. Two of the recomputed ops cost the
-most compute per byte their output takes: the attention kernel (its FLOPs grow with the sequence)
-and the matmul with the block's widest inner dimension (the down projection's product: its inner
-dimension is the MLP width, its output only ``hidden`` wide). The policy here keeps those two
-outputs (``2 x hidden`` values per token and block) and recomputes everything else, through
-torch's selective checkpointing (``torch.utils.checkpoint.create_selective_checkpoint_contexts``):
-the recompute then reads them back instead of running the ops again. The outputs are the ones the
-forward computed, so gradients are bit-identical to plain checkpointing (tested).
+backward: a second forward, ~25% of a QAT step on SmolLM2-135M. The recomputed op that costs the
+most compute per byte of its output is the attention kernel: its FLOPs grow with the sequence
+length, its output is one ``hidden``-wide row per token. The policy here keeps that output and
+recomputes everything else, through torch's selective checkpointing
+(``torch.utils.checkpoint.create_selective_checkpoint_contexts``): the recompute reads it back
+instead of running the kernel again. The output is the one the forward computed, so gradients are
+bit-identical to plain checkpointing (tested).
+
+Measured (benchmarks/results/memory.md, SmolLM2 at 4 x 512): keeping also the down projection's
+product (the matmul with the widest inner dimension, as costly at 512 tokens) took the default
+QAT step to 3.01 GiB, over issue #32's 3 GiB; the attention output alone keeps it under.
 """
 
 from __future__ import annotations
@@ -19,10 +22,10 @@ import functools
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-__all__ = ["keep_costly_outputs_context", "KEPT_VALUES_PER_TOKEN_AND_HIDDEN"]
+__all__ = ["keep_attention_output_context", "KEPT_VALUES_PER_TOKEN_AND_HIDDEN"]
 
 # values per token, in units of the hidden size, that the policy keeps per block (memory_plan)
-KEPT_VALUES_PER_TOKEN_AND_HIDDEN = 2
+KEPT_VALUES_PER_TOKEN_AND_HIDDEN = 1
 
 
 def _attention_ops() -> tuple:
@@ -31,27 +34,12 @@ def _attention_ops() -> tuple:
     return tuple(getattr(torch.ops.aten, n).default for n in names if hasattr(torch.ops.aten, n))
 
 
-def _policy(inner_min: int, attention: tuple, ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    if op is torch.ops.aten.mm.default and args[0].shape[-1] >= inner_min:
-        return CheckpointPolicy.MUST_SAVE
-    if op in attention:
-        return CheckpointPolicy.MUST_SAVE
-    return CheckpointPolicy.PREFER_RECOMPUTE
+def _policy(attention: tuple, ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in attention else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def keep_costly_outputs_context(widest_inner: int):
+def keep_attention_output_context():
     """A ``context_fn`` for ``torch.utils.checkpoint.checkpoint`` (non-reentrant) that keeps the
-    attention kernel's outputs and those of matmuls with an inner dimension of at least
-    ``widest_inner`` (the model's widest linear input: its MLP width)."""
-    return functools.partial(create_selective_checkpoint_contexts,
-                             functools.partial(_policy, int(widest_inner), _attention_ops()))
-
-
-def widest_linear_input(model: torch.nn.Module) -> int:
-    """The largest ``in_features`` of the model's linear layers (LC or dense)."""
-    widest = 0
-    for m in model.modules():
-        n = getattr(m, "in_features", None)
-        if isinstance(n, int):
-            widest = max(widest, n)
-    return widest
+    attention kernel's outputs (any of torch's fused scaled-dot-product kernels) and recomputes
+    the rest."""
+    return functools.partial(create_selective_checkpoint_contexts, functools.partial(_policy, _attention_ops()))
