@@ -134,12 +134,28 @@ def validate_layer_layout(name: str, module, layout, vector_dim: int, format_ver
         raise CheckpointError(f"lcqat checkpoint: {name} has both packed codes and a dense weight")
 
 
-def read_rotation_records(checkpoint_files, names) -> dict[str, torch.Tensor]:
+def model_keys(model, layout: dict) -> tuple[dict, dict]:
+    """``(layout, file_keys)``: the checkpoint layout keyed by the names the model's modules have
+    (transformers' own key renamings for the architecture applied, as its loading does: Mixtral's
+    ``block_sparse_moe`` is ``mlp`` in the model), and each such key's name in the files."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, apply_renamings
+
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    if not renamings:
+        return layout, {k: k for k in layout}
+    file_keys = {apply_renamings(k, renamings): k for k in layout}
+    return {m: layout[f] for m, f in file_keys.items()}, file_keys
+
+
+def read_rotation_records(checkpoint_files, names, file_keys: dict | None = None) -> dict[str, torch.Tensor]:
     """``{layer name: rotation record}`` for the layers whose ``<name>.rotation`` is in the
-    files (tiny tensors, read before the weights load so each layer is built with its plans)."""
+    files (tiny tensors, read before the weights load so each layer is built with its plans);
+    ``file_keys``: the files' name of a model key, where they differ (:func:`model_keys`)."""
     from safetensors import safe_open
 
-    wanted = {f"{n}.rotation": n for n in names}
+    file_keys = file_keys or {}
+    wanted = {file_keys.get(f"{n}.rotation", f"{n}.rotation"): n for n in names}
     out = {}
     for path in _shards(checkpoint_files):
         with safe_open(path, framework="pt") as f:

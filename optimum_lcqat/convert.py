@@ -4,12 +4,14 @@ the way back to nn.Linear (the swap into LC layers is optimum_lcqat.quant_api.qu
 from __future__ import annotations
 
 import logging
+import re
 
 import torch
 from torch import nn
 from transformers.quantizers.quantizers_utils import should_convert_module
 
 from .config import LCQATConfig
+from .nn.expert_linears import ExpertLinears, fused_experts_layout_problem
 from .nn.lc_linear import LCLinear, lc_layers
 from .tensor.hadamard import RotationPlan
 
@@ -20,14 +22,55 @@ class NoConvertibleLayerError(ValueError):
     pass
 
 
+MIN_OUT_FEATURES = 8  # narrower linears (gates, scores) stay dense
+
+
+def unfuse_experts(model: nn.Module, skip: list[str]) -> list[str]:
+    """Put an :class:`~optimum_lcqat.nn.expert_linears.ExpertLinears` in the place of every fused
+    mixture-of-experts module of ``model`` that ``skip`` does not keep dense (its expert projections
+    then convert as linears); returns their names. Layouts it cannot take stay dense, said once."""
+    names, refused = [], {}
+    for name, module in list(model.named_modules()):
+        problem = fused_experts_layout_problem(module)
+        if problem is None and should_convert_module(name, skip):
+            model.set_submodule(name, ExpertLinears(module))
+            names.append(name)
+        elif problem:
+            refused.setdefault(type(module).__name__, problem)
+    for cls, why in refused.items():
+        logger.warning("lcqat: the experts of %s stay dense (%s); only the layout of Qwen3-MoE, Mixtral, OLMoE and "
+                       "Qwen2-MoE is converted so far.", cls, why)
+    return names
+
+
+def unfuse_saved_experts(model: nn.Module, lc_names: list[str]) -> list[str]:
+    """Before a checkpoint loads: every fused-experts module whose expert projections the checkpoint
+    holds as LC layers (``<experts>.gate_up.<e>``, ``<experts>.down.<e>``) becomes an ExpertLinears,
+    so that the LC skeletons find their linears; returns the names."""
+    prefixes = dict.fromkeys(m.group(1) for n in lc_names if (m := re.match(r"^(.*)\.(?:gate_up|down)\.\d+$", n)))
+    names = []
+    for prefix in prefixes:
+        try:
+            module = model.get_submodule(prefix)
+        except AttributeError:
+            continue  # the skeleton step names the missing module
+        if fused_experts_layout_problem(module) is None:
+            model.set_submodule(prefix, ExpertLinears(module))
+            names.append(prefix)
+    return names
+
+
 def convertible_linears(model: nn.Module, config: LCQATConfig, skip: list[str]) -> list[str]:
     """Names of the nn.Linear modules that the config converts, in module order."""
-    names, too_narrow = [], []
+    names, too_narrow, gates = [], [], []
     for name, module in model.named_modules():
         if type(module) is not nn.Linear or not should_convert_module(name, skip):
             continue
         if module.in_features % max(config.vector_dim, 4):
             too_narrow.append(name)
+            continue
+        if module.out_features < MIN_OUT_FEATURES:
+            gates.append(name)
             continue
         names.append(name)
     if too_narrow:
@@ -35,6 +78,10 @@ def convertible_linears(model: nn.Module, config: LCQATConfig, skip: list[str]) 
             "lcqat: keeping %d linear(s) dense because in_features is not a multiple of 4: %s",
             len(too_narrow), ", ".join(too_narrow[:5]) + (" ..." if len(too_narrow) > 5 else ""),
         )
+    if gates:
+        logger.info("lcqat: keeping %d linear(s) with fewer than %d outputs dense (gates such as Qwen2-MoE's "
+                    "shared_expert_gate: a few weights, and a decision the model's routing hangs on): %s",
+                    len(gates), MIN_OUT_FEATURES, ", ".join(gates[:5]) + (" ..." if len(gates) > 5 else ""))
     return names
 
 

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ._heap import retained_heap
 from .config import LCQATConfig
-from .convert import NoConvertibleLayerError, convertible_linears
+from .convert import NoConvertibleLayerError, convertible_linears, unfuse_experts
 from .init.common import LayerSpec, rotation_plans
 from .init.data_free import init_data_free
 from .init.ptq import quantize_weight_ptq
@@ -77,6 +77,7 @@ def quantize(model: nn.Module, config: LCQATConfig | None = None, *, modules_to_
     """
     cfg = config if config is not None else LCQATConfig()
     skip = default_modules_to_not_convert(model, cfg) if modules_to_not_convert is None else list(modules_to_not_convert)
+    unfuse_experts(model, skip)  # fused MoE experts: one linear per expert and projection, converted below
     names = convertible_linears(model, cfg, skip)
     if not names:
         raise NoConvertibleLayerError(
@@ -146,7 +147,7 @@ def quantize_linears_data_free(model: nn.Module, names: list[str], config: LCQAT
 def quantize_block(
     model: nn.Module, blocks_name: str, bidx: int, lnames: list[str], X: torch.Tensor, Y: torch.Tensor,
     kwargs_per_batch: list, cfg: LCQATConfig, *, device, dtype, out: torch.Tensor | None = None,
-) -> tuple[dict[str, float], tuple[float, float]]:
+) -> tuple[dict[str, float], tuple[float, float], dict[str, int]]:
     """Quantize decoder block ``bidx`` of ``model`` (at ``<blocks_name>.<bidx>``) in place: its
     linears ``lnames`` (full names) become LC layers, and ``X`` (the block's input) is propagated
     through the quantized block into ``out`` (default: ``X`` itself, batch by batch).
@@ -155,7 +156,8 @@ def quantize_block(
     streaming one (``optimum_lcqat.streaming``): the same calls on the same inputs give the same
     codes. ``X``/``Y`` [N, T, hidden] may be stored in another dtype than the block computes in
     (``dtype``); ``Y`` is scratch (it receives the full-precision block output, the fine-tuning
-    target). Returns the per-layer proxy errors and the block output MSE (before, after fine-tune).
+    target). Returns the per-layer proxy errors, the block output MSE (before, after fine-tune) and
+    the calibration tokens each layer's Hessian came from (0: none reached it, data-free init).
     """
     block = model.get_submodule(f"{blocks_name}.{bidx}")
     bs = cfg.ptq_batch_size
@@ -163,12 +165,21 @@ def quantize_block(
     out = X if out is None else out
     if not lnames:
         block_forward(block, X, kwargs_per_batch, bs, out, "lcqat PTQ: propagate", dtype=cast)
-        return {}, (float("nan"), float("nan"))
+        return {}, (float("nan"), float("nan")), {}
     tb = time.perf_counter()
     errors: dict[str, float] = {}
     linears = {n: model.get_submodule(n) for n in lnames}
-    groups, H = collect_hessians(block, linears, X, kwargs_per_batch, bs, Y, dtype=cast)
+    groups, H, tokens = collect_hessians(block, linears, X, kwargs_per_batch, bs, Y, dtype=cast)
     params: dict[str, LCWeight] = {}
+    unreached = [n for n in lnames if n not in groups]
+    if unreached:  # MoE experts no calibration token was routed to: nothing to weigh their errors by
+        logger.warning("lcqat PTQ: block %d: %d linear(s) received no calibration token (experts the router never "
+                       "picked) and use the data-free init: %s", bidx, len(unreached),
+                       ", ".join(unreached[:4]) + (" ..." if len(unreached) > 4 else ""))
+        for n in unreached:
+            plan_in, plan_out = rotation_plans(linears[n], cfg)
+            result = init_data_free(linears[n].weight.detach(), layer_spec(cfg, plan_in, plan_out, n))
+            params[n], errors[n], tokens[n] = result.weight, result.error, 0
     # The per-layer loops and the one-sample fine-tuning steps are many small ops: one thread
     # avoids OpenMP synchronisation costs that dominate them (~10x on a busy 2-core machine).
     threads = torch.get_num_threads()
@@ -178,7 +189,7 @@ def quantize_block(
         # then gone before the other layers' work. Layers are quantized independently (each
         # from its own Hessian and seed), so the order changes nothing else. A group's Hessian
         # goes to its last linear, which transforms it in place.
-        by_width = sorted(lnames, key=lambda n: -linears[n].weight.shape[1])
+        by_width = sorted((n for n in lnames if n in groups), key=lambda n: -linears[n].weight.shape[1])
         last_of_group = {groups[n]: n for n in by_width}
         for n in tqdm(by_width, desc="lcqat PTQ: quantize", leave=False):
             lin = linears[n]
@@ -189,6 +200,7 @@ def quantize_block(
                                          refine_passes=cfg.ptq_refine_passes, damp=cfg.ptq_damp)
             params[n], errors[n] = result.weight, result.error
         errors = {n: errors[n] for n in lnames}
+        tokens = {n: tokens[n] for n in lnames}
         del H
         tq = time.perf_counter()
         # Block fine-tuning with differentiable stand-ins (float32), then the real LC layers.
@@ -225,7 +237,7 @@ def quantize_block(
         bidx, ", ".join(f"{n.rsplit('.', 1)[-1]}={errors[n]:.3f}" for n in lnames), mse[0], mse[1],
         time.perf_counter() - tb, tq - tb, tf - tq, peak_rss_bytes() / 2**30,
     )
-    return errors, mse
+    return errors, mse, tokens
 
 
 
@@ -260,14 +272,16 @@ def _quantize_model_ptq(model: nn.Module, names: list[str], config: LCQATConfig)
     X = X.to(dtype)
     Y = torch.empty_like(X)
     errors: dict[str, float] = {}
+    tokens: dict[str, int] = {}
     block_mse: dict[int, tuple[float, float]] = {}
     progress = BlockProgress(len(blocks))
     for bidx in tqdm(range(len(blocks)), desc="lcqat PTQ: blocks"):
         tb = time.perf_counter()
         prefix = f"{blocks_name}.{bidx}."
         lnames = [n for n in inside if n.startswith(prefix)]
-        errs, mse = quantize_block(model, blocks_name, bidx, lnames, X, Y, kwargs_per_batch, cfg, device=device, dtype=dtype)
+        errs, mse, toks = quantize_block(model, blocks_name, bidx, lnames, X, Y, kwargs_per_batch, cfg, device=device, dtype=dtype)
         errors.update(errs)
+        tokens.update(toks)
         if lnames:
             block_mse[bidx] = mse
         progress.block_done(bidx, time.perf_counter() - tb)
@@ -287,6 +301,6 @@ def _quantize_model_ptq(model: nn.Module, names: list[str], config: LCQATConfig)
     if device.type == "cuda":  # pragma: no cover
         logger.info("lcqat PTQ: peak CUDA memory %.2f GiB", torch.cuda.max_memory_allocated(device) / 2**30)
     logger.info("lcqat PTQ: done in %.1fs; peak RSS (process high-water mark) %.2f GiB", secs, peak / 2**30)
-    report = PTQReport(errors, block_mse, secs, peak, e2e)
+    report = PTQReport(errors, block_mse, secs, peak, e2e, tokens)
     model._lcqat_ptq_report = report
     return report

@@ -50,7 +50,7 @@ class LCQATHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, keep_in_fp32_modules=None, **kwargs):
         from . import checkpoint as ckpt
         from . import dense_storage
-        from .convert import build_lc_skeleton
+        from .convert import build_lc_skeleton, unfuse_saved_experts
         from .tensor.lc_weight import plans_from_record
 
         cfg = self.quantization_config
@@ -61,7 +61,7 @@ class LCQATHfQuantizer(HfQuantizer):
             if cfg.uses_calibration and cfg.ptq_options.get("memory_check", True):
                 self._check_memory(model)
             return model
-        layout = ckpt.read_layout(checkpoint_files)
+        layout, file_keys = ckpt.model_keys(model, ckpt.read_layout(checkpoint_files))
         dense_storage.prepare_int8_head(model, layout)  # an int8 lm_head in the checkpoint: Int8Linear skeleton
         names = ckpt.lc_module_names(layout)
         if not names:
@@ -69,6 +69,7 @@ class LCQATHfQuantizer(HfQuantizer):
                 "lcqat checkpoint: the config says quant_method='lcqat' but the weights hold no packed "
                 "codes (no '*.codes' tensor); the checkpoint is not an lcqat checkpoint or is corrupted."
             )
+        unfuse_saved_experts(model, names)  # LC experts: one linear per expert and projection first
         # Format version 2 records each layer's rotation plans: the layer is built with them, not
         # with whatever the installed code would choose for the config (version 1: recomputed).
         # The version is the files' own (their metadata; the config's when they declare none): a
@@ -76,7 +77,7 @@ class LCQATHfQuantizer(HfQuantizer):
         version = ckpt.read_format_version(checkpoint_files)
         if version is None:
             version = cfg.format_version
-        records = ckpt.read_rotation_records(checkpoint_files, names)
+        records = ckpt.read_rotation_records(checkpoint_files, names, file_keys)
         self._v1_layers = [n for n in names if n not in records]
         for name in names:
             try:
@@ -157,6 +158,8 @@ class LCQATHfQuantizer(HfQuantizer):
 
         if not lc_layers(model):
             raise ValueError("lcqat: the model holds no LC layer to dequantize")
+        if isinstance(dtype, str):  # transformers passes model.config.dtype, a name once read from config.json
+            dtype = getattr(torch, dtype)
         return dequantize_model(model, dtype)
 
 

@@ -424,7 +424,7 @@ def quantize_streaming(
         if left:
             raise StreamingError(f"streaming PTQ: {prefix} has buffers not in the checkpoint ({left}); use --in-memory")
         lnames = [n for n in names if n.startswith(prefix + ".")]
-        errs, mse = quantize_block(model, blocks_name, bidx, lnames, X, Y, kwargs_per_batch, cfg,
+        errs, mse, _ = quantize_block(model, blocks_name, bidx, lnames, X, Y, kwargs_per_batch, cfg,
                               device=device, dtype=dtype, out=Y)
         X, Y = Y, X  # Y now holds the next block's input
         x_file, y_file = y_file, x_file

@@ -35,7 +35,7 @@ import math
 import resource
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -82,6 +82,9 @@ class PTQReport:
     seconds: float
     peak_rss_bytes: int
     e2e_loss: tuple | None = None  # held-out calibration loss (before, after) of the end-to-end stage
+    # layer name -> calibration tokens its Hessian came from (MoE experts: the tokens routed to it;
+    # 0: none reached it, initialised data-free); layers inside the decoder blocks
+    tokens: dict = field(default_factory=dict)
 
 
 def tunable_layer(weight: LCWeight, bias, train_codebook: bool, device) -> LCLinear:
@@ -183,7 +186,9 @@ def block_forward(block, X, kwargs_per_batch, batch_size, out, desc, leave=False
 
 
 def collect_hessians(block, linears: dict, X, kwargs_per_batch, batch_size, Y, dtype=None):
-    """Run the full-precision block on X (writing Y) and return (groups, Hessians per group leader)."""
+    """Run the full-precision block on X (writing Y) and return (groups, Hessians per group leader,
+    tokens per linear). A linear that no token reached (an expert the router never picked) is in
+    none of them."""
     state = {"seen": {}}
     groups: dict[str, str] = {}  # linear name -> group leader
     H: dict[str, torch.Tensor] = {}
@@ -230,7 +235,7 @@ def collect_hessians(block, linears: dict, X, kwargs_per_batch, batch_size, Y, d
             h.remove()
     for ln in H:
         H[ln] /= counts[ln]
-    return groups, H
+    return groups, H, {ln: counts[leader] for ln, leader in groups.items()}
 
 
 def _block_mse(block, X, Y, kwargs_per_batch, batch_size, idx) -> float:

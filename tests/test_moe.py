@@ -1,0 +1,154 @@
+"""Mixture-of-experts models (issue #30, first part): the fused experts of transformers 5
+(``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I]) become one LC layer per expert and
+projection (optimum_lcqat.nn.expert_linears), data-free and by PTQ (a Hessian per expert from
+the calibration tokens routed to it; unreached experts data-free, counted in the report); saved
+and reloaded exactly; dequantized to a dense MoE with the same greedy tokens."""
+
+import copy
+
+import pytest
+import torch
+import transformers as tf
+from safetensors import safe_open
+
+from optimum_lcqat import LCQATConfig, quantize
+from optimum_lcqat.assets import smollm2_path
+from optimum_lcqat.data import split_texts
+from optimum_lcqat.nn import LCLinear
+from optimum_lcqat.nn.expert_linears import ExpertLinears
+
+E, TOP_K, LAYERS = 8, 2, 2
+
+
+def tiny_config(arch: str, vocab: int = 256):
+    common = dict(vocab_size=vocab, hidden_size=64, num_hidden_layers=LAYERS, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
+    if arch == "qwen3_moe":
+        return tf.Qwen3MoeConfig(**common, head_dim=16, intermediate_size=128, moe_intermediate_size=64,
+                                 num_experts=E, num_experts_per_tok=TOP_K, norm_topk_prob=True)
+    if arch == "mixtral":
+        return tf.MixtralConfig(**common, intermediate_size=64, num_local_experts=E, num_experts_per_tok=TOP_K)
+    if arch == "olmoe":
+        return tf.OlmoeConfig(**common, intermediate_size=64, num_experts=E, num_experts_per_tok=TOP_K)
+    if arch == "qwen2_moe":  # with a shared expert (a plain MLP of nn.Linear) beside the routed ones
+        return tf.Qwen2MoeConfig(**common, intermediate_size=128, moe_intermediate_size=64,
+                                 shared_expert_intermediate_size=96, num_experts=E, num_experts_per_tok=TOP_K)
+    raise ValueError(arch)
+
+
+def tiny_moe(arch: str, tmp_path, vocab: int = 256):
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(tiny_config(arch, vocab), dtype=torch.float32)
+    with torch.no_grad():  # sharper routing than the small default init, so experts differ in load
+        for n, p in model.named_parameters():
+            if n.endswith("gate.weight"):
+                p.normal_(0, 0.5)
+    model.save_pretrained(tmp_path / "fp")
+    return tmp_path / "fp"
+
+
+def expert_modules(model):
+    return [m for m in model.modules() if isinstance(m, ExpertLinears)]
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "olmoe", "qwen2_moe"])
+def test_experts_convert_save_reload_and_dequantize(arch, tmp_path):
+    fp_dir = tiny_moe(arch, tmp_path)
+    fp = tf.AutoModelForCausalLM.from_pretrained(fp_dir, dtype=torch.float32)
+    model = tf.AutoModelForCausalLM.from_pretrained(fp_dir, dtype=torch.float32,
+                                                    quantization_config=LCQATConfig(hadamard_block_size=32))
+    experts = expert_modules(model)
+    assert len(experts) == LAYERS
+    lcs = {n: m for n, m in model.named_modules() if isinstance(m, LCLinear)}
+    expert_lcs = [n for n in lcs if ".experts.gate_up." in n or ".experts.down." in n]
+    assert len(expert_lcs) == LAYERS * E * 2
+    # every matrix of the blocks is 2-bit but the router's
+    dense_in_blocks = {f"{mn}.{pn}" for mn, m in model.named_modules() if ".layers." in mn and not isinstance(m, LCLinear)
+                       for pn, p in m.named_parameters(recurse=False) if p.dim() >= 2}
+    assert dense_in_blocks and all(n.endswith("gate.weight") for n in dense_in_blocks), dense_in_blocks
+    if arch == "qwen2_moe":  # the shared expert converts as linears; its 1-output gate stays dense
+        assert {"gate_proj", "up_proj", "down_proj"} == {n.rsplit(".", 1)[1] for n in lcs if ".shared_expert." in n}
+        assert type(model.get_submodule("model.layers.0.mlp.shared_expert_gate")) is torch.nn.Linear
+    # the LC experts compute the routed mixture: close to the float model (2-bit error), and equal
+    # to their own dequantized dense model up to summation order
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        lc_logits = model(ids).logits
+        fp_logits = fp(ids).logits
+    assert torch.isfinite(lc_logits).all() and not torch.equal(lc_logits, fp_logits)
+    # saved and reloaded: the same tensors, the same logits bit for bit
+    model.save_pretrained(tmp_path / "lc")
+    with safe_open(str(tmp_path / "lc" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    # (Mixtral's keys say block_sparse_moe for mlp: transformers' renaming, reverted on save)
+    assert {f"gate_up.{e}.codes" for e in range(E)} <= {k.split(".experts.")[1] for k in keys if "layers.0." in k and ".experts." in k}
+    assert not any(k.endswith("experts.gate_up_proj") or k.endswith("experts.down_proj") for k in keys)
+    again = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "lc", dtype=torch.float32)
+    assert len(expert_modules(again)) == LAYERS
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, lc_logits)
+    # dequantized: a dense MoE (nn.Linear experts) with the same greedy tokens
+    prompt = ids[:1, :6]
+    greedy = model.generate(prompt, max_new_tokens=10, do_sample=False)
+    dense = copy.deepcopy(model).dequantize()
+    assert not any(isinstance(m, LCLinear) for m in dense.modules())
+    assert all(type(lin) is torch.nn.Linear for m in expert_modules(dense) for lin in [*m.gate_up, *m.down])
+    with torch.no_grad():
+        torch.testing.assert_close(dense(ids).logits, lc_logits, rtol=1e-4, atol=1e-4)
+    assert torch.equal(dense.generate(prompt, max_new_tokens=10, do_sample=False), greedy)
+
+
+def test_ptq_hessian_per_expert_and_unreached_experts_data_free(tmp_path, caplog):
+    """The PTQ weighs each expert by the tokens routed to it; an expert the router never picks (made
+    so here by a hook on the router) gets the data-free init, said in the log, 0 tokens in the report."""
+    tok = tf.AutoTokenizer.from_pretrained(smollm2_path())
+    fp_dir = tiny_moe("qwen3_moe", tmp_path, vocab=len(tok))
+    model = tf.AutoModelForCausalLM.from_pretrained(fp_dir, dtype=torch.float32)
+
+    def never_last(module, args, out):  # routes expert E-1's picks to expert 0 instead
+        logits, scores, idx = out
+        return logits, scores, torch.where(idx == E - 1, torch.zeros_like(idx), idx)
+
+    for layer in model.model.layers:
+        layer.mlp.gate.register_forward_hook(never_last)
+    samples, seqlen = 8, 64
+    cfg = LCQATConfig(dataset=split_texts("calibration"), tokenizer=tok, num_samples=samples, model_seqlen=seqlen,
+                      hadamard_block_size=32, ptq_e2e_steps=0, ptq_finetune_steps=2)
+    with caplog.at_level("WARNING", logger="optimum_lcqat"):
+        quantize(model, cfg)
+    tokens = model._lcqat_ptq_report.tokens
+    for b in range(LAYERS):
+        per_expert = [tokens[f"model.layers.{b}.mlp.experts.gate_up.{e}"] for e in range(E)]
+        assert per_expert[-1] == 0 and all(t > 0 for t in per_expert[:-1]), per_expert
+        # each token reaches top_k experts (a duplicate pick counts once per expert)
+        assert sum(per_expert) <= TOP_K * samples * seqlen
+        assert per_expert == [tokens[f"model.layers.{b}.mlp.experts.down.{e}"] for e in range(E)]
+        assert tokens[f"model.layers.{b}.self_attn.q_proj"] == samples * seqlen
+    assert "received no calibration token" in caplog.text and f"experts.gate_up.{E - 1}" in caplog.text
+    unreached = model.get_submodule(f"model.layers.0.mlp.experts.gate_up.{E - 1}")
+    assert isinstance(unreached, LCLinear) and torch.isfinite(unreached.s_u).all()
+
+
+def test_qwen3_30b_a3b_block_is_at_most_2_1_bits_per_weight():
+    """What the conversion makes of a decoder block with Qwen3-30B-A3B's shapes (on the meta device:
+    which matrices convert, at the LC storage cost of each; the router stays bf16): <= 2.1 bits
+    per weight counting every expert (the fused experts alone were 16)."""
+    from optimum_lcqat.convert import convertible_linears, unfuse_experts
+    from optimum_lcqat.tensor.lc_weight import storage_bits
+
+    cfg = tf.Qwen3MoeConfig(vocab_size=1024, hidden_size=2048, num_hidden_layers=1, num_attention_heads=32,
+                            num_key_value_heads=4, head_dim=128, intermediate_size=6144, moe_intermediate_size=768,
+                            num_experts=128, num_experts_per_tok=8)
+    with torch.device("meta"):
+        model = tf.AutoModelForCausalLM.from_config(cfg)
+    block = model.model.layers[0]
+    weights = sum(p.numel() for p in block.parameters() if p.dim() >= 2)
+    qcfg = LCQATConfig()
+    assert unfuse_experts(block, []) == ["mlp.experts"]
+    names = convertible_linears(block, qcfg, [])
+    assert len(names) == 4 + 2 * 128
+    lc = [block.get_submodule(n) for n in names]
+    lc_weights = sum(m.in_features * m.out_features for m in lc)
+    bits = sum(storage_bits(m.out_features, m.in_features, qcfg.vector_dim) for m in lc) + 16 * (weights - lc_weights)
+    assert weights - lc_weights == 128 * 2048  # the router
+    assert bits / weights <= 2.1, bits / weights
