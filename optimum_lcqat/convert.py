@@ -111,7 +111,8 @@ def build_lc_skeleton(linear: nn.Linear, config: LCQATConfig, device=None, dtype
 
 
 def dequantize_model(model: nn.Module, dtype=None) -> nn.Module:
-    """Replace every LC layer by an nn.Linear holding its effective dense weight."""
+    """Replace every LC layer by an nn.Linear holding its effective dense weight, and every
+    ExpertLinears by the model's own fused-experts module (what stock transformers loads)."""
     for name, layer in list(lc_layers(model).items()):
         w = layer.dense_weight()
         dt = dtype or w.dtype
@@ -121,4 +122,6 @@ def dequantize_model(model: nn.Module, dtype=None) -> nn.Module:
             if layer.bias is not None:
                 dense.bias.copy_(layer.bias)
         model.set_submodule(name, dense)
+    for name, experts in [(n, m) for n, m in model.named_modules() if isinstance(m, ExpertLinears)]:
+        model.set_submodule(name, experts.fused())
     return model

@@ -45,6 +45,8 @@ class ModelShape:
     hidden: int
     layers: int
     vocab: int
+    experts: int = 0  # MoE: experts per block (their projections count in linear_weights)
+    expert_width: int = 0  # MoE: an expert's intermediate size
 
     @classmethod
     def of(cls, model) -> "ModelShape":
@@ -53,17 +55,24 @@ class ModelShape:
 
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        from .nn.expert_linears import fused_experts_layout_problem
+
         lin = [m for m in model.modules() if isinstance(m, nn.Linear) and m is not head]
+        # fused MoE experts (3-D gate_up_proj [E, 2I, H] and down_proj [E, H, I]): E linears each
+        fused = [m for m in model.modules() if fused_experts_layout_problem(m) != ""]
+        expert_mats = [(m.gate_up_proj.shape, m.down_proj.shape) for m in fused]
         cfg = getattr(model, "config", None)
         hidden = getattr(cfg, "hidden_size", None) or (emb.embedding_dim if emb is not None else 0)
         vocab = getattr(cfg, "vocab_size", None) or (emb.num_embeddings if emb is not None else 0)
         layers = getattr(cfg, "num_hidden_layers", None) or 1
         return cls(
             params=sum(p.numel() for p in model.parameters()),
-            linear_weights=sum(m.weight.numel() for m in lin),
-            largest_linear=max((m.weight.numel() for m in lin), default=0),
-            widest=max((max(m.in_features, m.out_features) for m in lin), default=hidden),
+            linear_weights=sum(m.weight.numel() for m in lin) + sum(g.numel() + d.numel() for g, d in expert_mats),
+            largest_linear=max([m.weight.numel() for m in lin] + [g[1] * g[2] for g, _ in expert_mats], default=0),
+            widest=max([max(m.in_features, m.out_features) for m in lin] + [g[1] for g, _ in expert_mats], default=hidden),
             hidden=hidden, layers=layers, vocab=vocab,
+            experts=max((g[0] for g, _ in expert_mats), default=0),
+            expert_width=max((d[2] for _, d in expert_mats), default=0),
         )
 
     @classmethod
@@ -165,6 +174,8 @@ def _block_compute(shape: ModelShape, cfg) -> int:
     its inputs (float64) and the largest layer's per-weight temporaries."""
     block_fwd = cfg.ptq_batch_size * cfg.model_seqlen * (4 * shape.hidden + 3 * shape.widest) * 4
     hessians = 3 * shape.hidden**2 * 8 + shape.widest**2 * 8 + 4 * shape.largest_linear * 8
+    # MoE: every expert's two Hessians (its input, and its intermediate) at once, float64
+    hessians += shape.experts * (shape.hidden**2 + shape.expert_width**2) * 8
     return block_fwd + hessians
 
 

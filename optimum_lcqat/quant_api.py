@@ -43,6 +43,7 @@ from .init.ptq_blocks import (
     ptq_samples,
     tunable_layer,
 )
+from .nn.expert_linears import ExpertLinears
 from .nn.lc_linear import LCLinear
 from .tensor.lc_weight import LCWeight
 
@@ -171,15 +172,22 @@ def quantize_block(
     linears = {n: model.get_submodule(n) for n in lnames}
     groups, H, tokens = collect_hessians(block, linears, X, kwargs_per_batch, bs, Y, dtype=cast)
     params: dict[str, LCWeight] = {}
-    unreached = [n for n in lnames if n not in groups]
-    if unreached:  # MoE experts no calibration token was routed to: nothing to weigh their errors by
-        logger.warning("lcqat PTQ: block %d: %d linear(s) received no calibration token (experts the router never "
-                       "picked) and use the data-free init: %s", bidx, len(unreached),
-                       ", ".join(unreached[:4]) + (" ..." if len(unreached) > 4 else ""))
+    # MoE experts the router sent fewer tokens than they have inputs (none, or a few): their Hessian
+    # is rank-deficient, and a fit to it would weigh a few directions and leave the rest to the
+    # damping; they get the data-free init (an identity Hessian), said here and in the report.
+    # (A dense linear sees every calibration token: its count is the config's choice.)
+    experts = {n for n in lnames if isinstance(model.get_submodule(n.rsplit(".", 2)[0]), ExpertLinears)}
+    unreached = [n for n in lnames if n not in groups or (n in experts and tokens[n] < linears[n].in_features)]
+    if unreached:
+        logger.warning("lcqat PTQ: block %d: %d linear(s) received fewer calibration tokens than their inputs "
+                       "(experts the router rarely or never picked) and use the data-free init: %s", bidx,
+                       len(unreached), ", ".join(f"{n} ({tokens.get(n, 0)})" for n in unreached[:4])
+                       + (" ..." if len(unreached) > 4 else ""))
         for n in unreached:
             plan_in, plan_out = rotation_plans(linears[n], cfg)
             result = init_data_free(linears[n].weight.detach(), layer_spec(cfg, plan_in, plan_out, n))
-            params[n], errors[n], tokens[n] = result.weight, result.error, 0
+            params[n], errors[n] = result.weight, result.error
+            tokens.setdefault(n, 0)
     # The per-layer loops and the one-sample fine-tuning steps are many small ops: one thread
     # avoids OpenMP synchronisation costs that dominate them (~10x on a busy 2-core machine).
     threads = torch.get_num_threads()
@@ -189,7 +197,7 @@ def quantize_block(
         # then gone before the other layers' work. Layers are quantized independently (each
         # from its own Hessian and seed), so the order changes nothing else. A group's Hessian
         # goes to its last linear, which transforms it in place.
-        by_width = sorted((n for n in lnames if n in groups), key=lambda n: -linears[n].weight.shape[1])
+        by_width = sorted((n for n in lnames if n not in unreached), key=lambda n: -linears[n].weight.shape[1])
         last_of_group = {groups[n]: n for n in by_width}
         for n in tqdm(by_width, desc="lcqat PTQ: quantize", leave=False):
             lin = linears[n]

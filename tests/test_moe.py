@@ -87,15 +87,22 @@ def test_experts_convert_save_reload_and_dequantize(arch, tmp_path):
     assert len(expert_modules(again)) == LAYERS
     with torch.no_grad():
         assert torch.equal(again(ids).logits, lc_logits)
-    # dequantized: a dense MoE (nn.Linear experts) with the same greedy tokens
+    # dequantized: the model's own fused experts again, with the same greedy tokens, saved and
+    # loaded back by stock transformers (no quantizer)
     prompt = ids[:1, :6]
     greedy = model.generate(prompt, max_new_tokens=10, do_sample=False)
     dense = copy.deepcopy(model).dequantize()
-    assert not any(isinstance(m, LCLinear) for m in dense.modules())
-    assert all(type(lin) is torch.nn.Linear for m in expert_modules(dense) for lin in [*m.gate_up, *m.down])
+    assert not any(isinstance(m, (LCLinear, ExpertLinears)) for m in dense.modules())
+    assert type(dense.model.layers[0].mlp.experts) is type(fp.model.layers[0].mlp.experts)
     with torch.no_grad():
-        torch.testing.assert_close(dense(ids).logits, lc_logits, rtol=1e-4, atol=1e-4)
+        dense_logits = dense(ids).logits
+    torch.testing.assert_close(dense_logits, lc_logits, rtol=1e-4, atol=1e-4)
     assert torch.equal(dense.generate(prompt, max_new_tokens=10, do_sample=False), greedy)
+    dense.save_pretrained(tmp_path / "dense")
+    stock = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.float32)
+    assert getattr(stock, "hf_quantizer", None) is None
+    with torch.no_grad():
+        assert torch.equal(stock(ids).logits, dense_logits)
 
 
 def test_ptq_hessian_per_expert_and_unreached_experts_data_free(tmp_path, caplog):
@@ -124,7 +131,7 @@ def test_ptq_hessian_per_expert_and_unreached_experts_data_free(tmp_path, caplog
         assert sum(per_expert) <= TOP_K * samples * seqlen
         assert per_expert == [tokens[f"model.layers.{b}.mlp.experts.down.{e}"] for e in range(E)]
         assert tokens[f"model.layers.{b}.self_attn.q_proj"] == samples * seqlen
-    assert "received no calibration token" in caplog.text and f"experts.gate_up.{E - 1}" in caplog.text
+    assert "fewer calibration tokens than their inputs" in caplog.text and f"experts.gate_up.{E - 1} (0)" in caplog.text
     unreached = model.get_submodule(f"model.layers.0.mlp.experts.gate_up.{E - 1}")
     assert isinstance(unreached, LCLinear) and torch.isfinite(unreached.s_u).all()
 
@@ -152,3 +159,43 @@ def test_qwen3_30b_a3b_block_is_at_most_2_1_bits_per_weight():
     bits = sum(storage_bits(m.out_features, m.in_features, qcfg.vector_dim) for m in lc) + 16 * (weights - lc_weights)
     assert weights - lc_weights == 128 * 2048  # the router
     assert bits / weights <= 2.1, bits / weights
+
+
+def test_streaming_ptq_refuses_moe_with_the_way_out(tmp_path):
+    from optimum_lcqat.streaming import StreamingError, quantize_streaming
+
+    fp_dir = tiny_moe("qwen3_moe", tmp_path)
+    cfg = LCQATConfig(dataset=["some calibration text"] * 4, tokenizer=smollm2_path(), num_samples=2, model_seqlen=16)
+    with pytest.raises(StreamingError, match=r"mixture-of-experts.*--in-memory"):
+        quantize_streaming(fp_dir, tmp_path / "out", cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_memory_plan_counts_the_experts_and_their_hessians():
+    """memory_plan reads a fused-experts model's expert weights (as linears) and the block's
+    per-expert Hessians, before anything is unfused (the quantizer's check runs first)."""
+    from optimum_lcqat import memory_plan as mp
+
+    cfg = tiny_config("qwen3_moe")
+    shape = mp.ModelShape.from_pretrained_config(cfg)
+    H, I = cfg.hidden_size, cfg.moe_intermediate_size
+    attention = H * (4 * 16) * 2 + H * (2 * 16) * 2  # q, o; k, v (head_dim 16)
+    assert shape.linear_weights == LAYERS * (attention + E * 3 * I * H)
+    assert (shape.experts, shape.expert_width) == (E, I)
+    dense = mp.ModelShape(**{**shape.__dict__, "experts": 0, "expert_width": 0})
+    qcfg = LCQATConfig(dataset=["x"], tokenizer=smollm2_path())
+    assert mp._block_compute(shape, qcfg) - mp._block_compute(dense, qcfg) == E * (H * H + I * I) * 8
+
+
+def test_ddp_is_told_of_experts_without_tokens(tmp_path):
+    """An expert no token of a rank's batch reached has no gradient: with MoE experts the callback
+    turns on DDP's find_unused_parameters (unless the user set it), before the Trainer wraps."""
+    from optimum_lcqat import LCQATCallback
+
+    model = tf.AutoModelForCausalLM.from_pretrained(tiny_moe("qwen3_moe", tmp_path), dtype=torch.float32,
+                                                    quantization_config=LCQATConfig(hadamard_block_size=32))
+    for setting, expected in ((None, True), (False, False)):
+        args = tf.TrainingArguments(output_dir=str(tmp_path / "run"), use_cpu=True, report_to=[],
+                                    ddp_find_unused_parameters=setting)
+        tf.Trainer(model=model, args=args, callbacks=[LCQATCallback()])
+        assert args.ddp_find_unused_parameters is expected

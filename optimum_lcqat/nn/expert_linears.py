@@ -34,6 +34,8 @@ def fused_experts_layout_problem(module: nn.Module) -> str | None:
     gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
     if not (isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor) and gate_up.dim() == 3 and down.dim() == 3):
         return ""
+    if not hasattr(type(module), "_apply_gate"):  # what use_experts_implementation gives its classes
+        return "its class has no _apply_gate (not a transformers use_experts_implementation experts class)"
     if getattr(module, "is_transposed", False):
         return "its expert weights are stored transposed ([E, in, out])"
     if not getattr(module, "is_concatenated", True):
@@ -77,6 +79,23 @@ class ExpertLinears(nn.Module):
         # <-> the fused parameters, reverted on save) match those names and would split our tensors
         self.gate_up = linears(gate_up)
         self.down = linears(down)
+
+    def fused(self) -> nn.Module:
+        """The model's own fused-experts module over these experts' dense weights (stacked), for a
+        dense model that stock transformers saves and loads (``dequantize``); each linear must be
+        an ``nn.Linear`` by now."""
+        for lin in [*self.gate_up, *self.down]:
+            if type(lin) is not nn.Linear:
+                raise TypeError(f"ExpertLinears.fused: an expert projection is a {type(lin).__name__}; dequantize it first")
+        w = self.gate_up[0].weight
+        with torch.device("meta"):
+            module = self._fused_class(self.config)
+        module.gate_up_proj = nn.Parameter(torch.stack([lin.weight.detach() for lin in self.gate_up]), requires_grad=w.requires_grad)
+        module.down_proj = nn.Parameter(torch.stack([lin.weight.detach() for lin in self.down]), requires_grad=w.requires_grad)
+        left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+        if left:
+            raise TypeError(f"ExpertLinears.fused: {self._fused_class.__name__} has tensors besides the two projections: {left}")
+        return module
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, hidden={self.hidden_dim}, intermediate={self.intermediate_dim}"

@@ -51,6 +51,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .._heap import release_freed_memory, retain_freed_memory
 from ..convert import lc_layers
+from ..nn.expert_linears import ExpertLinears
 from ..nn.lm_loss import DEFAULT_CHUNK_TOKENS
 from ..tensor.packing import latent_from_codes, unpack_codes
 from .memory_savers import enable_activation_checkpointing, install_chunked_loss
@@ -291,6 +292,12 @@ class LCQATCallback(TrainerCallback):
         if self.activation_checkpointing and not self._checkpointing_set and not getattr(args, "activation_checkpointing", False):
             # here, before the Trainer wraps the model (DDP decides find_unused_parameters from it)
             self._checkpointing_set = enable_activation_checkpointing(_unwrap(model))
+        if getattr(args, "ddp_find_unused_parameters", None) is None and any(
+                isinstance(m, ExpertLinears) for m in _unwrap(model).modules()):
+            # an expert no token of a rank's batch reached has no gradient there; DDP must be told
+            # (the Trainer leaves find_unused_parameters off under activation checkpointing)
+            args.ddp_find_unused_parameters = True
+            logger.info("lcqat: MoE experts: DDP runs with find_unused_parameters=True")
         version = fsdp_version(args)
         if version is not None and version != 2:
             raise NotImplementedError(FSDP1_UNSUPPORTED)
