@@ -14,7 +14,7 @@ How, in order of preference:
   and, when freed, waits for the next request of about its size. Later steps reuse the pages
   without faults, and blocks never share pages, so the process holds about the step's live peak
   (SmolLM2-135M QAT, 4 x 512: 2.74 GiB peak RSS, against 5.67 GiB with the glibc mode below, at
-  the same speed; benchmarks/results/memory.md).
+  the same speed; benchmarks/results/memory.md as of git 8e7a5c2).
 * ``glibc`` (no extension, or ``OPTIMUM_LCQAT_RETAIN_HEAP=glibc``): glibc malloc is told to serve
   large blocks from its heap and never trim it (mallopt). Also fault-free, but blocks of every
   lifetime share one heap, which grows to about twice the live peak. Taking it because the
