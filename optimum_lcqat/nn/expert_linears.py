@@ -18,12 +18,8 @@ Others (gpt-oss's interleaved, transposed, biased experts) stay dense, said once
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import nn
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["ExpertLinears", "fused_experts_layout_problem"]
 
