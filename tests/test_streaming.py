@@ -234,7 +234,7 @@ def test_killed_and_resumed_gives_identical_checkpoint(tmp_path, tok, texts, cap
 
 
 _PEAK = textwrap.dedent("""
-    import json, sys, torch
+    import json, logging, re, sys, torch
     from transformers import AutoTokenizer
     from optimum_lcqat import LCQATConfig
     from optimum_lcqat.init.ptq_blocks import peak_rss_bytes
@@ -245,22 +245,49 @@ _PEAK = textwrap.dedent("""
     cfg = LCQATConfig(dataset=[open(calib).read()], tokenizer=tok, num_samples=2, model_seqlen=32,
                       ptq_finetune_steps=0, ptq_batch_size=2, modules_to_not_convert=skip,
                       ptq_e2e_steps=0)  # the block-wise path; the end-to-end stage holds the whole 2-bit model
+    marks = {}
+
+    class Phases(logging.Filter):
+        # The first " -> " line is logged once the source index, the skeleton and the
+        # calibration embeddings are done, right before the first block: note the high-water
+        # mark so far and reset it (Linux: 5 > clear_refs); "block n/n done" ends the block loop.
+        def filter(self, record):
+            msg = record.getMessage()
+            if "setup" not in marks and " -> " in msg:
+                marks["setup"] = peak_rss_bytes()
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+            elif re.search(r"block (\\d+)/\\1 done", msg):
+                marks["blocks"] = peak_rss_bytes()
+            return True
+
+    phases = Phases()
+    for name in ("optimum_lcqat.streaming", "optimum_lcqat.init.ptq_blocks"):  # the latter logs "block n/n done"
+        logging.getLogger(name).addFilter(phases)  # a logger's own filters see each record it logs at its level
+        logging.getLogger(name).setLevel(logging.INFO)
     rep = quantize_streaming(src, out, cfg, dtype=torch.float32)
-    print(json.dumps({"peak": peak_rss_bytes(), "blocks": rep["blocks"]}))
+    print(json.dumps({"setup": marks["setup"], "block_loop": marks["blocks"], "whole": max(marks["setup"], peak_rss_bytes()),
+                      "blocks": rep["blocks"]}))
 """)
 
 
 def test_peak_memory_flat_in_depth(tmp_path, tok, texts):
-    """Peak RSS of a 4-layer and a 16-layer model of the same width (a block: 2.2M weights,
-    8.8 MB in fp32) differs by less than one block. Only k_proj is quantized here (the other
-    linears stay dense, still read, held and written block by block) to keep the test fast.
+    """The peak RSS of streaming PTQ does not grow with depth: a 4-layer and a 16-layer model of
+    the same width (a block: 2.2M weights, 8.8 MB in fp32). Only k_proj is quantized here (the
+    other linears stay dense, still read, held and written block by block) to keep the test fast.
     Each run is a fresh interpreter; its peak is VmHWM (peak_rss_bytes): getrusage's ru_maxrss
-    would include this (large) pytest process's RSS at the fork, which survives exec on Linux."""
+    would include this (large) pytest process's RSS at the fork, which survives exec on Linux.
+    Bounds: the block loop's own peak within two blocks, the whole run's within three. A kept
+    block would add 12 blocks, the heap creep this test once caught ~5. The noise: one block's
+    RSS moves by ~10 MiB between blocks (allocator), so the maximum over 16 blocks sits a few
+    MiB above that over 4; the setup (tokenizing, the 75 MB embedding table, the first block's
+    inputs) and the end (the int8 head) hold nothing per block, but their high-water mark moved
+    by up to 11 MiB between identical runs (seen in CI)."""
     calib = tmp_path / "calib.txt"
     calib.write_text("\n\n".join(texts[:40]))
     hidden, inter = 384, 1536
     block_bytes = 4 * (2 * hidden * hidden + 2 * hidden * hidden // 2 + 3 * hidden * inter + 2 * hidden)
-    peaks = {}
+    loops, wholes = {}, {}
     for layers in (4, 16):
         src = make_source(tmp_path / f"src{layers}", tok, layers=layers, hidden=hidden, inter=inter, tied=True, shard="20MB")
         script = tmp_path / "peak.py"
@@ -270,9 +297,11 @@ def test_peak_memory_flat_in_depth(tmp_path, tok, texts):
         assert r.returncode == 0, r.stderr[-2000:]
         res = json.loads(r.stdout.strip().splitlines()[-1])
         assert res["blocks"] == layers
-        peaks[layers] = res["peak"]
-    growth = peaks[16] - peaks[4]
+        loops[layers], wholes[layers] = res["block_loop"], res["whole"]
     # (before streaming.py handed freed heap back to the OS after each block, the installed
-    # package grew ~3.5 MB a block here; an in-memory run grows by 12 x block_bytes)
-    print(f"peak RSS 4 layers {peaks[4] / 2**20:.1f} MiB, 16 layers {peaks[16] / 2**20:.1f} MiB, block {block_bytes / 2**20:.1f} MiB")
-    assert abs(growth) < block_bytes, (peaks, block_bytes)
+    # package grew ~3.5 MB a block here)
+    mib = {k: f"{v / 2**20:.1f}" for k, v in (("l4", loops[4]), ("l16", loops[16]), ("w4", wholes[4]), ("w16", wholes[16]))}
+    print(f"peak RSS of the block loop: 4 layers {mib['l4']} MiB, 16 layers {mib['l16']} MiB; whole run {mib['w4']}, "
+          f"{mib['w16']} MiB; block {block_bytes / 2**20:.1f} MiB")
+    assert abs(loops[16] - loops[4]) < 2 * block_bytes, (loops, block_bytes)
+    assert abs(wholes[16] - wholes[4]) < 3 * block_bytes, (wholes, block_bytes)
