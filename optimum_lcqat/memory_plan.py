@@ -174,8 +174,12 @@ def _block_compute(shape: ModelShape, cfg) -> int:
     its inputs (float64) and the largest layer's per-weight temporaries."""
     block_fwd = cfg.ptq_batch_size * cfg.model_seqlen * (4 * shape.hidden + 3 * shape.widest) * 4
     hessians = 3 * shape.hidden**2 * 8 + shape.widest**2 * 8 + 4 * shape.largest_linear * 8
-    # MoE: every expert's two Hessians (its input, and its intermediate) at once, float64
-    hessians += shape.experts * (shape.hidden**2 + shape.expert_width**2) * 8
+    # MoE: each expert's two Hessians (its input, and its intermediate), float64, as many experts at
+    # once as a Hessian pass takes (quant_api.hessian_passes)
+    from .quant_api import EXPERT_HESSIAN_BYTES_PER_PASS
+
+    per_expert = (shape.hidden**2 + shape.expert_width**2) * 8
+    hessians += min(shape.experts * per_expert, EXPERT_HESSIAN_BYTES_PER_PASS + per_expert)
     return block_fwd + hessians
 
 

@@ -144,6 +144,74 @@ def quantize_linears_data_free(model: nn.Module, names: list[str], config: LCQAT
     return errors
 
 
+# MoE blocks: each expert has two Hessians (its input, its intermediate) in float64; all of a
+# Qwen3-30B-A3B block's 128 experts at once would be 4.6 GiB. The experts are taken in passes,
+# each a forward of the full-precision block over the calibration inputs that collects the Hessians
+# of the dense linears (first pass) or of this many bytes' worth of experts, then quantizes them.
+# The passes see the same inputs, and each layer's quantization depends only on its own Hessian
+# and seed: the codes are those of one pass.
+EXPERT_HESSIAN_BYTES_PER_PASS = 1 << 30
+
+
+def expert_linear_names(model: nn.Module, names: list[str]) -> set[str]:
+    """Those of ``names`` that are an ExpertLinears' per-expert projections (``<experts>.gate_up.<e>``)."""
+    out = set()
+    for n in names:
+        parts = n.rsplit(".", 2)
+        if len(parts) == 3 and parts[1] in ("gate_up", "down") and isinstance(model.get_submodule(parts[0]), ExpertLinears):
+            out.add(n)
+    return out
+
+
+def hessian_passes(model: nn.Module, lnames: list[str], linears: dict) -> list[list[str]]:
+    """``lnames`` split into the passes described above (one pass when the block has no experts)."""
+    experts = {n: linears[n].in_features ** 2 * 8 for n in expert_linear_names(model, lnames)}
+    passes, current, size = [], [n for n in lnames if n not in experts], 0
+    for n, nbytes in experts.items():
+        if size and size + nbytes > EXPERT_HESSIAN_BYTES_PER_PASS:
+            passes.append(current)
+            current, size = [], 0
+        current.append(n)
+        size += nbytes
+    passes.append(current)
+    return passes
+
+
+def _quantize_pass(model, bidx, part, linears, groups, H, tokens, cfg, params, errors) -> None:
+    """The PTQ of the linears ``part`` of a block from their Hessians ``H`` (collect_hessians),
+    into ``params`` / ``errors``; ``H`` is emptied as it goes."""
+    # MoE experts the router sent fewer tokens than they have inputs (none, or a few): their Hessian
+    # is rank-deficient, and a fit to it would weigh a few directions and leave the rest to the
+    # damping; they get the data-free init (an identity Hessian), said here and in the report.
+    # (A dense linear sees every calibration token: its count is the config's choice.)
+    experts = expert_linear_names(model, part)
+    unreached = [n for n in part if n not in groups or (n in experts and tokens[n] < linears[n].in_features)]
+    if unreached:
+        logger.warning("lcqat PTQ: block %d: %d linear(s) received fewer calibration tokens than their inputs "
+                       "(experts the router rarely or never picked) and use the data-free init: %s", bidx,
+                       len(unreached), ", ".join(f"{n} ({tokens.get(n, 0)})" for n in unreached[:4])
+                       + (" ..." if len(unreached) > 4 else ""))
+        for n in unreached:
+            plan_in, plan_out = rotation_plans(linears[n], cfg)
+            result = init_data_free(linears[n].weight.detach(), layer_spec(cfg, plan_in, plan_out, n))
+            params[n], errors[n] = result.weight, result.error
+            tokens.setdefault(n, 0)
+    # Widest inputs first: their Hessians (1.6 GB in float64 for a 14336-wide down_proj) are then
+    # gone before the other layers' work. Layers are quantized independently (each from its own
+    # Hessian and seed), so the order changes nothing else. A group's Hessian goes to its last
+    # linear, which transforms it in place.
+    by_width = sorted((n for n in part if n not in unreached), key=lambda n: -linears[n].weight.shape[1])
+    last_of_group = {groups[n]: n for n in by_width}
+    for n in tqdm(by_width, desc="lcqat PTQ: quantize", leave=False):
+        lin = linears[n]
+        plan_in, plan_out = rotation_plans(lin, cfg)
+        g = groups[n]
+        h = [H.pop(g).cpu()] if last_of_group[g] == n else H[g].cpu()
+        result = quantize_weight_ptq(lin.weight.detach().cpu(), h, layer_spec(cfg, plan_in, plan_out, n),
+                                     refine_passes=cfg.ptq_refine_passes, damp=cfg.ptq_damp)
+        params[n], errors[n] = result.weight, result.error
+
+
 @torch.no_grad()
 def quantize_block(
     model: nn.Module, blocks_name: str, bidx: int, lnames: list[str], X: torch.Tensor, Y: torch.Tensor,
@@ -170,46 +238,23 @@ def quantize_block(
     tb = time.perf_counter()
     errors: dict[str, float] = {}
     linears = {n: model.get_submodule(n) for n in lnames}
-    groups, H, tokens = collect_hessians(block, linears, X, kwargs_per_batch, bs, Y, dtype=cast)
     params: dict[str, LCWeight] = {}
-    # MoE experts the router sent fewer tokens than they have inputs (none, or a few): their Hessian
-    # is rank-deficient, and a fit to it would weigh a few directions and leave the rest to the
-    # damping; they get the data-free init (an identity Hessian), said here and in the report.
-    # (A dense linear sees every calibration token: its count is the config's choice.)
-    experts = {n for n in lnames if isinstance(model.get_submodule(n.rsplit(".", 2)[0]), ExpertLinears)}
-    unreached = [n for n in lnames if n not in groups or (n in experts and tokens[n] < linears[n].in_features)]
-    if unreached:
-        logger.warning("lcqat PTQ: block %d: %d linear(s) received fewer calibration tokens than their inputs "
-                       "(experts the router rarely or never picked) and use the data-free init: %s", bidx,
-                       len(unreached), ", ".join(f"{n} ({tokens.get(n, 0)})" for n in unreached[:4])
-                       + (" ..." if len(unreached) > 4 else ""))
-        for n in unreached:
-            plan_in, plan_out = rotation_plans(linears[n], cfg)
-            result = init_data_free(linears[n].weight.detach(), layer_spec(cfg, plan_in, plan_out, n))
-            params[n], errors[n] = result.weight, result.error
-            tokens.setdefault(n, 0)
-    # The per-layer loops and the one-sample fine-tuning steps are many small ops: one thread
-    # avoids OpenMP synchronisation costs that dominate them (~10x on a busy 2-core machine).
+    tokens: dict[str, int] = {}
+    # The PTQ step and the one-sample fine-tuning steps are many small ops: one thread avoids
+    # OpenMP synchronisation costs that dominate them (~10x on a busy 2-core machine); the block
+    # forwards that collect the Hessians run with all threads.
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     try:
-        # Widest inputs first: their Hessians (1.6 GB in float64 for a 14336-wide down_proj) are
-        # then gone before the other layers' work. Layers are quantized independently (each
-        # from its own Hessian and seed), so the order changes nothing else. A group's Hessian
-        # goes to its last linear, which transforms it in place.
-        by_width = sorted((n for n in lnames if n not in unreached), key=lambda n: -linears[n].weight.shape[1])
-        last_of_group = {groups[n]: n for n in by_width}
-        for n in tqdm(by_width, desc="lcqat PTQ: quantize", leave=False):
-            lin = linears[n]
-            plan_in, plan_out = rotation_plans(lin, cfg)
-            g = groups[n]
-            h = [H.pop(g).cpu()] if last_of_group[g] == n else H[g].cpu()
-            result = quantize_weight_ptq(lin.weight.detach().cpu(), h, layer_spec(cfg, plan_in, plan_out, n),
-                                         refine_passes=cfg.ptq_refine_passes, damp=cfg.ptq_damp)
-            params[n], errors[n] = result.weight, result.error
+        for part in hessian_passes(model, lnames, linears):
+            torch.set_num_threads(threads)
+            groups, H, part_tokens = collect_hessians(block, {n: linears[n] for n in part}, X, kwargs_per_batch, bs, Y,
+                                                      dtype=cast)
+            tokens.update(part_tokens)
+            torch.set_num_threads(1)
+            _quantize_pass(model, bidx, part, linears, groups, H, tokens, cfg, params, errors)
+            del H
         errors = {n: errors[n] for n in lnames}
         tokens = {n: tokens[n] for n in lnames}
-        del H
         tq = time.perf_counter()
         # Block fine-tuning with differentiable stand-ins (float32), then the real LC layers.
         tunables = {}

@@ -168,6 +168,41 @@ class SourceCheckpoint:
         return t if dtype is None or not t.is_floating_point() else t.to(dtype)
 
 
+class ModelTensors:
+    """The source's tensors by the model's names (:mod:`optimum_lcqat.source_keys`: transformers'
+    renamings, and a mixture-of-experts layer's per-expert pieces concatenated for its
+    ExpertLinears); ``read`` reads only the pieces of the one tensor asked for."""
+
+    def __init__(self, source: SourceCheckpoint, model: nn.Module, expert_modules: list[str]):
+        from .source_keys import model_tensor_sources
+
+        self.source = source
+        self.sources = model_tensor_sources(model, source.entries, expert_modules)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.sources
+
+    def keys(self):
+        return self.sources.keys()
+
+    def shape(self, key: str) -> tuple:
+        parts = self.sources[key].parts
+        shapes = [self.source.entries[fk][2][1:] if e is not None else self.source.entries[fk][2] for fk, e in parts]
+        return (sum(sh[0] for sh in shapes), *shapes[0][1:])
+
+    def read(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        parts = self.sources[key].parts
+        if len(parts) == 1 and parts[0][1] is None:
+            return self.source.read(parts[0][0], dtype)
+        # the pieces are cast one by one, so that no second full-size copy is made of a fused source
+        pieces = []
+        for fk, e in parts:
+            t = self.source.read(fk)
+            pieces.append((t[e] if e is not None else t).to(dtype if dtype is not None else t.dtype))
+            del t
+        return pieces[0].clone() if len(pieces) == 1 else torch.cat(pieces)
+
+
 # ---------------------------------------------------------------------------------------------
 # Skeleton
 # ---------------------------------------------------------------------------------------------
@@ -221,11 +256,12 @@ def _config_without_int8_head(model, cfg: LCQATConfig):
         model.config.quantization_config = cfg
 
 
-def _packed(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The tensors ``state`` as the quantizer saves them (the same function, checkpoint.packed_state_dict)."""
+def _packed(model, state: dict[str, torch.Tensor], file_key) -> dict[str, torch.Tensor]:
+    """The tensors ``state`` as the quantizer saves them (the same function, checkpoint.packed_state_dict),
+    under the names ``file_key`` gives them in the files."""
     with ckpt.saving_gathered_state_dict(state):
         out = ckpt.packed_state_dict(model)
-    return {k: v.detach().contiguous() for k, v in out.items()}
+    return {file_key(k): v.detach().contiguous() for k, v in out.items()}
 
 
 def _write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict) -> int:
@@ -316,14 +352,19 @@ def quantize_streaming(
         raise FileExistsError(f"{out} already exists; choose another output or pass --overwrite")
     source = SourceCheckpoint(src)  # every check before any work
     model = _skeleton(source, dtype)
-    from .convert import NoConvertibleLayerError, convertible_linears
+    from .convert import NoConvertibleLayerError, convertible_linears, unfuse_experts
     from .nn.expert_linears import fused_experts_layout_problem
+    from .source_keys import file_key_renamer
 
-    moe = [n for n, m in model.named_modules() if fused_experts_layout_problem(m) != ""]
-    if moe:
-        raise StreamingError(f"streaming PTQ does not take mixture-of-experts models yet ({moe[0]} holds fused experts; "
-                             "their per-expert checkpoint keys are not streamed): quantize it in memory (--in-memory)")
     skip = default_modules_to_not_convert(model, cfg)
+    expert_modules = unfuse_experts(model, skip)  # per-expert linears; their pieces are read per expert below
+    left = [n for n, m in model.named_modules() if fused_experts_layout_problem(m) != ""]
+    if left:
+        raise StreamingError(f"streaming PTQ cannot read the fused experts of {left[0]} ({type(model.get_submodule(left[0])).__name__}: "
+                             f"{fused_experts_layout_problem(model.get_submodule(left[0])) or 'kept dense'}); "
+                             "quantize it in memory (--in-memory)")
+    tensors_of = ModelTensors(source, model, expert_modules)
+    file_key = file_key_renamer(model)  # the output's keys are those transformers' save_pretrained writes
     names = convertible_linears(model, cfg, skip)
     if not names:
         raise NoConvertibleLayerError("lcqat: this model has no linear layer to convert")
@@ -336,7 +377,7 @@ def quantize_streaming(
         )
     expected = set(model.state_dict().keys())
     tied = _tied_targets(model)
-    missing = sorted(k for k in expected - set(source.entries) if k not in tied)
+    missing = sorted(k for k in expected - set(tensors_of.keys()) if k not in tied)
     if missing:
         raise StreamingError(
             f"{source.path}: {len(missing)} tensor(s) of this {type(model).__name__} are not in the checkpoint "
@@ -355,16 +396,16 @@ def quantize_streaming(
     # --- calibration inputs (embeddings only) ---
     samples = ptq_samples(model, cfg)
     bs = cfg.ptq_batch_size
-    capture_keys = [k for k in rest_keys if not (head_name and k.startswith(head_name + ".")) and k in source.entries]
+    capture_keys = [k for k in rest_keys if not (head_name and k.startswith(head_name + ".")) and k in tensors_of]
     for k in capture_keys:
-        _set_tensor(model, k, source.read(k, dtype))
+        _set_tensor(model, k, tensors_of.read(k, dtype))
     # the embeddings run on the CPU; the block kwargs (rotary tables, masks) go to the blocks' device
     from accelerate.utils import send_to_device
 
     X0, kwargs_per_batch = capture_block_inputs(model, blocks[0], samples, bs, torch.device("cpu"))
     kwargs_per_batch = [send_to_device(kw, device) for kw in kwargs_per_batch]
     for k in capture_keys:  # dropped until the last shard is written
-        _set_tensor(model, k, torch.empty(source.entries[k][2], dtype=dtype, device="meta"))
+        _set_tensor(model, k, torch.empty(tensors_of.shape(k), dtype=dtype, device="meta"))
     gc.collect()
     act_dtype = activation_dtype or dtype
     fp = _fingerprint(source, cfg, samples, dtype, act_dtype)
@@ -400,11 +441,11 @@ def quantize_streaming(
     # The rest (embeddings, final norm, lm_head) is written at the end, a large tensor to a shard
     # of its own so that only one is in memory at a time. A tied lm_head is saved only as int8.
     tied_src = getattr(model, "all_tied_weights_keys", None) or {}
-    rest_src = {k: k for k in rest_keys if k in source.entries and k not in tied_src}
+    rest_src = {k: k for k in rest_keys if k in tensors_of and k not in tied_src}
     if cfg.lm_head_int8:
-        rest_src.update({t: s for t, s in tied_src.items() if t in expected and s in source.entries})
+        rest_src.update({t: s for t, s in tied_src.items() if t in expected and s in tensors_of})
     itemsize = torch.empty(0, dtype=dtype).element_size()
-    big = [[k] for k in rest_keys if k in rest_src and math.prod(source.entries[rest_src[k]][2]) * itemsize > 2**28]
+    big = [[k] for k in rest_keys if k in rest_src and math.prod(tensors_of.shape(rest_src[k])) * itemsize > 2**28]
     small = [k for k in rest_keys if k in rest_src and [k] not in big]
     rest_groups = ([small] if small else []) + big
     nshards = nblocks + len(rest_groups)
@@ -422,7 +463,7 @@ def quantize_streaming(
         tb = time.perf_counter()
         prefix = f"{blocks_name}.{bidx}"
         for k in block_keys[bidx]:
-            _set_tensor(model, k, source.read(k, dtype))
+            _set_tensor(model, k, tensors_of.read(k, dtype))
         block = model.get_submodule(prefix)
         block.to(device)  # its parameters and the buffers made at construction
         left = [n for n, b in block.named_buffers() if b.is_meta]
@@ -434,7 +475,7 @@ def quantize_streaming(
         X, Y = Y, X  # Y now holds the next block's input
         x_file, y_file = y_file, x_file
         with _config_without_int8_head(model, cfg):
-            tensors = _packed(model, block.state_dict(prefix=prefix + "."))
+            tensors = _packed(model, block.state_dict(prefix=prefix + "."), file_key)
         fname = shard_name(bidx + 1, nshards)
         progress["total_size"] += _write_shard(work / fname, tensors, meta)
         progress["weight_map"].update({k: fname for k in tensors})
@@ -460,7 +501,7 @@ def quantize_streaming(
     for gi, group in enumerate(rest_groups):
         head_key = f"{head_name}.weight" if head_name else None
         with contextlib.nullcontext() if head_key in group else _config_without_int8_head(model, cfg):
-            tensors = _packed(model, {k: source.read(rest_src[k], dtype) for k in group})
+            tensors = _packed(model, {k: tensors_of.read(rest_src[k], dtype) for k in group}, file_key)
         fname = shard_name(nblocks + gi + 1, nshards)
         progress["total_size"] += _write_shard(work / fname, tensors, meta)
         progress["weight_map"].update({k: fname for k in tensors})

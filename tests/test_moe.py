@@ -136,6 +136,34 @@ def test_ptq_hessian_per_expert_and_unreached_experts_data_free(tmp_path, caplog
     assert isinstance(unreached, LCLinear) and torch.isfinite(unreached.s_u).all()
 
 
+def test_expert_hessians_in_passes_give_the_same_codes(tmp_path, monkeypatch):
+    """With a Hessian budget of one expert, each expert projection gets a pass (a forward of the
+    block) of its own; the checkpoint is bit for bit the one-pass one (same inputs, same seeds)."""
+    from optimum_lcqat import quant_api
+
+    tok = tf.AutoTokenizer.from_pretrained(smollm2_path())
+    fp_dir = tiny_moe("qwen3_moe", tmp_path, vocab=len(tok))
+    kw = dict(dataset=split_texts("calibration"), tokenizer=tok, num_samples=4, model_seqlen=32, hadamard_block_size=32,
+              ptq_e2e_steps=0, ptq_finetune_steps=2, ptq_batch_size=2)
+    states, passes = [], []
+    real = quant_api.hessian_passes
+
+    def counted(*a):
+        out = real(*a)
+        passes.append(len(out))
+        return out
+
+    monkeypatch.setattr(quant_api, "hessian_passes", counted)
+    for budget in (1 << 30, 1):
+        monkeypatch.setattr(quant_api, "EXPERT_HESSIAN_BYTES_PER_PASS", budget)
+        model = tf.AutoModelForCausalLM.from_pretrained(fp_dir, dtype=torch.float32)
+        quantize(model, LCQATConfig(**kw))
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+    assert passes == [1] * LAYERS + [2 * E] * LAYERS  # a pass per expert projection (the first with the dense linears)
+    assert sorted(states[0]) == sorted(states[1])
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
 def test_qwen3_30b_a3b_block_is_at_most_2_1_bits_per_weight():
     """What the conversion makes of a decoder block with Qwen3-30B-A3B's shapes (on the meta device:
     which matrices convert, at the LC storage cost of each; the router stays bf16): <= 2.1 bits
@@ -161,14 +189,43 @@ def test_qwen3_30b_a3b_block_is_at_most_2_1_bits_per_weight():
     assert bits / weights <= 2.1, bits / weights
 
 
-def test_streaming_ptq_refuses_moe_with_the_way_out(tmp_path):
-    from optimum_lcqat.streaming import StreamingError, quantize_streaming
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_streaming_ptq_equals_in_memory(arch, tmp_path):
+    """Streaming PTQ reads each expert's pieces from the per-expert keys transformers saves (Mixtral's
+    under its own names: block_sparse_moe, w1/w3/w2), one block at a time, and writes the very
+    checkpoint the in-memory PTQ saves, bit for bit; it loads back as an lcqat MoE."""
+    import json
 
-    fp_dir = tiny_moe("qwen3_moe", tmp_path)
-    cfg = LCQATConfig(dataset=["some calibration text"] * 4, tokenizer=smollm2_path(), num_samples=2, model_seqlen=16)
-    with pytest.raises(StreamingError, match=r"mixture-of-experts.*--in-memory"):
-        quantize_streaming(fp_dir, tmp_path / "out", cfg)
-    assert not (tmp_path / "out").exists()
+    from optimum_lcqat.streaming import quantize_streaming
+
+    tok = tf.AutoTokenizer.from_pretrained(smollm2_path())
+    fp_dir = tiny_moe(arch, tmp_path, vocab=len(tok))
+    with safe_open(str(fp_dir / "model.safetensors"), "pt") as f:  # what a stock checkpoint holds
+        assert any(".experts.0." in k for k in f.keys()) and not any("gate_up_proj" in k for k in f.keys())
+    kw = dict(dataset=split_texts("calibration"), tokenizer=tok, num_samples=4, model_seqlen=32, hadamard_block_size=32,
+              ptq_e2e_steps=0, ptq_finetune_steps=2, ptq_batch_size=2)
+    mem = tf.AutoModelForCausalLM.from_pretrained(fp_dir, dtype=torch.float32, quantization_config=LCQATConfig(**kw))
+    mem.save_pretrained(tmp_path / "mem")
+    rep = quantize_streaming(fp_dir, tmp_path / "str", LCQATConfig(**kw), activation_dtype=None)
+    assert rep["blocks"] == LAYERS
+    files = {d: sorted((tmp_path / d).glob("*.safetensors")) for d in ("mem", "str")}
+    tensors = {}
+    for d, paths in files.items():
+        tensors[d] = {}
+        for path in paths:
+            with safe_open(str(path), "pt") as f:
+                tensors[d].update({k: f.get_tensor(k) for k in f.keys()})
+    assert sorted(tensors["mem"]) == sorted(tensors["str"])
+    assert sum(".experts.gate_up." in k and k.endswith(".codes") for k in tensors["str"]) == LAYERS * E
+    diff = [k for k in tensors["mem"] if not torch.equal(tensors["mem"][k], tensors["str"][k])]
+    assert not diff, diff[:5]
+    mem_cfg, str_cfg = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("mem", "str"))
+    assert mem_cfg["quantization_config"] == str_cfg["quantization_config"]
+    again = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "str", dtype=torch.float32)
+    assert len(expert_modules(again)) == LAYERS
+    ids = torch.randint(0, len(tok), (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, mem(ids).logits)
 
 
 def test_memory_plan_counts_the_experts_and_their_hessians():
@@ -185,6 +242,14 @@ def test_memory_plan_counts_the_experts_and_their_hessians():
     dense = mp.ModelShape(**{**shape.__dict__, "experts": 0, "expert_width": 0})
     qcfg = LCQATConfig(dataset=["x"], tokenizer=smollm2_path())
     assert mp._block_compute(shape, qcfg) - mp._block_compute(dense, qcfg) == E * (H * H + I * I) * 8
+    # a 30B-A3B block's 128 experts take their Hessians in passes of at most ~1 GiB
+    with torch.device("meta"):
+        big = mp.ModelShape.from_pretrained_config(tf.Qwen3MoeConfig(
+            hidden_size=2048, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8, num_hidden_layers=1,
+            num_attention_heads=32, num_key_value_heads=4, head_dim=128, vocab_size=1024))
+    big_dense = mp.ModelShape(**{**big.__dict__, "experts": 0, "expert_width": 0})
+    per_expert = (2048**2 + 768**2) * 8
+    assert mp._block_compute(big, qcfg) - mp._block_compute(big_dense, qcfg) == (1 << 30) + per_expert
 
 
 def test_ddp_is_told_of_experts_without_tokens(tmp_path):
