@@ -339,7 +339,7 @@ def quantize_streaming(
     ``device``: where each block computes (its Hessians, fine-tuning and propagation), e.g.
     ``"cuda"``; only the current block and one batch of activations go there, the activations
     stay in host memory, and the per-layer code search runs on the CPU either way. Default CPU.
-    Returns a report dict (seconds, peak RSS, per-block seconds and errors)."""
+    Returns a report dict (seconds, peak RSS, per-block seconds, errors, calibration tokens per layer)."""
     t0 = time.perf_counter()
     cfg = config
     if not cfg.uses_calibration:
@@ -470,7 +470,7 @@ def quantize_streaming(
         if left:
             raise StreamingError(f"streaming PTQ: {prefix} has buffers not in the checkpoint ({left}); use --in-memory")
         lnames = [n for n in names if n.startswith(prefix + ".")]
-        errs, mse, _ = quantize_block(model, blocks_name, bidx, lnames, X, Y, kwargs_per_batch, cfg,
+        errs, mse, layer_tokens = quantize_block(model, blocks_name, bidx, lnames, X, Y, kwargs_per_batch, cfg,
                               device=device, dtype=dtype, out=Y)
         X, Y = Y, X  # Y now holds the next block's input
         x_file, y_file = y_file, x_file
@@ -490,6 +490,7 @@ def quantize_streaming(
         progress["x_file"] = x_file
         progress["block_seconds"][str(bidx)] = secs
         progress["errors"].update(errs)
+        progress.setdefault("tokens", {}).update(layer_tokens)  # calibration tokens per layer (experts: routed)
         progress["block_mse"][str(bidx)] = list(mse)
         _write_json(prog_path, progress)
         bar.block_done(bidx, secs)
@@ -536,7 +537,7 @@ def quantize_streaming(
     return {
         "seconds": secs, "peak_rss_bytes": peak, "blocks": nblocks, "resumed_at": start,
         "block_seconds": {int(k): v for k, v in progress["block_seconds"].items()},
-        "errors": progress["errors"], "block_mse": progress["block_mse"], "e2e": e2e,
+        "errors": progress["errors"], "block_mse": progress["block_mse"], "tokens": progress.get("tokens", {}), "e2e": e2e,
     }
 
 

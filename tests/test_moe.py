@@ -208,6 +208,7 @@ def test_streaming_ptq_equals_in_memory(arch, tmp_path):
     mem.save_pretrained(tmp_path / "mem")
     rep = quantize_streaming(fp_dir, tmp_path / "str", LCQATConfig(**kw), activation_dtype=None)
     assert rep["blocks"] == LAYERS
+    assert rep["tokens"] == mem._lcqat_ptq_report.tokens  # routed calibration tokens per expert, as in memory
     files = {d: sorted((tmp_path / d).glob("*.safetensors")) for d in ("mem", "str")}
     tensors = {}
     for d, paths in files.items():

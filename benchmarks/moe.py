@@ -1,0 +1,271 @@
+"""Mixture-of-experts benchmark (issue #30): Qwen3-30B-A3B's shapes at reduced depth.
+
+A random Qwen3-MoE with the shapes of Qwen3-30B-A3B (hidden 2048, 128 experts of width 768,
+top-8, 32 query / 4 key-value heads of 128) but ``--blocks`` decoder blocks instead of 48; the
+per-block figures are measured and the whole model's are extrapolated from them (said in the table).
+
+1. **Decode, batch 1, in transformers**: the dense bf16 model (transformers' own experts
+   implementation, the default ``grouped_mm``) against the same weights converted to LC-QAT 2-bit
+   (data-free init: decode speed does not depend on how the codes were found), in one process,
+   rounds interleaved. Timed: the decoder blocks (``model.model``: embedding lookup, blocks, final
+   norm) for one new token after a ``--prompt``-token prompt, median over the steps of a round
+   and over rounds; tokens/s per block and for 48 blocks. The output head is left out of both
+   (it is the same dense matrix, 151936 x 2048, whichever the blocks are; its own time is
+   printed once).
+2. **Memory**: the bytes of one block as served (dense bf16; LC: the packed tensors of the
+   checkpoint), bits per weight, and the whole 2-bit model (48 blocks, bf16 embedding, int8 head)
+   against bf16.
+3. **Streaming PTQ of one block** (``--ptq``): a 1-block checkpoint (bf16, SmolLM2's tokenizer and
+   vocabulary) through ``quantize_streaming`` in a child process (its own peak RSS), the default
+   calibration (``--samples`` x 512 tokens of the calibration split), no end-to-end stage (it is a
+   whole-model stage). Reported: seconds and peak RSS for the block, routed tokens per expert,
+   experts left to the data-free init.
+
+vLLM: the plugin has no fused-MoE method yet (it refuses MoE layers); its column waits for it.
+
+    PYTHONPATH=. python -P benchmarks/moe.py                # decode + memory (~12 minutes)
+    PYTHONPATH=. python -P benchmarks/moe.py --ptq          # + streaming PTQ of a block (~40 minutes)
+
+Writes benchmarks/results/moe.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import RESULTS, environment, md_env, write  # noqa: E402
+
+from optimum_lcqat import LCQATConfig, quantize  # noqa: E402
+from optimum_lcqat.init.ptq_blocks import peak_rss_bytes  # noqa: E402
+
+FULL_DEPTH, FULL_VOCAB = 48, 151936
+
+
+def a3b_config(blocks: int, vocab: int):
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(
+        vocab_size=vocab, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
+        num_experts_per_tok=8, norm_topk_prob=True, num_hidden_layers=blocks, num_attention_heads=32,
+        num_key_value_heads=4, head_dim=128, max_position_embeddings=4096, tie_word_embeddings=False,
+    )
+
+
+def random_model(blocks: int, vocab: int, dtype=torch.bfloat16):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(a3b_config(blocks, vocab), dtype=dtype).eval()
+    with torch.no_grad():  # a router with the spread of a trained one: not every token to the same experts
+        for n, p in model.named_parameters():
+            if n.endswith("mlp.gate.weight"):
+                p.normal_(0, 0.05)
+    return model
+
+
+@torch.no_grad()
+def decode_round(model, prompt: torch.Tensor, steps: int) -> list[float]:
+    """Seconds of each of ``steps`` one-token forwards of the decoder blocks after ``prompt``."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    base = model.model
+    out = base(input_ids=prompt, past_key_values=cache, use_cache=True)
+    nxt = model.lm_head(out.last_hidden_state[:, -1:]).argmax(-1)
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        out = base(input_ids=nxt, past_key_values=cache, use_cache=True)
+        times.append(time.perf_counter() - t)
+        nxt = model.lm_head(out.last_hidden_state[:, -1:]).argmax(-1)
+    return times
+
+
+def block_bytes(model, lc: bool) -> int:
+    """Bytes of decoder block 0 as served: dense, its parameters; LC, its packed checkpoint tensors."""
+    if not lc:
+        return sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
+    from optimum_lcqat import checkpoint as ckpt
+
+    state = ckpt.packed_state_dict(model)
+    return sum(v.numel() * v.element_size() for k, v in state.items() if k.startswith("model.layers.0."))
+
+
+_PTQ_CHILD = r"""
+import json, sys, torch
+from transformers import AutoTokenizer
+from optimum_lcqat import LCQATConfig
+from optimum_lcqat.data import split_texts
+from optimum_lcqat.init.ptq_blocks import peak_rss_bytes
+from optimum_lcqat.streaming import quantize_streaming
+src, out, samples = sys.argv[1], sys.argv[2], int(sys.argv[3])
+tok = AutoTokenizer.from_pretrained(src)
+cfg = LCQATConfig(dataset=split_texts("calibration"), tokenizer=tok, num_samples=samples, model_seqlen=512, ptq_e2e_steps=0)
+rep = quantize_streaming(src, out, cfg)
+print("RESULT " + json.dumps({"peak_rss_bytes": peak_rss_bytes(), "seconds": rep["seconds"],
+                              "block_seconds": rep["block_seconds"], "tokens": rep["tokens"], "errors": rep["errors"]}))
+"""
+
+
+def streaming_ptq_block(samples: int, log) -> dict:
+    hidden = a3b_config(1, 1).hidden_size  # an expert's gate_up input: fewer routed tokens than this -> data-free
+    from optimum_lcqat.assets import smollm2_path
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_path())
+    with tempfile.TemporaryDirectory(prefix="moe_bench_") as tmp:
+        src = os.path.join(tmp, "src")
+        model = random_model(1, len(tok))
+        model.save_pretrained(src)
+        tok.save_pretrained(src)
+        del model
+        log(f"streaming PTQ of one block ({samples} x 512 calibration tokens) in a child process ...")
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(__import__("optimum_lcqat").__file__))]
+                                            + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        t = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-P", "-c", _PTQ_CHILD, src, os.path.join(tmp, "out"), str(samples)],
+                              capture_output=True, text=True, env=env)
+        wall = time.perf_counter() - t
+        if proc.returncode != 0:
+            raise RuntimeError(f"streaming PTQ child failed ({proc.returncode}): {proc.stderr[-3000:]}")
+        res = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    experts = {k: v for k, v in res["tokens"].items() if ".experts." in k and ".gate_up." in k}
+    counts = sorted(experts.values())
+    res.update(wall_seconds=wall, samples=samples, expert_tokens_min=counts[0], expert_tokens_median=statistics.median(counts),
+               expert_tokens_max=counts[-1], experts_data_free=sum(c < hidden for c in counts), experts=len(counts))
+    del res["tokens"], res["errors"]
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--blocks", type=int, default=2)
+    ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=8, help="decode steps per round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--ptq", action="store_true", help="also the streaming PTQ of one block (~30 minutes)")
+    ap.add_argument("--samples", type=int, default=128, help="calibration samples (x 512 tokens) of the PTQ")
+    ap.add_argument("--name", default="moe")
+    args = ap.parse_args()
+    t0 = time.time()
+
+    def log(msg):
+        print(f"[{time.time() - t0:7.1f}s] {msg}", flush=True)
+
+    env = environment()
+    vocab = 8192  # the embedding lookup only; the head is timed apart (FULL_VOCAB)
+    dense = random_model(args.blocks, vocab)
+    lc = copy.deepcopy(dense)
+    log(f"converting {args.blocks} block(s) to LC-QAT 2-bit (data-free init) ...")
+    tq = time.perf_counter()
+    quantize(lc, LCQATConfig())
+    convert_s = time.perf_counter() - tq
+    log(f"converted in {convert_s:.0f}s")
+    weights = sum(p.numel() for p in dense.model.layers[0].parameters() if p.dim() >= 2)
+    lc_bytes, dense_bytes = block_bytes(lc, True), block_bytes(dense, False)
+
+    prompt = torch.randint(0, vocab, (1, args.prompt), generator=torch.Generator().manual_seed(1))
+    rounds = {"dense bf16": [], "LC-QAT 2-bit": []}
+    for r in range(args.rounds):
+        for name, model in (("dense bf16", dense), ("LC-QAT 2-bit", lc)):
+            times = decode_round(model, prompt, args.steps)
+            rounds[name].append(statistics.median(times))
+            log(f"round {r}: {name} {1e3 * rounds[name][-1]:.2f} ms / token ({args.blocks} blocks)")
+    head = torch.randn(FULL_VOCAB, 2048, dtype=torch.bfloat16)
+    x = torch.randn(1, 2048, dtype=torch.bfloat16)
+    F.linear(x, head)
+    th = []
+    for _ in range(5):
+        t = time.perf_counter()
+        F.linear(x, head)
+        th.append(time.perf_counter() - t)
+    head_s = statistics.median(th)
+    del head
+    decode = {}
+    for name, vals in rounds.items():
+        per_token = statistics.median(vals)
+        per_block = per_token / args.blocks
+        decode[name] = {"seconds_per_token_measured": per_token, "seconds_per_block": per_block,
+                        "block_tokens_per_s": 1 / per_block, "blocks_48_tokens_per_s": 1 / (FULL_DEPTH * per_block),
+                        "with_bf16_head_48_tokens_per_s": 1 / (FULL_DEPTH * per_block + head_s)}
+    speedup = decode["dense bf16"]["seconds_per_block"] / decode["LC-QAT 2-bit"]["seconds_per_block"]
+    decode_peak = peak_rss_bytes()
+
+    embed = FULL_VOCAB * 2048 * 2
+    head_int8 = FULL_VOCAB * 2048 + FULL_VOCAB * 4
+    memory = {
+        "block_weights": weights, "block_bytes_dense_bf16": dense_bytes, "block_bytes_lc": lc_bytes,
+        "block_bits_per_weight_lc": 8 * lc_bytes / weights,
+        "model_bytes_bf16": FULL_DEPTH * dense_bytes + 2 * embed,
+        "model_bytes_lc": FULL_DEPTH * lc_bytes + embed + head_int8,
+    }
+    ptq = streaming_ptq_block(args.samples, log) if args.ptq else None
+
+    payload = {"environment": env, "shapes": "Qwen3-30B-A3B (hidden 2048, 128 experts x 768, top-8, 32/4 heads x 128)",
+               "blocks_measured": args.blocks, "full_depth": FULL_DEPTH, "prompt": args.prompt, "steps": args.steps,
+               "rounds": {k: v for k, v in rounds.items()}, "decode": decode, "lc_speedup_per_block": speedup,
+               "head_bf16_seconds": head_s, "convert_data_free_seconds": convert_s,
+               "decode_process_peak_rss_bytes": decode_peak, "memory": memory, "streaming_ptq_block": ptq,
+               "vllm": "not measured: the vLLM plugin has no fused-MoE method yet (it refuses MoE layers)"}
+    gib = 2**30
+    md = [f"# MoE: Qwen3-30B-A3B shapes, {args.blocks} blocks measured, 48 extrapolated\n", md_env(env),
+          f"- decode: batch 1, {args.prompt}-token prompt, median of {args.steps} steps x {args.rounds} interleaved rounds; "
+          f"the decoder blocks only (the 151936 x 2048 head is the same for both: {1e3 * head_s:.1f} ms in bf16)",
+          f"- LC weights: data-free init ({convert_s:.0f} s for {args.blocks} blocks); process peak RSS {decode_peak / gib:.2f} GiB\n",
+          "| transformers, batch 1 | ms / block | tokens/s, 1 block | tokens/s, 48 blocks | with bf16 head |",
+          "|---|---|---|---|---|"]
+    for name, d in decode.items():
+        md.append(f"| {name} | {1e3 * d['seconds_per_block']:.2f} | {d['block_tokens_per_s']:.1f} | "
+                  f"{d['blocks_48_tokens_per_s']:.2f} | {d['with_bf16_head_48_tokens_per_s']:.2f} |")
+    md += [f"\nLC-QAT / dense bf16 decode speed per block: **{speedup:.2f}x** (target >= 2x)\n",
+           "| memory | one block | bits / weight | whole model (48 blocks, embedding bf16; head bf16 / int8) |", "|---|---|---|---|",
+           f"| dense bf16 | {dense_bytes / 2**20:.0f} MiB | 16 | {memory['model_bytes_bf16'] / 1e9:.2f} GB |",
+           f"| LC-QAT 2-bit | {lc_bytes / 2**20:.0f} MiB | {memory['block_bits_per_weight_lc']:.3f} | "
+           f"{memory['model_bytes_lc'] / 1e9:.2f} GB (target < 9 GB) |"]
+    if ptq:
+        md += ["\n| streaming PTQ, one block | seconds | peak RSS | 48 blocks (extrapolated) | routed tokens per expert (min / median / max) | experts data-free |",
+               "|---|---|---|---|---|---|",
+               f"| {ptq['samples']} x 512 calibration tokens | {ptq['block_seconds']['0']:.0f} | {ptq['peak_rss_bytes'] / gib:.2f} GiB "
+               f"(target < 6) | {FULL_DEPTH * ptq['block_seconds']['0'] / 3600:.1f} h | {ptq['expert_tokens_min']} / "
+               f"{ptq['expert_tokens_median']:.0f} / {ptq['expert_tokens_max']} | {ptq['experts_data_free']} of {ptq['experts']} |"]
+    md.append(f"\nvLLM CPU: {payload['vllm']}.\n")
+    text = "\n".join(md)
+    print(text)
+    write(args.name, payload, text)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        from optimum_lcqat._atomic import atomic_path
+
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+        names = list(decode)
+        axes[0].bar(names, [decode[n]["block_tokens_per_s"] for n in names], color=["#888", "#2a7"])
+        axes[0].set_title("batch-1 decode, one A3B block (tokens/s)")
+        axes[1].bar(names, [memory["model_bytes_bf16"] / 1e9, memory["model_bytes_lc"] / 1e9], color=["#888", "#2a7"])
+        axes[1].set_title("whole model, GB")
+        fig.tight_layout()
+        with atomic_path(os.path.join(RESULTS, f"{args.name}.png")) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+    except ImportError:
+        log("matplotlib missing: no PNG")
+    log(f"wrote {RESULTS}/{args.name}.{{json,md,png}}")
+
+
+if __name__ == "__main__":
+    main()
