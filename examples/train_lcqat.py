@@ -74,6 +74,7 @@ def main(argv=None):
 
     import optimum_lcqat  # noqa: F401  (registers lcqat)
     from optimum_lcqat import LCQATConfig
+    from optimum_lcqat.nn.expert_linears import ExpertLinears
     from optimum_lcqat.training import LCQATTrainer, steps_for_token_budget
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -100,7 +101,8 @@ def main(argv=None):
         save_strategy="steps" if a.save_steps else "no", save_steps=a.save_steps or 500, disable_tqdm=True,
         use_cpu=on_cpu, dataloader_num_workers=0, include_num_input_tokens_seen="all",
         ddp_backend="gloo" if world > 1 and on_cpu else None,
-        ddp_find_unused_parameters=False,
+        # a MoE expert no token of a rank's batch reached has no gradient there: DDP must look for them
+        ddp_find_unused_parameters=any(isinstance(m, ExpertLinears) for m in model.modules()),
         **({"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2}} if a.fsdp else {}),
     )
     teacher = AutoModelForCausalLM.from_pretrained(a.kd_teacher, dtype=torch.float32) if a.kd_teacher else None

@@ -38,8 +38,8 @@ def unfuse_experts(model: nn.Module, skip: list[str]) -> list[str]:
         elif problem:
             refused.setdefault(type(module).__name__, problem)
     for cls, why in refused.items():
-        logger.warning("lcqat: the experts of %s stay dense (%s); only the layout of Qwen3-MoE, Mixtral, OLMoE and "
-                       "Qwen2-MoE is converted so far.", cls, why)
+        logger.warning("lcqat: the experts of %s stay dense (%s); the layouts converted are those of Qwen3-MoE, "
+                       "Mixtral, OLMoE, Qwen2-MoE and gpt-oss.", cls, why)
     return names
 
 

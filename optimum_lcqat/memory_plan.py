@@ -47,6 +47,7 @@ class ModelShape:
     vocab: int
     experts: int = 0  # MoE: experts per block (their projections count in linear_weights)
     expert_width: int = 0  # MoE: an expert's intermediate size
+    attention_width: int = 0  # heads x head_dim, the attention output's width (0: the hidden size)
 
     @classmethod
     def of(cls, model) -> "ModelShape":
@@ -65,6 +66,8 @@ class ModelShape:
         hidden = getattr(cfg, "hidden_size", None) or (emb.embedding_dim if emb is not None else 0)
         vocab = getattr(cfg, "vocab_size", None) or (emb.num_embeddings if emb is not None else 0)
         layers = getattr(cfg, "num_hidden_layers", None) or 1
+        heads = getattr(cfg, "num_attention_heads", None)
+        head_dim = getattr(cfg, "head_dim", None) or (hidden // heads if heads else 0)
         return cls(
             params=sum(p.numel() for p in model.parameters()),
             linear_weights=sum(m.weight.numel() for m in lin) + sum(g.numel() + d.numel() for g, d in expert_mats),
@@ -73,6 +76,7 @@ class ModelShape:
             hidden=hidden, layers=layers, vocab=vocab,
             experts=max((g[0] for g, _ in expert_mats), default=0),
             expert_width=max((d[2] for _, d in expert_mats), default=0),
+            attention_width=(heads * head_dim) if heads else 0,
         )
 
     @classmethod
@@ -132,11 +136,12 @@ def _training_step(shape: ModelShape, tokens: int, stage: str) -> int:
     per-block checkpointing, freed memory kept (see _STEP_CONSTANTS): the blocks' inputs and kept outputs, one block
     recomputed and one loss chunk (times the way's factor), and the LC layers' weight-sized temporaries."""
     from ._heap import planned_mode
-    from .nn.block_checkpointing import KEPT_VALUES_PER_TOKEN_AND_HIDDEN
+    from .nn.block_checkpointing import KEPT_ATTENTION_OUTPUTS
 
     factor, e2e_bytes, qat_bytes = _STEP_CONSTANTS["glibc" if planned_mode() == "glibc" else "cache"]
     # each block's input, and the attention output selective checkpointing keeps (nn.block_checkpointing)
-    inputs = (1 + KEPT_VALUES_PER_TOKEN_AND_HIDDEN) * shape.layers * tokens * shape.hidden * 4
+    attention = shape.attention_width or shape.hidden
+    inputs = shape.layers * tokens * (shape.hidden + KEPT_ATTENTION_OUTPUTS * attention) * 4
     block = _BLOCK_ACT_UNITS * tokens * (shape.hidden + shape.widest) * 4
     live = inputs + block + _loss_chunk(shape, tokens)
     return int(factor * live) + (e2e_bytes if stage == "e2e" else qat_bytes) * shape.linear_weights

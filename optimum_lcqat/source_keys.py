@@ -11,7 +11,9 @@ so each is made of that expert's pieces, read from the files and concatenated. T
 mapped with transformers' own ``rename_source_key`` (renamings, then at most one converter), so
 what counts as a piece is what the loader would have fused.
 
-Checkpoints that already hold the fused tensor (saved fused) give each expert its slice.
+Checkpoints that already hold the fused tensors (gpt-oss: ``experts.gate_up_proj`` [E, H, 2I],
+stored transposed, and ``experts.gate_up_proj_bias`` [E, 2I]) give each expert its slice, transposed
+back where the layout is, and its bias.
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ __all__ = ["TensorSource", "model_tensor_sources", "file_key_renamer"]
 @dataclass(frozen=True)
 class TensorSource:
     """One model tensor from the files: ``parts`` (file key, index into its first axis or None for
-    the whole tensor), concatenated on the first axis in this order."""
+    the whole tensor), concatenated on the first axis in this order; ``transposed``: each part is
+    stored [in, out] and is transposed when read."""
 
     parts: tuple[tuple[str, int | None], ...]
+    transposed: bool = False
 
 
 def _transforms(model: nn.Module):
@@ -58,9 +62,14 @@ def model_tensor_sources(model: nn.Module, file_keys, expert_modules: list[str])
 
     renamings, converters = _transforms(model)
     fused_to_linears = {}  # a fused parameter's model key -> the ModuleList of its per-expert linears
+    transposed, biases = set(), {}
     for name in expert_modules:
         fused_to_linears[f"{name}.gate_up_proj"] = f"{name}.gate_up"
         fused_to_linears[f"{name}.down_proj"] = f"{name}.down"
+        biases[f"{name}.gate_up_proj_bias"] = f"{name}.gate_up"
+        biases[f"{name}.down_proj_bias"] = f"{name}.down"
+        if getattr(model.get_submodule(name), "is_transposed", False):
+            transposed.update({f"{name}.gate_up", f"{name}.down"})
     pieces: dict[str, dict[int, list]] = {}
     out: dict[str, TensorSource] = {}
     for fk in file_keys:
@@ -72,6 +81,10 @@ def model_tensor_sources(model: nn.Module, file_keys, expert_modules: list[str])
             pieces[key][e][conv.source_patterns.index(pattern)] = fk
         elif key in fused_to_linears:  # saved fused: one slice per expert, filled in below
             pieces.setdefault(key, {})[-1] = [fk]
+        elif key in biases:  # saved fused biases: one row per expert
+            linears = biases[key]
+            for e in range(len(model.get_submodule(linears))):
+                out[f"{linears}.{e}.bias"] = TensorSource(((fk, e),))
         else:
             out[key] = TensorSource(((fk, None),))
     for fused, by_expert in pieces.items():
@@ -80,7 +93,7 @@ def model_tensor_sources(model: nn.Module, file_keys, expert_modules: list[str])
             fk = by_expert[-1][0]
             n = len(model.get_submodule(linears))
             for e in range(n):
-                out[f"{linears}.{e}.weight"] = TensorSource(((fk, e),))
+                out[f"{linears}.{e}.weight"] = TensorSource(((fk, e),), transposed=linears in transposed)
             continue
         for e, parts in by_expert.items():
             if any(p is None for p in parts):

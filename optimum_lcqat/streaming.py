@@ -154,8 +154,13 @@ class SourceCheckpoint:
     def fingerprint(self) -> list:
         return sorted((k, e[1], list(e[2]), e[0].name, e[4] - e[3]) for k, e in self.entries.items())
 
-    def read(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def read(self, key: str, dtype: torch.dtype | None = None, index: int | None = None) -> torch.Tensor:
+        """Tensor ``key`` (``index``: only that row of its first axis, e.g. one expert of a fused
+        [E, ...] tensor: its bytes alone are read), cast to ``dtype`` when floating."""
         path, st_dtype, shape, start, end = self.entries[key]
+        if index is not None:
+            per = (end - start) // shape[0]
+            start, end, shape = start + index * per, start + (index + 1) * per, shape[1:]
         if st_dtype not in _ST_DTYPES:
             raise StreamingError(f"{path}: {key} has dtype {st_dtype}, which streaming PTQ does not read")
         buf = bytearray(end - start)
@@ -186,21 +191,23 @@ class ModelTensors:
         return self.sources.keys()
 
     def shape(self, key: str) -> tuple:
-        parts = self.sources[key].parts
-        shapes = [self.source.entries[fk][2][1:] if e is not None else self.source.entries[fk][2] for fk, e in parts]
+        src = self.sources[key]
+        shapes = [self.source.entries[fk][2][1:] if e is not None else self.source.entries[fk][2] for fk, e in src.parts]
+        if src.transposed:
+            shapes = [tuple(reversed(sh)) for sh in shapes]
         return (sum(sh[0] for sh in shapes), *shapes[0][1:])
 
     def read(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        parts = self.sources[key].parts
-        if len(parts) == 1 and parts[0][1] is None:
-            return self.source.read(parts[0][0], dtype)
+        src = self.sources[key]
+        if len(src.parts) == 1 and src.parts[0][1] is None and not src.transposed:
+            return self.source.read(src.parts[0][0], dtype)
         # the pieces are cast one by one, so that no second full-size copy is made of a fused source
         pieces = []
-        for fk, e in parts:
-            t = self.source.read(fk)
-            pieces.append((t[e] if e is not None else t).to(dtype if dtype is not None else t.dtype))
+        for fk, e in src.parts:
+            t = self.source.read(fk, index=e)
+            pieces.append((t.T if src.transposed else t).to(dtype if dtype is not None else t.dtype).contiguous())
             del t
-        return pieces[0].clone() if len(pieces) == 1 else torch.cat(pieces)
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,6 +30,9 @@ def tiny_config(arch: str, vocab: int = 256):
         return tf.MixtralConfig(**common, intermediate_size=64, num_local_experts=E, num_experts_per_tok=TOP_K)
     if arch == "olmoe":
         return tf.OlmoeConfig(**common, intermediate_size=64, num_experts=E, num_experts_per_tok=TOP_K)
+    if arch == "gpt_oss":  # experts transposed [E, in, out], gate/up interleaved, biased; a clamped gate
+        return tf.GptOssConfig(**common, head_dim=16, intermediate_size=64, num_local_experts=E, num_experts_per_tok=TOP_K,
+                               sliding_window=8)
     if arch == "qwen2_moe":  # with a shared expert (a plain MLP of nn.Linear) beside the routed ones
         return tf.Qwen2MoeConfig(**common, intermediate_size=128, moe_intermediate_size=64,
                                  shared_expert_intermediate_size=96, num_experts=E, num_experts_per_tok=TOP_K)
@@ -41,8 +44,10 @@ def tiny_moe(arch: str, tmp_path, vocab: int = 256):
     model = tf.AutoModelForCausalLM.from_config(tiny_config(arch, vocab), dtype=torch.float32)
     with torch.no_grad():  # sharper routing than the small default init, so experts differ in load
         for n, p in model.named_parameters():
-            if n.endswith("gate.weight"):
+            if n.endswith("gate.weight") or n.endswith("router.weight"):
                 p.normal_(0, 0.5)
+            elif n.endswith("proj_bias"):  # gpt-oss's expert biases (zero at init): something to carry
+                p.normal_(0, 0.1)
     model.save_pretrained(tmp_path / "fp")
     return tmp_path / "fp"
 
@@ -51,7 +56,7 @@ def expert_modules(model):
     return [m for m in model.modules() if isinstance(m, ExpertLinears)]
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "olmoe", "qwen2_moe"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "olmoe", "qwen2_moe", "gpt_oss"])
 def test_experts_convert_save_reload_and_dequantize(arch, tmp_path):
     fp_dir = tiny_moe(arch, tmp_path)
     fp = tf.AutoModelForCausalLM.from_pretrained(fp_dir, dtype=torch.float32)
@@ -65,7 +70,11 @@ def test_experts_convert_save_reload_and_dequantize(arch, tmp_path):
     # every matrix of the blocks is 2-bit but the router's
     dense_in_blocks = {f"{mn}.{pn}" for mn, m in model.named_modules() if ".layers." in mn and not isinstance(m, LCLinear)
                        for pn, p in m.named_parameters(recurse=False) if p.dim() >= 2}
-    assert dense_in_blocks and all(n.endswith("gate.weight") for n in dense_in_blocks), dense_in_blocks
+    assert dense_in_blocks and all(n.endswith(("gate.weight", "router.weight")) for n in dense_in_blocks), dense_in_blocks
+    if arch == "gpt_oss":  # each expert linear carries its bias (a view of the fused bias at first)
+        fp_experts = fp.model.layers[0].mlp.experts
+        lc = model.get_submodule("model.layers.0.mlp.experts.gate_up.3")
+        assert torch.equal(lc.bias.float(), fp_experts.gate_up_proj_bias[3].float())
     if arch == "qwen2_moe":  # the shared expert converts as linears; its 1-output gate stays dense
         assert {"gate_proj", "up_proj", "down_proj"} == {n.rsplit(".", 1)[1] for n in lcs if ".shared_expert." in n}
         assert type(model.get_submodule("model.layers.0.mlp.shared_expert_gate")) is torch.nn.Linear
@@ -189,11 +198,12 @@ def test_qwen3_30b_a3b_block_is_at_most_2_1_bits_per_weight():
     assert bits / weights <= 2.1, bits / weights
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "gpt_oss"])
 def test_streaming_ptq_equals_in_memory(arch, tmp_path):
     """Streaming PTQ reads each expert's pieces from the per-expert keys transformers saves (Mixtral's
-    under its own names: block_sparse_moe, w1/w3/w2), one block at a time, and writes the very
-    checkpoint the in-memory PTQ saves, bit for bit; it loads back as an lcqat MoE."""
+    under its own names: block_sparse_moe, w1/w3/w2; gpt-oss's fused, transposed tensors and biases
+    one expert's slice at a time), one block at a time, and writes the very checkpoint the
+    in-memory PTQ saves, bit for bit; it loads back as an lcqat MoE."""
     import json
 
     from optimum_lcqat.streaming import quantize_streaming
@@ -201,7 +211,8 @@ def test_streaming_ptq_equals_in_memory(arch, tmp_path):
     tok = tf.AutoTokenizer.from_pretrained(smollm2_path())
     fp_dir = tiny_moe(arch, tmp_path, vocab=len(tok))
     with safe_open(str(fp_dir / "model.safetensors"), "pt") as f:  # what a stock checkpoint holds
-        assert any(".experts.0." in k for k in f.keys()) and not any("gate_up_proj" in k for k in f.keys())
+        per_expert = any(".experts.0." in k for k in f.keys()) and not any("gate_up_proj" in k for k in f.keys())
+        assert per_expert == (arch != "gpt_oss")
     kw = dict(dataset=split_texts("calibration"), tokenizer=tok, num_samples=4, model_seqlen=32, hadamard_block_size=32,
               ptq_e2e_steps=0, ptq_finetune_steps=2, ptq_batch_size=2)
     mem = tf.AutoModelForCausalLM.from_pretrained(fp_dir, dtype=torch.float32, quantization_config=LCQATConfig(**kw))
@@ -249,6 +260,10 @@ def test_memory_plan_counts_the_experts_and_their_hessians():
             hidden_size=2048, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8, num_hidden_layers=1,
             num_attention_heads=32, num_key_value_heads=4, head_dim=128, vocab_size=1024))
     big_dense = mp.ModelShape(**{**big.__dict__, "experts": 0, "expert_width": 0})
+    # its attention output (32 heads x 128) is twice the hidden size: what a checkpointed block keeps
+    assert big.attention_width == 4096
+    narrow = mp.ModelShape(**{**big.__dict__, "attention_width": 0})
+    assert mp._training_step(big, 512, "qat") - mp._training_step(narrow, 512, "qat") >= 512 * (4096 - 2048) * 4
     per_expert = (2048**2 + 768**2) * 8
     assert mp._block_compute(big, qcfg) - mp._block_compute(big_dense, qcfg) == (1 << 30) + per_expert
 
@@ -265,3 +280,50 @@ def test_ddp_is_told_of_experts_without_tokens(tmp_path):
                                     ddp_find_unused_parameters=setting)
         tf.Trainer(model=model, args=args, callbacks=[LCQATCallback()])
         assert args.ddp_find_unused_parameters is expected
+
+
+def test_qat_ddp_two_processes_train_the_experts_as_one_process(tmp_path):
+    """examples/train_lcqat.py (LCQATTrainer, the real Trainer) on an LC Qwen3-MoE: two accelerate
+    processes over gloo train what one process trains (codes, scales, logits), and the training
+    reaches the experts (their codes flip)."""
+    import json
+
+    from test_training import LAUNCH_2, TRAIN_ARGS, TRAIN_SCRIPT, _run, assert_same_training, codes_of, load_lc
+    from optimum_lcqat.tensor.packing import unpack_codes
+
+    lc_dir = tmp_path / "lc"
+    tf.AutoModelForCausalLM.from_pretrained(tiny_moe("qwen3_moe", tmp_path), dtype=torch.float32,
+                                            quantization_config=LCQATConfig(hadamard_block_size=32)).save_pretrained(lc_dir)
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    import sys
+
+    _run([sys.executable, "-P", str(TRAIN_SCRIPT), "--model", str(lc_dir), *TRAIN_ARGS, "--output", str(single)])
+    _run([*LAUNCH_2, "--main_process_port", "0", str(TRAIN_SCRIPT), "--model", str(lc_dir), *TRAIN_ARGS, "--output", str(ddp)])
+    info = json.loads((ddp / "run_info.json").read_text())
+    assert info["world_size"] == 2 and info["backend"] == "gloo"
+    assert_same_training(single, ddp, lc_dir)
+    before = codes_of(load_lc(lc_dir))
+    after = codes_of(tf.AutoModelForCausalLM.from_pretrained(single / "final", dtype=torch.float32))
+    flipped = {k: int((unpack_codes(after[k]) != unpack_codes(v)).sum()) for k, v in before.items() if ".experts." in k}
+    assert len(flipped) == LAYERS * E * 2 and sum(n > 0 for n in flipped.values()) > E, flipped
+
+
+def test_torch_compile_of_lc_experts_equals_eager(tmp_path):
+    """torch.compile (aot_eager: dynamo's capture through the LC ops' fake kernels and the routing,
+    no C++ toolchain) of an LC Qwen3-MoE gives eager's logits, and a compiled training step
+    gives eager's expert gradients."""
+    torch._dynamo.reset()
+    model = tf.AutoModelForCausalLM.from_pretrained(tiny_moe("qwen3_moe", tmp_path), dtype=torch.float32,
+                                                    quantization_config=LCQATConfig(hadamard_block_size=32))
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(3))
+    compiled = torch.compile(model, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+    expert = model.get_submodule("model.layers.0.mlp.experts.gate_up.0")
+    grads = []
+    for fn in (model, compiled):
+        model.zero_grad()
+        fn(ids, labels=ids).loss.backward()
+        grads.append(expert.s_u.grad.clone())
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)

@@ -22,10 +22,11 @@ import functools
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-__all__ = ["keep_attention_output_context", "KEPT_VALUES_PER_TOKEN_AND_HIDDEN"]
+__all__ = ["keep_attention_output_context", "KEPT_ATTENTION_OUTPUTS"]
 
-# values per token, in units of the hidden size, that the policy keeps per block (memory_plan)
-KEPT_VALUES_PER_TOKEN_AND_HIDDEN = 1
+# attention outputs (per token: heads x head_dim values, not always the hidden size: Qwen3-30B-A3B's
+# are 4096 wide, its hidden 2048) that the policy keeps per block (memory_plan)
+KEPT_ATTENTION_OUTPUTS = 1
 
 
 def _attention_ops() -> tuple:

@@ -11,9 +11,13 @@ under ``<experts>.gate_up.<e>`` / ``<experts>.down.<e>`` (``.codes``, ``.A``, ..
 not ``gate_up_proj``: transformers' MoE weight conversions own those names), and at batch 1 only the
 selected experts' codes are read. One computation: the LC layer's, per expert.
 
-Layouts taken: the gate and up projections concatenated ``[gate; up]`` on the output axis
-(``is_concatenated``), weights ``[out, in]`` per expert (not ``is_transposed``), no biases, a gate.
-Others (gpt-oss's interleaved, transposed, biased experts) stay dense, said once per class.
+Layouts taken: the gate and up projections concatenated ``[gate; up]`` (``is_concatenated``) or
+interleaved (gpt-oss: ``[g0, u0, g1, u1, ...]``) on the output axis, weights ``[out, in]`` per expert
+or transposed ``[in, out]`` (gpt-oss's ``is_transposed``; each linear's weight is then a transposed
+view), with or without per-expert biases (``has_bias``: ``gate_up_proj_bias`` [E, 2I],
+``down_proj_bias`` [E, H]). The output axis keeps the fused layout's order, so the model's own
+``_apply_gate`` (which splits or de-interleaves, clamps, ...) applies unchanged. Experts without a
+gate projection or with a post-expert norm stay dense, said once per class.
 """
 
 from __future__ import annotations
@@ -32,17 +36,24 @@ def fused_experts_layout_problem(module: nn.Module) -> str | None:
         return ""
     if not hasattr(type(module), "_apply_gate"):  # what use_experts_implementation gives its classes
         return "its class has no _apply_gate (not a transformers use_experts_implementation experts class)"
-    if getattr(module, "is_transposed", False):
-        return "its expert weights are stored transposed ([E, in, out])"
-    if not getattr(module, "is_concatenated", True):
-        return "its gate and up projections are interleaved"
-    if getattr(module, "has_bias", False) or getattr(module, "gate_up_proj_bias", None) is not None:
-        return "its experts have biases"
     if not getattr(module, "has_gate", True) or getattr(module, "has_post_expert_norm", False):
         return "its experts have no gate projection or a post-expert norm"
-    E, two_i, H = gate_up.shape
-    if down.shape != (E, H, two_i // 2):
+    has_bias = getattr(module, "has_bias", False)
+    if not has_bias and getattr(module, "gate_up_proj_bias", None) is not None:
+        return "it has expert biases but does not say so (has_bias)"
+    if getattr(module, "is_transposed", False):
+        E, H, two_i = gate_up.shape
+        expected_down = (E, two_i // 2, H)
+    else:
+        E, two_i, H = gate_up.shape
+        expected_down = (E, H, two_i // 2)
+    if tuple(down.shape) != expected_down:
         return f"down_proj {tuple(down.shape)} does not match gate_up_proj {tuple(gate_up.shape)}"
+    if has_bias:
+        gb, db = getattr(module, "gate_up_proj_bias", None), getattr(module, "down_proj_bias", None)
+        if not (isinstance(gb, torch.Tensor) and isinstance(db, torch.Tensor)) or tuple(gb.shape) != (E, two_i) \
+                or tuple(db.shape) != (E, H):
+            return "its expert biases are not gate_up_proj_bias [E, 2I] and down_proj_bias [E, H]"
     return None
 
 
@@ -54,27 +65,36 @@ class ExpertLinears(nn.Module):
     def __init__(self, fused: nn.Module):
         super().__init__()
         gate_up, down = fused.gate_up_proj, fused.down_proj
-        self.num_experts, two_i, self.hidden_dim = gate_up.shape
+        self.is_transposed = bool(getattr(fused, "is_transposed", False))
+        self.has_bias = bool(getattr(fused, "has_bias", False))
+        if self.is_transposed:
+            self.num_experts, self.hidden_dim, two_i = gate_up.shape
+        else:
+            self.num_experts, two_i, self.hidden_dim = gate_up.shape
         self.intermediate_dim = two_i // 2
         # the gate the model's own experts apply (activation, clamps), called as the model's class does
         self._fused_class = type(fused)
-        self.act_fn = fused.act_fn
+        if hasattr(fused, "act_fn"):  # (gpt-oss's gate has its own clamped activation, no act_fn)
+            self.act_fn = fused.act_fn
         for name in ("config", "alpha", "limit", "swiglu_limit", "swiglu_alpha"):
             if hasattr(fused, name):
                 setattr(self, name, getattr(fused, name))
 
-        def linears(w: torch.Tensor) -> nn.ModuleList:
+        def linears(w: torch.Tensor, b: torch.Tensor | None) -> nn.ModuleList:
             out = nn.ModuleList()
             for e in range(w.shape[0]):
-                lin = nn.Linear(w.shape[2], w.shape[1], bias=False, device="meta")
-                lin.weight = nn.Parameter(w.data[e], requires_grad=w.requires_grad)  # a view: no copy
+                we = w.data[e].T if self.is_transposed else w.data[e]  # [out, in]; a view: no copy
+                lin = nn.Linear(we.shape[1], we.shape[0], bias=b is not None, device="meta")
+                lin.weight = nn.Parameter(we, requires_grad=w.requires_grad)
+                if b is not None:
+                    lin.bias = nn.Parameter(b.data[e], requires_grad=b.requires_grad)
                 out.append(lin)
             return out
 
         # not gate_up_proj / down_proj: transformers' weight conversions (per-expert checkpoint keys
         # <-> the fused parameters, reverted on save) match those names and would split our tensors
-        self.gate_up = linears(gate_up)
-        self.down = linears(down)
+        self.gate_up = linears(gate_up, fused.gate_up_proj_bias if self.has_bias else None)
+        self.down = linears(down, fused.down_proj_bias if self.has_bias else None)
 
     def fused(self) -> nn.Module:
         """The model's own fused-experts module over these experts' dense weights (stacked), for a
@@ -86,15 +106,24 @@ class ExpertLinears(nn.Module):
         w = self.gate_up[0].weight
         with torch.device("meta"):
             module = self._fused_class(self.config)
-        module.gate_up_proj = nn.Parameter(torch.stack([lin.weight.detach() for lin in self.gate_up]), requires_grad=w.requires_grad)
-        module.down_proj = nn.Parameter(torch.stack([lin.weight.detach() for lin in self.down]), requires_grad=w.requires_grad)
+
+        def stacked(lins, name):
+            t = torch.stack([lin.weight.detach().T if self.is_transposed else lin.weight.detach() for lin in lins])
+            setattr(module, name, nn.Parameter(t.contiguous(), requires_grad=w.requires_grad))
+            if self.has_bias:
+                setattr(module, name + "_bias", nn.Parameter(torch.stack([lin.bias.detach() for lin in lins]),
+                                                             requires_grad=w.requires_grad))
+
+        stacked(self.gate_up, "gate_up_proj")
+        stacked(self.down, "down_proj")
         left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
         if left:
             raise TypeError(f"ExpertLinears.fused: {self._fused_class.__name__} has tensors besides the two projections: {left}")
         return module
 
     def extra_repr(self) -> str:
-        return f"experts={self.num_experts}, hidden={self.hidden_dim}, intermediate={self.intermediate_dim}"
+        return (f"experts={self.num_experts}, hidden={self.hidden_dim}, intermediate={self.intermediate_dim}"
+                + (", transposed source" if self.is_transposed else "") + (", biases" if self.has_bias else ""))
 
     def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
         return self._fused_class._apply_gate(self, gate_up)
