@@ -115,13 +115,14 @@ def _mark_transformers_model(model: nn.Module, cfg: LCQATConfig, skip: list[str]
     _assign_is_quantized(model)
 
 
-def lc_layer_from_weight(linear, weight: LCWeight, config) -> LCLinear:
+def lc_layer_from_weight(linear, weight: LCWeight, config, *, placement: tuple | None = None) -> LCLinear:
     """The LC layer replacing ``linear``: on its device and dtype, its bias, the parameters
-    snapped to their 16-bit storage values (so the layer computes what its saved copy will)."""
-    w = linear.weight
+    snapped to their 16-bit storage values (so the layer computes what its saved copy will).
+    ``placement``: (bias, device, dtype) of a linear whose weight is gone, in place of ``linear``."""
+    bias, device, dtype = placement if placement is not None else (linear.bias, linear.weight.device, linear.weight.dtype)
     return LCLinear.from_weight(
-        weight.snapped(), linear.bias, codebook=config.codebook, hadamard_block_size=config.hadamard_block_size,
-        device=w.device, dtype=w.dtype,
+        weight.snapped(), bias, codebook=config.codebook, hadamard_block_size=config.hadamard_block_size,
+        device=device, dtype=dtype,
     )
 
 
@@ -256,12 +257,16 @@ def quantize_block(
         errors = {n: errors[n] for n in lnames}
         tokens = {n: tokens[n] for n in lnames}
         tq = time.perf_counter()
-        # Block fine-tuning with differentiable stand-ins (float32), then the real LC layers.
+        # Block fine-tuning with differentiable stand-ins (float32), then the real LC layers. The
+        # float linears are dropped first: the fine-tune's target (Y) and the LC weights are made,
+        # and a MoE block's expert weights are most of its memory (2.4 GB in fp32 for Qwen3-30B-A3B).
+        placement = {n: (linears[n].bias, linears[n].weight.device, linears[n].weight.dtype) for n in lnames}
         tunables = {}
         for n in lnames:
-            t = tunable_layer(params[n], linears[n].bias, cfg.codebook == "affine", device)
+            t = tunable_layer(params[n], placement[n][0], cfg.codebook == "affine", device)
             tunables[n] = t
             model.set_submodule(n, t)
+        del linears
         if cfg.ptq_finetune_steps > 0:
             if dtype != torch.float32:
                 block.float()
@@ -276,7 +281,7 @@ def quantize_block(
         else:
             mse = (float("nan"), float("nan"))
         for n in lnames:
-            model.set_submodule(n, lc_layer_from_weight(linears[n], tunables[n].lc_weight, cfg))
+            model.set_submodule(n, lc_layer_from_weight(None, tunables[n].lc_weight, cfg, placement=placement[n]))
         del tunables
     finally:
         torch.set_num_threads(threads)

@@ -22,6 +22,16 @@ What this adapter does, and nothing more (the maths is :class:`~optimum_lcqat.te
   split raises, naming the fix).
 * **Compute.** ``apply`` is ``LCWeight.apply`` per part (native CPU/CUDA kernels or the
   reference), the parts' outputs concatenated in vLLM's fused order.
+* **MoE experts.** vLLM builds a model's routed experts as one ``RoutedExperts`` layer
+  (``<prefix>.experts``) with stacked ``w13_*`` / ``w2_*`` parameters that its loader fills from
+  per-expert checkpoint keys. Our checkpoints store each expert projection as its own LC layer
+  (``experts.gate_up.<e>.*`` [2I, H], ``experts.down.<e>.*``): :meth:`LCQATvLLMConfig.get_checkpoint_weight_mapper`
+  renames them to the model's per-expert names (``experts.<e>.gate_proj.*``, Mixtral's ``w1``...)
+  so vLLM's loader hands each to :class:`LCQATFusedMoEMethod`'s loader with its expert id;
+  after loading each expert is an ``LCWeight`` per projection (tensor-parallel shards as for
+  linears). vLLM routes (top-k, renormalised); ``apply`` runs each selected expert's two LC
+  layers and the gate, as ``ExpertLinears.forward`` does in transformers, inside one opaque
+  custom op (``lcqat_vllm::moe``, with a fake) so that vLLM's compiled mode traces around it.
 * **int8 head.** A head saved with ``lm_head_int8`` is served by :class:`LCQATInt8HeadMethod`
   from its ``weight_int8`` and ``scale``, vocabulary-sharded. For a tied model vLLM still ties
   (the base method's ``tie_weights`` shares the embedding's weight with the head module), but
@@ -33,10 +43,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import replace
 from typing import Any
 
 import torch
+from vllm.model_executor.layers.fused_moe import FusedMoEMethodBase, FusedMoEQuantConfig, MoEActivation, RoutedExperts
 from vllm.model_executor.layers.linear import (
     LinearBase,
     LinearMethodBase,
@@ -96,6 +108,9 @@ class LCQATvLLMConfig(QuantizationConfig):
         self.lc_modules: set[str] | None = None
         self.dense_modules: set[str] | None = None
         self.int8_modules: set[str] | None = None  # heads saved with lm_head_int8 (weight_int8 + scale)
+        # (gate, down) checkpoint names of the model's per-expert projections ("gate_proj",
+        # "down_proj"; Mixtral "w1", "w2"), recorded as its MoE layers ask for their method
+        self._expert_ckpt_names: set[tuple[str, str]] = set()
 
     # ---------------------------------------------------------------- vLLM's interface
     @classmethod
@@ -149,7 +164,28 @@ class LCQATvLLMConfig(QuantizationConfig):
             if names is not None:
                 setattr(self, attr, set(hf_to_vllm_mapper.apply_list(sorted(names))))
 
+    def get_checkpoint_weight_mapper(self):
+        # An instance method (the base class's is static): vLLM calls it on the config once the
+        # model, and so its MoE layers, exist. Our experts' keys -> the model's per-expert names,
+        # which vLLM's expert loader maps to w13 (gate: shard "w1", the whole [2I, H] LC layer) and
+        # w2. Never to "gate_up_proj": vLLM would split such a tensor in two.
+        base = QuantizationConfig.get_checkpoint_weight_mapper()
+        if not self._expert_ckpt_names:
+            return base
+        if len(self._expert_ckpt_names) > 1:
+            raise ValueError(f"lcqat vLLM plugin: MoE layers of one model name their experts' projections in several "
+                             f"ways {sorted(self._expert_ckpt_names)}; not supported")
+        from vllm.model_executor.models.utils import WeightsMapper
+
+        gate, down = next(iter(self._expert_ckpt_names))
+        return base | WeightsMapper(orig_to_new_regex={
+            re.compile(r"\.experts\.gate_up\.(\d+)\."): rf".experts.\1.{gate}.",
+            re.compile(r"\.experts\.down\.(\d+)\."): rf".experts.\1.{down}.",
+        })
+
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
+        if isinstance(layer, RoutedExperts):
+            return self._experts_method(layer, prefix)
         parts = self._checkpoint_parts(prefix)
         is_lc = [self._is_lc(p) for p in parts]
         if isinstance(layer, LinearBase):
@@ -175,6 +211,24 @@ class LCQATvLLMConfig(QuantizationConfig):
                 "this model in vLLM."
             )
         return None  # embeddings, attention, ...: vLLM's own
+
+    def _experts_method(self, layer, prefix: str):
+        """The method of a MoE layer's routed experts (``prefix``: ``<block>.mlp.experts``)."""
+        E = layer.moe_config.num_logical_experts  # (not counting expert-parallel load balancing's copies)
+        names = [f"{prefix}.gate_up.{e}" for e in range(E)] + [f"{prefix}.down.{e}" for e in range(E)]
+        lc = [self._is_lc(n) for n in names]
+        if not any(lc):
+            inside = sorted(m for m in (self.lc_modules or ()) if m.startswith(prefix + "."))
+            if inside:
+                raise ValueError(f"lcqat vLLM plugin: {prefix!r}'s experts are LC layers under names vLLM's "
+                                 f"{E}-expert layer does not have: {inside[:4]}")
+            return None  # dense experts: vLLM's own method
+        if not all(lc):
+            dense = [n for n, x in zip(names, lc) if not x]
+            raise ValueError(f"lcqat vLLM plugin: {prefix!r} has LC and dense experts at once (dense: {dense[:4]}); "
+                             "quantize all of a layer's experts or none, and save again")
+        self._expert_ckpt_names.add((layer.ckpt_gate_proj_name, layer.ckpt_down_proj_name))
+        return LCQATFusedMoEMethod(self, prefix, layer.moe_config)
 
     # ---------------------------------------------------------------- which layers are LC
     def _checkpoint_parts(self, prefix: str) -> list[str]:
@@ -223,6 +277,7 @@ class LCQATLinearMethod(LinearMethodBase):
     def process_weights_after_loading(self, layer) -> None:
         k_part, out_sizes = layer.lcqat_partition
         tp_rank, tp_size = getattr(layer, "tp_rank", 0), getattr(layer, "tp_size", 1)
+        device = layer.codes.device  # where vLLM builds the layer (the staged tensors come from the files)
         weights = []
         for i, (name, sd) in enumerate(zip(self.parts, layer.lcqat_staged)):
             v1_plans = self.config.format_version < 2 and self.config.hadamard_block_size  # recomputed, format 1 only
@@ -246,7 +301,7 @@ class LCQATLinearMethod(LinearMethodBase):
                                  f"vLLM's layer {self.prefix!r} (tensor-parallel rank {tp_rank}/{tp_size}) expects "
                                  f"{out_sizes[i]}x{k_part}")
             # float32 parameters: the kernels compute in fp32 whatever the activation dtype
-            weights.append(w.to(dtype=torch.float32))
+            weights.append(w.to(device=device, dtype=torch.float32))
         for key in KEYS:  # the placeholders have done their job
             del layer._parameters[key]
         del layer.lcqat_staged
@@ -265,6 +320,150 @@ class LCQATLinearMethod(LinearMethodBase):
             return weights[0].apply(x, bias)
         y = torch.cat([w.apply(x) for w in weights], dim=-1)
         return y if bias is None else y + bias
+
+
+# The experts layers served by LCQATFusedMoEMethod, by vLLM layer name: the custom op below finds its
+# layer here (an op's arguments are tensors and plain values, not modules).
+_MOE_LAYERS: dict[str, torch.nn.Module] = {}
+_GATES = {MoEActivation.SILU: torch.nn.functional.silu,
+          MoEActivation.GELU: torch.nn.functional.gelu,
+          MoEActivation.GELU_TANH: lambda h: torch.nn.functional.gelu(h, approximate="tanh")}
+
+
+@torch.library.custom_op("lcqat_vllm::moe", mutates_args=())
+def _lc_moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer_name: str) -> torch.Tensor:
+    """The routed experts' sum for tokens ``x`` [T, H] (vLLM's routing: ``topk_ids``, ``topk_weights``
+    [T, k]): each selected expert's gate/up LC layer, the gate, its down LC layer, weighted and
+    added up, as ExpertLinears.forward does in transformers. Opaque to dynamo: the loop over the
+    experts hit depends on the data."""
+    layer = _MOE_LAYERS[layer_name]
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("lcqat vLLM plugin: LC experts read the experts hit on the host, which a CUDA graph cannot "
+                           "capture; serve with enforce_eager=True (--enforce-eager)")
+    ids = topk_ids.long()
+    if layer.expert_map is not None:  # expert parallelism: global -> local (-1: another rank's)
+        ids = layer.expert_map[ids].long()
+    k = ids.shape[1]
+    flat, weights = ids.reshape(-1), topk_weights.reshape(-1)
+    out = torch.zeros(x.shape[0], x.shape[-1], dtype=torch.float32, device=x.device)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat + 1, minlength=layer.local_num_experts + 1).tolist()
+    start = counts[0]  # the -1s (remote experts) sort first
+    gate = _GATES[layer.activation]
+    for e, n in enumerate(counts[1:]):
+        if n == 0:
+            continue
+        pos = order[start:start + n]
+        start += n
+        tok = pos // k
+        xe = x[tok]
+        parts = layer.lcqat_w13[e]
+        h = parts[0].apply(xe) if len(parts) == 1 else torch.cat([w.apply(xe) for w in parts], dim=-1)
+        i = h.shape[-1] // 2
+        y = layer.lcqat_w2[e].apply(gate(h[:, :i]) * h[:, i:])
+        out.index_add_(0, tok, y.float() * weights[pos, None].float())
+    return out.to(x.dtype)
+
+
+@_lc_moe.register_fake
+def _(x, topk_weights, topk_ids, layer_name):
+    return torch.empty_like(x)
+
+
+class LCQATFusedMoEMethod(FusedMoEMethodBase):
+    """A MoE layer's routed experts served from per-expert LC weights (see the module docstring)."""
+
+    def __init__(self, config: LCQATvLLMConfig, prefix: str, moe):
+        super().__init__(moe)
+        self.config, self.prefix = config, prefix
+
+    def maybe_roundup_sizes(self, hidden_size, intermediate_size_per_partition, act_dtype, moe_parallel_config):
+        return hidden_size, intermediate_size_per_partition  # LC shapes are what the checkpoint says
+
+    def create_weights(self, layer, num_experts: int, hidden_size: int, intermediate_size_per_partition: int,
+                       params_dtype: torch.dtype, **extra_weight_attrs):
+        problems = []
+        if not self.moe.is_act_and_mul or layer.activation not in _GATES:
+            problems.append(f"activation {layer.activation}")
+        if self.moe.has_bias:
+            problems.append("expert biases")
+        if layer.apply_router_weight_on_input:
+            problems.append("router weights applied to the input")
+        if layer.swiglu_limit is not None:
+            problems.append("a clamped SwiGLU")
+        if getattr(self.moe, "is_lora_enabled", False):
+            problems.append("LoRA adapters on the experts")
+        if problems:
+            raise ValueError(f"lcqat vLLM plugin: {self.prefix!r}: LC experts are served for gated SiLU/GELU experts; "
+                             f"this layer has {', '.join(problems)}")
+        layer.lcqat_staged = {"w13": [dict() for _ in range(num_experts)], "w2": [dict() for _ in range(num_experts)]}
+
+        def stage(param, loaded_weight: torch.Tensor, weight_name=None, shard_id=None, expert_id=None,
+                  return_success: bool = False):
+            local = layer._map_global_expert_id_to_local_expert_id(expert_id)
+            if local == -1:  # another rank's expert (expert parallelism)
+                return False if return_success else None
+            if param.lcqat_proj == "w13" and shard_id != "w1":
+                raise ValueError(f"lcqat vLLM plugin: {weight_name} reached {self.prefix!r}'s gate/up as part {shard_id!r}; "
+                                 "an LC expert's gate and up are one layer (experts.gate_up.<e>)")
+            layer.lcqat_staged[param.lcqat_proj][local][param.lcqat_key] = loaded_weight.detach().clone()
+            return True if return_success else None
+
+        for proj in ("w13", "w2"):
+            for key in KEYS:
+                p = torch.nn.Parameter(torch.empty(0, dtype=_STAGE_DTYPES[key]), requires_grad=False)
+                set_weight_attrs(p, {"weight_loader": stage, "lcqat_proj": proj, "lcqat_key": key})
+                layer.register_parameter(f"{proj}_{key}", p)  # vLLM's loader finds w13_codes, w2_A, ...
+
+    def process_weights_after_loading(self, layer) -> None:
+        tp_rank, tp_size = self.moe.tp_rank, self.moe.tp_size
+        ip = layer.intermediate_size_per_partition
+        v1_plans = self.config.format_version < 2 and self.config.hadamard_block_size
+        device = layer.w13_codes.device  # where vLLM builds the layer (the staged tensors come from the files)
+        w13_all, w2_all = [], []
+        for e, (sd13, sd2) in enumerate(zip(layer.lcqat_staged["w13"], layer.lcqat_staged["w2"])):
+            for what, sd in (("gate_up", sd13), ("down", sd2)):
+                missing = [k for k in KEYS if k not in sd and not (k == "rotation" and v1_plans)]
+                if missing:
+                    raise ValueError(f"lcqat vLLM plugin: the checkpoint has no {', '.join(missing)} for {self.prefix}.{what} "
+                                     f"of local expert {e}; it is incomplete or corrupted")
+            w13 = LCWeight.from_state_dict(sd13, "", hadamard_block_size=self.config.hadamard_block_size)
+            w2 = LCWeight.from_state_dict(sd2, "", hadamard_block_size=self.config.hadamard_block_size)
+            full_i = w13.out_features // 2
+            if tp_size > 1:  # gate rows and up rows of this rank; down's input columns
+                parts = [w13.shard(0, tp_rank * ip, (tp_rank + 1) * ip), w13.shard(0, full_i + tp_rank * ip, full_i + (tp_rank + 1) * ip)]
+                parts = [replace(w, codes=w.codes.clone(), s_u=w.s_u.clone(), s_v=w.s_v.clone()) for w in parts]
+                w2 = w2.shard(1, tp_rank * ip, (tp_rank + 1) * ip)
+                w2 = replace(w2, codes=w2.codes.clone(), s_u=w2.s_u.clone(), s_v=w2.s_v.clone())
+            else:
+                parts = [w13]
+            if sum(w.out_features for w in parts) != 2 * ip or any(w.in_features != layer.hidden_size for w in parts) \
+                    or (w2.out_features, w2.in_features) != (layer.hidden_size, ip):
+                raise ValueError(f"lcqat vLLM plugin: {self.prefix} expert {e}: LC weights {w13.out_features}x{w13.in_features} "
+                                 f"and {w2.out_features}x{w2.in_features}, but vLLM's layer (tensor-parallel rank {tp_rank}/"
+                                 f"{tp_size}) expects {2 * ip}x{layer.hidden_size} and {layer.hidden_size}x{ip}")
+            w13_all.append([w.to(device=device, dtype=torch.float32) for w in parts])
+            w2_all.append(w2.to(device=device, dtype=torch.float32))
+        for proj in ("w13", "w2"):
+            for key in KEYS:
+                del layer._parameters[f"{proj}_{key}"]
+        del layer.lcqat_staged
+        layer.lcqat_w13, layer.lcqat_w2 = w13_all, w2_all
+        native_backend()  # (the extension and its fake kernels, before any trace)
+        for e, (parts, w2) in enumerate(zip(w13_all, w2_all)):
+            for j, w in enumerate([*parts, w2]):
+                for key in ("codes", "A", "beta", "s_u", "s_v"):
+                    layer.register_buffer(f"lcqat_{key}_{e}_{j}", getattr(w, key), persistent=False)
+        _MOE_LAYERS[layer.layer_name] = layer
+        # set now, not on the first forward (which vLLM's compiled mode traces)
+        self.moe_quant_config = self.get_fused_moe_quant_config(layer)
+
+    def get_fused_moe_quant_config(self, layer):
+        return FusedMoEQuantConfig.make()
+
+    def apply(self, layer, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+              shared_experts=None, shared_experts_input=None) -> torch.Tensor:
+        return torch.ops.lcqat_vllm.moe(x, topk_weights, topk_ids, layer.layer_name)
 
 
 class LCQATInt8HeadMethod(LinearMethodBase):
