@@ -21,10 +21,12 @@ per-block figures are measured and the whole model's are extrapolated from them 
    whole-model stage). Reported: seconds and peak RSS for the block, routed tokens per expert,
    experts left to the data-free init.
 
-vLLM: the plugin has no fused-MoE method yet (it refuses MoE layers); its column waits for it.
+vLLM: the plugin serves LC experts (tests/test_vllm.py); their decode speed in vLLM on these shapes
+is not measured here yet.
 
     PYTHONPATH=. python -P benchmarks/moe.py                # decode + memory (~12 minutes)
     PYTHONPATH=. python -P benchmarks/moe.py --ptq          # + streaming PTQ of a block (~40 minutes)
+    PYTHONPATH=. python -P benchmarks/moe.py --ptq-only     # the PTQ row again, merged into moe.json
 
 Writes benchmarks/results/moe.{json,md,png}.
 """
@@ -51,6 +53,8 @@ from optimum_lcqat import LCQATConfig, quantize  # noqa: E402
 from optimum_lcqat.init.ptq_blocks import peak_rss_bytes  # noqa: E402
 
 FULL_DEPTH, FULL_VOCAB = 48, 151936
+VLLM_NOTE = ("not measured yet: the vLLM plugin serves LC experts (greedy equal to transformers, tests/test_vllm.py); "
+             "its decode speed on these shapes is not benchmarked")
 
 
 def a3b_config(blocks: int, vocab: int):
@@ -104,7 +108,8 @@ def block_bytes(model, lc: bool) -> int:
 
 
 _PTQ_CHILD = r"""
-import json, sys, torch
+import json, logging, sys, torch
+logging.basicConfig(level=logging.INFO, format="%(message)s")
 from transformers import AutoTokenizer
 from optimum_lcqat import LCQATConfig
 from optimum_lcqat.data import split_texts
@@ -144,10 +149,46 @@ def streaming_ptq_block(samples: int, log) -> dict:
         res = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
     experts = {k: v for k, v in res["tokens"].items() if ".experts." in k and ".gate_up." in k}
     counts = sorted(experts.values())
+    summary = [ln for ln in proc.stderr.splitlines() if ln.startswith("lcqat PTQ: block 0:")]
+    passes = [ln for ln in proc.stderr.splitlines() if "Hessian pass" in ln]
+    res.update(block_log=summary[-1][:400] if summary else "", hessian_passes=len(passes) or None)
     res.update(wall_seconds=wall, samples=samples, expert_tokens_min=counts[0], expert_tokens_median=statistics.median(counts),
                expert_tokens_max=counts[-1], experts_data_free=sum(c < hidden for c in counts), experts=len(counts))
     del res["tokens"], res["errors"]
     return res
+
+
+def render(payload: dict) -> str:
+    env, decode, memory, ptq = payload["environment"], payload["decode"], payload["memory"], payload["streaming_ptq_block"]
+    gib = 2**30
+    md = [f"# MoE: Qwen3-30B-A3B shapes, {payload['blocks_measured']} blocks measured, 48 extrapolated\n", md_env(env),
+          f"- decode: batch 1, {payload['prompt']}-token prompt, median of {payload['steps']} steps x "
+          f"{len(next(iter(payload['rounds'].values())))} interleaved rounds; the decoder blocks only (the 151936 x 2048 "
+          f"head is the same for both: {1e3 * payload['head_bf16_seconds']:.1f} ms in bf16)",
+          f"- LC weights: data-free init ({payload['convert_data_free_seconds']:.0f} s for {payload['blocks_measured']} blocks); "
+          f"process peak RSS {payload['decode_process_peak_rss_bytes'] / gib:.2f} GiB\n",
+          "| transformers, batch 1 | ms / block | tokens/s, 1 block | tokens/s, 48 blocks | with bf16 head |",
+          "|---|---|---|---|---|"]
+    for name, d in decode.items():
+        md.append(f"| {name} | {1e3 * d['seconds_per_block']:.2f} | {d['block_tokens_per_s']:.1f} | "
+                  f"{d['blocks_48_tokens_per_s']:.2f} | {d['with_bf16_head_48_tokens_per_s']:.2f} |")
+    md += [f"\nLC-QAT / dense bf16 decode speed per block: **{payload['lc_speedup_per_block']:.2f}x** (target >= 2x)\n",
+           "| memory | one block | bits / weight | whole model (48 blocks, embedding bf16; head bf16 / int8) |", "|---|---|---|---|",
+           f"| dense bf16 | {memory['block_bytes_dense_bf16'] / 2**20:.0f} MiB | 16 | {memory['model_bytes_bf16'] / 1e9:.2f} GB |",
+           f"| LC-QAT 2-bit | {memory['block_bytes_lc'] / 2**20:.0f} MiB | {memory['block_bits_per_weight_lc']:.3f} | "
+           f"{memory['model_bytes_lc'] / 1e9:.2f} GB (target < 9 GB) |"]
+    if ptq:
+        penv = ptq.get("environment")
+        md += ["\n| streaming PTQ, one block | seconds | peak RSS | 48 blocks (extrapolated) | routed tokens per expert (min / median / max) | experts data-free |",
+               "|---|---|---|---|---|---|",
+               f"| {ptq['samples']} x 512 calibration tokens | {ptq['block_seconds']['0']:.0f} | {ptq['peak_rss_bytes'] / gib:.2f} GiB "
+               f"(target < 6) | {FULL_DEPTH * ptq['block_seconds']['0'] / 3600:.1f} h | {ptq['expert_tokens_min']} / "
+               f"{ptq['expert_tokens_median']:.0f} / {ptq['expert_tokens_max']} | {ptq['experts_data_free']} of {ptq['experts']} |"]
+        if penv:
+            md.append(f"\n(streaming PTQ row: `{penv['command']}`, {penv['time_utc']}, git {penv['git_commit']}; the block's "
+                      f"log: `{ptq.get('block_log', '')}`)")
+    md.append(f"\nvLLM CPU: {payload['vllm']}.\n")
+    return "\n".join(md)
 
 
 def main():
@@ -157,6 +198,8 @@ def main():
     ap.add_argument("--steps", type=int, default=8, help="decode steps per round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--ptq", action="store_true", help="also the streaming PTQ of one block (~30 minutes)")
+    ap.add_argument("--ptq-only", action="store_true",
+                    help="only the streaming PTQ of one block, merged into the existing results file (its own command and commit)")
     ap.add_argument("--samples", type=int, default=128, help="calibration samples (x 512 tokens) of the PTQ")
     ap.add_argument("--name", default="moe")
     args = ap.parse_args()
@@ -165,6 +208,49 @@ def main():
     def log(msg):
         print(f"[{time.time() - t0:7.1f}s] {msg}", flush=True)
 
+    if args.ptq_only:
+        path = os.path.join(RESULTS, args.name + ".json")
+        with open(path) as f:
+            payload = json.load(f)
+        ptq = streaming_ptq_block(args.samples, log)
+        ptq["environment"] = environment()
+        payload["streaming_ptq_block"] = ptq
+        payload["vllm"] = VLLM_NOTE
+        _finish(args, payload, log)
+        return
+    payload = measure_decode(args, log)
+    payload["streaming_ptq_block"] = streaming_ptq_block(args.samples, log) if args.ptq else None
+    _finish(args, payload, log)
+
+
+def _finish(args, payload: dict, log) -> None:
+    text = render(payload)
+    print(text)
+    write(args.name, payload, text)
+    decode, memory = payload["decode"], payload["memory"]
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        from optimum_lcqat._atomic import atomic_path
+
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+        names = list(decode)
+        axes[0].bar(names, [decode[n]["block_tokens_per_s"] for n in names], color=["#888", "#2a7"])
+        axes[0].set_title("batch-1 decode, one A3B block (tokens/s)")
+        axes[1].bar(names, [memory["model_bytes_bf16"] / 1e9, memory["model_bytes_lc"] / 1e9], color=["#888", "#2a7"])
+        axes[1].set_title("whole model, GB")
+        fig.tight_layout()
+        with atomic_path(os.path.join(RESULTS, f"{args.name}.png")) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+    except ImportError:
+        log("matplotlib missing: no PNG")
+    log(f"wrote {RESULTS}/{args.name}.{{json,md,png}}")
+
+
+def measure_decode(args, log) -> dict:
     env = environment()
     vocab = 8192  # the embedding lookup only; the head is timed apart (FULL_VOCAB)
     dense = random_model(args.blocks, vocab)
@@ -202,8 +288,6 @@ def main():
                         "block_tokens_per_s": 1 / per_block, "blocks_48_tokens_per_s": 1 / (FULL_DEPTH * per_block),
                         "with_bf16_head_48_tokens_per_s": 1 / (FULL_DEPTH * per_block + head_s)}
     speedup = decode["dense bf16"]["seconds_per_block"] / decode["LC-QAT 2-bit"]["seconds_per_block"]
-    decode_peak = peak_rss_bytes()
-
     embed = FULL_VOCAB * 2048 * 2
     head_int8 = FULL_VOCAB * 2048 + FULL_VOCAB * 4
     memory = {
@@ -212,59 +296,12 @@ def main():
         "model_bytes_bf16": FULL_DEPTH * dense_bytes + 2 * embed,
         "model_bytes_lc": FULL_DEPTH * lc_bytes + embed + head_int8,
     }
-    ptq = streaming_ptq_block(args.samples, log) if args.ptq else None
-
-    payload = {"environment": env, "shapes": "Qwen3-30B-A3B (hidden 2048, 128 experts x 768, top-8, 32/4 heads x 128)",
-               "blocks_measured": args.blocks, "full_depth": FULL_DEPTH, "prompt": args.prompt, "steps": args.steps,
-               "rounds": {k: v for k, v in rounds.items()}, "decode": decode, "lc_speedup_per_block": speedup,
-               "head_bf16_seconds": head_s, "convert_data_free_seconds": convert_s,
-               "decode_process_peak_rss_bytes": decode_peak, "memory": memory, "streaming_ptq_block": ptq,
-               "vllm": "not measured: the vLLM plugin has no fused-MoE method yet (it refuses MoE layers)"}
-    gib = 2**30
-    md = [f"# MoE: Qwen3-30B-A3B shapes, {args.blocks} blocks measured, 48 extrapolated\n", md_env(env),
-          f"- decode: batch 1, {args.prompt}-token prompt, median of {args.steps} steps x {args.rounds} interleaved rounds; "
-          f"the decoder blocks only (the 151936 x 2048 head is the same for both: {1e3 * head_s:.1f} ms in bf16)",
-          f"- LC weights: data-free init ({convert_s:.0f} s for {args.blocks} blocks); process peak RSS {decode_peak / gib:.2f} GiB\n",
-          "| transformers, batch 1 | ms / block | tokens/s, 1 block | tokens/s, 48 blocks | with bf16 head |",
-          "|---|---|---|---|---|"]
-    for name, d in decode.items():
-        md.append(f"| {name} | {1e3 * d['seconds_per_block']:.2f} | {d['block_tokens_per_s']:.1f} | "
-                  f"{d['blocks_48_tokens_per_s']:.2f} | {d['with_bf16_head_48_tokens_per_s']:.2f} |")
-    md += [f"\nLC-QAT / dense bf16 decode speed per block: **{speedup:.2f}x** (target >= 2x)\n",
-           "| memory | one block | bits / weight | whole model (48 blocks, embedding bf16; head bf16 / int8) |", "|---|---|---|---|",
-           f"| dense bf16 | {dense_bytes / 2**20:.0f} MiB | 16 | {memory['model_bytes_bf16'] / 1e9:.2f} GB |",
-           f"| LC-QAT 2-bit | {lc_bytes / 2**20:.0f} MiB | {memory['block_bits_per_weight_lc']:.3f} | "
-           f"{memory['model_bytes_lc'] / 1e9:.2f} GB (target < 9 GB) |"]
-    if ptq:
-        md += ["\n| streaming PTQ, one block | seconds | peak RSS | 48 blocks (extrapolated) | routed tokens per expert (min / median / max) | experts data-free |",
-               "|---|---|---|---|---|---|",
-               f"| {ptq['samples']} x 512 calibration tokens | {ptq['block_seconds']['0']:.0f} | {ptq['peak_rss_bytes'] / gib:.2f} GiB "
-               f"(target < 6) | {FULL_DEPTH * ptq['block_seconds']['0'] / 3600:.1f} h | {ptq['expert_tokens_min']} / "
-               f"{ptq['expert_tokens_median']:.0f} / {ptq['expert_tokens_max']} | {ptq['experts_data_free']} of {ptq['experts']} |"]
-    md.append(f"\nvLLM CPU: {payload['vllm']}.\n")
-    text = "\n".join(md)
-    print(text)
-    write(args.name, payload, text)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        from optimum_lcqat._atomic import atomic_path
-
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-        names = list(decode)
-        axes[0].bar(names, [decode[n]["block_tokens_per_s"] for n in names], color=["#888", "#2a7"])
-        axes[0].set_title("batch-1 decode, one A3B block (tokens/s)")
-        axes[1].bar(names, [memory["model_bytes_bf16"] / 1e9, memory["model_bytes_lc"] / 1e9], color=["#888", "#2a7"])
-        axes[1].set_title("whole model, GB")
-        fig.tight_layout()
-        with atomic_path(os.path.join(RESULTS, f"{args.name}.png")) as tmp:
-            fig.savefig(tmp, format="png", dpi=110)
-    except ImportError:
-        log("matplotlib missing: no PNG")
-    log(f"wrote {RESULTS}/{args.name}.{{json,md,png}}")
+    return {"environment": env, "shapes": "Qwen3-30B-A3B (hidden 2048, 128 experts x 768, top-8, 32/4 heads x 128)",
+            "blocks_measured": args.blocks, "full_depth": FULL_DEPTH, "prompt": args.prompt, "steps": args.steps,
+            "rounds": rounds, "decode": decode, "lc_speedup_per_block": speedup,
+            "head_bf16_seconds": head_s, "convert_data_free_seconds": convert_s,
+            "decode_process_peak_rss_bytes": peak_rss_bytes(), "memory": memory,
+            "vllm": VLLM_NOTE}
 
 
 if __name__ == "__main__":

@@ -246,7 +246,11 @@ def quantize_block(
     # forwards that collect the Hessians run with all threads.
     threads = torch.get_num_threads()
     try:
-        for part in hessian_passes(model, lnames, linears):
+        passes = hessian_passes(model, lnames, linears)
+        for i, part in enumerate(passes):
+            if len(passes) > 1:
+                logger.info("lcqat PTQ: block %d: Hessian pass %d/%d (%d linears); peak RSS %.2f GiB", bidx, i + 1,
+                            len(passes), len(part), peak_rss_bytes() / 2**30)
             torch.set_num_threads(threads)
             groups, H, part_tokens = collect_hessians(block, {n: linears[n] for n in part}, X, kwargs_per_batch, bs, Y,
                                                       dtype=cast)
