@@ -212,8 +212,9 @@ def main():
         path = os.path.join(RESULTS, args.name + ".json")
         with open(path) as f:
             payload = json.load(f)
+        env = environment()  # before the run: the commit it ran
         ptq = streaming_ptq_block(args.samples, log)
-        ptq["environment"] = environment()
+        ptq["environment"] = env
         payload["streaming_ptq_block"] = ptq
         payload["vllm"] = VLLM_NOTE
         _finish(args, payload, log)

@@ -154,12 +154,20 @@ def make_tiny_moe(path: Path, tokenizer_dir: Path, arch: str) -> Path:
                                 num_experts_per_tok=2, norm_topk_prob=True)
     elif arch == "mixtral":
         cfg = tf.MixtralConfig(**common, intermediate_size=128, num_local_experts=8, num_experts_per_tok=2)
+    elif arch == "olmoe":
+        cfg = tf.OlmoeConfig(**common, intermediate_size=128, num_experts=8, num_experts_per_tok=2)
+    elif arch == "qwen2_moe":  # a shared expert (plain linears, LC) beside the routed ones; its 1-output gate dense
+        cfg = tf.Qwen2MoeConfig(**common, intermediate_size=512, moe_intermediate_size=128, shared_expert_intermediate_size=256,
+                                num_experts=8, num_experts_per_tok=2)
+    elif arch == "gpt_oss":
+        cfg = tf.GptOssConfig(**common, head_dim=64, intermediate_size=128, num_local_experts=8, num_experts_per_tok=2,
+                              sliding_window=128)
     else:
         raise ValueError(arch)
     dense = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():  # a router that spreads the tokens
         for n, p in dense.named_parameters():
-            if n.endswith("gate.weight"):
+            if n.endswith(("gate.weight", "router.weight")):
                 p.normal_(0, 0.3)
     dense.save_pretrained(path / "fp")
     model = tf.AutoModelForCausalLM.from_pretrained(path / "fp", dtype=torch.float32, quantization_config=LCQATConfig())
@@ -168,21 +176,38 @@ def make_tiny_moe(path: Path, tokenizer_dir: Path, arch: str) -> Path:
     return path / "lc"
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
-def test_moe_experts_served_equal_transformers(arch, tmp_path, smollm2_dir, vllm_python):
-    """A MoE whose experts are LC layers (experts.gate_up.<e>, experts.down.<e>) is served by vLLM
-    (LCQATFusedMoEMethod under vLLM's own routing; Mixtral's keys under block_sparse_moe / w1, w2):
-    greedy tokens equal transformers' decode of the checkpoint, logprobs within 2e-3 (fp32)."""
+MOE_ARCHS = ["qwen3_moe", "mixtral", "olmoe", "qwen2_moe"]
+
+
+def test_moe_experts_served_equal_transformers_and_gpt_oss_refused(tmp_path, smollm2_dir, vllm_python):
+    """MoE models whose experts are LC layers (experts.gate_up.<e>, experts.down.<e>) are served by
+    vLLM (LCQATFusedMoEMethod under vLLM's own routing): Qwen3-MoE, Mixtral (keys under
+    block_sparse_moe / w1, w2), OLMoE, Qwen2-MoE (a shared expert of plain LC linears): greedy
+    tokens equal transformers' decode of each checkpoint, logprobs within 2e-3 (fp32). gpt-oss's
+    experts (biased, a clamped SwiGLU) are refused with the reason. One vLLM process serves the
+    five checkpoints one after another (one import of vLLM)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    lc_dir = make_tiny_moe(tmp_path, smollm2_dir, arch)
     prompts = held_out_prompts(AutoTokenizer.from_pretrained(smollm2_dir), n=2)
-    ref = hf_greedy(AutoModelForCausalLM.from_pretrained(lc_dir, dtype=torch.float32), prompts, 16)
-    got = run_llm(vllm_python, {"model": str(lc_dir), "prompts": prompts, "max_tokens": 16})
-    assert got["quantization"] == "lcqat"
-    for r, g in zip(ref, got["outputs"]):
-        assert r["tokens"] == g["tokens"], (r["tokens"], g["tokens"])
-        assert max(abs(a - b) for a, b in zip(r["logprobs"], g["logprobs"])) < 2e-3
+    dirs, refs = {}, {}
+    for arch in MOE_ARCHS + ["gpt_oss"]:
+        dirs[arch] = make_tiny_moe(tmp_path / arch, smollm2_dir, arch)
+        if arch != "gpt_oss":
+            refs[arch] = hf_greedy(AutoModelForCausalLM.from_pretrained(dirs[arch], dtype=torch.float32), prompts, 16)
+    runs = [{"model": str(dirs[a]), "prompts": prompts, "max_tokens": 16} for a in dirs]
+    r = run_process_group([vllm_python, str(CHILD), json.dumps({"runs": runs})], 900,
+                          env=vllm_env(VLLM_ENABLE_V1_MULTIPROCESSING="0"), cwd="/")
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert r.returncode == 0 and lines, f"vLLM child failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
+    got = dict(zip(dirs, json.loads(lines[-1][len("RESULT "):])))
+    for arch in MOE_ARCHS:
+        assert "error" not in got[arch], (arch, got[arch].get("traceback"))
+        assert got[arch]["quantization"] == "lcqat"
+        for ref, out in zip(refs[arch], got[arch]["outputs"]):
+            assert ref["tokens"] == out["tokens"], (arch, ref["tokens"], out["tokens"])
+            assert max(abs(a - b) for a, b in zip(ref["logprobs"], out["logprobs"])) < 2e-3, arch
+    refused = got["gpt_oss"].get("error", "") + got["gpt_oss"].get("traceback", "")
+    assert "LC experts are served for gated SiLU/GELU experts" in refused and "expert biases" in refused, got["gpt_oss"]
 
 
 def test_tensor_parallel_2_equals_one_process(tmp_path, smollm2_dir, vllm_python):
