@@ -282,26 +282,28 @@ def test_ddp_is_told_of_experts_without_tokens(tmp_path):
         assert args.ddp_find_unused_parameters is expected
 
 
-def test_qat_ddp_two_processes_train_the_experts_as_one_process(tmp_path):
+def test_qat_ddp_and_fsdp2_two_processes_train_the_experts_as_one_process(tmp_path):
     """examples/train_lcqat.py (LCQATTrainer, the real Trainer) on an LC Qwen3-MoE: two accelerate
-    processes over gloo train what one process trains (codes, scales, logits), and the training
-    reaches the experts (their codes flip)."""
+    processes over gloo, under DDP and under FSDP2, train what one process trains (codes, scales,
+    logits), and the training reaches the experts (their codes flip)."""
     import json
+    import sys
 
-    from test_training import LAUNCH_2, TRAIN_ARGS, TRAIN_SCRIPT, _run, assert_same_training, codes_of, load_lc
+    from test_training import LAUNCH_2, REPO, TRAIN_ARGS, TRAIN_SCRIPT, _run, assert_same_training, codes_of, load_lc
     from optimum_lcqat.tensor.packing import unpack_codes
 
     lc_dir = tmp_path / "lc"
     tf.AutoModelForCausalLM.from_pretrained(tiny_moe("qwen3_moe", tmp_path), dtype=torch.float32,
                                             quantization_config=LCQATConfig(hadamard_block_size=32)).save_pretrained(lc_dir)
-    single, ddp = tmp_path / "single", tmp_path / "ddp"
-    import sys
-
+    single, ddp, fsdp = tmp_path / "single", tmp_path / "ddp", tmp_path / "fsdp"
     _run([sys.executable, "-P", str(TRAIN_SCRIPT), "--model", str(lc_dir), *TRAIN_ARGS, "--output", str(single)])
     _run([*LAUNCH_2, "--main_process_port", "0", str(TRAIN_SCRIPT), "--model", str(lc_dir), *TRAIN_ARGS, "--output", str(ddp)])
-    info = json.loads((ddp / "run_info.json").read_text())
-    assert info["world_size"] == 2 and info["backend"] == "gloo"
-    assert_same_training(single, ddp, lc_dir)
+    _run([*LAUNCH_2, "--main_process_port", "0", str(REPO / "tests" / "fsdp_on_cpu.py"), "--model", str(lc_dir), *TRAIN_ARGS,
+          "--fsdp", "--output", str(fsdp)])
+    for out, kind in ((ddp, "MULTI_CPU"), (fsdp, "FSDP")):
+        info = json.loads((out / "run_info.json").read_text())
+        assert info["world_size"] == 2 and info["backend"] == "gloo" and info["distributed_type"] == kind
+        assert_same_training(single, out, lc_dir)
     before = codes_of(load_lc(lc_dir))
     after = codes_of(tf.AutoModelForCausalLM.from_pretrained(single / "final", dtype=torch.float32))
     flipped = {k: int((unpack_codes(after[k]) != unpack_codes(v)).sum()) for k, v in before.items() if ".experts." in k}
