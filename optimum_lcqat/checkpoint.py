@@ -138,10 +138,11 @@ def model_keys(model, layout: dict) -> tuple[dict, dict]:
     """``(layout, file_keys)``: the checkpoint layout keyed by the names the model's modules have
     (transformers' own key renamings for the architecture applied, as its loading does: Mixtral's
     ``block_sparse_moe`` is ``mlp`` in the model), and each such key's name in the files."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightRenaming, apply_renamings
+    from transformers.core_model_loading import apply_renamings
 
-    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    from .source_keys import conversion_transforms
+
+    renamings, _ = conversion_transforms(model)
     if not renamings:
         return layout, {k: k for k in layout}
     file_keys = {apply_renamings(k, renamings): k for k in layout}

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-__all__ = ["TensorSource", "model_tensor_sources", "file_key_renamer"]
+__all__ = ["TensorSource", "model_tensor_sources", "file_key_renamer", "conversion_transforms"]
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,8 @@ class TensorSource:
     transposed: bool = False
 
 
-def _transforms(model: nn.Module):
+def conversion_transforms(model: nn.Module):
+    """(renamings, converters): transformers' own weight transforms for ``model``'s architecture."""
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, WeightRenaming
 
@@ -60,7 +61,7 @@ def model_tensor_sources(model: nn.Module, file_keys, expert_modules: list[str])
     the ExpertLinears of ``model`` (their fused source tensors become per-expert ones)."""
     from transformers.core_model_loading import rename_source_key
 
-    renamings, converters = _transforms(model)
+    renamings, converters = conversion_transforms(model)
     fused_to_linears = {}  # a fused parameter's model key -> the ModuleList of its per-expert linears
     transposed, biases = set(), {}
     for name in expert_modules:
@@ -70,7 +71,8 @@ def model_tensor_sources(model: nn.Module, file_keys, expert_modules: list[str])
         biases[f"{name}.down_proj_bias"] = f"{name}.down"
         if getattr(model.get_submodule(name), "is_transposed", False):
             transposed.update({f"{name}.gate_up", f"{name}.down"})
-    pieces: dict[str, dict[int, list]] = {}
+    pieces: dict[str, dict[int, list]] = {}  # fused key -> expert -> its per-expert file keys, in order
+    saved_fused: dict[str, str] = {}  # fused key -> the file key holding it fused
     out: dict[str, TensorSource] = {}
     for fk in file_keys:
         key, pattern = rename_source_key(fk, renamings, converters)
@@ -79,22 +81,20 @@ def model_tensor_sources(model: nn.Module, file_keys, expert_modules: list[str])
             e = _expert_index(fk, pattern)
             pieces.setdefault(key, {}).setdefault(e, [None] * len(conv.source_patterns))
             pieces[key][e][conv.source_patterns.index(pattern)] = fk
-        elif key in fused_to_linears:  # saved fused: one slice per expert, filled in below
-            pieces.setdefault(key, {})[-1] = [fk]
+        elif key in fused_to_linears:  # saved fused: one slice per expert
+            saved_fused[key] = fk
         elif key in biases:  # saved fused biases: one row per expert
             linears = biases[key]
             for e in range(len(model.get_submodule(linears))):
                 out[f"{linears}.{e}.bias"] = TensorSource(((fk, e),))
         else:
             out[key] = TensorSource(((fk, None),))
+    for fused, fk in saved_fused.items():
+        linears = fused_to_linears[fused]
+        for e in range(len(model.get_submodule(linears))):
+            out[f"{linears}.{e}.weight"] = TensorSource(((fk, e),), transposed=linears in transposed)
     for fused, by_expert in pieces.items():
         linears = fused_to_linears[fused]
-        if -1 in by_expert:
-            fk = by_expert[-1][0]
-            n = len(model.get_submodule(linears))
-            for e in range(n):
-                out[f"{linears}.{e}.weight"] = TensorSource(((fk, e),), transposed=linears in transposed)
-            continue
         for e, parts in by_expert.items():
             if any(p is None for p in parts):
                 continue  # incomplete: left out, so the caller's completeness check names it
@@ -108,7 +108,7 @@ def file_key_renamer(model: nn.Module):
     in-memory one saved by transformers has."""
     from transformers.core_model_loading import apply_renamings
 
-    renamings, _ = _transforms(model)
+    renamings, _ = conversion_transforms(model)
     if not renamings:
         return lambda k: k
     reverse = [r.reverse_transform() for r in renamings][::-1]

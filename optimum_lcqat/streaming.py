@@ -365,11 +365,11 @@ def quantize_streaming(
 
     skip = default_modules_to_not_convert(model, cfg)
     expert_modules = unfuse_experts(model, skip)  # per-expert linears; their pieces are read per expert below
-    left = [n for n, m in model.named_modules() if fused_experts_layout_problem(m) != ""]
+    left = [(n, m, why) for n, m in model.named_modules() if (why := fused_experts_layout_problem(m)) != ""]
     if left:
-        raise StreamingError(f"streaming PTQ cannot read the fused experts of {left[0]} ({type(model.get_submodule(left[0])).__name__}: "
-                             f"{fused_experts_layout_problem(model.get_submodule(left[0])) or 'kept dense'}); "
-                             "quantize it in memory (--in-memory)")
+        name, module, why = left[0]
+        raise StreamingError(f"streaming PTQ cannot read the fused experts of {name} ({type(module).__name__}: "
+                             f"{why or 'kept dense'}); quantize it in memory (--in-memory)")
     tensors_of = ModelTensors(source, model, expert_modules)
     file_key = file_key_renamer(model)  # the output's keys are those transformers' save_pretrained writes
     names = convertible_linears(model, cfg, skip)

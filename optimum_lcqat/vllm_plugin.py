@@ -230,6 +230,16 @@ class LCQATvLLMConfig(QuantizationConfig):
         self._expert_ckpt_names.add((layer.ckpt_gate_proj_name, layer.ckpt_down_proj_name))
         return LCQATFusedMoEMethod(self, prefix, layer.moe_config)
 
+    def staged_weight(self, sd: dict[str, torch.Tensor], label: str) -> LCWeight:
+        """The LCWeight of one LC layer from its tensors as staged by a loader (``label``: its name,
+        for the error), after checking that the checkpoint held them all."""
+        v1_plans = self.format_version < 2 and self.hadamard_block_size  # recomputed, format 1 only
+        missing = [k for k in KEYS if k not in sd and not (k == "rotation" and v1_plans)]
+        if missing:
+            raise ValueError(f"lcqat vLLM plugin: the checkpoint has no {', '.join(f'{label}.{k}' for k in missing)} "
+                             "for this LC layer; it is incomplete or corrupted")
+        return LCWeight.from_state_dict(sd, "", hadamard_block_size=self.hadamard_block_size)
+
     # ---------------------------------------------------------------- which layers are LC
     def _checkpoint_parts(self, prefix: str) -> list[str]:
         """The checkpoint module names behind vLLM layer ``prefix`` (its parts if fused)."""
@@ -244,6 +254,12 @@ class LCQATvLLMConfig(QuantizationConfig):
             return name in self.lc_modules
         last = name.rsplit(".", 1)[-1]
         return not any(name == m or name.endswith("." + m) or last == m for m in self.modules_to_not_convert)
+
+
+def _owned(w: LCWeight) -> LCWeight:
+    """A tensor-parallel shard with tensors of its own: a slice is a view, which would keep the whole
+    part's tensors alive."""
+    return replace(w, codes=w.codes.clone(), s_u=w.s_u.clone(), s_v=w.s_v.clone())
 
 
 class LCQATLinearMethod(LinearMethodBase):
@@ -280,12 +296,7 @@ class LCQATLinearMethod(LinearMethodBase):
         device = layer.codes.device  # where vLLM builds the layer (the staged tensors come from the files)
         weights = []
         for i, (name, sd) in enumerate(zip(self.parts, layer.lcqat_staged)):
-            v1_plans = self.config.format_version < 2 and self.config.hadamard_block_size  # recomputed, format 1 only
-            missing = [k for k in KEYS if k not in sd and not (k == "rotation" and v1_plans)]
-            if missing:
-                raise ValueError(f"lcqat vLLM plugin: the checkpoint has no {', '.join(f'{name}.{k}' for k in missing)} "
-                                 "for this LC layer; it is incomplete or corrupted")
-            w = LCWeight.from_state_dict(sd, "", hadamard_block_size=self.config.hadamard_block_size)
+            w = self.config.staged_weight(sd, name)
             if isinstance(layer, RowParallelLinear):
                 if k_part != w.in_features:
                     w = w.shard(1, tp_rank * k_part, (tp_rank + 1) * k_part)
@@ -294,8 +305,8 @@ class LCQATLinearMethod(LinearMethodBase):
                 if isinstance(layer, QKVParallelLinear) and i > 0:  # k, v: heads replicated when fewer than ranks
                     rank = tp_rank // getattr(layer, "num_kv_head_replicas", 1)
                 w = w.shard(0, rank * out_sizes[i], (rank + 1) * out_sizes[i])
-            if tp_size > 1:  # a row slice is a view: copy it, so the full part's tensors are freed
-                w = replace(w, codes=w.codes.clone(), s_u=w.s_u.clone(), s_v=w.s_v.clone())
+            if tp_size > 1:
+                w = _owned(w)
             if w.out_features != out_sizes[i] or w.in_features != k_part:
                 raise ValueError(f"lcqat vLLM plugin: {name} holds a {w.out_features}x{w.in_features} LC weight but "
                                  f"vLLM's layer {self.prefix!r} (tensor-parallel rank {tp_rank}/{tp_size}) expects "
@@ -418,23 +429,16 @@ class LCQATFusedMoEMethod(FusedMoEMethodBase):
     def process_weights_after_loading(self, layer) -> None:
         tp_rank, tp_size = self.moe.tp_rank, self.moe.tp_size
         ip = layer.intermediate_size_per_partition
-        v1_plans = self.config.format_version < 2 and self.config.hadamard_block_size
         device = layer.w13_codes.device  # where vLLM builds the layer (the staged tensors come from the files)
         w13_all, w2_all = [], []
         for e, (sd13, sd2) in enumerate(zip(layer.lcqat_staged["w13"], layer.lcqat_staged["w2"])):
-            for what, sd in (("gate_up", sd13), ("down", sd2)):
-                missing = [k for k in KEYS if k not in sd and not (k == "rotation" and v1_plans)]
-                if missing:
-                    raise ValueError(f"lcqat vLLM plugin: the checkpoint has no {', '.join(missing)} for {self.prefix}.{what} "
-                                     f"of local expert {e}; it is incomplete or corrupted")
-            w13 = LCWeight.from_state_dict(sd13, "", hadamard_block_size=self.config.hadamard_block_size)
-            w2 = LCWeight.from_state_dict(sd2, "", hadamard_block_size=self.config.hadamard_block_size)
+            w13 = self.config.staged_weight(sd13, f"{self.prefix}.gate_up.<local expert {e}>")
+            w2 = self.config.staged_weight(sd2, f"{self.prefix}.down.<local expert {e}>")
             full_i = w13.out_features // 2
             if tp_size > 1:  # gate rows and up rows of this rank; down's input columns
-                parts = [w13.shard(0, tp_rank * ip, (tp_rank + 1) * ip), w13.shard(0, full_i + tp_rank * ip, full_i + (tp_rank + 1) * ip)]
-                parts = [replace(w, codes=w.codes.clone(), s_u=w.s_u.clone(), s_v=w.s_v.clone()) for w in parts]
-                w2 = w2.shard(1, tp_rank * ip, (tp_rank + 1) * ip)
-                w2 = replace(w2, codes=w2.codes.clone(), s_u=w2.s_u.clone(), s_v=w2.s_v.clone())
+                parts = [_owned(w13.shard(0, tp_rank * ip, (tp_rank + 1) * ip)),
+                         _owned(w13.shard(0, full_i + tp_rank * ip, full_i + (tp_rank + 1) * ip))]
+                w2 = _owned(w2.shard(1, tp_rank * ip, (tp_rank + 1) * ip))
             else:
                 parts = [w13]
             if sum(w.out_features for w in parts) != 2 * ip or any(w.in_features != layer.hidden_size for w in parts) \
