@@ -396,6 +396,52 @@ def test_torch_compile_fullgraph():
 
 
 @needs_native
+@pytest.mark.parametrize("d", [4, 2, 1])
+@pytest.mark.parametrize("n", [1, 17, 64, 1000, 70001])
+def test_nearest_codeword_search_finds_the_nearest(n, d):
+    """The native codebook search (csrc/cpu/codebook_search.cpp, this process's ISA tier; the
+    lower tiers in tests/test_isa_tiers.py) against the float64 distances: every chosen codeword
+    is a nearest one (within float32 rounding of the distances), nearly always the reference's
+    choice (ties aside), and a tie goes to the lowest index. Vector counts
+    around the 16 x 4 lanes of a step and the thread split."""
+    from optimum_lcqat.tensor import codebook
+
+    g = torch.Generator().manual_seed(n * 10 + d)
+    A = (0.8 * torch.eye(d) + 0.2 * torch.randn(d, d, generator=g)).double()
+    beta = (0.3 * torch.randn(d, generator=g)).double()
+    table = codebook.codewords(A, beta)
+    w = 1.5 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    w[: n // 4] = table[torch.randint(0, len(table), (n // 4,), generator=g)]  # exact codewords: ties
+    got = kernels.nearest_codeword(w, A, beta)
+    ref = codebook.nearest_codeword(w, A, beta)
+    assert got.dtype == torch.long and got.shape == (n,)
+    dist = torch.cdist(w, table) ** 2
+    best = dist.min(1).values
+    chosen = dist.gather(1, got[:, None]).squeeze(1)
+    assert bool((chosen <= best + 1e-5 * (1 + best)).all()), float((chosen - best).max())
+    assert (got != ref).sum() <= max(1, n // 1000)
+    # a table holding every codeword twice: each tie goes to the lower index, the first copy
+    twice = torch.cat([table, table]).float()
+    assert torch.equal(native.nearest_codeword(w.float(), twice), native.nearest_codeword(w.float(), table.float()))
+
+
+@needs_native
+def test_data_free_init_with_the_native_search_equals_the_reference(monkeypatch):
+    """The data-free initialiser (five searches and four codebook fits on a SmolLM2 MLP shape) gives
+    the same codes and codebook with the native search as with the reference's."""
+    from optimum_lcqat.tensor import codebook
+
+    weight = torch.randn(1536, 576, generator=torch.Generator().manual_seed(3))
+    nat = lc_weight_from_dense(weight, name="mlp.up_proj")
+    import optimum_lcqat.init.data_free as data_free
+
+    monkeypatch.setattr(data_free, "nearest_codeword", codebook.nearest_codeword)
+    ref = lc_weight_from_dense(weight, name="mlp.up_proj")
+    assert (nat.codes != ref.codes).float().mean() < 1e-4
+    torch.testing.assert_close(nat.A, ref.A, rtol=1e-6, atol=1e-9)
+
+
+@needs_native
 def test_opcheck():
     from torch.library import opcheck
 
@@ -409,6 +455,7 @@ def test_opcheck():
     opcheck(torch.ops.lcqat.lc_matmul.default, (x, packed, A, beta))
     opcheck(torch.ops.lcqat.hadamard.default, (x, 32, None, s_u, None, True))
     opcheck(torch.ops.lcqat.hadamard.default, (torch.randn(2, 24), 2, torch.tensor(plan_left(12)), None, None, False))
+    opcheck(torch.ops.lcqat.nearest_codeword.default, (torch.randn(70, 4), torch.randn(256, 4)))
 
 
 def plan_left(k):

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ..tensor.codebook import fit_affine, index_to_codes, nearest_codeword, scalar_codebook
+from ..kernels import nearest_codeword
+from ..tensor.codebook import fit_affine, index_to_codes, scalar_codebook
 from ..tensor.hadamard import RotationPlan, plan_rotation
 from ..tensor.lc_weight import LCWeight
 from .common import InitResult, LayerSpec, finish, rotated_start

@@ -17,6 +17,7 @@ import os
 
 import torch
 
+from ..tensor import codebook
 from . import reference
 
 logger = logging.getLogger(__name__)
@@ -84,4 +85,16 @@ def bind_native(w, x, bias=None, int8_activations: bool = False):
     return nat.lc_linear_op(int8_activations), nat.rotation_args(w, x.device)
 
 
-__all__ = ["lc_linear", "bind_native", "backend_name", "native_backend", "NATIVE_DTYPES", "reference"]
+def nearest_codeword(w: torch.Tensor, A: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """Index (row of :func:`~optimum_lcqat.tensor.codebook.lattice`) of the codeword ``A q + beta``
+    nearest to each row of ``w`` [N, d], searched in float32: the native search on CPU tensors (the
+    distances stay in registers; csrc/cpu/codebook_search.cpp), else the reference,
+    :func:`optimum_lcqat.tensor.codebook.nearest_codeword`. The two may pick different codewords
+    only where two distances tie to float32 rounding."""
+    nat = _native if _native_checked else native_backend()
+    if nat is None or w.device.type != "cpu":
+        return codebook.nearest_codeword(w, A, beta)
+    return nat.nearest_codeword(w.to(torch.float32).contiguous(), codebook.codewords(A.float(), beta.float()))
+
+
+__all__ = ["lc_linear", "nearest_codeword", "bind_native", "backend_name", "native_backend", "NATIVE_DTYPES", "reference"]

@@ -91,6 +91,12 @@ def _register_fakes() -> None:
         torch._check(packed.shape[1] * 4 == x.shape[-1], lambda: "lcqat.lc_linear_a8: shape mismatch")
         return x.new_empty((*x.shape[:-1], packed.shape[0]))
 
+    @torch.library.register_fake("lcqat::nearest_codeword")
+    def _nearest_codeword_fake(w, table):
+        torch._check(w.dim() == 2 and table.dim() == 2 and w.shape[1] == table.shape[1],
+                     lambda: "lcqat.nearest_codeword: w [N, d] and table [K, d] expected")
+        return w.new_empty((w.shape[0],), dtype=torch.long)
+
     @torch.library.register_fake("lcqat::lc_linear")
     def _lc_linear_fake(x, packed, A, beta, s_u, s_v, bias, block_in, left_in, block_out, left_out):
         torch._check(packed.dim() == 2 and packed.dtype == torch.uint8, lambda: "lcqat.lc_linear: bad packed codes")
@@ -222,6 +228,11 @@ def hadamard(x, plan: RotationPlan, scale_in=None, scale_out=None, transpose: bo
 
 def lc_matmul(xt, packed, A, beta):
     return torch.ops.lcqat.lc_matmul(xt, packed, A, beta)
+
+
+def nearest_codeword(w: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Index of the row of ``table`` [K, d] nearest to each row of ``w`` [N, d] (float32, CPU)."""
+    return torch.ops.lcqat.nearest_codeword(w, table)
 
 
 def cpu_isa() -> str:
