@@ -21,12 +21,18 @@ per-block figures are measured and the whole model's are extrapolated from them 
    whole-model stage). Reported: seconds and peak RSS for the block, routed tokens per expert,
    experts left to the data-free init.
 
-vLLM: the plugin serves LC experts (tests/test_vllm.py); their decode speed in vLLM on these shapes
-is not measured here yet.
+4. **Decode, batch 1, in vLLM CPU** (``--vllm``): the same random weights with SmolLM2's vocabulary
+   (49152: vLLM detokenizes what it generates), dense bf16 and LC-QAT 2-bit (data-free), each as a
+   1-block and a 3-block checkpoint (the first blocks of one 3-block model), each served by a
+   fresh vLLM engine in vLLM's venv (scripts/setup_vllm.sh; bf16, eager, the engine core in
+   process), one after another. Per engine: a 32-token prompt, min over runs of t(33 new tokens)
+   and t(1); a decode step is (t(33) - t(1)) / 32. vLLM's step includes its head, sampler and
+   scheduler, so one block is (step(3 blocks) - step(1 block)) / 2, the same for both kinds.
 
     PYTHONPATH=. python -P benchmarks/moe.py                # decode + memory (~12 minutes)
     PYTHONPATH=. python -P benchmarks/moe.py --ptq          # + streaming PTQ of a block (~40 minutes)
     PYTHONPATH=. python -P benchmarks/moe.py --ptq-only     # the PTQ row again, merged into moe.json
+    PYTHONPATH=. python -P benchmarks/moe.py --vllm-only    # the vLLM rows again (~10 minutes), merged
 
 Writes benchmarks/results/moe.{json,md,png}.
 """
@@ -53,8 +59,8 @@ from optimum_lcqat import LCQATConfig, quantize  # noqa: E402
 from optimum_lcqat.init.ptq_blocks import peak_rss_bytes  # noqa: E402
 
 FULL_DEPTH, FULL_VOCAB = 48, 151936
-VLLM_NOTE = ("not measured yet: the vLLM plugin serves LC experts (greedy equal to transformers, tests/test_vllm.py); "
-             "its decode speed on these shapes is not benchmarked")
+VENV_PY = os.environ.get("OPTIMUM_LCQAT_VLLM_PYTHON") or os.path.expanduser("~/.cache/optimum_lcqat/vllm-venv/bin/python")
+VLLM_BLOCKS = (1, 3)
 
 
 def a3b_config(blocks: int, vocab: int):
@@ -158,6 +164,110 @@ def streaming_ptq_block(samples: int, log) -> dict:
     return res
 
 
+# Runs in the vLLM venv: one engine, batch-1 decode timings, the process's peak RSS.
+_VLLM_CHILD = r"""
+import json, resource, sys, time
+def main():
+    a = json.loads(sys.argv[1])
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+    t = time.perf_counter()
+    llm = LLM(model=a["model"], dtype="bfloat16", enforce_eager=True, max_model_len=512, seed=0)
+    startup = time.perf_counter() - t
+    prompt = TokensPrompt(prompt_token_ids=a["prompt"])
+    sp = lambda n: SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+    llm.generate([prompt], sp(4), use_tqdm=False)  # warm-up
+    def timed(n):
+        t = time.perf_counter(); llm.generate([prompt], sp(n), use_tqdm=False); return time.perf_counter() - t
+    t1 = min(timed(1) for _ in range(3))
+    tn = min(timed(a["new_tokens"] + 1) for _ in range(a["runs"]))
+    print("RESULT " + json.dumps({"startup_s": startup, "ttft_s": t1, "step_s": (tn - t1) / a["new_tokens"],
+                                  "quantization": llm.llm_engine.vllm_config.model_config.quantization,
+                                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}), flush=True)
+if __name__ == "__main__":
+    main()
+"""
+
+
+def first_blocks(src: str, dst: str, n: int) -> str:
+    """A copy of checkpoint ``src`` holding only its first ``n`` decoder blocks (config and tensors)."""
+    import glob
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    os.makedirs(dst)
+    for f in os.listdir(src):
+        if not f.endswith(".safetensors") and not f.endswith(".index.json"):
+            shutil.copy(os.path.join(src, f), dst)
+    with open(os.path.join(dst, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["num_hidden_layers"] = n
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=1)
+    kept, metadata = {}, {}
+    for path in sorted(glob.glob(os.path.join(src, "*.safetensors"))):
+        with safe_open(path, "pt") as f:
+            metadata.update(f.metadata() or {})  # the header records (format version) stay
+            for k in f.keys():
+                parts = k.split(".")
+                if "layers" in parts and int(parts[parts.index("layers") + 1]) >= n:
+                    continue
+                kept[k] = f.get_tensor(k)
+    save_file(kept, os.path.join(dst, "model.safetensors"), metadata=metadata)
+    return dst
+
+
+def vllm_decode(log, new_tokens: int = 32, runs: int = 2) -> dict:
+    """Batch-1 decode of dense bf16 and LC-QAT 2-bit A3B blocks in vLLM CPU (see the module docstring, 4)."""
+    from optimum_lcqat.assets import smollm2_path
+    from transformers import AutoTokenizer
+
+    if not os.path.exists(VENV_PY):
+        raise SystemExit(f"no vLLM venv at {VENV_PY}: run bash scripts/setup_vllm.sh (or set OPTIMUM_LCQAT_VLLM_PYTHON)")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VLLM_PLUGINS")}
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", VLLM_CPU_KVCACHE_SPACE="1", VLLM_LOGGING_LEVEL="WARNING",
+               VLLM_CPU_OMP_THREADS_BIND="nobind", VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    tok = AutoTokenizer.from_pretrained(smollm2_path())
+    prompt = torch.randint(0, len(tok), (32,), generator=torch.Generator().manual_seed(1)).tolist()
+    deepest = max(VLLM_BLOCKS)
+    with tempfile.TemporaryDirectory(prefix="moe_vllm_") as tmp:
+        dirs = {}
+        model = random_model(deepest, len(tok))
+        for kind in ("dense bf16", "LC-QAT 2-bit"):
+            if kind != "dense bf16":
+                log(f"converting {deepest} block(s) to LC-QAT 2-bit (data-free init) ...")
+                quantize(model, LCQATConfig())
+            full = os.path.join(tmp, f"{kind.split()[0]}-{deepest}")
+            model.save_pretrained(full)
+            tok.save_pretrained(full)
+            for n in VLLM_BLOCKS:
+                dirs[(kind, n)] = full if n == deepest else first_blocks(full, f"{full[:-2]}-{n}", n)
+        del model
+        out = {}
+        for n in VLLM_BLOCKS:  # the kinds alternate: machine drift hits both
+            for kind in ("dense bf16", "LC-QAT 2-bit"):
+                args = {"model": dirs[(kind, n)], "prompt": prompt, "new_tokens": new_tokens, "runs": runs}
+                r = subprocess.run([VENV_PY, "-c", _VLLM_CHILD, json.dumps(args)], capture_output=True, text=True,
+                                   env=env, cwd="/", timeout=3600)
+                lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
+                if r.returncode != 0 or not lines:
+                    raise RuntimeError(f"vLLM child failed for {kind}, {n} block(s):\n{(r.stdout + r.stderr)[-4000:]}")
+                res = json.loads(lines[-1][len("RESULT "):])
+                out.setdefault(kind, {})[str(n)] = res
+                log(f"vLLM {kind}, {n} block(s): {1e3 * res['step_s']:.2f} ms / step, quantization {res['quantization']}, "
+                    f"peak RSS {res['peak_rss_bytes'] / 2**30:.2f} GiB")
+    lo, hi = VLLM_BLOCKS
+    for kind, d in out.items():
+        per_block = (d[str(hi)]["step_s"] - d[str(lo)]["step_s"]) / (hi - lo)
+        d["seconds_per_block"] = per_block
+        d["block_tokens_per_s"] = 1 / per_block
+        d["blocks_48_tokens_per_s"] = 1 / (FULL_DEPTH * per_block)
+    return {"engines": out, "new_tokens": new_tokens, "prompt_tokens": len(prompt),
+            "lc_speedup_per_block": out["dense bf16"]["seconds_per_block"] / out["LC-QAT 2-bit"]["seconds_per_block"]}
+
+
 def render(payload: dict) -> str:
     env, decode, memory, ptq = payload["environment"], payload["decode"], payload["memory"], payload["streaming_ptq_block"]
     gib = 2**30
@@ -187,7 +297,22 @@ def render(payload: dict) -> str:
         if penv:
             md.append(f"\n(streaming PTQ row: `{penv['command']}`, {penv['time_utc']}, git {penv['git_commit']}; the block's "
                       f"log: `{ptq.get('block_log', '')}`)")
-    md.append(f"\nvLLM CPU: {payload['vllm']}.\n")
+    v = payload.get("vllm")
+    if isinstance(v, dict):
+        e, venv = v["engines"], v.get("environment") or env
+        lo, hi = VLLM_BLOCKS
+        md += [f"\n| vLLM CPU, batch 1 (bf16, eager) | step, {lo} block | step, {hi} blocks | ms / block | tokens/s, 48 blocks | "
+               f"peak RSS, {hi} blocks |", "|---|---|---|---|---|---|"]
+        for name, d in e.items():
+            md.append(f"| {name} | {1e3 * d[str(lo)]['step_s']:.2f} ms | {1e3 * d[str(hi)]['step_s']:.2f} ms | "
+                      f"{1e3 * d['seconds_per_block']:.2f} | {d['blocks_48_tokens_per_s']:.2f} | "
+                      f"{d[str(hi)]['peak_rss_bytes'] / 2**30:.2f} GiB |")
+        md += [f"\nLC-QAT / dense bf16 decode speed per block in vLLM: **{v['lc_speedup_per_block']:.2f}x**. A step is "
+               f"(t({v['new_tokens'] + 1} new tokens) - t(1)) / {v['new_tokens']} after a {v['prompt_tokens']}-token prompt, "
+               f"with vLLM's head (49152 x 2048), sampler and scheduler; one block is the difference of the {hi}- and "
+               f"{lo}-block engines over {hi - lo}. (`{venv['command']}`, {venv['time_utc']}, git {venv['git_commit']})\n"]
+    else:
+        md.append("\nvLLM CPU: not measured in this run (--vllm).\n")
     return "\n".join(md)
 
 
@@ -201,6 +326,9 @@ def main():
     ap.add_argument("--ptq-only", action="store_true",
                     help="only the streaming PTQ of one block, merged into the existing results file (its own command and commit)")
     ap.add_argument("--samples", type=int, default=128, help="calibration samples (x 512 tokens) of the PTQ")
+    ap.add_argument("--vllm", action="store_true", help="also batch-1 decode in vLLM CPU (~10 minutes)")
+    ap.add_argument("--vllm-only", action="store_true",
+                    help="only the vLLM decode rows, merged into the existing results file (their own command and commit)")
     ap.add_argument("--name", default="moe")
     args = ap.parse_args()
     t0 = time.time()
@@ -208,19 +336,20 @@ def main():
     def log(msg):
         print(f"[{time.time() - t0:7.1f}s] {msg}", flush=True)
 
-    if args.ptq_only:
+    if args.ptq_only or args.vllm_only:
         path = os.path.join(RESULTS, args.name + ".json")
         with open(path) as f:
             payload = json.load(f)
         env = environment()  # before the run: the commit it ran
-        ptq = streaming_ptq_block(args.samples, log)
-        ptq["environment"] = env
-        payload["streaming_ptq_block"] = ptq
-        payload["vllm"] = VLLM_NOTE
+        part, key = ((streaming_ptq_block(args.samples, log), "streaming_ptq_block") if args.ptq_only
+                     else (vllm_decode(log), "vllm"))
+        part["environment"] = env
+        payload[key] = part
         _finish(args, payload, log)
         return
     payload = measure_decode(args, log)
     payload["streaming_ptq_block"] = streaming_ptq_block(args.samples, log) if args.ptq else None
+    payload["vllm"] = vllm_decode(log) if args.vllm else None
     _finish(args, payload, log)
 
 
@@ -301,8 +430,7 @@ def measure_decode(args, log) -> dict:
             "blocks_measured": args.blocks, "full_depth": FULL_DEPTH, "prompt": args.prompt, "steps": args.steps,
             "rounds": rounds, "decode": decode, "lc_speedup_per_block": speedup,
             "head_bf16_seconds": head_s, "convert_data_free_seconds": convert_s,
-            "decode_process_peak_rss_bytes": peak_rss_bytes(), "memory": memory,
-            "vllm": VLLM_NOTE}
+            "decode_process_peak_rss_bytes": peak_rss_bytes(), "memory": memory}
 
 
 if __name__ == "__main__":
