@@ -176,9 +176,15 @@ def in_memory_ptq(shape: ModelShape, cfg, *, dtype_bytes: int = 4, base: int | N
 
 def _block_compute(shape: ModelShape, cfg) -> int:
     """One decoder block's PTQ work: its forward on a batch of calibration samples, the Hessians of
-    its inputs (float64) and the largest layer's per-weight temporaries."""
+    its inputs (float64) and the per-weight temporaries of the layers quantized at once: the largest
+    alone, or as many small ones as quant_api runs together (PTQ_WORKERS, one per torch thread)."""
+    import torch
+
+    from .quant_api import PARALLEL_PTQ_MAX_WEIGHTS, PTQ_WORKERS
+
     block_fwd = cfg.ptq_batch_size * cfg.model_seqlen * (4 * shape.hidden + 3 * shape.widest) * 4
-    hessians = 3 * shape.hidden**2 * 8 + shape.widest**2 * 8 + 4 * shape.largest_linear * 8
+    together = min(PTQ_WORKERS, torch.get_num_threads()) * min(shape.largest_linear, PARALLEL_PTQ_MAX_WEIGHTS)
+    hessians = 3 * shape.hidden**2 * 8 + shape.widest**2 * 8 + 4 * max(shape.largest_linear, together) * 8
     # MoE: each expert's two Hessians (its input, and its intermediate), float64, as many experts at
     # once as a Hessian pass takes (quant_api.hessian_passes)
     from .quant_api import EXPERT_HESSIAN_BYTES_PER_PASS

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
@@ -153,6 +154,12 @@ def quantize_linears_data_free(model: nn.Module, names: list[str], config: LCQAT
 # and seed: the codes are those of one pass.
 EXPERT_HESSIAN_BYTES_PER_PASS = 1 << 30
 
+# The layer PTQ of a block: at most this many layer chains at once (one per thread torch may use),
+# and only chains whose layers all have at most PARALLEL_PTQ_MAX_WEIGHTS weights (a layer's PTQ holds
+# ~4 float64 copies of its weight: 128 MiB at this size); wider layers run alone (memory_plan).
+PTQ_WORKERS = 4
+PARALLEL_PTQ_MAX_WEIGHTS = 4 << 20
+
 
 def expert_linear_names(model: nn.Module, names: list[str]) -> set[str]:
     """Those of ``names`` that are an ExpertLinears' per-expert projections (``<experts>.gate_up.<e>``)."""
@@ -178,9 +185,9 @@ def hessian_passes(model: nn.Module, lnames: list[str], linears: dict) -> list[l
     return passes
 
 
-def _quantize_pass(model, bidx, part, linears, groups, H, tokens, cfg, params, errors) -> None:
+def _quantize_pass(model, bidx, part, linears, groups, H, tokens, cfg, params, errors, workers: int = 1) -> None:
     """The PTQ of the linears ``part`` of a block from their Hessians ``H`` (collect_hessians),
-    into ``params`` / ``errors``; ``H`` is emptied as it goes."""
+    into ``params`` / ``errors``, ``workers`` layer chains at a time; ``H`` is emptied as it goes."""
     # MoE experts the router sent fewer tokens than they have inputs (none, or a few): their Hessian
     # is rank-deficient, and a fit to it would weigh a few directions and leave the rest to the
     # damping; they get the data-free init (an identity Hessian), said here and in the report.
@@ -197,20 +204,46 @@ def _quantize_pass(model, bidx, part, linears, groups, H, tokens, cfg, params, e
             result = init_data_free(linears[n].weight.detach(), layer_spec(cfg, plan_in, plan_out, n))
             params[n], errors[n] = result.weight, result.error
             tokens.setdefault(n, 0)
-    # Widest inputs first: their Hessians (1.6 GB in float64 for a 14336-wide down_proj) are then
-    # gone before the other layers' work. Layers are quantized independently (each from its own
-    # Hessian and seed), so the order changes nothing else. A group's Hessian goes to its last
-    # linear, which transforms it in place.
+    # A group's Hessian goes to its last linear, which transforms it in place, so a group's linears
+    # run one after another, as a chain. Chains are independent (each layer from its own Hessian and
+    # seed, single-threaded ops): up to PTQ_WORKERS of them run at once in threads (torch's ops
+    # release the GIL), with the same results as one after another (tested). Chains holding a layer
+    # above PARALLEL_PTQ_MAX_WEIGHTS run first and alone, widest inputs first: their Hessians
+    # (1.6 GB in float64 for a 14336-wide down_proj) and per-weight temporaries are then gone
+    # before the other layers' work, and never beside another layer's.
     by_width = sorted((n for n in part if n not in unreached), key=lambda n: -linears[n].weight.shape[1])
-    last_of_group = {groups[n]: n for n in by_width}
-    for n in tqdm(by_width, desc="lcqat PTQ: quantize", leave=False):
-        lin = linears[n]
-        plan_in, plan_out = rotation_plans(lin, cfg)
-        g = groups[n]
-        h = [H.pop(g).cpu()] if last_of_group[g] == n else H[g].cpu()
-        result = quantize_weight_ptq(lin.weight.detach().cpu(), h, layer_spec(cfg, plan_in, plan_out, n),
-                                     refine_passes=cfg.ptq_refine_passes, damp=cfg.ptq_damp)
-        params[n], errors[n] = result.weight, result.error
+    chains: dict = {}
+    for n in by_width:
+        chains.setdefault(groups[n], []).append(n)
+
+    def run_chain(chain: list[str]) -> None:
+        # a new thread starts at OpenMP's default team size: one thread here too, as the caller runs
+        torch.set_num_threads(1)
+        for n in chain:
+            lin = linears[n]
+            plan_in, plan_out = rotation_plans(lin, cfg)
+            g = groups[n]
+            h = [H.pop(g).cpu()] if n == chain[-1] else H[g].cpu()
+            result = quantize_weight_ptq(lin.weight.detach().cpu(), h, layer_spec(cfg, plan_in, plan_out, n),
+                                         refine_passes=cfg.ptq_refine_passes, damp=cfg.ptq_damp)
+            params[n], errors[n] = result.weight, result.error
+            progress.update(1)
+
+    def weights(chain: list[str]) -> int:
+        return sum(linears[n].weight.numel() for n in chain)
+
+    big = [c for c in chains.values() if max(linears[n].weight.numel() for n in c) > PARALLEL_PTQ_MAX_WEIGHTS]
+    small = sorted((c for c in chains.values() if c not in big), key=weights, reverse=True)  # longest first
+    with tqdm(total=len(by_width), desc="lcqat PTQ: quantize", leave=False) as progress:
+        for chain in big:
+            run_chain(chain)
+        if workers <= 1 or len(small) <= 1:
+            for chain in small:
+                run_chain(chain)
+        else:
+            with ThreadPoolExecutor(max_workers=min(workers, len(small)), thread_name_prefix="lcqat-ptq") as pool:
+                for f in [pool.submit(run_chain, c) for c in small]:
+                    f.result()
 
 
 @torch.no_grad()
@@ -256,7 +289,8 @@ def quantize_block(
                                                       dtype=cast)
             tokens.update(part_tokens)
             torch.set_num_threads(1)
-            _quantize_pass(model, bidx, part, linears, groups, H, tokens, cfg, params, errors)
+            _quantize_pass(model, bidx, part, linears, groups, H, tokens, cfg, params, errors,
+                           workers=min(threads, PTQ_WORKERS))
             del H
         errors = {n: errors[n] for n in lnames}
         tokens = {n: tokens[n] for n in lnames}

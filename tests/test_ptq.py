@@ -179,6 +179,34 @@ def test_ptq_deterministic_under_seed(tok, texts):
     assert any(not torch.equal(a[n][0], c[n][0]) for n in a)
 
 
+def test_layer_chains_in_threads_give_the_one_thread_result(tok, texts, monkeypatch):
+    """The layers of a block are quantized a chain (the linears sharing a Hessian) per thread
+    (quant_api.PTQ_WORKERS): the same codes and parameters, bit for bit, as one chain after another,
+    and with the wide-layer rule (a layer above PARALLEL_PTQ_MAX_WEIGHTS runs alone) in force."""
+    import optimum_lcqat.quant_api as qa
+
+    def run(workers, max_weights=qa.PARALLEL_PTQ_MAX_WEIGHTS):
+        monkeypatch.setattr(qa, "PTQ_WORKERS", workers)
+        monkeypatch.setattr(qa, "PARALLEL_PTQ_MAX_WEIGHTS", max_weights)
+        model = tiny_llama(tok)
+        cfg = ptq_config(texts["calib"], tok, num_samples=4, model_seqlen=32, ptq_finetune_steps=0)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(2)  # two workers whatever this machine's default
+        try:
+            quantize_model_ptq(model, _names(model), cfg)
+        finally:
+            torch.set_num_threads(threads)
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    one, two = run(1), run(2)
+    ref = tiny_llama(tok)
+    widest = max(ref.get_submodule(n).weight.numel() for n in _names(ref))
+    mixed = run(2, max_weights=widest - 1)  # the widest chains alone first, the rest in threads
+    assert one.keys() == two.keys() == mixed.keys()
+    for k in one:
+        assert torch.equal(one[k], two[k]) and torch.equal(one[k], mixed[k]), k
+
+
 def test_calibration_errors(tok, tmp_path):
     model = tiny_llama(tok)
     names = _names(model)

@@ -91,20 +91,18 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def test_llm_greedy_matches_transformers(smollm2_lcqat, smollm2_dir, tmp_path, vllm_python):
+def test_llm_greedy_matches_transformers(served):
     """``LLM(model=DIR)`` with no quantization flag serves the lcqat checkpoint; its greedy tokens
     equal transformers' greedy decode of the same checkpoint: 4 held-out prompts x 32 tokens,
     where fp32 summation order may make a later step drift: then the first 16 tokens are equal
     and every logprob of the common prefix within 2e-3."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    _, saved = smollm2_lcqat
-    lc_dir = with_tokenizer(saved, tmp_path / "lc", smollm2_dir)
-    tok = AutoTokenizer.from_pretrained(smollm2_dir)
-    prompts = held_out_prompts(tok)
+    lc_dir, prompts = served["dirs"]["smollm2"], served["prompts"]["smollm2"]
+    got = served["results"]["smollm2"]
+    assert "error" not in got, got.get("traceback")
     model = AutoModelForCausalLM.from_pretrained(lc_dir, dtype=torch.float32)
     ref = hf_greedy(model, prompts, 32)
-    got = run_llm(vllm_python, {"model": str(lc_dir), "prompts": prompts, "max_tokens": 32})
     assert got["quantization"] == "lcqat"
     report = []
     for r, g in zip(ref, got["outputs"]):
@@ -178,31 +176,44 @@ def make_tiny_moe(path: Path, tokenizer_dir: Path, arch: str) -> Path:
 MOE_ARCHS = ["qwen3_moe", "mixtral", "olmoe", "qwen2_moe"]
 
 
-def test_moe_experts_served_equal_transformers_and_gpt_oss_refused(tmp_path, smollm2_dir, vllm_python):
-    """MoE models whose experts are LC layers (experts.gate_up.<e>, experts.down.<e>) are served by
-    vLLM (LCQATFusedMoEMethod under vLLM's own routing): Qwen3-MoE, Mixtral (keys under
-    block_sparse_moe / w1, w2), OLMoE, Qwen2-MoE (a shared expert of plain LC linears): greedy
-    tokens equal transformers' decode of each checkpoint, logprobs within 2e-3 (fp32). gpt-oss's
-    experts (biased, a clamped SwiGLU) are refused with the reason. One vLLM process serves the
-    five checkpoints one after another (one import of vLLM)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, smollm2_lcqat, smollm2_dir, vllm_python) -> dict:
+    """The single-process checkpoints of this module served by one vLLM process, one after another
+    (one import of vLLM; its engine core in process): the data-free SmolLM2 (4 held-out prompts x
+    32 tokens) and the tiny MoE of each architecture (2 prompts x 16 tokens). Each run's result, or
+    the error that stopped it, by name; the tests check theirs against transformers."""
+    from transformers import AutoTokenizer
 
-    prompts = held_out_prompts(AutoTokenizer.from_pretrained(smollm2_dir), n=2)
-    dirs, refs = {}, {}
+    tmp = tmp_path_factory.mktemp("served")
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    dirs = {"smollm2": with_tokenizer(smollm2_lcqat[1], tmp / "smollm2", smollm2_dir)}
+    prompts = {"smollm2": held_out_prompts(tok)}
+    runs = [{"model": str(dirs["smollm2"]), "prompts": prompts["smollm2"], "max_tokens": 32}]
     for arch in MOE_ARCHS + ["gpt_oss"]:
-        dirs[arch] = make_tiny_moe(tmp_path / arch, smollm2_dir, arch)
-        if arch != "gpt_oss":
-            refs[arch] = hf_greedy(AutoModelForCausalLM.from_pretrained(dirs[arch], dtype=torch.float32), prompts, 16)
-    runs = [{"model": str(dirs[a]), "prompts": prompts, "max_tokens": 16} for a in dirs]
+        dirs[arch] = make_tiny_moe(tmp / arch, smollm2_dir, arch)
+        prompts[arch] = held_out_prompts(tok, n=2)
+        runs.append({"model": str(dirs[arch]), "prompts": prompts[arch], "max_tokens": 16})
     r = run_process_group([vllm_python, str(CHILD), json.dumps({"runs": runs})], 900,
                           env=vllm_env(VLLM_ENABLE_V1_MULTIPROCESSING="0"), cwd="/")
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
     assert r.returncode == 0 and lines, f"vLLM child failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
-    got = dict(zip(dirs, json.loads(lines[-1][len("RESULT "):])))
+    return {"dirs": dirs, "prompts": prompts, "results": dict(zip(dirs, json.loads(lines[-1][len("RESULT "):])))}
+
+
+def test_moe_experts_served_equal_transformers_and_gpt_oss_refused(served):
+    """MoE models whose experts are LC layers (experts.gate_up.<e>, experts.down.<e>) are served by
+    vLLM (LCQATFusedMoEMethod under vLLM's own routing): Qwen3-MoE, Mixtral (keys under
+    block_sparse_moe / w1, w2), OLMoE, Qwen2-MoE (a shared expert of plain LC linears): greedy
+    tokens equal transformers' decode of each checkpoint, logprobs within 2e-3 (fp32). gpt-oss's
+    experts (biased, a clamped SwiGLU) are refused with the reason."""
+    from transformers import AutoModelForCausalLM
+
+    got = served["results"]
     for arch in MOE_ARCHS:
         assert "error" not in got[arch], (arch, got[arch].get("traceback"))
         assert got[arch]["quantization"] == "lcqat"
-        for ref, out in zip(refs[arch], got[arch]["outputs"]):
+        model = AutoModelForCausalLM.from_pretrained(served["dirs"][arch], dtype=torch.float32)
+        for ref, out in zip(hf_greedy(model, served["prompts"][arch], 16), got[arch]["outputs"]):
             assert ref["tokens"] == out["tokens"], (arch, ref["tokens"], out["tokens"])
             assert max(abs(a - b) for a, b in zip(ref["logprobs"], out["logprobs"])) < 2e-3, arch
     refused = got["gpt_oss"].get("error", "") + got["gpt_oss"].get("traceback", "")
