@@ -241,6 +241,10 @@ def main(argv=None) -> int:
     ap.add_argument("--qat-steps", type=int, default=8)
     ap.add_argument("--ptq-samples", type=int, default=32)
     ap.add_argument("--skip-ptq", action="store_true")
+    ap.add_argument("--skip-qat", action="store_true", help="no QAT case (the PTQ rows only)")
+    ap.add_argument("--ptq-variants", nargs="+", metavar="NAME", choices=("landed", "before", "after"),
+                    help="only these in-memory PTQ variants (default: all)")
+    ap.add_argument("--skip-streaming", action="store_true", help="no streaming PTQ rows")
     ap.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens scored after each SmolLM2 QAT case")
     ap.add_argument("--variants", nargs="+", metavar="NAME",
                     help="only these SmolLM2 QAT variants, by name (e.g. 'defaults' 'defaults + 8-bit Adam')")
@@ -270,12 +274,15 @@ def main(argv=None) -> int:
     ]
     if a.variants:
         qat_cases = [c for c in qat_cases if c[0] in a.variants]
+    if a.skip_qat:
+        qat_cases, a.qat_1b_steps = [], 0
     site = full = None
     if a.landed:
         site, full = landed_build(a.landed)
         env["landed_before"] = full
-        qat_cases.insert(0, (f"landed {full[:7]} (LCQATCallback())", dict(landed=True, optim=fused),
-                             {"PYTHONPATH": site}))
+        if not a.skip_qat:
+            qat_cases.insert(0, (f"landed {full[:7]} (LCQATCallback())", dict(landed=True, optim=fused),
+                                 {"PYTHONPATH": site}))
     for variant, settings, extra in qat_cases:
         print(f"qat/smollm2 {variant} ...", flush=True)
         r = run_qat({**small, **settings}, extra)
@@ -292,6 +299,8 @@ def main(argv=None) -> int:
         ptq_cases = [("before", glibc), ("after", {})]
         if a.landed:
             ptq_cases.insert(0, ("landed", {"PYTHONPATH": site}))
+        if a.ptq_variants:
+            ptq_cases = [c for c in ptq_cases if c[0] in a.ptq_variants]
         for variant, extra in ptq_cases:
             print(f"ptq/smollm2 {variant} ...", flush=True)
             r = run_child(PTQ_CHILD, [str(a.ptq_samples), variant], extra, 7200)
@@ -299,7 +308,7 @@ def main(argv=None) -> int:
             rows.append({"case": f"ptq/smollm2 {a.ptq_samples}x512 in memory", "variant": name, **r})
             print(f"  peak {r['peak_rss_bytes'] / 2**30:.2f} GiB, {r['seconds']:.0f} s, ppl {r['heldout_ppl']:.2f}",
                   flush=True)
-        for layers in (2, 8):
+        for layers in () if a.skip_streaming else (2, 8):
             print(f"streaming ptq/smollm2 shapes, {layers} blocks ...", flush=True)
             r = run_child(STREAM_CHILD, [str(layers), str(a.ptq_samples)], {}, 7200)
             rows.append({"case": f"streaming ptq/smollm2 shapes (random bf16) {a.ptq_samples}x512",

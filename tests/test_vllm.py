@@ -186,13 +186,16 @@ def served(tmp_path_factory, smollm2_lcqat, smollm2_dir, vllm_python) -> dict:
 
     tmp = tmp_path_factory.mktemp("served")
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
-    dirs = {"smollm2": with_tokenizer(smollm2_lcqat[1], tmp / "smollm2", smollm2_dir)}
-    prompts = {"smollm2": held_out_prompts(tok)}
-    runs = [{"model": str(dirs["smollm2"]), "prompts": prompts["smollm2"], "max_tokens": 32}]
+    dirs, prompts, runs = {}, {}, []
+    # the MoE models first: vLLM makes its expert-parallel group with the process's first engine,
+    # and only for a MoE model (a MoE engine after a dense one fails: "EP group is not initialized")
     for arch in MOE_ARCHS + ["gpt_oss"]:
         dirs[arch] = make_tiny_moe(tmp / arch, smollm2_dir, arch)
         prompts[arch] = held_out_prompts(tok, n=2)
         runs.append({"model": str(dirs[arch]), "prompts": prompts[arch], "max_tokens": 16})
+    dirs["smollm2"] = with_tokenizer(smollm2_lcqat[1], tmp / "smollm2", smollm2_dir)
+    prompts["smollm2"] = held_out_prompts(tok)
+    runs.append({"model": str(dirs["smollm2"]), "prompts": prompts["smollm2"], "max_tokens": 32})
     r = run_process_group([vllm_python, str(CHILD), json.dumps({"runs": runs})], 900,
                           env=vllm_env(VLLM_ENABLE_V1_MULTIPROCESSING="0"), cwd="/")
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
