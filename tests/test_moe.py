@@ -203,7 +203,8 @@ def test_streaming_ptq_equals_in_memory(arch, tmp_path):
     """Streaming PTQ reads each expert's pieces from the per-expert keys transformers saves (Mixtral's
     under its own names: block_sparse_moe, w1/w3/w2; gpt-oss's fused, transposed tensors and biases
     one expert's slice at a time), one block at a time, and writes the very checkpoint the
-    in-memory PTQ saves, bit for bit; it loads back as an lcqat MoE."""
+    in-memory PTQ saves (its codes bit for bit, what the block fine-tune trains within rounding);
+    it loads back as an lcqat MoE."""
     import json
 
     from optimum_lcqat.streaming import quantize_streaming
@@ -229,15 +230,28 @@ def test_streaming_ptq_equals_in_memory(arch, tmp_path):
                 tensors[d].update({k: f.get_tensor(k) for k in f.keys()})
     assert sorted(tensors["mem"]) == sorted(tensors["str"])
     assert sum(".experts.gate_up." in k and k.endswith(".codes") for k in tensors["str"]) == LAYERS * E
-    diff = [k for k in tensors["mem"] if not torch.equal(tensors["mem"][k], tensors["str"][k])]
+    # The codes (and rotation records) are bit for bit the in-memory PTQ's. What the block fine-tune
+    # trains (the LC layers' scales and codebooks, norms, biases) may differ in its last bits between
+    # any two runs: MKL's fp32 GEMM rounds by the alignment of its buffers (seen on gpt-oss: layer 1's
+    # norms and router bias in some runs and not in others, the codes equal), so those are compared
+    # within rounding: fp32 ones to 1e-5, the 16-bit stored ones to two units in the last place.
+    exact = [k for k in tensors["mem"] if k.endswith((".codes", ".rotation"))]
+    assert sum(k.endswith(".codes") for k in exact) > 0
+    diff = [k for k in exact if not torch.equal(tensors["mem"][k], tensors["str"][k])]
     assert not diff, diff[:5]
+    for k, v in tensors["mem"].items():
+        if v.is_floating_point():
+            rtol = 1e-5 if v.dtype == torch.float32 else 2 * torch.finfo(v.dtype).eps
+            torch.testing.assert_close(tensors["str"][k], v, rtol=rtol, atol=1e-6, msg=k)
+        else:
+            assert torch.equal(tensors["str"][k], v), k
     mem_cfg, str_cfg = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("mem", "str"))
     assert mem_cfg["quantization_config"] == str_cfg["quantization_config"]
     again = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "str", dtype=torch.float32)
     assert len(expert_modules(again)) == LAYERS
     ids = torch.randint(0, len(tok), (1, 12), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        assert torch.equal(again(ids).logits, mem(ids).logits)
+        torch.testing.assert_close(again(ids).logits, mem(ids).logits, rtol=1e-4, atol=1e-5)
 
 
 def test_memory_plan_counts_the_experts_and_their_hessians():

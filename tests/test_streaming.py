@@ -277,10 +277,11 @@ def test_peak_memory_flat_in_depth(tmp_path, tok, texts):
     other linears stay dense, still read, held and written block by block) to keep the test fast.
     Each run is a fresh interpreter; its peak is VmHWM (peak_rss_bytes): getrusage's ru_maxrss
     would include this (large) pytest process's RSS at the fork, which survives exec on Linux.
-    Bounds: the block loop's own peak within two blocks, the whole run's within three. A kept
-    block would add 12 blocks, the heap creep this test once caught ~5. The noise: one block's
-    RSS moves by ~10 MiB between blocks (allocator), so the maximum over 16 blocks sits a few
-    MiB above that over 4; the setup (tokenizing, the 75 MB embedding table, the first block's
+    Bounds: the block loop's own peak and the whole run's within three blocks. A kept block
+    would add 12 blocks, the heap creep this test once caught ~5. The noise: one block's RSS
+    moves by ~10 MiB between blocks (allocator), so the maximum over 16 blocks sits a few MiB
+    above that over 4, and two runs of the 16-layer loop in a row peaked at 516.7 and 534.8 MiB
+    (2026-12-07; a bound of two blocks failed once in CI); the setup (tokenizing, the 75 MB embedding table, the first block's
     inputs) and the end (the int8 head) hold nothing per block, but their high-water mark moved
     by up to 11 MiB between identical runs (seen in CI)."""
     calib = tmp_path / "calib.txt"
@@ -303,5 +304,5 @@ def test_peak_memory_flat_in_depth(tmp_path, tok, texts):
     mib = {k: f"{v / 2**20:.1f}" for k, v in (("l4", loops[4]), ("l16", loops[16]), ("w4", wholes[4]), ("w16", wholes[16]))}
     print(f"peak RSS of the block loop: 4 layers {mib['l4']} MiB, 16 layers {mib['l16']} MiB; whole run {mib['w4']}, "
           f"{mib['w16']} MiB; block {block_bytes / 2**20:.1f} MiB")
-    assert abs(loops[16] - loops[4]) < 2 * block_bytes, (loops, block_bytes)
+    assert abs(loops[16] - loops[4]) < 3 * block_bytes, (loops, block_bytes)
     assert abs(wholes[16] - wholes[4]) < 3 * block_bytes, (wholes, block_bytes)
