@@ -59,7 +59,6 @@ from optimum_lcqat import LCQATConfig, quantize  # noqa: E402
 from optimum_lcqat.init.ptq_blocks import peak_rss_bytes  # noqa: E402
 
 FULL_DEPTH, FULL_VOCAB = 48, 151936
-VENV_PY = os.environ.get("OPTIMUM_LCQAT_VLLM_PYTHON") or os.path.expanduser("~/.cache/optimum_lcqat/vllm-venv/bin/python")
 VLLM_BLOCKS = (1, 3)
 
 
@@ -224,11 +223,12 @@ def vllm_decode(log, new_tokens: int = 32, runs: int = 2) -> dict:
     from optimum_lcqat.assets import smollm2_path
     from transformers import AutoTokenizer
 
-    if not os.path.exists(VENV_PY):
+    from serve import VENV_PY, vllm_env  # the serving benchmark's venv and environment for vLLM's children
+
+    if not VENV_PY.exists():
         raise SystemExit(f"no vLLM venv at {VENV_PY}: run bash scripts/setup_vllm.sh (or set OPTIMUM_LCQAT_VLLM_PYTHON)")
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VLLM_PLUGINS")}
-    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", VLLM_CPU_KVCACHE_SPACE="1", VLLM_LOGGING_LEVEL="WARNING",
-               VLLM_CPU_OMP_THREADS_BIND="nobind", VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    env = {**vllm_env(), "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+           "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     tok = AutoTokenizer.from_pretrained(smollm2_path())
     prompt = torch.randint(0, len(tok), (32,), generator=torch.Generator().manual_seed(1)).tolist()
     deepest = max(VLLM_BLOCKS)
@@ -239,17 +239,18 @@ def vllm_decode(log, new_tokens: int = 32, runs: int = 2) -> dict:
             if kind != "dense bf16":
                 log(f"converting {deepest} block(s) to LC-QAT 2-bit (data-free init) ...")
                 quantize(model, LCQATConfig())
-            full = os.path.join(tmp, f"{kind.split()[0]}-{deepest}")
+            stem = os.path.join(tmp, kind.split()[0])
+            full = f"{stem}-{deepest}"
             model.save_pretrained(full)
             tok.save_pretrained(full)
             for n in VLLM_BLOCKS:
-                dirs[(kind, n)] = full if n == deepest else first_blocks(full, f"{full[:-2]}-{n}", n)
+                dirs[(kind, n)] = full if n == deepest else first_blocks(full, f"{stem}-{n}", n)
         del model
         out = {}
         for n in VLLM_BLOCKS:  # the kinds alternate: machine drift hits both
             for kind in ("dense bf16", "LC-QAT 2-bit"):
                 args = {"model": dirs[(kind, n)], "prompt": prompt, "new_tokens": new_tokens, "runs": runs}
-                r = subprocess.run([VENV_PY, "-c", _VLLM_CHILD, json.dumps(args)], capture_output=True, text=True,
+                r = subprocess.run([str(VENV_PY), "-c", _VLLM_CHILD, json.dumps(args)], capture_output=True, text=True,
                                    env=env, cwd="/", timeout=3600)
                 lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
                 if r.returncode != 0 or not lines:

@@ -229,11 +229,11 @@ def _quantize_pass(model, bidx, part, linears, groups, H, tokens, cfg, params, e
             params[n], errors[n] = result.weight, result.error
             progress.update(1)
 
-    def weights(chain: list[str]) -> int:
-        return sum(linears[n].weight.numel() for n in chain)
-
-    big = [c for c in chains.values() if max(linears[n].weight.numel() for n in c) > PARALLEL_PTQ_MAX_WEIGHTS]
-    small = sorted((c for c in chains.values() if c not in big), key=weights, reverse=True)  # longest first
+    big, small = [], []
+    for chain in chains.values():
+        wide = max(linears[n].weight.numel() for n in chain) > PARALLEL_PTQ_MAX_WEIGHTS
+        (big if wide else small).append(chain)
+    small.sort(key=lambda c: sum(linears[n].weight.numel() for n in c), reverse=True)  # longest first
     with tqdm(total=len(by_width), desc="lcqat PTQ: quantize", leave=False) as progress:
         for chain in big:
             run_chain(chain)

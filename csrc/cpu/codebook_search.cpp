@@ -52,78 +52,93 @@ static void search_scalar(const float* wt, int64_t N, int64_t i0, int64_t i1, co
   }
 }
 
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+// ---- the few vector operations of the search, one struct per ISA, each member with its ISA's target
+// attribute; the loop (search_lanes) is written once over them and instantiated in per-ISA wrappers
+// that carry the target and `flatten`, so every member is inlined where its ISA is on (as
+// kernels.cpp does with its GEMV traits). Indices travel as floats (exact: K < 2^24), so that one
+// masked move keeps both the minimum and its index.
+#define LCQAT_SEARCH_AVX512 __attribute__((target("avx512f,avx512dq")))
+#define LCQAT_SEARCH_AVX2 __attribute__((target("avx2,fma")))
+
+struct LanesAvx512 {
+  using F = __m512;
+  static constexpr int64_t kLanes = 16;
+  LCQAT_SEARCH_AVX512 static inline F load(const float* p) { return _mm512_loadu_ps(p); }
+  LCQAT_SEARCH_AVX512 static inline F set1(float v) { return _mm512_set1_ps(v); }
+  LCQAT_SEARCH_AVX512 static inline F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  // lanes where acc < best (strict: the lowest k wins ties) take acc and k
+  LCQAT_SEARCH_AVX512 static inline void keep_less(F acc, F k, F& best, F& arg) {
+    const __mmask16 lt = _mm512_cmp_ps_mask(acc, best, _CMP_LT_OQ);
+    best = _mm512_mask_mov_ps(best, lt, acc);
+    arg = _mm512_mask_mov_ps(arg, lt, k);
+  }
+  LCQAT_SEARCH_AVX512 static inline void store(float* p, F v) { _mm512_storeu_ps(p, v); }
+};
+
+struct LanesAvx2 {
+  using F = __m256;
+  static constexpr int64_t kLanes = 8;
+  LCQAT_SEARCH_AVX2 static inline F load(const float* p) { return _mm256_loadu_ps(p); }
+  LCQAT_SEARCH_AVX2 static inline F set1(float v) { return _mm256_set1_ps(v); }
+  LCQAT_SEARCH_AVX2 static inline F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  LCQAT_SEARCH_AVX2 static inline void keep_less(F acc, F k, F& best, F& arg) {
+    const __m256 lt = _mm256_cmp_ps(acc, best, _CMP_LT_OQ);
+    best = _mm256_blendv_ps(best, acc, lt);
+    arg = _mm256_blendv_ps(arg, k, lt);
+  }
+  LCQAT_SEARCH_AVX2 static inline void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+};
+
 // G groups of lanes at once: the G distance chains are independent, so the FMA latency (4 in a
 // chain per codeword) overlaps; one group alone ran at a quarter of the FMA throughput.
 constexpr int kGroups = 4;
 
-__attribute__((target("avx512f,avx512dq"))) static void search_avx512(const float* wt, int64_t N, int64_t i0,
-                                                                       int64_t i1, const Table& t, int64_t* out) {
-  constexpr int64_t W = 16, G = kGroups;
+// Vectors [i0, i1), V::kLanes a lane group: whole steps of kGroups groups, the rest by search_scalar.
+template <class V>
+static inline void search_lanes(const float* wt, int64_t N, int64_t i0, int64_t i1, const Table& t, int64_t* out) {
+  using F = typename V::F;
+  constexpr int64_t W = V::kLanes, G = kGroups;
   const int64_t d = t.d;
   int64_t i = i0;
   for (; i + G * W <= i1; i += G * W) {
-    __m512 w[G][4], best[G];
-    __m512i arg[G];
+    F w[G][4], best[G], arg[G];
     for (int g = 0; g < G; ++g) {
-      for (int64_t s = 0; s < d; ++s) w[g][s] = _mm512_loadu_ps(wt + s * N + i + g * W);
-      best[g] = _mm512_set1_ps(std::numeric_limits<float>::infinity());
-      arg[g] = _mm512_setzero_si512();
+      for (int64_t s = 0; s < d; ++s) w[g][s] = V::load(wt + s * N + i + g * W);
+      best[g] = V::set1(std::numeric_limits<float>::infinity());
+      arg[g] = V::set1(0.0f);
     }
     for (int64_t k = 0; k < t.K; ++k) {
       const float* c = t.tab + k * (d + 1);
-      const __m512i kv = _mm512_set1_epi32(static_cast<int>(k));
-      __m512 cs[4];
-      for (int64_t s = 0; s < d; ++s) cs[s] = _mm512_set1_ps(c[s]);
+      const F kv = V::set1(static_cast<float>(k));
+      F cs[4];
+      for (int64_t s = 0; s < d; ++s) cs[s] = V::set1(c[s]);
       for (int g = 0; g < G; ++g) {
-        __m512 acc = _mm512_set1_ps(c[d]);
-        for (int64_t s = 0; s < d; ++s) acc = _mm512_fmadd_ps(w[g][s], cs[s], acc);
-        const __mmask16 lt = _mm512_cmp_ps_mask(acc, best[g], _CMP_LT_OQ);  // strict: the lowest k wins ties
-        best[g] = _mm512_mask_mov_ps(best[g], lt, acc);
-        arg[g] = _mm512_mask_mov_epi32(arg[g], lt, kv);
+        F acc = V::set1(c[d]);
+        for (int64_t s = 0; s < d; ++s) acc = V::fma(w[g][s], cs[s], acc);
+        V::keep_less(acc, kv, best[g], arg[g]);
       }
     }
     for (int g = 0; g < G; ++g) {
-      int64_t* o = out + i + g * W;
-      _mm512_storeu_si512(reinterpret_cast<void*>(o), _mm512_cvtepi32_epi64(_mm512_castsi512_si256(arg[g])));
-      _mm512_storeu_si512(reinterpret_cast<void*>(o + 8), _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(arg[g], 1)));
-    }
-  }
-  search_scalar(wt, N, i, i1, t, out);
-}
-
-__attribute__((target("avx2,fma"))) static void search_avx2(const float* wt, int64_t N, int64_t i0, int64_t i1,
-                                                             const Table& t, int64_t* out) {
-  constexpr int64_t W = 8, G = kGroups;
-  const int64_t d = t.d;
-  int64_t i = i0;
-  for (; i + G * W <= i1; i += G * W) {
-    __m256 w[G][4], best[G], arg[G];  // indices as exact floats (k < 2^24): one blend for both
-    for (int g = 0; g < G; ++g) {
-      for (int64_t s = 0; s < d; ++s) w[g][s] = _mm256_loadu_ps(wt + s * N + i + g * W);
-      best[g] = _mm256_set1_ps(std::numeric_limits<float>::infinity());
-      arg[g] = _mm256_setzero_ps();
-    }
-    for (int64_t k = 0; k < t.K; ++k) {
-      const float* c = t.tab + k * (d + 1);
-      const __m256 kv = _mm256_set1_ps(static_cast<float>(k));
-      __m256 cs[4];
-      for (int64_t s = 0; s < d; ++s) cs[s] = _mm256_set1_ps(c[s]);
-      for (int g = 0; g < G; ++g) {
-        __m256 acc = _mm256_set1_ps(c[d]);
-        for (int64_t s = 0; s < d; ++s) acc = _mm256_fmadd_ps(w[g][s], cs[s], acc);
-        const __m256 lt = _mm256_cmp_ps(acc, best[g], _CMP_LT_OQ);
-        best[g] = _mm256_blendv_ps(best[g], acc, lt);
-        arg[g] = _mm256_blendv_ps(arg[g], kv, lt);
-      }
-    }
-    for (int g = 0; g < G; ++g) {
-      alignas(32) float idx[W];
-      _mm256_store_ps(idx, arg[g]);
+      float idx[W];
+      V::store(idx, arg[g]);
       for (int64_t j = 0; j < W; ++j) out[i + g * W + j] = static_cast<int64_t>(idx[j]);
     }
   }
   search_scalar(wt, N, i, i1, t, out);
 }
+
+LCQAT_SEARCH_AVX512 __attribute__((flatten)) static void search_avx512(const float* wt, int64_t N, int64_t i0,
+                                                                        int64_t i1, const Table& t, int64_t* out) {
+  search_lanes<LanesAvx512>(wt, N, i0, i1, t, out);
+}
+
+LCQAT_SEARCH_AVX2 __attribute__((flatten)) static void search_avx2(const float* wt, int64_t N, int64_t i0, int64_t i1,
+                                                                    const Table& t, int64_t* out) {
+  search_lanes<LanesAvx2>(wt, N, i0, i1, t, out);
+}
+#pragma GCC diagnostic pop
 
 // w [N, d] float32, table [K, d] float32 (the codewords) -> int64 [N].
 Tensor nearest_codeword_cpu(const Tensor& w, const Tensor& table) {
