@@ -441,6 +441,65 @@ def test_data_free_init_with_the_native_search_equals_the_reference(monkeypatch)
     torch.testing.assert_close(nat.A, ref.A, rtol=1e-6, atol=1e-9)
 
 
+def _stage_case(n, block, rows, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, n, generator=g)
+    s_u = torch.rand(n, generator=g) + 0.5
+    A = torch.eye(4) + 0.3 * torch.randn(4, 4, generator=g)
+    beta = 0.2 * torch.randn(4, generator=g)
+    return x, s_u, A, beta, plan_rotation(n, block)
+
+
+@needs_native
+@pytest.mark.parametrize("n,block", [(64, 64), (576, 128), (1536, 128), (96, 128), (576, "full"), (20, 4)])
+@pytest.mark.parametrize("rows", [1, 7, 130])
+def test_training_input_side_matches_the_reference(n, block, rows):
+    """lcqat.lc_input_side and its backward (csrc/cpu/training_stages.cpp; this process's ISA tier,
+    the lower ones in tests/test_isa_tiers.py) against the reference's input side and autograd
+    through it, in float64: block-diagonal plans (576 falls back to block 64), a full plan with a
+    Paley left factor, and row counts around the fixed chunking of the grads' sums."""
+    x, s_u, A, beta, plan = _stage_case(n, block, rows, seed=n + rows)
+    z, c = kernels.input_side(x, s_u, A, beta, plan)
+    z64, c64 = reference.input_side(x.double(), s_u.double(), A.double(), beta.double(), plan)
+    assert z.dtype == torch.float32 and z.shape == x.shape and c.shape == (rows, 1)
+    assert_close_rel(z, z64, 1e-6)
+    assert_close_rel(c, c64, 1e-5)
+    g = torch.Generator().manual_seed(1)
+    g_z, g_c = torch.randn(rows, n, generator=g), torch.randn(rows, 1, generator=g)
+    args64 = (x.double(), g_z.double(), g_c.double(), s_u.double(), A.double(), beta.double(), plan)
+    want = reference.input_side_backward(*args64, (True, True, True, True))
+    for needs in [(True, True, True, True), (True, False, False, False), (False, True, True, False),
+                  (False, False, False, True)]:
+        got = kernels.input_side_backward(x, g_z, g_c, s_u, A, beta, plan, needs)
+        for name, need, a, b in zip(("x", "s_u", "A", "beta"), needs, got, want):
+            assert (a is None) == (not need), name
+            if need:
+                assert a.dtype == torch.float32 and a.shape == b.shape, name
+                assert_close_rel(a, b, 1e-5)
+    # bf16 activations: read exactly, computed in float32, z rounded once to bf16
+    zb, _ = kernels.input_side(x.bfloat16(), s_u, A, beta, plan)
+    z_exact, _ = reference.input_side(x.bfloat16().double(), s_u.double(), A.double(), beta.double(), plan)
+    assert zb.dtype == torch.bfloat16
+    assert_close_rel(zb, z_exact, 2**-8)
+
+
+@needs_native
+def test_training_input_side_grads_do_not_depend_on_the_thread_count():
+    """The grads' sums over rows run in a fixed chunking, whatever the threads: the same bits."""
+    x, s_u, A, beta, plan = _stage_case(576, 128, 300, seed=5)
+    g_z, g_c = torch.randn(300, 576), torch.randn(300, 1)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            outs.append(kernels.input_side_backward(x, g_z, g_c, s_u, A, beta, plan, (True, True, True, True)))
+    finally:
+        torch.set_num_threads(threads)
+    for other in outs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(outs[0], other))
+
+
 @needs_native
 def test_opcheck():
     from torch.library import opcheck
@@ -456,6 +515,14 @@ def test_opcheck():
     opcheck(torch.ops.lcqat.hadamard.default, (x, 32, None, s_u, None, True))
     opcheck(torch.ops.lcqat.hadamard.default, (torch.randn(2, 24), 2, torch.tensor(plan_left(12)), None, None, False))
     opcheck(torch.ops.lcqat.nearest_codeword.default, (torch.randn(70, 4), torch.randn(256, 4)))
+    opcheck(torch.ops.lcqat.lc_input_side.default, (x, 32, None, s_u, A, beta))
+    left = torch.tensor(plan_left(12))
+    opcheck(torch.ops.lcqat.lc_input_side.default, (torch.randn(2, 24).bfloat16(), 2, left, s_u[:24], A, beta))
+    g_z, g_c = torch.randn(3, n), torch.randn(3, 1)
+    opcheck(torch.ops.lcqat.lc_input_side_backward.default,
+            (x, g_z, g_c, 64, None, s_u, A, beta, True, True, True, True))
+    opcheck(torch.ops.lcqat.lc_input_side_backward.default,
+            (x, g_z, g_c, 16, None, s_u, A, beta, False, True, False, True))
 
 
 def plan_left(k):

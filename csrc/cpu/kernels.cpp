@@ -295,6 +295,60 @@ __attribute__((target("avx512f,avx512dq"))) static float fold_row_avx512(const f
 }
 #endif
 
+float fold_row(const float* x, int64_t n, const float* A, const float* beta, float* z) {
+#if LCQAT_X86
+  if (detect_isa() == Isa::Avx512) return fold_row_avx512(x, n / 4, A, beta, z);
+#endif
+  return fold_row_scalar(x, 0, n / 4, A, beta, z);
+}
+
+// One row's share of the fold's parameter grads: gA[4t + s] += sum_g r[4g + t] gz[4g + s] and
+// rsum[t] += sum_g r[4g + t] (the caller scales rsum by the row's g_c for beta's grad).
+static void fold_grads_scalar(const float* r, const float* gz, int64_t g0, int64_t nb, float* gA, float* rsum) {
+  for (int64_t g = g0; g < nb; ++g)
+    for (int t = 0; t < 4; ++t) {
+      const float rv = r[4 * g + t];
+      rsum[t] += rv;
+      for (int s = 0; s < 4; ++s) gA[4 * t + s] += rv * gz[4 * g + s];
+    }
+}
+
+#if LCQAT_X86
+// Four groups a vector: lane 4k + s of acc_t sums r[4g + t] gz[4g + s] over the vector's k-th groups.
+__attribute__((target("avx512f,avx512dq"))) static void fold_grads_avx512(const float* r, const float* gz, int64_t nb,
+                                                                          float* gA, float* rsum) {
+  const int64_t g4 = nb / 4 * 4;
+  fold_grads_scalar(r, gz, g4, nb, gA, rsum);  // the tail first (see fold_row_avx512)
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, rs = a0;
+  for (int64_t g = 0; g < g4; g += 4) {
+    const __m512 rv = _mm512_loadu_ps(r + 4 * g), gv = _mm512_loadu_ps(gz + 4 * g);
+    a0 = _mm512_fmadd_ps(_mm512_permute_ps(rv, 0x00), gv, a0);
+    a1 = _mm512_fmadd_ps(_mm512_permute_ps(rv, 0x55), gv, a1);
+    a2 = _mm512_fmadd_ps(_mm512_permute_ps(rv, 0xAA), gv, a2);
+    a3 = _mm512_fmadd_ps(_mm512_permute_ps(rv, 0xFF), gv, a3);
+    rs = _mm512_add_ps(rs, rv);
+  }
+  alignas(64) float buf[5][16];
+  _mm512_store_ps(buf[0], a0);
+  _mm512_store_ps(buf[1], a1);
+  _mm512_store_ps(buf[2], a2);
+  _mm512_store_ps(buf[3], a3);
+  _mm512_store_ps(buf[4], rs);
+  for (int k = 0; k < 4; ++k)
+    for (int s = 0; s < 4; ++s) {
+      for (int t = 0; t < 4; ++t) gA[4 * t + s] += buf[t][4 * k + s];
+      rsum[s] += buf[4][4 * k + s];
+    }
+}
+#endif
+
+void accumulate_fold_grads(const float* r, const float* gz, int64_t n, float* gA, float* rsum) {
+#if LCQAT_X86
+  if (detect_isa() == Isa::Avx512) return fold_grads_avx512(r, gz, n / 4, gA, rsum);
+#endif
+  fold_grads_scalar(r, gz, 0, n / 4, gA, rsum);
+}
+
 void prepare_activations(const float* x, int64_t B, int64_t n, const float* A, const float* beta, Isa isa,
                          float* zp, float* c) {
   const int64_t nb = n / 4;

@@ -24,6 +24,14 @@ const char* isa_name(Isa isa);
 // chunks. `work` must hold n floats when left is not null.
 void hadamard_row(float* x, int64_t n, int64_t r, const float* left, int64_t K, bool transpose_left, float* work);
 
+// The codebook fold of one rotated row x [n] (n a multiple of 4): z[4g + s] = sum_t A[t, s] x[4g + t];
+// returns c = sum_g <beta, x_g>. The training stages (training_stages.cpp) use it forward, and with
+// A transposed for the fold's adjoint.
+float fold_row(const float* x, int64_t n, const float* A, const float* beta, float* z);
+// One row's share of the fold's parameter grads: gA[4t + s] += sum_g r[4g + t] gz[4g + s],
+// rsum[t] += sum_g r[4g + t] (float sums; the caller adds them up per row in double).
+void accumulate_fold_grads(const float* r, const float* gz, int64_t n, float* gA, float* rsum);
+
 // Decode GEMV for B <= kMaxGemvBatch rows of activations, rotated domain:
 //   y[b, j] = sum_g <A q_{j,g} + beta, x[b, 4g:4g+4]>  for rows j in [j0, j1),
 // computed as y[b, j] = sum_i (q_{j,i} - 1.5) z[b, i] + c[b] with z_g = A^T x_g and the centred

@@ -18,6 +18,7 @@ import os
 import torch
 
 from ..tensor import codebook
+from ..tensor.hadamard import RotationPlan, rotate
 from . import reference
 
 logger = logging.getLogger(__name__)
@@ -97,4 +98,52 @@ def nearest_codeword(w: torch.Tensor, A: torch.Tensor, beta: torch.Tensor) -> to
     return nat.nearest_codeword(w.to(torch.float32).contiguous(), codebook.codewords(A.float(), beta.float()))
 
 
-__all__ = ["lc_linear", "nearest_codeword", "bind_native", "backend_name", "native_backend", "NATIVE_DTYPES", "reference"]
+def hadamard(x: torch.Tensor, plan: RotationPlan, scale_in: torch.Tensor | None = None,
+             scale_out: torch.Tensor | None = None, transpose: bool = False) -> torch.Tensor:
+    """``H(x * scale_in) * scale_out`` along the last dimension (``H^T`` with ``transpose``), in
+    ``x``'s dtype. Native (the fast Walsh-Hadamard transform in registers: ``log2(block)`` adds a
+    value where the reference's matmul takes ``block`` multiply-adds) on float32 and bfloat16
+    tensors of the extension's devices, computed in float32; else the reference
+    (:func:`~optimum_lcqat.tensor.hadamard.rotate`, a matmul per block). The two round
+    differently (float32: ~1e-7 relative). No autograd: the training forward
+    (nn/lc_training.py) applies the adjoint itself, which is this same function with
+    ``transpose`` flipped and the scales swapped."""
+    nat = _native if _native_checked else native_backend()
+    if (nat is not None and plan.right > 1 and x.dtype in (torch.float32, torch.bfloat16)
+            and nat.device_supported(x.device) and not any(
+                s is not None and s.device != x.device for s in (scale_in, scale_out))):
+        return nat.hadamard(x, plan, scale_in, scale_out, transpose)
+    y = rotate(x if scale_in is None else x * scale_in, plan, transpose=transpose)
+    return (y if scale_out is None else y * scale_out).to(x.dtype)
+
+
+def _native_input_side(x: torch.Tensor, A: torch.Tensor):
+    nat = _native if _native_checked else native_backend()
+    if nat is not None and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and A.shape == (4, 4):
+        return nat
+    return None
+
+
+def input_side(x: torch.Tensor, s_u: torch.Tensor, A: torch.Tensor, beta: torch.Tensor,
+               plan: RotationPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LC layer's input side ``(z, c)`` = the codebook fold of ``H_in(x * s_u)``
+    (:func:`reference.input_side`), no autograd: native on CPU (one pass a row, float32 inside,
+    ``x``'s dtype out), else the reference. For the training forward (nn/lc_training.py)."""
+    nat = _native_input_side(x, A)
+    if nat is not None:
+        return nat.input_side(x, s_u, A, beta, plan)
+    return reference.input_side(x, s_u, A, beta, plan)
+
+
+def input_side_backward(x: torch.Tensor, g_z: torch.Tensor, g_c: torch.Tensor, s_u: torch.Tensor, A: torch.Tensor,
+                        beta: torch.Tensor, plan: RotationPlan, needs: tuple[bool, bool, bool, bool]):
+    """``(g_x, g_s_u, g_A, g_beta)`` of :func:`input_side` at ``x`` for the grads ``g_z``, ``g_c``
+    of its outputs, None where ``needs`` (four booleans in that order) says no; native on CPU
+    (float32 grads), else autograd through the reference."""
+    nat = _native_input_side(x, A)
+    if nat is not None:
+        return nat.input_side_backward(x, g_z, g_c, s_u, A, beta, plan, needs)
+    return reference.input_side_backward(x, g_z, g_c, s_u, A, beta, plan, needs)
+
+
+__all__ = ["lc_linear", "hadamard", "input_side", "input_side_backward", "nearest_codeword", "bind_native", "backend_name", "native_backend", "NATIVE_DTYPES", "reference"]

@@ -97,6 +97,16 @@ def _register_fakes() -> None:
                      lambda: "lcqat.nearest_codeword: w [N, d] and table [K, d] expected")
         return w.new_empty((w.shape[0],), dtype=torch.long)
 
+    @torch.library.register_fake("lcqat::lc_input_side")
+    def _lc_input_side_fake(x, block, left, s_u, A, beta):
+        return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty((*x.shape[:-1], 1))
+
+    @torch.library.register_fake("lcqat::lc_input_side_backward")
+    def _lc_input_side_backward_fake(x, g_z, g_c, block, left, s_u, A, beta, need_x, need_s_u, need_A, need_beta):
+        f32, n = torch.float32, x.shape[-1]
+        return (x.new_empty(x.shape if need_x else (0,), dtype=f32), x.new_empty((n if need_s_u else 0,), dtype=f32),
+                x.new_empty((4, 4) if need_A else (0,), dtype=f32), x.new_empty((4 if need_beta else 0,), dtype=f32))
+
     @torch.library.register_fake("lcqat::lc_linear")
     def _lc_linear_fake(x, packed, A, beta, s_u, s_v, bias, block_in, left_in, block_out, left_out):
         torch._check(packed.dim() == 2 and packed.dtype == torch.uint8, lambda: "lcqat.lc_linear: bad packed codes")
@@ -117,6 +127,11 @@ def left_factor(plan: RotationPlan, device) -> torch.Tensor | None:
         t = hadamard_matrix(plan.left).to(device=device, dtype=torch.float32).contiguous()
         _LEFT[key] = t
     return t
+
+
+def device_supported(device: torch.device) -> bool:
+    """Whether the native ops run on ``device`` (CPU; CUDA where built and enabled)."""
+    return device.type == "cpu" or _device_ok(device)
 
 
 def _device_ok(device: torch.device) -> bool:
@@ -224,6 +239,19 @@ def cpu_has_int8_a16() -> bool:
 def hadamard(x, plan: RotationPlan, scale_in=None, scale_out=None, transpose: bool = False):
     """``H(x * scale_in) * scale_out`` (``H^T`` with ``transpose``) for a rotation plan."""
     return torch.ops.lcqat.hadamard(x, plan.right, left_factor(plan, x.device), scale_in, scale_out, transpose)
+
+
+def input_side(x, s_u, A, beta, plan: RotationPlan):
+    """``(z, c)`` of the LC layer's input side, ``fold(H_in(x * s_u))`` (csrc/cpu/training_stages.cpp)."""
+    return torch.ops.lcqat.lc_input_side(x, plan.right, left_factor(plan, x.device), s_u, A, beta)
+
+
+def input_side_backward(x, g_z, g_c, s_u, A, beta, plan: RotationPlan, needs):
+    """``(g_x, g_s_u, g_A, g_beta)`` of :func:`input_side` (float32; None where ``needs``, four
+    booleans in that order, says no)."""
+    out = torch.ops.lcqat.lc_input_side_backward(x, g_z, g_c, plan.right, left_factor(plan, x.device), s_u, A, beta,
+                                                 *needs)
+    return tuple(g if need else None for g, need in zip(out, needs))
 
 
 def lc_matmul(xt, packed, A, beta):

@@ -74,6 +74,19 @@ def input_side(x: torch.Tensor, s_u: torch.Tensor, A: torch.Tensor, beta: torch.
     return rotate_and_fold(x * s_u, plan_in, A, beta)
 
 
+def input_side_backward(x, g_z, g_c, s_u, A, beta, plan_in, needs):
+    """``(g_x, g_s_u, g_A, g_beta)`` of :func:`input_side` for the grads ``g_z``, ``g_c`` of its
+    outputs (autograd through it), None where ``needs`` (four booleans) says no."""
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(need) for t, need in zip((x, s_u, A, beta), needs)]
+        z, c = input_side(*leaves, plan_in)
+        outs = [(o, g) for o, g in ((z, g_z), (c, g_c)) if o.requires_grad]
+        wrt = [t for t in leaves if t.requires_grad]
+        got = iter(torch.autograd.grad([o for o, _ in outs], wrt, [g.to(o.dtype) for o, g in outs], allow_unused=True)
+                   if outs and wrt else ())
+    return tuple(next(got) if need else None for need in needs)
+
+
 def codes_product(z: torch.Tensor, codes: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """``yt = z @ Q^T + c`` (= ``xt @ What^T``), with the codes cast to ``z``'s dtype."""
     return torch.nn.functional.linear(z, codes.to(z.dtype)) + c
