@@ -34,21 +34,33 @@ def grads(model):
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma"])
 @pytest.mark.parametrize("chunk", [1, 7, 4096])
-def test_chunked_loss_equals_the_models_own_loss_and_gradients(family, chunk):
+@pytest.mark.parametrize("head_trains", [True, False])
+def test_chunked_loss_equals_the_models_own_loss_and_gradients(family, chunk, head_trains):
+    """A head that trains: each chunk checkpointed (the head runs again in the backward); a frozen
+    head (QAT's default): each chunk's gradient taken in the forward, the head run once a chunk."""
     model = lc_model(family)
     assert chunked_loss_unsupported(model) is None
     model.train()
     for m in model.modules():
         if hasattr(m, "enable_training"):
             m.enable_training()
+    head = model.get_output_embeddings()
+    if not head_trains:
+        for p in list(head.parameters()) + list(model.get_input_embeddings().parameters()):
+            p.requires_grad_(False)
     ids, labels = batch()
     own = model(input_ids=ids, labels=labels, use_cache=False).loss
     own.backward()
     g_own = grads(model)
     model.zero_grad(set_to_none=True)
+    calls = []
+    hook = head.register_forward_hook(lambda *a: calls.append(1))
     hidden = causal_lm_hidden_states(model, input_ids=ids)
-    ours = chunked_next_token_loss(hidden, model.get_output_embeddings(), labels, chunk_tokens=chunk)
+    ours = chunked_next_token_loss(hidden, head, labels, chunk_tokens=chunk)
     ours.backward()
+    hook.remove()
+    chunks = -(-int((labels[:, 1:] != -100).sum()) // chunk)
+    assert len(calls) == (2 * chunks if head_trains else chunks)
     g_ours = grads(model)
     torch.testing.assert_close(ours, own, rtol=1e-5, atol=1e-6)
     assert g_ours.keys() == g_own.keys() and len(g_own) > 10

@@ -10,7 +10,13 @@ positions divided by their count, or by ``num_items_in_batch`` where the Trainer
 the order of fp32 sums; the KL is :func:`optimum_lcqat.training.trainer.distillation_loss`'s.
 
 Cost: the head's forward once more in the backward (SmolLM2: the head is ~1/6 of the forward's
-FLOPs at 4 x 512 tokens, so ~5% of a training step).
+FLOPs at 4 x 512 tokens, so ~5% of a training step). Where no parameter of the head trains (the
+default: embeddings and head frozen) and the model is not sharded by FSDP2, the next-token loss
+skips that recomputation: each chunk's gradient with respect to its hidden rows is computed in
+the forward, right after its loss (the loss is a sum of per-chunk terms, so the gradient of a
+chunk is all its own), and kept ([tokens x hidden], the size of the hidden states); the backward
+only scales it (:class:`_HeadCrossEntropy`, a fused linear + cross-entropy). The next-token loss
+and its gradients are the same either way (the same ops on the same chunks).
 
 Pure torch (the nn layer imports no transformers): the model is reached through the attributes
 every transformers causal LM has (``base_model``, ``get_output_embeddings``, ``config``).
@@ -73,17 +79,60 @@ def _ce_sum(h: torch.Tensor, y: torch.Tensor, head: nn.Module) -> torch.Tensor:
     return F.cross_entropy(head(h).float(), y, reduction="sum")
 
 
+class _HeadCrossEntropy(torch.autograd.Function):
+    """``sum_chunks _ce_sum(rows[chunk], targets[chunk], head)`` for a head none of whose parameters
+    trains, the gradient of ``rows`` computed in the forward a chunk at a time (see the module
+    docstring)."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, targets: torch.Tensor, head: nn.Module, chunk_tokens: int):
+        grad = torch.empty_like(rows) if ctx.needs_input_grad[0] else None
+        total = rows.new_zeros((), dtype=torch.float32)
+        for i in range(0, rows.shape[0], chunk_tokens):
+            with torch.enable_grad():
+                h = rows[i:i + chunk_tokens].detach().requires_grad_(grad is not None)
+                loss = _ce_sum(h, targets[i:i + chunk_tokens], head)
+            if grad is not None:
+                (grad[i:i + chunk_tokens],) = torch.autograd.grad(loss, h)
+            total = total + loss.detach()
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, g_total):
+        (grad,) = ctx.saved_tensors
+        return (None if grad is None else grad * g_total.to(grad.dtype)), None, None, None
+
+
+def _head_may_fuse(head: nn.Module, owner: nn.Module | None) -> bool:
+    """Whether the fused head loss applies: no head parameter trains (a chunk's gradient would
+    need the head's too) and no FSDP2 sharding (its hooks expect the head's backward in the
+    backward pass)."""
+    if any(p.requires_grad for p in head.parameters()):
+        return False
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch builds without distributed
+        return True
+    return not any(isinstance(m, FSDPModule) for m in ((head,) if owner is None else (head, owner)))
+
+
 def chunked_next_token_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
-                            num_items_in_batch=None, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
+                            num_items_in_batch=None, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                            owner: nn.Module | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy of ``head(hidden)`` against ``labels`` [B, T] (-100: no label),
-    ``chunk_tokens`` positions at a time."""
+    ``chunk_tokens`` positions at a time. ``owner``: the model the head belongs to (FSDP2 sharding
+    of it turns the fused path off)."""
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
     rows, targets, _ = _next_token_rows(hidden, labels)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for i in range(0, rows.shape[0], chunk_tokens):
-        total = total + checkpoint(_ce_sum, rows[i:i + chunk_tokens], targets[i:i + chunk_tokens], head,
-                                   use_reentrant=False)
+    if _head_may_fuse(head, owner):
+        total = _HeadCrossEntropy.apply(rows, targets, head, chunk_tokens)
+    else:
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for i in range(0, rows.shape[0], chunk_tokens):
+            total = total + checkpoint(_ce_sum, rows[i:i + chunk_tokens], targets[i:i + chunk_tokens], head,
+                                       use_reentrant=False)
     if num_items_in_batch is not None:
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(total.device)

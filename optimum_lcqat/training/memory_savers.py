@@ -41,7 +41,7 @@ def install_chunked_loss(model: nn.Module, chunk_tokens: int):
         labels = kwargs.pop("labels")
         num_items = kwargs.pop("num_items_in_batch", None)
         hidden = causal_lm_hidden_states(model, **kwargs)
-        loss = chunked_next_token_loss(hidden, model.get_output_embeddings(), labels, num_items, chunk_tokens)
+        loss = chunked_next_token_loss(hidden, model.get_output_embeddings(), labels, num_items, chunk_tokens, owner=model)
         return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=(hidden,))
 
     model.forward = forward
