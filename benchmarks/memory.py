@@ -32,7 +32,9 @@ Cases:
   (the --landed commit's code and defaults, as for QAT), before
   (its end-to-end stage with the model's own loss and every block's activations kept:
   ``ptq_options={"e2e_memory_savers": False}``, glibc's heap) and after (the defaults: memory savers,
-  caching allocator), with held-out perplexity.
+  caching allocator), with held-out perplexity; each once per --ptq-seeds seed (LCQATConfig(seed=):
+  the calibration windows drawn and the random signs), the variants interleaved, and the mean
+  perplexity per variant: one seed's difference may be the draw's, not the code's.
 - streaming ptq: ``quantize_streaming`` (bf16, --ptq-samples x 512, no end-to-end stage) of random
   weights with SmolLM2-135M's shapes, its first 2 and 8 blocks (benchmarks/scale.py's sources): the
   peak (VmHWM) should not grow with depth.
@@ -131,14 +133,14 @@ from optimum_lcqat.assets import smollm2_path
 from optimum_lcqat.data import split_texts, token_stream
 from optimum_lcqat.evaluation import perplexity
 
-samples, variant = int(sys.argv[1]), sys.argv[2]
+samples, variant, seed = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 fp = smollm2_path()
 tok = AutoTokenizer.from_pretrained(fp)
 if variant == "landed":  # the code of an earlier commit (PYTHONPATH), its defaults
-    cfg = LCQATConfig(dataset=split_texts("calibration"), tokenizer=tok, num_samples=samples)
+    cfg = LCQATConfig(dataset=split_texts("calibration"), tokenizer=tok, num_samples=samples, seed=seed)
     predicted = None
 else:
-    cfg = LCQATConfig(dataset=split_texts("calibration"), tokenizer=tok, num_samples=samples,
+    cfg = LCQATConfig(dataset=split_texts("calibration"), tokenizer=tok, num_samples=samples, seed=seed,
                       ptq_options={"e2e_memory_savers": variant == "after"})
     from optimum_lcqat import memory_plan as mp
     predicted = mp.in_memory_ptq(mp.ModelShape.from_pretrained_config(fp), cfg).total  # before the model loads
@@ -245,6 +247,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ptq-variants", nargs="+", metavar="NAME", choices=("landed", "before", "after"),
                     help="only these in-memory PTQ variants (default: all)")
     ap.add_argument("--skip-streaming", action="store_true", help="no streaming PTQ rows")
+    ap.add_argument("--ptq-seeds", type=int, nargs="+", default=[0], metavar="SEED",
+                    help="LCQATConfig(seed=...) of the in-memory PTQ rows (calibration sampling, random signs): "
+                         "each variant once per seed, interleaved, and the mean held-out ppl per variant")
     ap.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens scored after each SmolLM2 QAT case")
     ap.add_argument("--variants", nargs="+", metavar="NAME",
                     help="only these SmolLM2 QAT variants, by name (e.g. 'defaults' 'defaults + 8-bit Adam')")
@@ -301,11 +306,11 @@ def main(argv=None) -> int:
             ptq_cases.insert(0, ("landed", {"PYTHONPATH": site}))
         if a.ptq_variants:
             ptq_cases = [c for c in ptq_cases if c[0] in a.ptq_variants]
-        for variant, extra in ptq_cases:
-            print(f"ptq/smollm2 {variant} ...", flush=True)
-            r = run_child(PTQ_CHILD, [str(a.ptq_samples), variant], extra, 7200)
+        for seed, (variant, extra) in ((seed, case) for seed in a.ptq_seeds for case in ptq_cases):
+            print(f"ptq/smollm2 {variant} seed {seed} ...", flush=True)
+            r = run_child(PTQ_CHILD, [str(a.ptq_samples), variant, str(seed)], extra, 7200)
             name = f"landed {full[:7]}" if variant == "landed" else variant
-            rows.append({"case": f"ptq/smollm2 {a.ptq_samples}x512 in memory", "variant": name, **r})
+            rows.append({"case": f"ptq/smollm2 {a.ptq_samples}x512 in memory", "variant": name, "seed": seed, **r})
             print(f"  peak {r['peak_rss_bytes'] / 2**30:.2f} GiB, {r['seconds']:.0f} s, ppl {r['heldout_ppl']:.2f}",
                   flush=True)
         for layers in () if a.skip_streaming else (2, 8):
@@ -353,12 +358,25 @@ def render(rows, env, a) -> None:
     lines = [f"# Peak memory of QAT and PTQ ({a.name})", "", md_env(env), "",
              "| case | variant | peak RSS GiB | predicted GiB | bytes/param | speed | held-out ppl |",
              "|---|---|---|---|---|---|---|"]
+    seeds = len(getattr(a, "ptq_seeds", [0]) or [0]) > 1
     for r in rows:
         speed = f"{r['tokens_per_s']:.1f} tok/s" if "tokens_per_s" in r else f"{r['seconds']:.0f} s"
         ppl = f"{r['heldout_ppl']:.2f}" if "heldout_ppl" in r else ""
         pred = f"{r['predicted_bytes'] / 2**30:.2f}" if "predicted_bytes" in r else ""
-        lines.append(f"| {r['case']} | {r['variant']} | {r['peak_rss_gib']:.2f} | {pred} | {r['bytes_per_param']:.0f} | "
+        variant = f"{r['variant']}, seed {r['seed']}" if seeds and "seed" in r else r["variant"]
+        lines.append(f"| {r['case']} | {variant} | {r['peak_rss_gib']:.2f} | {pred} | {r['bytes_per_param']:.0f} | "
                      f"{speed} | {ppl} |")
+    ptq = {}
+    for r in rows:
+        if "seed" in r:
+            ptq.setdefault(r["variant"], []).append(r)
+    if seeds and ptq:
+        lines += ["", "In-memory PTQ over the seeds (mean, and min-max):", "",
+                  "| variant | seeds | mean seconds | mean held-out ppl | ppl range |", "|---|---|---|---|---|"]
+        for variant, rs in ptq.items():
+            ppls = [r["heldout_ppl"] for r in rs]
+            lines.append(f"| {variant} | {len(rs)} | {sum(r['seconds'] for r in rs) / len(rs):.0f} | "
+                         f"{sum(ppls) / len(ppls):.2f} | {min(ppls):.2f}-{max(ppls):.2f} |")
     lines += ["", f"bytes/param: peak RSS over the full-precision model's parameters (SmolLM2: {fp / 1e6:.1f}M). "
               "QAT tokens/s: steps 3 on (the first two grow the heap and compile the 8-bit optimizer's step). "
               f"Held-out ppl (never calibrated or trained on): QAT rows, the first {a.eval_tokens} tokens of the "

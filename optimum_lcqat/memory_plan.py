@@ -121,7 +121,11 @@ _STEP_CONSTANTS = {  # way: (factor on live activations, bytes per LC weight: en
     "cache": (1.0, 2, 2),
     "glibc": (1.7, 34, 18),  # the end-to-end stage's reference forward keeps more than QAT's Function
 }
-_LOGIT_COPIES = 4  # fp32 copies of a loss chunk's logits alive at once (logits, log-softmax, grads)
+# fp32 copies of a loss chunk's logits alive at once: under a frozen head (QAT's and the end-to-end
+# stage's default) nn/lm_loss.py computes the loss and its gradient in the logits' own buffer (one,
+# counted twice: the head's 16-bit output and the cast gradient beside it in bf16 models; a tiny
+# model's PTQ measured above one); a trained head goes through autograd (four)
+_LOGIT_COPIES = 2
 _CREEP_BYTES_PER_LC_WEIGHT = 3  # the block-wise PTQ's heap grows by ~3/4 of each block's fp32 weights
 
 
@@ -136,12 +140,12 @@ def _training_step(shape: ModelShape, tokens: int, stage: str) -> int:
     per-block checkpointing, freed memory kept (see _STEP_CONSTANTS): the blocks' inputs and kept outputs, one block
     recomputed and one loss chunk (times the way's factor), and the LC layers' weight-sized temporaries."""
     from ._heap import planned_mode
-    from .nn.block_checkpointing import KEPT_ATTENTION_OUTPUTS
 
     factor, e2e_bytes, qat_bytes = _STEP_CONSTANTS["glibc" if planned_mode() == "glibc" else "cache"]
-    # each block's input, and the attention output selective checkpointing keeps (nn.block_checkpointing)
+    # each block's input, and what selective checkpointing keeps (nn.block_checkpointing): the
+    # attention output and the down product (hidden wide)
     attention = shape.attention_width or shape.hidden
-    inputs = shape.layers * tokens * (shape.hidden + KEPT_ATTENTION_OUTPUTS * attention) * 4
+    inputs = shape.layers * tokens * (2 * shape.hidden + attention) * 4
     block = _BLOCK_ACT_UNITS * tokens * (shape.hidden + shape.widest) * 4
     live = inputs + block + _loss_chunk(shape, tokens)
     return int(factor * live) + (e2e_bytes if stage == "e2e" else qat_bytes) * shape.linear_weights

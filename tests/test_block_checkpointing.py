@@ -1,7 +1,7 @@
 """Selective block checkpointing (optimum_lcqat.nn.block_checkpointing): a checkpointed decoder
-block of an LC model in training mode keeps its attention output, so the backward's recompute
-skips the attention kernel (and only it), and every gradient equals plain checkpointing's bit for
-bit."""
+block of an LC model in training mode keeps its attention output and its widest matmul's product
+(the down projection's), so the backward's recompute skips those ops, and every gradient equals
+plain checkpointing's bit for bit."""
 
 import torch
 import transformers as tf
@@ -9,13 +9,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from optimum_lcqat import LCQATConfig, quantize
 from optimum_lcqat.nn import LCLinear
-from optimum_lcqat.nn.block_checkpointing import keep_attention_output_context
+from optimum_lcqat.nn.block_checkpointing import keep_costly_outputs_context, widest_linear_input
 
 LAYERS, WIDEST = 2, 256
 
 
 class CountOps(TorchDispatchMode):
-    """Counts, while active, the attention kernels and the matmuls with the MLP's width inside."""
+    """Counts, while active, the attention kernels and the matmuls whose inner dimension is WIDEST."""
 
     def __init__(self):
         super().__init__()
@@ -42,6 +42,7 @@ def lc_model():
 
 def grads_and_counts(checkpointing: dict | None):
     model = lc_model()
+    assert widest_linear_input(model) == WIDEST
     if checkpointing is not None:
         model.activation_checkpointing_enable(checkpointing)
     ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
@@ -54,12 +55,13 @@ def grads_and_counts(checkpointing: dict | None):
 
 def test_selective_checkpointing_skips_the_costly_recompute_and_keeps_every_gradient():
     plain, plain_n = grads_and_counts({"use_reentrant": False})
-    kept, kept_n = grads_and_counts({"use_reentrant": False, "context_fn": keep_attention_output_context()})
+    kept, kept_n = grads_and_counts({"use_reentrant": False, "context_fn": keep_costly_outputs_context(WIDEST)})
     none, _ = grads_and_counts(None)
-    # the backward of plain checkpointing recomputes each block's attention; the selective one reads
-    # it back, and recomputes the matmuls as plain checkpointing does
+    # the backward of plain checkpointing recomputes each block's attention and down product; the
+    # selective one reads them back (the backward's own matmuls with that inner dimension, the
+    # gate and up projections' input grads, run in both)
     assert plain_n.attention == LAYERS and kept_n.attention == 0
-    assert plain_n.widest_mm == kept_n.widest_mm > 0
+    assert plain_n.widest_mm - kept_n.widest_mm == LAYERS and kept_n.widest_mm > 0
     assert plain.keys() == kept.keys() and any(n.endswith(".latent") for n in kept)
     for n in plain:
         assert torch.equal(plain[n], kept[n]), n

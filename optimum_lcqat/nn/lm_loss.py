@@ -15,8 +15,11 @@ default: embeddings and head frozen) and the model is not sharded by FSDP2, the 
 skips that recomputation: each chunk's gradient with respect to its hidden rows is computed in
 the forward, right after its loss (the loss is a sum of per-chunk terms, so the gradient of a
 chunk is all its own), and kept ([tokens x hidden], the size of the hidden states); the backward
-only scales it (:class:`_HeadCrossEntropy`, a fused linear + cross-entropy). The next-token loss
-and its gradients are the same either way (the same ops on the same chunks).
+only scales it (:class:`_HeadCrossEntropy`, a fused linear + cross-entropy). Its loss and logits'
+gradient are computed by hand in the logits' own buffer (:func:`_ce_sum_and_grad`), so a chunk
+takes one [positions x vocab] float32 buffer where autograd through cross_entropy takes four. The
+next-token loss and its gradients are the same either way, up to float32 rounding (the sums in
+another order).
 
 Pure torch (the nn layer imports no transformers): the model is reached through the attributes
 every transformers causal LM has (``base_model``, ``get_output_embeddings``, ``config``).
@@ -79,6 +82,23 @@ def _ce_sum(h: torch.Tensor, y: torch.Tensor, head: nn.Module) -> torch.Tensor:
     return F.cross_entropy(head(h).float(), y, reduction="sum")
 
 
+def _ce_sum_and_grad(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``F.cross_entropy(logits.float(), targets, reduction="sum")`` and its gradient with respect
+    to the logits (``softmax - onehot``), in one float32 buffer of the chunk's logits: the softmax is
+    taken in place where the logits are float32 already. autograd through cross_entropy keeps four
+    such buffers at once (logits, log-softmax, their grads): 800 MB on SmolLM2 at 1024 positions,
+    the QAT step's peak."""
+    x = logits.float()
+    picked = x.gather(1, targets[:, None]).squeeze(1)
+    top = x.amax(1, keepdim=True)
+    x.sub_(top).exp_()  # in place: x is logits' own buffer when they are float32 (logits is detached)
+    s = x.sum(1, keepdim=True)
+    loss = ((top + s.log()).squeeze(1) - picked).sum()
+    x.div_(s)
+    x[torch.arange(x.shape[0], device=x.device), targets] -= 1.0
+    return loss, x
+
+
 class _HeadCrossEntropy(torch.autograd.Function):
     """``sum_chunks _ce_sum(rows[chunk], targets[chunk], head)`` for a head none of whose parameters
     trains, the gradient of ``rows`` computed in the forward a chunk at a time (see the module
@@ -91,10 +111,12 @@ class _HeadCrossEntropy(torch.autograd.Function):
         for i in range(0, rows.shape[0], chunk_tokens):
             with torch.enable_grad():
                 h = rows[i:i + chunk_tokens].detach().requires_grad_(grad is not None)
-                loss = _ce_sum(h, targets[i:i + chunk_tokens], head)
+                out = head(h)
+            loss, g_logits = _ce_sum_and_grad(out.detach(), targets[i:i + chunk_tokens])
             if grad is not None:
-                (grad[i:i + chunk_tokens],) = torch.autograd.grad(loss, h)
-            total = total + loss.detach()
+                (grad[i:i + chunk_tokens],) = torch.autograd.grad(out, h, g_logits.to(out.dtype))
+            del out, g_logits
+            total = total + loss
         ctx.save_for_backward(grad)
         return total
 

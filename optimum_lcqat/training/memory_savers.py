@@ -16,7 +16,7 @@ import logging
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..nn.block_checkpointing import keep_attention_output_context
+from ..nn.block_checkpointing import keep_costly_outputs_context, widest_linear_input
 from ..nn.lm_loss import causal_lm_hidden_states, chunked_loss_unsupported, chunked_next_token_loss
 
 logger = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def install_chunked_loss(model: nn.Module, chunk_tokens: int):
 def enable_activation_checkpointing(model: nn.Module) -> bool:
     """transformers' own per-block activation checkpointing (non-reentrant: the LC layers' parameters
     get their gradients whatever requires grad at the block's input), keeping each block's attention
-    output (nn.block_checkpointing); True when this call turned it on,
+    output and down product (nn.block_checkpointing); True when this call turned it on,
     False when it was on already or the model cannot (said once)."""
     if getattr(model, "is_activation_checkpointing", False):
         return False
@@ -64,6 +64,7 @@ def enable_activation_checkpointing(model: nn.Module) -> bool:
         logger.warning("lcqat: %s does not support activation checkpointing; it trains keeping every block's "
                        "activations (more memory).", type(model).__name__)
         return False
-    # selective: each block keeps its attention output (nn.block_checkpointing)
-    model.activation_checkpointing_enable({"use_reentrant": False, "context_fn": keep_attention_output_context()})
+    # selective: each block keeps its attention output and its widest matmul's (nn.block_checkpointing)
+    model.activation_checkpointing_enable(
+        {"use_reentrant": False, "context_fn": keep_costly_outputs_context(widest_linear_input(model))})
     return True
