@@ -268,9 +268,11 @@ class LCLinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def plain_training_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The training forward through plain autograd: the same output as :meth:`forward` (bit
-        for bit), keeping ~8 tensors for backward where forward keeps 2. For DTensors, and the
-        reference the tests and benchmarks/lc_training_fn.py compare the Function with."""
+        """The training forward through plain autograd over the reference's matmul rotations: the
+        output of :meth:`forward` up to the rounding of its native rotations (bit for bit where
+        they are not native, as for float64), keeping ~8 tensors for backward where forward keeps
+        2. For DTensors, and the reference the tests and benchmarks/lc_training_fn.py compare the
+        Function with."""
         q = dge_round(latent_position(self.latent, self.alpha))  # [m, n], integer-valued, DGE gradient
         return reference.lc_forward(self.lc_weight, x, self.bias, codes=q)
 
