@@ -6,7 +6,7 @@
 // [tokens, n] tensors (the fold's adjoint, the A and beta reductions, H^T, the s_u product and its
 // reduction). At 2 cores each pass over a [2048, 1536] float32 tensor takes ~1-3 ms, as long as a
 // fifth of the layer's matmul: on SmolLM2-135M QAT these passes were ~4 s of a 20 s step. Here a
-// row is rotated (the fast Walsh-Hadamard transform, kernels.cpp's hadamard_row), folded and, in
+// row is rotated (row_stages.h's input_row, as lc_linear's input stage), folded and, in
 // the backward, unfolded and rotated back while it is in cache.
 //
 // The parameter grads (s_u, A, beta) sum over rows: the rows are cut into a fixed number of
@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "../ops_common.h"
+#include "../row_stages.h"
 #include "kernels.h"
 
 namespace lcqat {
@@ -57,13 +58,6 @@ static Stage stage_args(const Tensor& x, int64_t block, const c10::optional<Tens
   return st;
 }
 
-// r <- H_in(x * s_u) for one row (work: n floats where there is a left factor)
-static inline void rotate_in(const float* x, const float* su, float* r, int64_t n, int64_t block, const float* L,
-                             int64_t Kl, bool transpose, float* work) {
-  for (int64_t i = 0; i < n; ++i) r[i] = x[i] * su[i];
-  cpu::hadamard_row(r, n, block, L, Kl, transpose, work);
-}
-
 // x [..., n] -> (z [..., n], c [..., 1]) in x's dtype, computed in float32.
 std::tuple<Tensor, Tensor> lc_input_side_cpu(const Tensor& x, int64_t block, const c10::optional<Tensor>& left,
                                              const Tensor& s_u, const Tensor& A, const Tensor& beta) {
@@ -78,7 +72,7 @@ std::tuple<Tensor, Tensor> lc_input_side_cpu(const Tensor& x, int64_t block, con
   at::parallel_for(0, st.R, std::max<int64_t>(1, 16384 / n), [&](int64_t b0, int64_t b1) {
     std::vector<float> r(n), work(L ? n : 0);
     for (int64_t b = b0; b < b1; ++b) {
-      rotate_in(xp + b * n, su, r.data(), n, block, L, st.Kl, false, work.data());
+      input_row(xp + b * n, r.data(), n, su, block, L, st.Kl, work.data());
       cp[b] = cpu::fold_row(r.data(), n, Ap, bp, zp + b * n);
     }
   });
@@ -115,7 +109,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lc_input_side_backward_cpu(
         const float* xb = xp + b * n;
         const float* gzb = gzp + b * n;
         if (need_params) {  // g_A = sum r_g gz_g^T, g_beta = sum g_c sum_g r_g, with r = H_in(x * s_u)
-          rotate_in(xb, su, r.data(), n, block, L, st.Kl, false, work.data());
+          input_row(xb, r.data(), n, su, block, L, st.Kl, work.data());
           float ga[16] = {0.f}, rs[4] = {0.f};
           cpu::accumulate_fold_grads(r.data(), gzb, n, ga, rs);
           for (int k = 0; k < 16; ++k) part_A[p * 16 + k] += ga[k];
