@@ -8,7 +8,8 @@ Cases:
 - qat/smollm2: SmolLM2-135M-Instruct (the bundled real model; its data-free LC checkpoint, made once
   and cached), plain Trainer + LCQATCallback, 4 x 512 tokens a step, the train split of the Python
   docs, --qat-steps steps (default 8; the issue's 64K-token run is --qat-steps 32), then held-out
-  perplexity over --eval-tokens tokens. Variants:
+  perplexity over --eval-tokens tokens; --qat-rounds N runs the variants N times, interleaved, with
+  each variant's mean tokens/s and its ratio to the landed code round by round. Variants:
     landed 13c9e08  the package as it was before the memory work (--landed REF: git commit, built once
              into the cache with pip install --target, run with PYTHONPATH), quantized in flight
              (data-free, the same weights as the cached checkpoint) and trained with its
@@ -19,8 +20,10 @@ Cases:
              (the library as it was before the memory work);
     defaults, glibc heap  chunked loss + per-block activation checkpointing, glibc's heap;
     defaults  the same with the extension's caching CPU allocator (the library's default now);
-             the checkpointing is selective: each block keeps its attention output
+             the checkpointing is selective: each block keeps its down projection's product, the
+             first blocks every LC product up to LCQATCallback(checkpoint_keep_mib=256)
              (nn/block_checkpointing.py);
+    defaults, checkpoint_keep_mib=0  only the down products kept;
     defaults, full checkpointing  every op of a block recomputed (what selective checkpointing saves);
     defaults + 8-bit Adam  TrainingArguments(optim="adamw_torch_8bit"): torchao's 8-bit Adam states;
     chunked loss, no checkpointing  the caching allocator, every block's activations kept: the
@@ -92,7 +95,8 @@ if v.get("landed"):
     model = AutoModelForCausalLM.from_pretrained(fp, dtype=torch.float32, quantization_config=LCQATConfig())
 else:
     from optimum_lcqat import memory_plan as mp
-    predicted = mp.qat(mp.ModelShape.from_pretrained_config(fp), batch * seqlen, optim=v["optim"]).total  # before loading
+    predicted = mp.qat(mp.ModelShape.from_pretrained_config(fp), batch * seqlen, optim=v["optim"],
+                       checkpoint_keep_mib=v.get("keep")).total  # before loading
     model = AutoModelForCausalLM.from_pretrained(lc_dir, dtype=torch.float32)
 times = []
 class Timer(TrainerCallback):
@@ -103,7 +107,8 @@ if v.get("landed"):
 else:
     if v.get("ckpt") == "full":  # every op of a block recomputed (no selective policy)
         model.activation_checkpointing_enable({"use_reentrant": False})
-    cb = LCQATCallback(chunked_loss=v["chunked"], activation_checkpointing=bool(v["ckpt"]))
+    keep = {} if v.get("keep") is None else {"checkpoint_keep_mib": v["keep"]}
+    cb = LCQATCallback(chunked_loss=v["chunked"], activation_checkpointing=bool(v["ckpt"]), **keep)
 args = TrainingArguments(output_dir=os.environ["BENCH_TMP"], per_device_train_batch_size=batch, max_steps=steps,
                          learning_rate=1e-4, save_strategy="no", report_to=[], logging_steps=1, disable_tqdm=True,
                          use_cpu=True, dataloader_num_workers=0, optim=v["optim"])
@@ -253,6 +258,10 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens scored after each SmolLM2 QAT case")
     ap.add_argument("--variants", nargs="+", metavar="NAME",
                     help="only these SmolLM2 QAT variants, by name (e.g. 'defaults' 'defaults + 8-bit Adam')")
+    ap.add_argument("--qat-rounds", type=int, default=1, metavar="N",
+                    help="run the SmolLM2 QAT variants N times, interleaved (landed, defaults, ..., landed, ...), "
+                         "and report each variant's mean tokens/s and its ratio to the landed code per round: "
+                         "this VM drifts ~5%% within minutes")
     ap.add_argument("--qat-1b-steps", type=int, default=4, help="steps of the Llama-3.2-1B-shaped QAT case (0: skip)")
     ap.add_argument("--landed", default="13c9e08", metavar="REF",
                     help="git commit of the 'landed before' QAT row (the code before the memory work; '' to skip)")
@@ -273,6 +282,7 @@ def main(argv=None) -> int:
         ("before (glibc heap, no savers)", dict(chunked=False, ckpt=False, optim=fused), glibc),
         ("defaults, glibc heap", dict(chunked=True, ckpt=True, optim=fused), glibc),
         ("defaults", dict(chunked=True, ckpt=True, optim=fused), {}),
+        ("defaults, checkpoint_keep_mib=0", dict(chunked=True, ckpt=True, optim=fused, keep=0), {}),
         ("defaults, full checkpointing", dict(chunked=True, ckpt="full", optim=fused), {}),
         ("defaults + 8-bit Adam", dict(chunked=True, ckpt=True, optim=adam8), {}),
         ("chunked loss, no checkpointing", dict(chunked=True, ckpt=False, optim=fused), {}),
@@ -288,10 +298,10 @@ def main(argv=None) -> int:
         if not a.skip_qat:
             qat_cases.insert(0, (f"landed {full[:7]} (LCQATCallback())", dict(landed=True, optim=fused),
                                  {"PYTHONPATH": site}))
-    for variant, settings, extra in qat_cases:
-        print(f"qat/smollm2 {variant} ...", flush=True)
+    for qat_round, (variant, settings, extra) in ((k, c) for k in range(a.qat_rounds) for c in qat_cases):
+        print(f"qat/smollm2 {variant} (round {qat_round + 1}/{a.qat_rounds}) ...", flush=True)
         r = run_qat({**small, **settings}, extra)
-        rows.append({"case": "qat/smollm2 4x512", "variant": variant, **r})
+        rows.append({"case": "qat/smollm2 4x512", "variant": variant, "round": qat_round, **r})
         print(f"  peak {r['peak_rss_bytes'] / 2**30:.2f} GiB, {r['tokens_per_s']:.1f} tok/s", flush=True)
     if a.qat_1b_steps:
         big = dict(model="llama-3.2-1b", steps=a.qat_1b_steps, batch=1, seqlen=512, eval_tokens=0, chunked=True,
@@ -364,6 +374,8 @@ def render(rows, env, a) -> None:
         ppl = f"{r['heldout_ppl']:.2f}" if "heldout_ppl" in r else ""
         pred = f"{r['predicted_bytes'] / 2**30:.2f}" if "predicted_bytes" in r else ""
         variant = f"{r['variant']}, seed {r['seed']}" if seeds and "seed" in r else r["variant"]
+        if getattr(a, "qat_rounds", 1) > 1 and "round" in r:
+            variant += f", round {r['round'] + 1}"
         lines.append(f"| {r['case']} | {variant} | {r['peak_rss_gib']:.2f} | {pred} | {r['bytes_per_param']:.0f} | "
                      f"{speed} | {ppl} |")
     ptq = {}
@@ -377,6 +389,25 @@ def render(rows, env, a) -> None:
             ppls = [r["heldout_ppl"] for r in rs]
             lines.append(f"| {variant} | {len(rs)} | {sum(r['seconds'] for r in rs) / len(rs):.0f} | "
                          f"{sum(ppls) / len(ppls):.2f} | {min(ppls):.2f}-{max(ppls):.2f} |")
+    rounds = {}
+    for r in rows:
+        if r["case"].startswith("qat/smollm2") and "round" in r:
+            rounds.setdefault(r["variant"], {})[r["round"]] = r
+    landed = next((v for v in rounds if v.startswith("landed")), None)
+    if getattr(a, "qat_rounds", 1) > 1 and rounds:
+        lines += ["", "SmolLM2 QAT over the interleaved rounds (tokens/s: mean and min-max; ratio: to the landed "
+                  "code of the same round, then the mean):", "",
+                  "| variant | rounds | mean peak RSS GiB | mean tok/s | tok/s range | ratio to landed, per round | mean ratio |",
+                  "|---|---|---|---|---|---|---|"]
+        for variant, by_round in rounds.items():
+            speeds = [r["tokens_per_s"] for r in by_round.values()]
+            peaks = [r["peak_rss_gib"] for r in by_round.values()]
+            ratios = ([by_round[k]["tokens_per_s"] / rounds[landed][k]["tokens_per_s"]
+                       for k in sorted(by_round) if k in rounds[landed]] if landed else [])
+            per = ", ".join(f"{x:.3f}" for x in ratios)
+            mean_ratio = f"{sum(ratios) / len(ratios):.3f}" if ratios else ""
+            lines.append(f"| {variant} | {len(speeds)} | {sum(peaks) / len(peaks):.2f} | "
+                         f"{sum(speeds) / len(speeds):.1f} | {min(speeds):.1f}-{max(speeds):.1f} | {per} | {mean_ratio} |")
     lines += ["", f"bytes/param: peak RSS over the full-precision model's parameters (SmolLM2: {fp / 1e6:.1f}M). "
               "QAT tokens/s: steps 3 on (the first two grow the heap and compile the 8-bit optimizer's step). "
               f"Held-out ppl (never calibrated or trained on): QAT rows, the first {a.eval_tokens} tokens of the "

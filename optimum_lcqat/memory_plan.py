@@ -47,7 +47,6 @@ class ModelShape:
     vocab: int
     experts: int = 0  # MoE: experts per block (their projections count in linear_weights)
     expert_width: int = 0  # MoE: an expert's intermediate size
-    attention_width: int = 0  # heads x head_dim, the attention output's width (0: the hidden size)
 
     @classmethod
     def of(cls, model) -> "ModelShape":
@@ -66,8 +65,6 @@ class ModelShape:
         hidden = getattr(cfg, "hidden_size", None) or (emb.embedding_dim if emb is not None else 0)
         vocab = getattr(cfg, "vocab_size", None) or (emb.num_embeddings if emb is not None else 0)
         layers = getattr(cfg, "num_hidden_layers", None) or 1
-        heads = getattr(cfg, "num_attention_heads", None)
-        head_dim = getattr(cfg, "head_dim", None) or (hidden // heads if heads else 0)
         return cls(
             params=sum(p.numel() for p in model.parameters()),
             linear_weights=sum(m.weight.numel() for m in lin) + sum(g.numel() + d.numel() for g, d in expert_mats),
@@ -76,7 +73,6 @@ class ModelShape:
             hidden=hidden, layers=layers, vocab=vocab,
             experts=max((g[0] for g, _ in expert_mats), default=0),
             expert_width=max((d[2] for _, d in expert_mats), default=0),
-            attention_width=(heads * head_dim) if heads else 0,
         )
 
     @classmethod
@@ -135,19 +131,21 @@ def _loss_chunk(shape: ModelShape, tokens: int) -> int:
     return _LOGIT_COPIES * min(tokens, DEFAULT_CHUNK_TOKENS) * shape.vocab * 4
 
 
-def _training_step(shape: ModelShape, tokens: int, stage: str) -> int:
+def _training_step(shape: ModelShape, tokens: int, stage: str, keep_bytes: int = 0) -> int:
     """Peak bytes of one training step (``stage``: ``"e2e"`` or ``"qat"``) with the chunked loss and
-    per-block checkpointing, freed memory kept (see _STEP_CONSTANTS): the blocks' inputs and kept outputs, one block
-    recomputed and one loss chunk (times the way's factor), and the LC layers' weight-sized temporaries."""
+    per-block checkpointing, freed memory kept (see _STEP_CONSTANTS): the blocks' inputs and kept
+    products (``keep_bytes``: the budget for the narrower layers' ones), one block recomputed and one
+    loss chunk (times the way's factor), and the LC layers' weight-sized temporaries."""
     from ._heap import planned_mode
 
     factor, e2e_bytes, qat_bytes = _STEP_CONSTANTS["glibc" if planned_mode() == "glibc" else "cache"]
-    # each block's input, and what selective checkpointing keeps (nn.block_checkpointing): the
-    # attention output and the down product (hidden wide)
-    attention = shape.attention_width or shape.hidden
-    inputs = shape.layers * tokens * (2 * shape.hidden + attention) * 4
+    # each block's input, and what selective checkpointing keeps (nn.block_checkpointing): the down
+    # product (hidden wide), and up to keep_bytes of the other LC layers' products (their outputs:
+    # about linear_weights / hidden values a token over the model)
+    inputs = shape.layers * tokens * 2 * shape.hidden * 4
+    kept = min(int(keep_bytes), tokens * 4 * shape.linear_weights // max(shape.hidden, 1))
     block = _BLOCK_ACT_UNITS * tokens * (shape.hidden + shape.widest) * 4
-    live = inputs + block + _loss_chunk(shape, tokens)
+    live = inputs + kept + block + _loss_chunk(shape, tokens)
     return int(factor * live) + (e2e_bytes if stage == "e2e" else qat_bytes) * shape.linear_weights
 
 
@@ -224,15 +222,20 @@ def streaming_ptq(shape: ModelShape, cfg, *, dtype_bytes: int = 4, act_bytes: in
 OPTIMIZER_STATE_BYTES = {"adamw_torch_8bit": 2, "adamw_torch_4bit": 1, "adamw_8bit": 2, "adamw_bnb_8bit": 2}
 
 
-def qat(shape: ModelShape, tokens_per_step: int, *, optim: str = "adamw_torch", base: int | None = None) -> PeakEstimate:
-    """QAT of the LC model (LCQATCallback defaults: chunked loss, activation checkpointing, frozen
-    embeddings): the fp32 latent and its gradient (8 bytes an LC weight), the optimizer's states
-    (``optim``: 8 bytes for fp32 Adam, see OPTIMIZER_STATE_BYTES), the frozen rest in fp32 (the
-    norms, which train, are too few to count), and one step's activations."""
+def qat(shape: ModelShape, tokens_per_step: int, *, optim: str = "adamw_torch", base: int | None = None,
+        checkpoint_keep_mib: float | None = None) -> PeakEstimate:
+    """QAT of the LC model (LCQATCallback defaults: chunked loss, activation checkpointing keeping
+    ``checkpoint_keep_mib`` of products (None: the callback's default), frozen embeddings): the fp32
+    latent and its gradient (8 bytes an LC weight), the optimizer's states (``optim``: 8 bytes for
+    fp32 Adam, see OPTIMIZER_STATE_BYTES), the frozen rest in fp32 (the norms, which train, are too
+    few to count), and one step's activations."""
+    from .nn.block_checkpointing import DEFAULT_CHECKPOINT_KEEP_MIB
+
     base = current_rss() if base is None else base
+    keep = DEFAULT_CHECKPOINT_KEEP_MIB if checkpoint_keep_mib is None else checkpoint_keep_mib
     state = (8 + OPTIMIZER_STATE_BYTES.get(optim, 8)) * shape.linear_weights + 4 * (shape.params - shape.linear_weights)
     return PeakEstimate("QAT", {"process": base, "weights and optimizer state": state,
-                                "training step": _training_step(shape, tokens_per_step, "qat")})
+                                "training step": _training_step(shape, tokens_per_step, "qat", int(keep * 2**20))})
 
 
 def data_free(shape: ModelShape, *, dtype_bytes: int = 4, base: int | None = None) -> PeakEstimate:

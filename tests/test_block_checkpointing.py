@@ -1,7 +1,7 @@
 """Selective block checkpointing (optimum_lcqat.nn.block_checkpointing): a checkpointed decoder
-block of an LC model in training mode keeps its attention output and its widest matmul's product
-(the down projection's), so the backward's recompute skips those ops, and every gradient equals
-plain checkpointing's bit for bit."""
+block of an LC model in training mode keeps the product of its widest LC layer (the down
+projection's), so the backward's recompute skips that matmul, and every gradient equals plain
+checkpointing's bit for bit."""
 
 import torch
 import transformers as tf
@@ -19,11 +19,13 @@ class CountOps(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.attention = self.widest_mm = 0
+        self.attention = self.widest_mm = self.input_sides = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten.mm.default and args[0].shape[-1] == WIDEST:
             self.widest_mm += 1
+        if func.__name__.startswith("lc_input_side") and "backward" not in func.__name__:
+            self.input_sides += 1  # an LC layer's input side: its forward, or the z its latent grad needs
         if "scaled_dot_product" in func.__name__ and "backward" not in func.__name__:
             self.attention += 1
         return func(*args, **(kwargs or {}))
@@ -40,7 +42,7 @@ def lc_model():
     return model.train()
 
 
-def grads_and_counts(checkpointing: dict | None):
+def grads_and_counts(checkpointing: dict | None, backwards: int = 1):
     model = lc_model()
     assert widest_linear_input(model) == WIDEST
     if checkpointing is not None:
@@ -49,7 +51,9 @@ def grads_and_counts(checkpointing: dict | None):
     loss = model(input_ids=ids, labels=ids).loss
     counts = CountOps()
     with counts:
-        loss.backward()
+        for i in range(backwards):
+            model.zero_grad(set_to_none=True)
+            loss.backward(retain_graph=i + 1 < backwards)
     return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, counts
 
 
@@ -57,12 +61,49 @@ def test_selective_checkpointing_skips_the_costly_recompute_and_keeps_every_grad
     plain, plain_n = grads_and_counts({"use_reentrant": False})
     kept, kept_n = grads_and_counts({"use_reentrant": False, "context_fn": keep_costly_outputs_context(WIDEST)})
     none, _ = grads_and_counts(None)
-    # the backward of plain checkpointing recomputes each block's attention and down product; the
-    # selective one reads them back (the backward's own matmuls with that inner dimension, the
-    # gate and up projections' input grads, run in both)
-    assert plain_n.attention == LAYERS and kept_n.attention == 0
+    # the backward of plain checkpointing recomputes each block's down product; the selective one
+    # reads it back (the backward's own matmuls with that inner dimension, the gate and up
+    # projections' input grads, run in both); the attention is recomputed in both
     assert plain_n.widest_mm - kept_n.widest_mm == LAYERS and kept_n.widest_mm > 0
+    assert plain_n.attention == kept_n.attention == LAYERS
     assert plain.keys() == kept.keys() and any(n.endswith(".latent") for n in kept)
     for n in plain:
         assert torch.equal(plain[n], kept[n]), n
         torch.testing.assert_close(kept[n], none[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_a_second_backward_through_the_graph_recomputes_the_product():
+    """The kept product is handed back once; a second backward (retain_graph) computes it again:
+    the same gradients, one more recomputed product a block."""
+    once, once_n = grads_and_counts({"use_reentrant": False, "context_fn": keep_costly_outputs_context(WIDEST)})
+    twice, twice_n = grads_and_counts({"use_reentrant": False, "context_fn": keep_costly_outputs_context(WIDEST)},
+                                      backwards=2)
+    assert twice_n.widest_mm == 2 * once_n.widest_mm + LAYERS
+    for n in once:
+        assert torch.equal(once[n], twice[n]), n
+
+
+def test_a_budget_keeps_the_narrower_products_of_the_first_blocks():
+    """keep_costly_outputs_context(widest, extra_bytes): the other LC layers' products are kept too
+    while they hold at most extra_bytes at once: all of them with a large budget, those of the first
+    block only with a budget of one block's; the recompute skips the LC layers it kept, the gradients
+    stay bit for bit."""
+    def run(extra):
+        ctx = keep_costly_outputs_context(WIDEST, extra) if extra is not None else None
+        return grads_and_counts({"use_reentrant": False, **({"context_fn": ctx} if ctx else {})})
+
+    plain, plain_n = run(None)
+    lcs = 7  # q, k, v, o, gate, up, down a block
+    # one block's narrower products: 2 x 24 tokens x (q 64 + k 32 + v 32 + o 64 + gate 256 + up 256) fp32
+    one_block = 2 * 24 * (64 + 32 + 32 + 64 + 2 * WIDEST) * 4
+    counts = {}
+    for name, extra in (("widest", 0), ("one block", one_block), ("all", 1 << 40)):
+        grads, n = run(extra)
+        counts[name] = n.input_sides
+        for k in plain:
+            assert torch.equal(plain[k], grads[k]), (name, k)
+    # the backward runs each LC layer's input side once for its latent's grad; plain checkpointing
+    # once more in the recompute
+    assert plain_n.input_sides == 2 * lcs * LAYERS
+    assert counts == {"widest": (2 * lcs - 1) * LAYERS, "one block": lcs * LAYERS + (lcs - 1) * (LAYERS - 1),
+                      "all": lcs * LAYERS}

@@ -119,7 +119,7 @@ def checkpointed_blocks(model: nn.Module):
     except ValueError as exc:
         logger.warning("lcqat PTQ: the end-to-end stage keeps every activation (%s)", exc)
         blocks = []
-    context = keep_costly_outputs_context(widest_linear_input(model))  # each block keeps its 2 costliest outputs
+    context = keep_costly_outputs_context(widest_linear_input(model))  # each block keeps its down product
     installed = []  # (block, its wrapper, the instance forward it replaced or None)
     for block in blocks:
         before = block.__dict__.get("forward")

@@ -32,6 +32,7 @@ from torch.autograd.function import once_differentiable
 from .. import kernels
 from ..kernels import reference
 from ..tensor.packing import latent_position, unpack_codes
+from .block_checkpointing import kept_product
 from .dge import dge_round
 
 __all__ = ["LCTrainingForward", "lc_training_forward"]
@@ -63,8 +64,12 @@ class LCTrainingForward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, latent, A, beta, s_u, s_v, bias, alpha, plan_in, plan_out):
-        z, c = kernels.input_side(x, s_u, A, beta, plan_in)
-        yt = reference.codes_product(z, _codes(latent, alpha, z.dtype), c)
+        def product():
+            z, c = kernels.input_side(x, s_u, A, beta, plan_in)
+            return reference.codes_product(z, _codes(latent, alpha, z.dtype), c)
+
+        # a checkpointed block's recompute may get the product its forward kept (nn.block_checkpointing)
+        yt = kept_product(x, product)
         # y in the dtype reference.output_side gives (rotated yt times s_v, promoted)
         y = kernels.hadamard(yt, plan_out, scale_out=s_v, transpose=True).to(torch.promote_types(yt.dtype, s_v.dtype))
         if bias is not None:

@@ -51,6 +51,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .._heap import release_freed_memory, retain_freed_memory
 from ..convert import lc_layers
+from ..nn.block_checkpointing import DEFAULT_CHECKPOINT_KEEP_MIB
 from ..nn.expert_linears import ExpertLinears
 from ..nn.lm_loss import DEFAULT_CHUNK_TOKENS
 from ..tensor.packing import latent_from_codes, unpack_codes
@@ -197,6 +198,12 @@ class LCQATCallback(TrainerCallback):
             training run (default True; a model that cannot is said once and trains without). What it
             saves and costs: benchmarks/results/memory.md. Already on (TrainingArguments'
             ``activation_checkpointing``): left as it is.
+        checkpoint_keep_mib: with our checkpointing, MiB of LC layer products the forward may keep
+            beyond the widest layers' (always kept) so that the backward's recompute skips their
+            matmuls (:mod:`optimum_lcqat.nn.block_checkpointing`): the blocks that run first keep
+            every product until the budget is full. Default 256: on SmolLM2-135M at 4 x 512 tokens
+            about 6 of 30 blocks, +0.2 GiB peak for ~4% speed; 0 keeps the widest products only
+            (benchmarks/results/memory_speed.md).
     """
 
     def __init__(
@@ -216,6 +223,7 @@ class LCQATCallback(TrainerCallback):
         chunked_loss: bool = True,
         loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
         activation_checkpointing: bool = True,
+        checkpoint_keep_mib: float = DEFAULT_CHECKPOINT_KEEP_MIB,
     ):
         self.trainable = resolve_trainable(train, train_norms, train_embeddings)
         # Set by LCQATTrainer, whose save hands the Trainer's gathered FSDP state dict to the
@@ -249,6 +257,9 @@ class LCQATCallback(TrainerCallback):
         self.chunked_loss, self.loss_chunk_tokens = chunked_loss, loss_chunk_tokens
         self._own_forward = None  # puts the model's own forward back (install_chunked_loss)
         self.activation_checkpointing = activation_checkpointing
+        if not checkpoint_keep_mib >= 0:
+            raise ValueError(f"LCQATCallback: checkpoint_keep_mib must be >= 0 (MiB of kept products), got {checkpoint_keep_mib}")
+        self.checkpoint_keep_mib = checkpoint_keep_mib
         self._checkpointing_set = False  # this callback turned the model's checkpointing on (off again at the end)
         self._start_codes: dict[str, torch.Tensor] = {}
         self._pending: list[dict] = []
@@ -291,7 +302,7 @@ class LCQATCallback(TrainerCallback):
             raise ValueError("LCQATCallback: the Trainer passed no model")
         if self.activation_checkpointing and not self._checkpointing_set and not getattr(args, "activation_checkpointing", False):
             # here, before the Trainer wraps the model (DDP decides find_unused_parameters from it)
-            self._checkpointing_set = enable_activation_checkpointing(_unwrap(model))
+            self._checkpointing_set = enable_activation_checkpointing(_unwrap(model), int(self.checkpoint_keep_mib * 2**20))
         if getattr(args, "ddp_find_unused_parameters", None) is None and any(
                 isinstance(m, ExpertLinears) for m in _unwrap(model).modules()):
             # an expert no token of a rank's batch reached has no gradient there; DDP must be told

@@ -53,18 +53,19 @@ def install_chunked_loss(model: nn.Module, chunk_tokens: int):
     return uninstall
 
 
-def enable_activation_checkpointing(model: nn.Module) -> bool:
+def enable_activation_checkpointing(model: nn.Module, keep_bytes: int = 0) -> bool:
     """transformers' own per-block activation checkpointing (non-reentrant: the LC layers' parameters
-    get their gradients whatever requires grad at the block's input), keeping each block's attention
-    output and down product (nn.block_checkpointing); True when this call turned it on,
-    False when it was on already or the model cannot (said once)."""
+    get their gradients whatever requires grad at the block's input), keeping each block's down
+    product, and the other LC products of the first blocks up to ``keep_bytes``
+    (nn.block_checkpointing); True when this call turned it on, False when it was on already or the
+    model cannot (said once)."""
     if getattr(model, "is_activation_checkpointing", False):
         return False
     if not getattr(model, "supports_gradient_checkpointing", False) or not hasattr(model, "activation_checkpointing_enable"):
         logger.warning("lcqat: %s does not support activation checkpointing; it trains keeping every block's "
                        "activations (more memory).", type(model).__name__)
         return False
-    # selective: each block keeps its attention output and its widest matmul's (nn.block_checkpointing)
+    # selective: each block keeps its widest LC product, the first blocks all theirs (nn.block_checkpointing)
     model.activation_checkpointing_enable(
-        {"use_reentrant": False, "context_fn": keep_costly_outputs_context(widest_linear_input(model))})
+        {"use_reentrant": False, "context_fn": keep_costly_outputs_context(widest_linear_input(model), keep_bytes)})
     return True
