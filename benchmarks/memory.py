@@ -20,10 +20,10 @@ Cases:
              (the library as it was before the memory work);
     defaults, glibc heap  chunked loss + per-block activation checkpointing, glibc's heap;
     defaults  the same with the extension's caching CPU allocator (the library's default now);
-             the checkpointing is selective: each block keeps its down projection's product, the
-             first blocks every LC product up to LCQATCallback(checkpoint_keep_mib=256)
-             (nn/block_checkpointing.py);
-    defaults, checkpoint_keep_mib=0  only the down products kept;
+             the checkpointing is selective: each block keeps its attention output and down
+             projection's product, the first blocks every LC product up to
+             LCQATCallback(checkpoint_keep_mib=192) (nn/block_checkpointing.py);
+    defaults, checkpoint_keep_mib=0  only the attention outputs and down products kept;
     defaults, full checkpointing  every op of a block recomputed (what selective checkpointing saves);
     defaults + 8-bit Adam  TrainingArguments(optim="adamw_torch_8bit"): torchao's 8-bit Adam states;
     chunked loss, no checkpointing  the caching allocator, every block's activations kept: the

@@ -47,6 +47,7 @@ class ModelShape:
     vocab: int
     experts: int = 0  # MoE: experts per block (their projections count in linear_weights)
     expert_width: int = 0  # MoE: an expert's intermediate size
+    attention_width: int = 0  # heads x head_dim, the attention output's width (0: the hidden size)
 
     @classmethod
     def of(cls, model) -> "ModelShape":
@@ -65,6 +66,8 @@ class ModelShape:
         hidden = getattr(cfg, "hidden_size", None) or (emb.embedding_dim if emb is not None else 0)
         vocab = getattr(cfg, "vocab_size", None) or (emb.num_embeddings if emb is not None else 0)
         layers = getattr(cfg, "num_hidden_layers", None) or 1
+        heads = getattr(cfg, "num_attention_heads", None)
+        head_dim = getattr(cfg, "head_dim", None) or (hidden // heads if heads else 0)
         return cls(
             params=sum(p.numel() for p in model.parameters()),
             linear_weights=sum(m.weight.numel() for m in lin) + sum(g.numel() + d.numel() for g, d in expert_mats),
@@ -73,6 +76,7 @@ class ModelShape:
             hidden=hidden, layers=layers, vocab=vocab,
             experts=max((g[0] for g, _ in expert_mats), default=0),
             expert_width=max((d[2] for _, d in expert_mats), default=0),
+            attention_width=(heads * head_dim) if heads else 0,
         )
 
     @classmethod
@@ -131,6 +135,13 @@ def _loss_chunk(shape: ModelShape, tokens: int) -> int:
     return _LOGIT_COPIES * min(tokens, DEFAULT_CHUNK_TOKENS) * shape.vocab * 4
 
 
+def _e2e_keep_bytes() -> int:
+    """The end-to-end stage's budget of kept products (init/e2e.py: LCQATCallback's default)."""
+    from .nn.block_checkpointing import DEFAULT_CHECKPOINT_KEEP_MIB
+
+    return DEFAULT_CHECKPOINT_KEEP_MIB * 2**20
+
+
 def _training_step(shape: ModelShape, tokens: int, stage: str, keep_bytes: int = 0) -> int:
     """Peak bytes of one training step (``stage``: ``"e2e"`` or ``"qat"``) with the chunked loss and
     per-block checkpointing, freed memory kept (see _STEP_CONSTANTS): the blocks' inputs and kept
@@ -139,10 +150,11 @@ def _training_step(shape: ModelShape, tokens: int, stage: str, keep_bytes: int =
     from ._heap import planned_mode
 
     factor, e2e_bytes, qat_bytes = _STEP_CONSTANTS["glibc" if planned_mode() == "glibc" else "cache"]
-    # each block's input, and what selective checkpointing keeps (nn.block_checkpointing): the down
-    # product (hidden wide), and up to keep_bytes of the other LC layers' products (their outputs:
-    # about linear_weights / hidden values a token over the model)
-    inputs = shape.layers * tokens * 2 * shape.hidden * 4
+    # each block's input, and what selective checkpointing keeps (nn.block_checkpointing): the
+    # attention output, the down product (hidden wide), and up to keep_bytes of the other LC layers'
+    # products (their outputs: about linear_weights / hidden values a token over the model)
+    attention = shape.attention_width or shape.hidden
+    inputs = shape.layers * tokens * (2 * shape.hidden + attention) * 4
     kept = min(int(keep_bytes), tokens * 4 * shape.linear_weights // max(shape.hidden, 1))
     block = _BLOCK_ACT_UNITS * tokens * (shape.hidden + shape.widest) * 4
     live = inputs + kept + block + _loss_chunk(shape, tokens)
@@ -167,7 +179,7 @@ def in_memory_ptq(shape: ModelShape, cfg, *, dtype_bytes: int = 4, base: int | N
         tokens = cfg.ptq_e2e_batch_size * cfg.model_seqlen
         # the stage runs in float32 (dense parts cast up) with the heap retained
         dense32 = (shape.params - shape.linear_weights) * max(0, 4 - dtype_bytes)
-        e2e = _training_step(shape, tokens, "e2e") + dense32
+        e2e = _training_step(shape, tokens, "e2e", _e2e_keep_bytes()) + dense32
     parts = {"process": base, "float weights": weights}
     if e2e > blockwise:
         parts["end-to-end stage"] = e2e
@@ -211,7 +223,7 @@ def streaming_ptq(shape: ModelShape, cfg, *, dtype_bytes: int = 4, act_bytes: in
     if cfg.ptq_e2e_steps > 0:
         tokens = cfg.ptq_e2e_batch_size * cfg.model_seqlen
         lc_model = _lc_bytes(shape) + (shape.params - shape.linear_weights) * 4
-        e2e = lc_model + _training_step(shape, tokens, "e2e")
+        e2e = lc_model + _training_step(shape, tokens, "e2e", _e2e_keep_bytes())
         if e2e > sum(blockwise.values()):
             return PeakEstimate("streaming PTQ", {"process": base, "end-to-end stage on the 2-bit model": e2e})
     return PeakEstimate("streaming PTQ", {"process": base, **blockwise})

@@ -388,7 +388,9 @@ def _quantize_model_ptq(model: nn.Module, names: list[str], config: LCQATConfig)
     e2e = None
     if cfg.ptq_e2e_steps > 0:
         from .init.e2e import finetune_model_e2e
+        from .sdpa_registry import keep_attention_outputs
 
+        keep_attention_outputs()  # its checkpointed blocks keep their attention outputs
         e2e = finetune_model_e2e(model, samples, cfg)
     if was_training:
         model.train()

@@ -555,7 +555,9 @@ def _end_to_end_stage(work: Path, samples: torch.Tensor, cfg: LCQATConfig, dtype
     from transformers import AutoModelForCausalLM
 
     from .init.e2e import finetune_model_e2e
+    from .sdpa_registry import keep_attention_outputs
 
+    keep_attention_outputs()  # its checkpointed blocks keep their attention outputs
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(work, dtype=dtype)
     if device.type != "cpu":

@@ -1,7 +1,7 @@
 """Selective block checkpointing (optimum_lcqat.nn.block_checkpointing): a checkpointed decoder
-block of an LC model in training mode keeps the product of its widest LC layer (the down
-projection's), so the backward's recompute skips that matmul, and every gradient equals plain
-checkpointing's bit for bit."""
+block of an LC model in training mode keeps its attention kernel's output and the product of its
+widest LC layer (the down projection's), so the backward's recompute skips those, and every
+gradient equals plain checkpointing's bit for bit."""
 
 import torch
 import transformers as tf
@@ -10,6 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from optimum_lcqat import LCQATConfig, quantize
 from optimum_lcqat.nn import LCLinear
 from optimum_lcqat.nn.block_checkpointing import keep_costly_outputs_context, widest_linear_input
+from optimum_lcqat.sdpa_registry import keep_attention_outputs
 
 LAYERS, WIDEST = 2, 256
 
@@ -45,7 +46,9 @@ def lc_model():
 def grads_and_counts(checkpointing: dict | None, backwards: int = 1):
     model = lc_model()
     assert widest_linear_input(model) == WIDEST
+    assert model.config._attn_implementation == "sdpa"
     if checkpointing is not None:
+        assert keep_attention_outputs()  # (a pass-through outside our checkpointed blocks)
         model.activation_checkpointing_enable(checkpointing)
     ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
     loss = model(input_ids=ids, labels=ids).loss
@@ -61,11 +64,11 @@ def test_selective_checkpointing_skips_the_costly_recompute_and_keeps_every_grad
     plain, plain_n = grads_and_counts({"use_reentrant": False})
     kept, kept_n = grads_and_counts({"use_reentrant": False, "context_fn": keep_costly_outputs_context(WIDEST)})
     none, _ = grads_and_counts(None)
-    # the backward of plain checkpointing recomputes each block's down product; the selective one
-    # reads it back (the backward's own matmuls with that inner dimension, the gate and up
-    # projections' input grads, run in both); the attention is recomputed in both
+    # the backward of plain checkpointing recomputes each block's attention and down product; the
+    # selective one reads them back (the backward's own matmuls with that inner dimension, the gate
+    # and up projections' input grads, run in both)
+    assert plain_n.attention == LAYERS and kept_n.attention == 0
     assert plain_n.widest_mm - kept_n.widest_mm == LAYERS and kept_n.widest_mm > 0
-    assert plain_n.attention == kept_n.attention == LAYERS
     assert plain.keys() == kept.keys() and any(n.endswith(".latent") for n in kept)
     for n in plain:
         assert torch.equal(plain[n], kept[n]), n
@@ -79,6 +82,7 @@ def test_a_second_backward_through_the_graph_recomputes_the_product():
     twice, twice_n = grads_and_counts({"use_reentrant": False, "context_fn": keep_costly_outputs_context(WIDEST)},
                                       backwards=2)
     assert twice_n.widest_mm == 2 * once_n.widest_mm + LAYERS
+    assert once_n.attention == 0 and twice_n.attention == LAYERS
     for n in once:
         assert torch.equal(once[n], twice[n]), n
 
@@ -107,3 +111,22 @@ def test_a_budget_keeps_the_narrower_products_of_the_first_blocks():
     assert plain_n.input_sides == 2 * lcs * LAYERS
     assert counts == {"widest": (2 * lcs - 1) * LAYERS, "one block": lcs * LAYERS + (lcs - 1) * (LAYERS - 1),
                       "all": lcs * LAYERS}
+
+
+def test_the_sdpa_wrapper_is_installed_once_and_leaves_another_override_alone():
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    assert keep_attention_outputs()
+    wrapped = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    assert keep_attention_outputs() and ALL_ATTENTION_FUNCTIONS["sdpa"] is wrapped
+    saved = dict(ALL_ATTENTION_FUNCTIONS._local_mapping)
+
+    def theirs(*args, **kwargs):
+        return wrapped.lcqat_wraps(*args, **kwargs)
+
+    try:
+        ALL_ATTENTION_FUNCTIONS["sdpa"] = theirs
+        assert not keep_attention_outputs() and ALL_ATTENTION_FUNCTIONS["sdpa"] is theirs
+    finally:
+        ALL_ATTENTION_FUNCTIONS._local_mapping.clear()
+        ALL_ATTENTION_FUNCTIONS._local_mapping.update(saved)

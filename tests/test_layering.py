@@ -32,7 +32,8 @@ LAYERS = [
     ("LCWeight", ["tensor.lc_weight"]),
     ("nn", ["nn.*"]),
     ("init", ["init.*"]),
-    ("checkpoint/convert", ["convert", "checkpoint", "dense_storage", "source_keys", "hub", "evaluation"]),
+    ("checkpoint/convert", ["convert", "checkpoint", "dense_storage", "source_keys", "hub", "evaluation",
+                            "sdpa_registry"]),
     ("quant_api", ["quant_api", "memory_plan"]),
     ("integrations", ["quantizer", "_registration", "streaming", "training.*", "vllm_plugin"]),
     ("entry points", ["", "cli", "demo"]),  # "" is the package's own __init__

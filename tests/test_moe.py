@@ -274,6 +274,10 @@ def test_memory_plan_counts_the_experts_and_their_hessians():
             hidden_size=2048, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8, num_hidden_layers=1,
             num_attention_heads=32, num_key_value_heads=4, head_dim=128, vocab_size=1024))
     big_dense = mp.ModelShape(**{**big.__dict__, "experts": 0, "expert_width": 0})
+    # its attention output (32 heads x 128) is twice the hidden size: what a checkpointed block keeps
+    assert big.attention_width == 4096
+    narrow = mp.ModelShape(**{**big.__dict__, "attention_width": 0})
+    assert mp._training_step(big, 512, "qat") - mp._training_step(narrow, 512, "qat") >= 512 * (4096 - 2048) * 4
     # a checkpointed block's kept products beyond the down product count up to their budget
     assert mp._training_step(big, 512, "qat", 1 << 20) - mp._training_step(big, 512, "qat") >= 1 << 20
     per_expert = (2048**2 + 768**2) * 8

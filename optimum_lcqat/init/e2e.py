@@ -29,7 +29,7 @@ from torch import nn
 
 from .._heap import retained_heap
 from ..config import LCQATConfig
-from ..nn.block_checkpointing import keep_costly_outputs_context, widest_linear_input
+from ..nn.block_checkpointing import DEFAULT_CHECKPOINT_KEEP_MIB, keep_costly_outputs_context, widest_linear_input
 from ..nn.lc_linear import LCLinear
 from ..nn.lm_loss import causal_lm_hidden_states, chunked_loss_unsupported, chunked_next_token_loss
 from .ptq_blocks import find_blocks, rms_relative_adam, set_cosine_lr
@@ -119,7 +119,10 @@ def checkpointed_blocks(model: nn.Module):
     except ValueError as exc:
         logger.warning("lcqat PTQ: the end-to-end stage keeps every activation (%s)", exc)
         blocks = []
-    context = keep_costly_outputs_context(widest_linear_input(model))  # each block keeps its down product
+    # each block keeps its down product (and its attention output where the caller wrapped
+    # transformers' sdpa function: optimum_lcqat.sdpa_registry), the first blocks their other LC
+    # products up to the budget
+    context = keep_costly_outputs_context(widest_linear_input(model), DEFAULT_CHECKPOINT_KEEP_MIB * 2**20)
     installed = []  # (block, its wrapper, the instance forward it replaced or None)
     for block in blocks:
         before = block.__dict__.get("forward")

@@ -201,9 +201,9 @@ class LCQATCallback(TrainerCallback):
         checkpoint_keep_mib: with our checkpointing, MiB of LC layer products the forward may keep
             beyond the widest layers' (always kept) so that the backward's recompute skips their
             matmuls (:mod:`optimum_lcqat.nn.block_checkpointing`): the blocks that run first keep
-            every product until the budget is full. Default 256: on SmolLM2-135M at 4 x 512 tokens
-            about 6 of 30 blocks, +0.2 GiB peak for ~4% speed; 0 keeps the widest products only
-            (benchmarks/results/memory_speed.md).
+            every product until the budget is full. Default 192: on SmolLM2-135M at 4 x 512 tokens
+            about 4 of 30 blocks, for ~2-3% of a step; 0 keeps the widest products (and the
+            attention outputs) only (benchmarks/results/memory_qat_speed.md).
     """
 
     def __init__(

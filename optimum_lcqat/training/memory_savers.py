@@ -18,6 +18,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..nn.block_checkpointing import keep_costly_outputs_context, widest_linear_input
 from ..nn.lm_loss import causal_lm_hidden_states, chunked_loss_unsupported, chunked_next_token_loss
+from ..sdpa_registry import keep_attention_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +56,8 @@ def install_chunked_loss(model: nn.Module, chunk_tokens: int):
 
 def enable_activation_checkpointing(model: nn.Module, keep_bytes: int = 0) -> bool:
     """transformers' own per-block activation checkpointing (non-reentrant: the LC layers' parameters
-    get their gradients whatever requires grad at the block's input), keeping each block's down
-    product, and the other LC products of the first blocks up to ``keep_bytes``
+    get their gradients whatever requires grad at the block's input), keeping each block's
+    attention output and down product, and the other LC products of the first blocks up to ``keep_bytes``
     (nn.block_checkpointing); True when this call turned it on, False when it was on already or the
     model cannot (said once)."""
     if getattr(model, "is_activation_checkpointing", False):
@@ -65,7 +66,9 @@ def enable_activation_checkpointing(model: nn.Module, keep_bytes: int = 0) -> bo
         logger.warning("lcqat: %s does not support activation checkpointing; it trains keeping every block's "
                        "activations (more memory).", type(model).__name__)
         return False
-    # selective: each block keeps its widest LC product, the first blocks all theirs (nn.block_checkpointing)
+    # selective: each block keeps its attention output and widest LC product, the first blocks all
+    # their LC products (nn.block_checkpointing)
+    keep_attention_outputs()
     model.activation_checkpointing_enable(
         {"use_reentrant": False, "context_fn": keep_costly_outputs_context(widest_linear_input(model), keep_bytes)})
     return True
