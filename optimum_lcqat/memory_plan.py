@@ -135,8 +135,8 @@ def _loss_chunk(shape: ModelShape, tokens: int) -> int:
     return _LOGIT_COPIES * min(tokens, DEFAULT_CHUNK_TOKENS) * shape.vocab * 4
 
 
-def _e2e_keep_bytes() -> int:
-    """The end-to-end stage's budget of kept products (init/e2e.py: LCQATCallback's default)."""
+def _default_keep_bytes() -> int:
+    """The budget of kept products of LCQATCallback's default and of the end-to-end stage (init/e2e.py)."""
     from .nn.block_checkpointing import DEFAULT_CHECKPOINT_KEEP_MIB
 
     return DEFAULT_CHECKPOINT_KEEP_MIB * 2**20
@@ -179,7 +179,7 @@ def in_memory_ptq(shape: ModelShape, cfg, *, dtype_bytes: int = 4, base: int | N
         tokens = cfg.ptq_e2e_batch_size * cfg.model_seqlen
         # the stage runs in float32 (dense parts cast up) with the heap retained
         dense32 = (shape.params - shape.linear_weights) * max(0, 4 - dtype_bytes)
-        e2e = _training_step(shape, tokens, "e2e", _e2e_keep_bytes()) + dense32
+        e2e = _training_step(shape, tokens, "e2e", _default_keep_bytes()) + dense32
     parts = {"process": base, "float weights": weights}
     if e2e > blockwise:
         parts["end-to-end stage"] = e2e
@@ -223,7 +223,7 @@ def streaming_ptq(shape: ModelShape, cfg, *, dtype_bytes: int = 4, act_bytes: in
     if cfg.ptq_e2e_steps > 0:
         tokens = cfg.ptq_e2e_batch_size * cfg.model_seqlen
         lc_model = _lc_bytes(shape) + (shape.params - shape.linear_weights) * 4
-        e2e = lc_model + _training_step(shape, tokens, "e2e", _e2e_keep_bytes())
+        e2e = lc_model + _training_step(shape, tokens, "e2e", _default_keep_bytes())
         if e2e > sum(blockwise.values()):
             return PeakEstimate("streaming PTQ", {"process": base, "end-to-end stage on the 2-bit model": e2e})
     return PeakEstimate("streaming PTQ", {"process": base, **blockwise})
@@ -241,13 +241,11 @@ def qat(shape: ModelShape, tokens_per_step: int, *, optim: str = "adamw_torch", 
     latent and its gradient (8 bytes an LC weight), the optimizer's states (``optim``: 8 bytes for
     fp32 Adam, see OPTIMIZER_STATE_BYTES), the frozen rest in fp32 (the norms, which train, are too
     few to count), and one step's activations."""
-    from .nn.block_checkpointing import DEFAULT_CHECKPOINT_KEEP_MIB
-
     base = current_rss() if base is None else base
-    keep = DEFAULT_CHECKPOINT_KEEP_MIB if checkpoint_keep_mib is None else checkpoint_keep_mib
+    keep = _default_keep_bytes() if checkpoint_keep_mib is None else int(checkpoint_keep_mib * 2**20)
     state = (8 + OPTIMIZER_STATE_BYTES.get(optim, 8)) * shape.linear_weights + 4 * (shape.params - shape.linear_weights)
     return PeakEstimate("QAT", {"process": base, "weights and optimizer state": state,
-                                "training step": _training_step(shape, tokens_per_step, "qat", int(keep * 2**20))})
+                                "training step": _training_step(shape, tokens_per_step, "qat", keep)})
 
 
 def data_free(shape: ModelShape, *, dtype_bytes: int = 4, base: int | None = None) -> PeakEstimate:

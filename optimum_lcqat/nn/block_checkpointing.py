@@ -35,6 +35,7 @@ import threading
 import weakref
 
 import torch
+import torch.nn.attention
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch.overrides import TorchFunctionMode
@@ -147,7 +148,7 @@ def _give_back(budget: _Budget, nbytes: int) -> None:
 
 
 # ----------------------------------------------------------------------------- the attention kernel
-_FLASH = 1  # torch._fused_sdp_choice's value for SDPBackend.FLASH_ATTENTION
+_FLASH = torch.nn.attention.SDPBackend.FLASH_ATTENTION.value  # what torch._fused_sdp_choice returns for it
 
 
 class _KeptAttention(torch.autograd.Function):
