@@ -713,3 +713,9 @@ def test_lcqat_trainer_takes_the_optimizer_training_arguments_name(lc_dir, tmp_p
     losses = [h["loss"] for h in tr.state.log_history if "loss" in h]
     assert len(losses) == 8 and all(math.isfinite(x) for x in losses)
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
+
+
+@pytest.mark.parametrize("bad", [-1, float("nan"), "192", True, None])
+def test_a_bad_checkpoint_keep_budget_is_refused_by_name(bad):
+    with pytest.raises(ValueError, match="checkpoint_keep_mib must be >= 0"):
+        LCQATCallback(checkpoint_keep_mib=bad)

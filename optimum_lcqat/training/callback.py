@@ -257,7 +257,8 @@ class LCQATCallback(TrainerCallback):
         self.chunked_loss, self.loss_chunk_tokens = chunked_loss, loss_chunk_tokens
         self._own_forward = None  # puts the model's own forward back (install_chunked_loss)
         self.activation_checkpointing = activation_checkpointing
-        if not checkpoint_keep_mib >= 0:
+        number = isinstance(checkpoint_keep_mib, (int, float)) and not isinstance(checkpoint_keep_mib, bool)
+        if not number or not checkpoint_keep_mib >= 0:
             raise ValueError(f"LCQATCallback: checkpoint_keep_mib must be >= 0 (MiB of kept products), got {checkpoint_keep_mib}")
         self.checkpoint_keep_mib = checkpoint_keep_mib
         self._checkpointing_set = False  # this callback turned the model's checkpointing on (off again at the end)
